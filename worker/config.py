@@ -1,0 +1,61 @@
+"""Configuration: one frozen Struct, read from the environment once at each process's edge."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated
+
+import msgspec
+
+# Platforms set these three without a prefix; everything else is OUTLAST_<FIELD>.
+_PLATFORM_NAMES = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL", "port": "PORT"}
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/outlast"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    # Extra modules whose JOB_TYPE / JOB_TYPES are registered next to the built-in ones.
+    job_modules: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    max_timeout_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
+    default_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    job_ttl_s: Seconds = 7 * 86_400  # expires_at = created_at + this: past it, a live job ends `expired`
+    result_retention_s: Seconds = 7 * 86_400  # after it a result answers 410 Gone
+    job_retention_s: Seconds = 30 * 86_400  # after it a terminal job and its events are deleted
+    lease_s: Seconds = 30.0  # a running attempt is presumed lost this long after its last heartbeat
+    progress_interval_s: Seconds = 0.25  # at most one progress write per job this often
+    sweep_interval_s: Annotated[int, msgspec.Meta(ge=1, le=30)] = 5
+    redispatch_after_s: Seconds = 30.0  # a queued job not picked up this long after dispatch is enqueued again
+    sweep_batch: Annotated[int, msgspec.Meta(ge=1)] = 500
+    backoff_base_s: Seconds = 1.0
+    backoff_cap_s: Seconds = 300.0
+    worker_max_jobs: Annotated[int, msgspec.Meta(ge=1)] = 100
+    worker_poll_delay_s: Seconds = 0.05
+    worker_health_check_interval_s: Annotated[int, msgspec.Meta(ge=1)] = 5
+    db_pool_min: Annotated[int, msgspec.Meta(ge=0)] = 1
+    db_pool_max: Annotated[int, msgspec.Meta(ge=1)] = 10
+    db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly
+    redis_timeout_s: Seconds = 2.0
+    retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
+
+
+def env_name(field: str) -> str:
+    return _PLATFORM_NAMES.get(field, f"OUTLAST_{field.upper()}")
+
+
+def from_env(environ: Mapping[str, str] = os.environ) -> Config:
+    """Build the Config from environment strings; a bad value raises naming its variable."""
+    raw = {
+        f.name: environ[env_name(f.name)]
+        for f in msgspec.structs.fields(Config)
+        if environ.get(env_name(f.name), "") != ""
+    }
+    try:
+        return msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        field = str(exc).rpartition("$.")[2].rstrip("`")
+        raise SystemExit(f"configuration error in {env_name(field)}: {exc}") from None

@@ -1,0 +1,127 @@
+"""What both processes speak: statuses, the state machine, the Job resource, job types and their context."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Literal
+from uuid import UUID
+
+import msgspec
+
+# The six words of the API, unchanged in SQL, Python, JSON and metric labels.
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+TERMINAL: Final[frozenset[Status]] = frozenset({"succeeded", "failed", "cancelled", "expired"})
+LIVE: Final[frozenset[Status]] = frozenset({"queued", "running"})
+# The whole state machine, as data: terminal states have no way out.
+NEXT: Final[Mapping[Status, frozenset[Status]]] = {
+    "queued": frozenset({"running", "cancelled", "expired"}),
+    "running": frozenset({"queued", "succeeded", "failed", "cancelled", "expired"}),
+}
+
+
+def allowed_from(to: Status) -> list[Status]:
+    """The states from which a job may move to `to`."""
+    return sorted(status for status, nxt in NEXT.items() if to in nxt)
+
+
+def backoff(attempt: int, *, base: float, cap: float) -> float:
+    """Seconds before retrying after failed attempt `attempt` (1-based): full jitter over an envelope
+    that doubles each attempt up to `cap`, so retries of many jobs spread out instead of stampeding."""
+    return random.uniform(0, min(cap, base * 2 ** max(attempt - 1, 0)))
+
+
+class Progress(msgspec.Struct, frozen=True):
+    fraction: float = 0.0
+    message: str | None = None
+
+
+class Error(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+    retryable: bool = False
+
+
+class Links(msgspec.Struct, frozen=True):
+    self: str
+    events: str
+    result: str
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """The Job resource of API.md."""
+
+    id: UUID
+    type: str
+    status: Status
+    done: bool
+    input: msgspec.Raw
+    progress: Progress
+    attempt: int
+    max_attempts: int
+    timeout_s: int
+    result: msgspec.Raw | None
+    error: Error | None
+    callback_url: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime
+    links: Links
+
+
+class JobError(Exception):
+    """The job failed; `retryable` says whether another attempt may succeed."""
+
+    type: str = "job_error"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, type: str | None = None, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if type is not None:
+            self.type = type
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class RetryableError(JobError):
+    """A passing failure (a flaky network, a busy upstream): another attempt may succeed."""
+
+    type = "retryable_error"
+    retryable = True
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a job's coroutine gets besides its input."""
+
+    job_id: UUID
+    attempt: int  # 1 for the first attempt
+    max_attempts: int
+    _report: Callable[[Progress], None] = field(repr=False)
+
+    async def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""
+        self._report(Progress(min(1.0, max(0.0, float(fraction))), message))
+        await asyncio.sleep(0)  # a yield point, so a tight loop that reports progress stays cancellable
+
+
+@dataclass(frozen=True)
+class JobType:
+    """A registered kind of job: a msgspec Input type and one coroutine."""
+
+    name: str
+    input: type[msgspec.Struct]
+    run: Callable[[Any, Context], Awaitable[Any]]
+    retry_safe: bool = True  # may run again after a crash: at-least-once is fine for it
+    timeout_s: int = 3600
+    max_attempts: int | None = None  # None: the deployment's default
+    description: str = ""
+    decoder: msgspec.json.Decoder[Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decoder", msgspec.json.Decoder(self.input))

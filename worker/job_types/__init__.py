@@ -1,0 +1,32 @@
+"""The one registry of job types: the built-in demos plus the modules named in OUTLAST_JOB_MODULES."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+from worker.job import JobType
+from worker.job_types import cube_sum, flaky, sleep, square_sum
+
+BUILT_IN: tuple[JobType, ...] = (square_sum.JOB_TYPE, cube_sum.JOB_TYPE, sleep.JOB_TYPE, flaky.JOB_TYPE)
+
+
+def load(modules: str = "") -> Mapping[str, JobType]:
+    """Built-in types and those of `modules` (comma-separated), each module exposing JOB_TYPE or JOB_TYPES."""
+    found = list(BUILT_IN)
+    for name in filter(None, (m.strip() for m in modules.split(","))):
+        module = importlib.import_module(name)
+        types = list(getattr(module, "JOB_TYPES", ()))
+        if hasattr(module, "JOB_TYPE"):
+            types.append(module.JOB_TYPE)
+        if not types:
+            raise RuntimeError(f"job module {name!r} defines neither JOB_TYPE nor JOB_TYPES")
+        found.extend(types)
+    registry: dict[str, JobType] = {}
+    for job_type in found:
+        if not isinstance(job_type, JobType):
+            raise RuntimeError(f"{job_type!r} is not a worker.JobType")
+        if job_type.name in registry:
+            raise RuntimeError(f"job type {job_type.name!r} is registered twice")
+        registry[job_type.name] = job_type
+    return registry

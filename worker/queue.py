@@ -1,0 +1,99 @@
+"""The connections both processes hold (Database + arq's Redis), and the doorbell: enqueue(job_id, attempt)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from arq.connections import ArqRedis, RedisSettings
+from databases import Database
+from redis.asyncio import ConnectionPool
+from redis.exceptions import RedisError
+
+from worker.config import Config
+
+QUEUE = "outlast:queue"
+RUN_JOB = "run_job"
+# Never pickle: a queue message is only "{job_id}:{attempt}", and msgpack can't execute anything.
+serialize: Any = msgspec.msgpack.encode
+deserialize: Any = msgspec.msgpack.decode
+
+
+def message(job_id: UUID, attempt: int) -> str:
+    return f"{job_id}:{attempt}"
+
+
+def parse_message(text: str) -> tuple[UUID, int]:
+    job_id, _, attempt = text.partition(":")
+    return UUID(job_id), int(attempt)
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What every request and every job attempt needs, built once per process."""
+
+    config: Config
+    db: Database
+    redis: ArqRedis
+
+
+def redis_settings(config: Config) -> RedisSettings:
+    settings = RedisSettings.from_dsn(config.redis_url)
+    settings.conn_timeout = int(config.redis_timeout_s) or 1
+    return settings
+
+
+def open_redis(config: Config) -> ArqRedis:
+    """An ArqRedis that connects lazily: a process starts, and answers, while Redis is down."""
+    pool = ConnectionPool.from_url(
+        config.redis_url,
+        socket_connect_timeout=config.redis_timeout_s,
+        socket_timeout=config.redis_timeout_s,
+        health_check_interval=30,
+    )
+    return ArqRedis(pool, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=QUEUE)
+
+
+def open_database(config: Config) -> Database:
+    url = config.database_url
+    if url.startswith("postgres://"):  # Heroku's spelling; SQLAlchemy's URL parser wants the long one
+        url = "postgresql://" + url.removeprefix("postgres://")
+    return Database(
+        url,
+        min_size=config.db_pool_min,
+        max_size=config.db_pool_max,
+        timeout=config.db_timeout_s,
+        command_timeout=config.db_timeout_s * 6,
+    )
+
+
+@contextlib.asynccontextmanager
+async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIterator[Deps]:
+    db = open_database(config)
+    await db.connect()
+    own_redis = redis is None
+    arq = redis or open_redis(config)
+    try:
+        yield Deps(config=config, db=db, redis=arq)
+    finally:
+        await db.disconnect()
+        if own_redis:
+            await arq.aclose()
+
+
+async def enqueue(redis: ArqRedis, job_id: UUID, attempt: int, *, delay_s: float = 0.0) -> bool:
+    """Ring the doorbell for attempt `attempt + 1`. False when Redis is unreachable (the row stays the truth).
+
+    One arq job id per attempt: arq ignores a duplicate while it still holds that id, so the sweep may
+    ring again freely, and a rescued job's new attempt is never blocked by the old one's keys.
+    """
+    text = message(job_id, attempt)
+    try:
+        await redis.enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s or None)
+    except (RedisError, OSError):
+        return False
+    return True

@@ -1,0 +1,190 @@
+"""run_job(ctx, message): one attempt of one job, from the guarded claim to its finish or retry.
+
+Every outcome becomes a row: arq never retries on its own, Postgres counts attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from worker import store
+from worker.job import Context, Error, JobError, JobType, Progress, Status, backoff
+from worker.queue import Deps, enqueue, parse_message
+
+log = logging.getLogger("outlast.worker")
+T = TypeVar("T")
+_encode = msgspec.json.Encoder().encode
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What run_job needs besides connections: the registry of job types."""
+
+    job_types: Mapping[str, JobType]
+
+
+@dataclass
+class _Attempt:
+    """The shared state of a running attempt, between the job's task and its heartbeat."""
+
+    latest: Progress | None = None  # reported and not yet written
+    message: str | None = None  # the last message reported, kept for the final progress
+    written_at: float = 0.0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: Literal["superseded", "cancelled"] | None = None
+
+    def report(self, progress: Progress) -> None:
+        self.latest = progress
+        self.message = progress.message
+        self.changed.set()
+
+
+async def persist(call: Callable[[], Awaitable[T]], *, what: str, give_up_after_s: float = 600.0) -> T:
+    """Run a write, retrying with backoff while the database is unreachable.
+
+    Past `give_up_after_s` the error propagates; the lease then runs out and the sweep decides.
+    """
+    deadline = time.monotonic() + give_up_after_s
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except store.UNAVAILABLE as exc:
+            attempt += 1
+            if time.monotonic() > deadline:
+                raise
+            delay = backoff(attempt, base=0.2, cap=5.0)
+            log.warning("%s: database unavailable (%s); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+
+
+async def run_job(ctx: dict[str, Any], text: str) -> None:
+    deps: Deps = ctx["deps"]
+    runtime: Runtime = ctx["runtime"]
+    config = deps.config
+    job_id, attempt = parse_message(text)
+    try:
+        claimed = await store.claim(deps.db, job_id, attempt, owner=OWNER, lease_s=config.lease_s)
+    except store.UNAVAILABLE as exc:
+        # The row is still queued and marked dispatched: the sweep rings again once the database is back.
+        log.warning("claim %s: database unavailable (%s)", text, exc)
+        return
+    if claimed is None:
+        return  # a stale or duplicate delivery: someone else has it, or it ended
+    job_type = runtime.job_types.get(claimed.type)
+    if job_type is None:
+        error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)
+        await _end(deps, claimed, "failed", error=error)
+        return
+    try:
+        value = job_type.decoder.decode(claimed.input)
+    except msgspec.ValidationError as exc:
+        await _end(deps, claimed, "failed", error=Error("invalid_input", str(exc), False))
+        return
+    await _run(deps, job_type, claimed, value)
+
+
+async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any) -> None:
+    state = _Attempt()
+    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report)
+    task = asyncio.ensure_future(job_type.run(value, context))
+    beat = asyncio.create_task(_heartbeat(deps, claimed, state, task))
+    try:
+        result = await asyncio.wait_for(task, claimed.timeout_s)
+    except TimeoutError:
+        await _failed(deps, claimed, Error("timeout", f"the job ran past its timeout_s of {claimed.timeout_s}", True))
+    except asyncio.CancelledError:
+        if state.stopped is None:
+            raise  # the worker itself is stopping; the lease decides what happens to the job
+        if state.stopped == "cancelled":
+            await _end(deps, claimed, "cancelled", error=Error("cancelled", "cancelled on request", False))
+        # superseded: a newer attempt owns the row, so this one writes nothing
+    except JobError as exc:
+        await _failed(deps, claimed, Error(exc.type, str(exc), exc.retryable))
+    except Exception as exc:
+        log.exception("job %s attempt %d raised", claimed.id, claimed.attempt)
+        await _failed(deps, claimed, Error(type(exc).__name__, str(exc) or type(exc).__name__, True))
+    else:
+        try:
+            encoded = _encode(result)
+        except (TypeError, msgspec.EncodeError) as exc:
+            await _end(deps, claimed, "failed", error=Error("invalid_result", str(exc), False))
+        else:
+            await _end(deps, claimed, "succeeded", result=encoded, progress=Progress(1.0, state.message))
+    finally:
+        beat.cancel()
+
+
+async def _failed(deps: Deps, claimed: store.Claimed, error: Error) -> None:
+    """A failed attempt: retry later while attempts remain and the error allows it, else end `failed`."""
+    config = deps.config
+    if not (error.retryable and claimed.attempt < claimed.max_attempts):
+        await _end(deps, claimed, "failed", error=error)
+        return
+    delay = backoff(claimed.attempt, base=config.backoff_base_s, cap=config.backoff_cap_s)
+    moved = await persist(
+        lambda: store.finish(deps.db, claimed.id, claimed.attempt, "queued", error=error, retry_in_s=delay),
+        what=f"retry {claimed.id}",
+    )
+    if moved and not await enqueue(deps.redis, claimed.id, claimed.attempt, delay_s=delay):
+        log.warning("retry %s: Redis unavailable; the sweep will dispatch it", claimed.id)
+
+
+async def _end(
+    deps: Deps,
+    claimed: store.Claimed,
+    to: Status,
+    *,
+    result: bytes | None = None,
+    error: Error | None = None,
+    progress: Progress | None = None,
+) -> None:
+    await persist(
+        lambda: store.finish(deps.db, claimed.id, claimed.attempt, to, result=result, error=error, progress=progress),
+        what=f"finish {claimed.id}",
+    )
+
+
+async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any]) -> None:
+    """Extend the lease every lease/3, write the latest progress (spaced out), and stop a superseded attempt."""
+    config = deps.config
+    interval = config.lease_s / 3
+    next_beat = time.monotonic() + interval
+    while not task.done():
+        now = time.monotonic()
+        wake = next_beat
+        if state.latest is not None:
+            wake = min(wake, state.written_at + config.progress_interval_s)
+        if wake > now:
+            state.changed.clear()
+            try:
+                await asyncio.wait_for(state.changed.wait(), wake - now)
+            except TimeoutError:
+                pass
+            continue
+        progress, state.latest = state.latest, None
+        try:
+            verdict = await store.heartbeat(
+                deps.db, claimed.id, claimed.attempt, lease_s=config.lease_s, progress=progress
+            )
+        except store.UNAVAILABLE as exc:
+            log.warning("heartbeat %s: database unavailable (%s)", claimed.id, exc)
+            state.latest = state.latest or progress
+            next_beat = time.monotonic() + min(interval, 1.0)
+            continue
+        state.written_at = time.monotonic()
+        next_beat = state.written_at + interval
+        if verdict is None or verdict:
+            state.stopped = "superseded" if verdict is None else "cancelled"
+            task.cancel()
+            return

@@ -1,0 +1,388 @@
+"""Every SQL statement on jobs and their events. Each state change is one guarded UPDATE.
+
+A statement's WHERE clause, not hope, keeps a terminal job terminal; the attempt number is a
+fencing token, so a late write from a superseded attempt changes nothing. Every change appends
+its event in the same statement (a data-modifying CTE), numbered by `jobs.event_seq`, which the
+row lock serialises. All times come from the database clock.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+from databases import Database
+
+from worker.job import TERMINAL, Error, Job, Links, Progress, Status, allowed_from
+
+_encode = msgspec.json.Encoder().encode
+
+# What a lost or restarting database raises: the web answers 503, the worker retries with backoff.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+)
+_COLUMNS = (
+    "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
+    " callback_url, metadata, created_at, started_at, finished_at, expires_at"
+)
+
+
+class JobRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A jobs row as the API shows it."""
+
+    id: UUID
+    type: str
+    status: Status
+    input: str
+    progress: str
+    attempt: int
+    max_attempts: int
+    timeout_s: int
+    result: str | None
+    result_purged_at: datetime | None
+    error: str | None
+    callback_url: str | None
+    metadata: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_job(self) -> Job:
+        base = f"/v1/jobs/{self.id}"
+        return Job(
+            id=self.id,
+            type=self.type,
+            status=self.status,
+            done=self.done,
+            input=msgspec.Raw(self.input.encode()),
+            progress=msgspec.json.decode(self.progress, type=Progress),
+            attempt=self.attempt,
+            max_attempts=self.max_attempts,
+            timeout_s=self.timeout_s,
+            result=None if self.result is None else msgspec.Raw(self.result.encode()),
+            error=None if self.error is None else msgspec.json.decode(self.error, type=Error),
+            callback_url=self.callback_url,
+            metadata=msgspec.json.decode(self.metadata),
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            expires_at=self.expires_at,
+            links=Links(self=base, events=f"{base}/events", result=f"{base}/result"),
+        )
+
+
+def _row(record: Any) -> JobRow:
+    return msgspec.convert(dict(record._mapping), JobRow)
+
+
+def _status_event(relation: str) -> str:
+    """The INSERT that logs a status change of the rows in `relation` (a CTE of changed jobs)."""
+    return f"""
+INSERT INTO job_events (job_id, seq, name, data)
+SELECT id, event_seq, 'status', jsonb_build_object('status', status, 'attempt', attempt, 'error', error)
+  FROM {relation}
+"""
+
+
+# -- submit -----------------------------------------------------------------------------------------
+
+_INSERT = f"""
+WITH job AS (
+    INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
+                      expires_at, dispatched_at, event_seq)
+    VALUES (:id, :tenant, :type, CAST(:input AS jsonb), :max_attempts, :timeout_s, :retry_safe, :callback_url,
+            CAST(:metadata AS jsonb), now() + make_interval(secs => :ttl), now(), 1)
+    RETURNING *
+), event AS ({_status_event("job")})
+SELECT {_COLUMNS} FROM job
+"""
+
+
+async def insert_job(
+    db: Database,
+    *,
+    job_id: UUID,
+    tenant: str,
+    type: str,
+    input: bytes,
+    max_attempts: int,
+    timeout_s: int,
+    retry_safe: bool,
+    callback_url: str | None,
+    metadata: bytes,
+    ttl_s: float,
+) -> JobRow:
+    """Insert a queued job, marked dispatched: the caller enqueues it next (or calls `undispatch`)."""
+    values = {
+        "id": job_id,
+        "tenant": tenant,
+        "type": type,
+        "input": input.decode(),
+        "max_attempts": max_attempts,
+        "timeout_s": timeout_s,
+        "retry_safe": retry_safe,
+        "callback_url": callback_url,
+        "metadata": metadata.decode(),
+        "ttl": ttl_s,
+    }
+    return _row(await db.fetch_one(_INSERT, values))
+
+
+_UNDISPATCH = "UPDATE jobs SET dispatched_at = NULL WHERE id = :id AND attempt = :attempt AND status = 'queued'"
+
+
+async def undispatch(db: Database, job_id: UUID, attempt: int) -> None:
+    """Redis did not take the job: leave it to the sweep's next pass."""
+    await db.execute(_UNDISPATCH, {"id": job_id, "attempt": attempt})
+
+
+# -- reads ------------------------------------------------------------------------------------------
+
+_GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = :id AND tenant_id = :tenant"
+
+
+async def get_job(db: Database, tenant: str, job_id: UUID) -> JobRow | None:
+    record = await db.fetch_one(_GET, {"id": job_id, "tenant": tenant})
+    return None if record is None else _row(record)
+
+
+async def list_jobs(
+    db: Database,
+    tenant: str,
+    *,
+    limit: int,
+    status: Status | None = None,
+    type: str | None = None,
+    before: UUID | None = None,
+) -> list[JobRow]:
+    """The tenant's jobs, newest first (v7 ids sort by creation), `before` an id for the next page."""
+    where = ["tenant_id = :tenant"]
+    values: dict[str, Any] = {"tenant": tenant, "limit": limit}
+    for column, value in (("status", status), ("type", type)):
+        if value is not None:
+            where.append(f"{column} = :{column}")
+            values[column] = value
+    if before is not None:
+        where.append("id < :before")
+        values["before"] = before
+    query = f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
+    return [_row(r) for r in await db.fetch_all(query, values)]
+
+
+# -- one attempt: claim, heartbeat, finish ----------------------------------------------------------
+
+
+class Claimed(msgspec.Struct, frozen=True, kw_only=True):
+    id: UUID
+    type: str
+    input: str
+    attempt: int
+    max_attempts: int
+    timeout_s: int
+    retry_safe: bool
+
+
+_CLAIM = f"""
+WITH claimed AS (
+    UPDATE jobs
+       SET status = 'running', attempt = attempt + 1, lease_owner = :owner,
+           lease_expires_at = now() + make_interval(secs => :lease), started_at = COALESCE(started_at, now()),
+           event_seq = event_seq + 1
+     WHERE id = :id AND status = 'queued' AND attempt = :attempt AND expires_at > now()
+           AND cancel_requested_at IS NULL
+    RETURNING *
+), event AS ({_status_event("claimed")})
+SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe FROM claimed
+"""
+
+
+async def claim(db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float) -> Claimed | None:
+    """Start attempt `attempt + 1`. None: a stale or duplicate delivery, so run nothing."""
+    values = {"id": job_id, "attempt": attempt, "owner": owner, "lease": lease_s}
+    record = await db.fetch_one(_CLAIM, values)
+    return None if record is None else msgspec.convert(dict(record._mapping), Claimed)
+
+
+_HEARTBEAT = """
+WITH beat AS (
+    UPDATE jobs
+       SET lease_expires_at = now() + make_interval(secs => :lease),
+           progress = COALESCE(CAST(:progress AS jsonb), progress),
+           event_seq = event_seq + CASE WHEN CAST(:progress AS jsonb) IS NULL THEN 0 ELSE 1 END
+     WHERE id = :id AND attempt = :attempt AND status = 'running'
+    RETURNING id, event_seq, progress, cancel_requested_at
+), event AS (
+    INSERT INTO job_events (job_id, seq, name, data)
+    SELECT id, event_seq, 'progress', progress FROM beat WHERE CAST(:progress AS jsonb) IS NOT NULL
+)
+SELECT cancel_requested_at IS NOT NULL AS cancel FROM beat
+"""
+
+
+async def heartbeat(
+    db: Database, job_id: UUID, attempt: int, *, lease_s: float, progress: Progress | None
+) -> bool | None:
+    """Extend the lease and write the latest progress. None: this attempt was superseded; else: cancel asked?"""
+    values = {
+        "id": job_id,
+        "attempt": attempt,
+        "lease": lease_s,
+        "progress": None if progress is None else _encode(progress).decode(),
+    }
+    record = await db.fetch_one(_HEARTBEAT, values)
+    return None if record is None else bool(record["cancel"])
+
+
+_FINISH = """
+WITH moved AS (
+    UPDATE jobs
+       SET status = :to,
+           result = CAST(:result AS jsonb),
+           -- a retry's error lives in its status event only: `error` is for jobs that ended
+           error = CASE WHEN :to = 'queued' THEN NULL ELSE CAST(:error AS jsonb) END,
+           progress = COALESCE(CAST(:progress AS jsonb), progress),
+           finished_at = CASE WHEN :to = ANY(CAST(:terminal AS text[])) THEN now() END,
+           next_run_at = now() + make_interval(secs => :delay),
+           dispatched_at = CASE WHEN :to = 'queued' THEN now() END,
+           lease_owner = NULL, lease_expires_at = NULL,
+           event_seq = event_seq + 1
+     WHERE id = :id AND attempt = :attempt AND status = ANY(CAST(:allowed AS text[]))
+    RETURNING *
+), event AS (
+    INSERT INTO job_events (job_id, seq, name, data)
+    SELECT id, event_seq, 'status', jsonb_build_object('status', status, 'attempt', attempt,
+                                                       'error', CAST(:error AS jsonb))
+      FROM moved
+)
+SELECT id FROM moved
+"""
+
+
+async def finish(
+    db: Database,
+    job_id: UUID,
+    attempt: int,
+    to: Status,
+    *,
+    result: bytes | None = None,
+    error: Error | None = None,
+    progress: Progress | None = None,
+    retry_in_s: float = 0.0,
+) -> bool:
+    """Move a running attempt to `to` (terminal, or `queued` for a retry in `retry_in_s`). False: someone won first.
+
+    A retry is marked dispatched: the caller enqueues it with a delay, and the sweep covers a lost enqueue.
+    """
+    values = {
+        "id": job_id,
+        "attempt": attempt,
+        "to": to,
+        "allowed": allowed_from(to),
+        "terminal": sorted(TERMINAL),
+        "result": None if result is None else result.decode(),
+        "error": None if error is None else _encode(error).decode(),
+        "progress": None if progress is None else _encode(progress).decode(),
+        "delay": retry_in_s,
+    }
+    return await db.fetch_one(_FINISH, values) is not None
+
+
+# -- the sweep --------------------------------------------------------------------------------------
+
+_WORKER_LOST = _encode(Error("worker_lost", "the worker running this job stopped responding", False)).decode()
+_EXPIRED = _encode(Error("expired", "the job did not finish before its expires_at", False)).decode()
+
+_RESCUE = f"""
+WITH lost AS (
+    SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < now()
+     ORDER BY lease_expires_at LIMIT :batch FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE jobs j
+       SET status = CASE WHEN j.retry_safe AND j.attempt < j.max_attempts THEN 'queued' ELSE 'failed' END,
+           error = CASE WHEN j.retry_safe AND j.attempt < j.max_attempts THEN NULL
+                        ELSE CAST(:worker_lost AS jsonb) END,
+           finished_at = CASE WHEN j.retry_safe AND j.attempt < j.max_attempts THEN NULL ELSE now() END,
+           -- a crash counts as an attempt, so a job that kills its worker can't loop forever
+           next_run_at = now() + make_interval(
+               secs => random() * least(:cap, :base * power(2, greatest(j.attempt - 1, 0)))),
+           dispatched_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
+           event_seq = j.event_seq + 1
+      FROM lost WHERE j.id = lost.id
+    RETURNING j.*
+), event AS ({_status_event("moved")})
+SELECT count(*) AS n FROM moved
+"""
+
+_EXPIRE = f"""
+WITH late AS (
+    SELECT id FROM jobs WHERE status IN ('queued', 'running') AND expires_at <= now()
+     ORDER BY expires_at LIMIT :batch FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE jobs j
+       SET status = 'expired', error = CAST(:expired AS jsonb), finished_at = now(),
+           lease_owner = NULL, lease_expires_at = NULL, event_seq = j.event_seq + 1
+      FROM late WHERE j.id = late.id
+    RETURNING j.*
+), event AS ({_status_event("moved")})
+SELECT count(*) AS n FROM moved
+"""
+
+_DUE = """
+WITH due AS (
+    SELECT id FROM jobs
+     WHERE status = 'queued' AND next_run_at <= now()
+       AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :redispatch))
+     ORDER BY next_run_at LIMIT :batch FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
+"""
+
+_PURGE_RESULTS = """
+UPDATE jobs SET result = NULL, result_purged_at = now()
+ WHERE id IN (SELECT id FROM jobs WHERE status = 'succeeded' AND result_purged_at IS NULL
+                AND finished_at < now() - make_interval(secs => :retention) LIMIT :batch)
+"""
+_DELETE_OLD = """
+DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :retention)
+                                LIMIT :batch)
+"""
+
+
+async def rescue_lost(db: Database, *, batch: int, backoff_base_s: float, backoff_cap_s: float) -> int:
+    """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`."""
+    values = {"batch": batch, "worker_lost": _WORKER_LOST, "base": backoff_base_s, "cap": backoff_cap_s}
+    return int(await db.fetch_val(_RESCUE, values))
+
+
+async def expire_late(db: Database, *, batch: int) -> int:
+    """Live jobs past `expires_at` end `expired`."""
+    return int(await db.fetch_val(_EXPIRE, {"batch": batch, "expired": _EXPIRED}))
+
+
+async def take_due(db: Database, *, batch: int, redispatch_after_s: float) -> list[tuple[UUID, int]]:
+    """Queued, due jobs that Redis may not hold, marked dispatched now: the caller enqueues them."""
+    records = await db.fetch_all(_DUE, {"batch": batch, "redispatch": redispatch_after_s})
+    return [(r["id"], r["attempt"]) for r in records]
+
+
+async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
+    """Drop results past their retention (410 from then on), then whole jobs past theirs."""
+    await db.execute(_PURGE_RESULTS, {"batch": batch, "retention": result_retention_s})
+    await db.execute(_DELETE_OLD, {"batch": batch, "retention": job_retention_s})
+
+
+async def ping(db: Database) -> None:
+    await db.fetch_val("SELECT 1")
