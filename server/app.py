@@ -1,0 +1,46 @@
+"""create_app(config) -> Starlette: the whole URL map, the lifespan and the error handlers.
+
+Run it with `uvicorn --factory server.app:create_app`, so importing this module reads nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from server import jobs, openapi, ops, problems
+from worker import Config, connect, from_env, load_job_types
+
+
+def create_app(config: Config | None = None) -> Starlette:
+    config = config or from_env()
+    job_types = load_job_types(config.job_modules)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with connect(config) as deps:
+            app.state.deps = deps
+            yield
+
+    app = Starlette(
+        routes=[
+            Route("/v1/jobs", jobs.submit, methods=["POST"]),
+            Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
+            Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
+            Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
+            Route("/v1/job-types", jobs.job_types, methods=["GET"]),
+            Route("/healthz", ops.healthz, methods=["GET"]),
+            Route("/readyz", ops.readyz, methods=["GET"]),
+            Route("/openapi.json", openapi.openapi, methods=["GET"]),
+            Route("/docs", openapi.docs, methods=["GET"]),
+        ],
+        exception_handlers=problems.HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.job_types = job_types
+    app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)
+    app.state.openapi = openapi.build()
+    return app
