@@ -33,6 +33,8 @@ from worker import Deps, Job, JobType, Status, enqueue, store
 TENANT = "default"  # one tenant until API keys land
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
+MAX_METADATA_DEPTH = 16
+TOO_DEEP = "the JSON is nested too deeply"
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -109,6 +111,16 @@ def _decode_submit(body: bytes) -> SubmitJob:
         raise ValidationError.from_msgspec(exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidBody(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidBody(TOO_DEEP) from None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
@@ -130,6 +142,8 @@ async def submit(request: Request) -> Response:
         value = job_type.decoder.decode(body.input)
     except msgspec.ValidationError as exc:
         raise ValidationError.from_msgspec(exc, prefix="$.input") from None
+    except RecursionError:
+        raise InvalidBody(TOO_DEEP) from None
     if body.callback_url is not None:
         msg = "webhook delivery is not available in this version; poll the job or use `Prefer: wait=N`"
         raise ValidationError(msg, [FieldError("$.callback_url", msg)])
@@ -138,8 +152,8 @@ async def submit(request: Request) -> Response:
         msg = f"timeout_s must be at most {config.max_timeout_s}"
         raise ValidationError(msg, [FieldError("$.timeout_s", msg)])
     metadata = _encode(body.metadata)
-    if len(metadata) > MAX_METADATA_BYTES:
-        msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON"
+    if len(metadata) > MAX_METADATA_BYTES or _depth(body.metadata) > MAX_METADATA_DEPTH:
+        msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
         raise ValidationError(msg, [FieldError("$.metadata", msg)])
     row = await store.insert_job(
         deps.db,

@@ -82,7 +82,7 @@ async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIter
     finally:
         await db.disconnect()
         if own_redis:
-            await arq.aclose()
+            await arq.aclose(close_connection_pool=True)
 
 
 async def enqueue(redis: ArqRedis, job_id: UUID, attempt: int, *, delay_s: float = 0.0) -> bool:

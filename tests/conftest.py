@@ -1,0 +1,262 @@
+"""Real services, isolated: a migrated `outlast_test` database and its own Redis index.
+
+With TEST_DATABASE_URL / TEST_REDIS_URL unset, the tests start their own embedded PostgreSQL and
+Valkey under .outlast/test (so destructive tests harm nothing else). Before each test: TRUNCATE and
+FLUSHDB, never FLUSHALL and never force_rollback (other processes must see the rows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import asyncpg
+import httpx
+import pytest
+from arq.worker import Worker
+from redis.asyncio import Redis
+
+from server.app import create_app
+from worker import Config, Deps, connect
+from worker.job_types import load
+from worker.migrate import create_database, migrate
+from worker.queue import QUEUE, RUN_JOB, deserialize, redis_settings, serialize
+from worker.run import Runtime, run_job
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 15.0) -> T:
+    """Wait for `check` to return something other than None: the one way tests wait."""
+    deadline = time.monotonic() + within
+    while (result := await check()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {within}s: {check.__qualname__}")
+        await asyncio.sleep(0.02)
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def service_urls(worker_id: str) -> Iterator[tuple[str, str]]:
+    """(admin DSN of a PostgreSQL server, Redis URL): from the environment, or embedded ones we start."""
+    database_url, redis_url = os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if not database_url or not redis_url:
+            from worker.embedded import EmbeddedPostgres, EmbeddedValkey
+
+            data = ROOT / ".outlast" / f"test-{worker_id}"
+            data.mkdir(parents=True, exist_ok=True)
+        if not database_url:
+            database_url = stack.enter_context(EmbeddedPostgres(data / "postgres", port=free_port())).dsn()
+        if not redis_url:
+            redis_url = stack.enter_context(EmbeddedValkey(data / "valkey", port=free_port())).url()
+        yield database_url, redis_url
+
+
+@pytest.fixture(scope="session")
+def worker_id() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+
+
+def _with_database(dsn: str, name: str) -> str:
+    base, _, query = dsn.partition("?")
+    return f"{base.rpartition('/')[0]}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
+    """A Config for a migrated test database, with intervals short enough that tests finish fast."""
+    admin, redis_url = service_urls
+    dsn = _with_database(admin, f"outlast_test_{worker_id}")
+    await create_database(dsn)
+    await migrate(dsn)
+    index = 1 + int(worker_id.removeprefix("gw") or 0)
+    return Config(
+        database_url=dsn,
+        redis_url=urlsplit(redis_url)._replace(path=f"/{index}").geturl(),
+        sweep_interval_s=1,
+        redispatch_after_s=1.0,
+        backoff_base_s=0.05,
+        backoff_cap_s=0.5,
+        lease_s=3.0,
+        worker_health_check_interval_s=1,
+        db_timeout_s=2.0,
+        retry_after_s=2,
+    )
+
+
+@pytest.fixture
+async def deps(config: Config) -> AsyncIterator[Deps]:
+    async with connect(config) as deps:
+        await deps.db.execute("TRUNCATE jobs CASCADE")
+        await deps.redis.flushdb()
+        yield deps
+
+
+@pytest.fixture
+async def client(config: Config, deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(config)
+    async with app.router.lifespan_context(app):  # ASGITransport does not run the lifespan
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture
+def drain(config: Config, deps: Deps) -> Callable[[], Awaitable[None]]:
+    """Run an in-process burst worker until the queue is empty, deferred retries included."""
+
+    async def drain() -> None:
+        worker = Worker(
+            functions=[run_job],
+            queue_name=QUEUE,
+            redis_settings=redis_settings(config),
+            burst=True,
+            handle_signals=False,
+            poll_delay=0.01,
+            max_jobs=20,
+            keep_result=0,
+            max_tries=1_000,
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+            ctx={"deps": deps, "runtime": Runtime(job_types=load())},
+        )
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
+
+    assert run_job.__name__ == RUN_JOB
+    return drain
+
+
+async def job_row(deps: Deps, job_id: UUID | str) -> dict[str, Any]:
+    record = await deps.db.fetch_one("SELECT * FROM jobs WHERE id = :id", {"id": UUID(str(job_id))})
+    assert record is not None
+    return dict(record._mapping)
+
+
+# -- real processes ----------------------------------------------------------------------------------
+
+
+def process_env(config: Config, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLAST_")}
+    env.update(
+        DATABASE_URL=config.database_url,
+        REDIS_URL=config.redis_url,
+        OUTLAST_SWEEP_INTERVAL_S=str(config.sweep_interval_s),
+        OUTLAST_REDISPATCH_AFTER_S=str(config.redispatch_after_s),
+        OUTLAST_BACKOFF_BASE_S=str(config.backoff_base_s),
+        OUTLAST_BACKOFF_CAP_S=str(config.backoff_cap_s),
+        OUTLAST_LEASE_S=str(config.lease_s),
+        OUTLAST_WORKER_HEALTH_CHECK_INTERVAL_S=str(config.worker_health_check_interval_s),
+        OUTLAST_DB_TIMEOUT_S=str(config.db_timeout_s),
+        OUTLAST_RETRY_AFTER_S=str(config.retry_after_s),
+    )
+    env.update(extra)
+    return env
+
+
+class Processes:
+    """A real uvicorn web process and a real arq worker, as the Procfile runs them."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.web: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        return subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_web(self) -> None:
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "server.app:create_app"]
+        argv += ["--port", str(self.port), "--loop", "uvloop", "--http", "httptools"]
+        self.web = self._spawn("web", argv)
+
+    def start_worker(self) -> None:
+        self.worker = self._spawn("worker", [sys.executable, "-m", "arq", "worker.settings.WorkerSettings"])
+
+    async def ready(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+
+            async def up() -> bool | None:
+                try:
+                    return (await client.get("/healthz")).status_code == 200 or None
+                except httpx.TransportError:
+                    return None
+
+            await eventually(up, within=30)
+
+    def stop(self) -> None:
+        for proc in (self.web, self.worker):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.web, self.worker):
+            if proc is not None:
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+
+@pytest.fixture
+async def processes(config: Config, deps: Deps, tmp_path: Path) -> AsyncIterator[Processes]:
+    procs = Processes(process_env(config), tmp_path)
+    procs.start_web()
+    procs.start_worker()
+    try:
+        await procs.ready()
+        yield procs
+    finally:
+        procs.stop()
+
+
+async def wait_done(client: httpx.AsyncClient, job_id: str, *, within: float = 30.0) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+        return job if job["done"] else None
+
+    return await eventually(done, within=within)
+
+
+@pytest.fixture
+async def pg_connection(config: Config) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(config.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis(config: Config) -> AsyncIterator[Redis]:
+    client = Redis.from_url(config.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
