@@ -92,6 +92,7 @@ async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
     return Config(
         database_url=dsn,
         redis_url=urlsplit(redis_url)._replace(path=f"/{index}").geturl(),
+        job_modules="tests.jobs",
         sweep_interval_s=1,
         redispatch_after_s=1.0,
         backoff_base_s=0.05,
@@ -137,7 +138,7 @@ def drain(config: Config, deps: Deps) -> Callable[[], Awaitable[None]]:
             max_tries=1_000,
             job_serializer=serialize,
             job_deserializer=deserialize,
-            ctx={"deps": deps, "runtime": Runtime(job_types=load())},
+            ctx={"deps": deps, "runtime": Runtime(job_types=load(config.job_modules))},
         )
         try:
             await worker.main()
@@ -162,6 +163,7 @@ def process_env(config: Config, **extra: str) -> dict[str, str]:
     env.update(
         DATABASE_URL=config.database_url,
         REDIS_URL=config.redis_url,
+        OUTLAST_JOB_MODULES=config.job_modules,
         OUTLAST_SWEEP_INTERVAL_S=str(config.sweep_interval_s),
         OUTLAST_REDISPATCH_AFTER_S=str(config.redispatch_after_s),
         OUTLAST_BACKOFF_BASE_S=str(config.backoff_base_s),

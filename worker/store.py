@@ -263,8 +263,9 @@ WITH moved AS (
     RETURNING *
 ), event AS (
     INSERT INTO job_events (job_id, seq, name, data)
-    SELECT id, event_seq, 'status', jsonb_build_object('status', status, 'attempt', attempt,
-                                                       'error', CAST(:error AS jsonb))
+    SELECT id, event_seq, 'status',
+           jsonb_build_object('status', status, 'attempt', attempt, 'error', CAST(:error AS jsonb))
+           || CASE WHEN status = 'queued' THEN jsonb_build_object('next_run_at', next_run_at) ELSE '{}' END
       FROM moved
 )
 SELECT id FROM moved

@@ -1,0 +1,30 @@
+"""Job types only the tests use, registered the way a user's package is: OUTLAST_JOB_MODULES=tests.jobs."""
+
+from __future__ import annotations
+
+import msgspec
+
+from worker import Context, JobError, JobType
+
+
+class Nothing(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+async def explode(input: Nothing, ctx: Context) -> None:
+    raise ZeroDivisionError("an unexpected bug in the job")
+
+
+async def refuse(input: Nothing, ctx: Context) -> None:
+    raise JobError("the input can never work", type="bad_input")
+
+
+async def unencodable(input: Nothing, ctx: Context) -> object:
+    return object()
+
+
+JOB_TYPES = (
+    JobType("explode", Nothing, explode, timeout_s=10),
+    JobType("refuse", Nothing, refuse, timeout_s=10),
+    JobType("unencodable", Nothing, unencodable, timeout_s=10),
+)

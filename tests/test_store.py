@@ -1,0 +1,153 @@
+"""Guarded state changes in worker/store.py, against the real SQL."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import UUID
+
+import msgspec
+from uuid_utils.compat import uuid7
+
+from tests.conftest import job_row
+from worker import Deps, Error, store
+
+OWNER = "test-owner"
+
+
+async def new_job(deps: Deps, *, retry_safe: bool = True, max_attempts: int = 3, ttl_s: float = 3600) -> UUID:
+    row = await store.insert_job(
+        deps.db,
+        job_id=uuid7(),
+        tenant="default",
+        type="square_sum",
+        input=b'{"data": [1]}',
+        max_attempts=max_attempts,
+        timeout_s=60,
+        retry_safe=retry_safe,
+        callback_url=None,
+        metadata=b"{}",
+        ttl_s=ttl_s,
+    )
+    return row.id
+
+
+async def events(deps: Deps, job_id: UUID) -> list[tuple[int, str, dict[str, object]]]:
+    rows = await deps.db.fetch_all(
+        "SELECT seq, name, data FROM job_events WHERE job_id = :id ORDER BY seq", {"id": job_id}
+    )
+    return [(r["seq"], r["name"], msgspec.json.decode(r["data"])) for r in rows]
+
+
+async def test_claim_starts_the_next_attempt_once(deps: Deps) -> None:
+    job_id = await new_job(deps)
+    claimed = await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    assert claimed is not None and claimed.attempt == 1
+    assert await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30) is None  # duplicate delivery
+    row = await job_row(deps, job_id)
+    assert row["status"] == "running" and row["lease_owner"] == OWNER and row["lease_expires_at"] is not None
+
+
+async def test_terminal_job_never_changes_status(deps: Deps) -> None:
+    job_id = await new_job(deps)
+    await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    assert await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+    for to in ("failed", "cancelled", "expired", "queued", "succeeded"):
+        assert not await store.finish(deps.db, job_id, 1, to, error=Error("x", "late", False))  # type: ignore[arg-type]
+    await deps.db.execute("UPDATE jobs SET expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id})
+    assert await store.expire_late(deps.db, batch=100) == 0
+    row = await job_row(deps, job_id)
+    assert row["status"] == "succeeded" and row["result"] == "1" and row["error"] is None
+
+
+async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
+    job_id = await new_job(deps)
+    await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    # The lease ran out and the sweep gave the job a new attempt.
+    await deps.db.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id}
+    )
+    assert await store.rescue_lost(deps.db, batch=10, backoff_base_s=0, backoff_cap_s=0) == 1
+    assert await store.claim(deps.db, job_id, 1, owner="other", lease_s=30) is not None
+    assert await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=None) is None
+    assert not await store.finish(deps.db, job_id, 1, "succeeded", result=b"0")
+    assert await store.finish(deps.db, job_id, 2, "succeeded", result=b"1")
+    assert (await job_row(deps, job_id))["result"] == "1"
+
+
+async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps) -> None:
+    safe, unsafe, exhausted = (
+        await new_job(deps),
+        await new_job(deps, retry_safe=False),
+        await new_job(deps, max_attempts=1),
+    )
+    for job_id in (safe, unsafe, exhausted):
+        await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    await deps.db.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
+    assert await store.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=10) == 3
+    requeued = await job_row(deps, safe)
+    assert requeued["status"] == "queued" and requeued["attempt"] == 1 and requeued["dispatched_at"] is None
+    for job_id in (unsafe, exhausted):
+        row = await job_row(deps, job_id)
+        assert row["status"] == "failed" and msgspec.json.decode(row["error"])["type"] == "worker_lost"
+
+
+async def test_expiry_and_a_finish_at_the_same_moment_end_in_exactly_one_terminal_state(deps: Deps) -> None:
+    ids = [await new_job(deps) for _ in range(40)]
+    for job_id in ids:
+        await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    await deps.db.execute("UPDATE jobs SET expires_at = now()")
+
+    async def finish(job_id: UUID) -> bool:
+        return await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+
+    outcomes = await asyncio.gather(
+        *(finish(job_id) for job_id in ids[::2]),
+        store.expire_late(deps.db, batch=1_000),
+        *(finish(job_id) for job_id in ids[1::2]),
+    )
+    finished, expired = sum(o is True for o in outcomes), outcomes[len(ids) // 2]
+    assert finished + expired == len(ids)  # each job moved exactly once
+    for job_id in ids:
+        row = await job_row(deps, job_id)
+        assert row["status"] in ("succeeded", "expired") and row["finished_at"] is not None
+        terminal = [e for e in await events(deps, job_id) if e[2]["status"] in ("succeeded", "expired")]
+        assert len(terminal) == 1 and terminal[0][2]["status"] == row["status"]
+
+
+async def test_every_change_appends_an_event_with_the_next_seq(deps: Deps) -> None:
+    from worker import Progress
+
+    job_id = await new_job(deps)
+    await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
+    await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=None)  # a bare heartbeat logs nothing
+    await store.finish(deps.db, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=0)
+    await store.claim(deps.db, job_id, 1, owner=OWNER, lease_s=30)
+    await store.finish(deps.db, job_id, 2, "succeeded", result=b"1")
+    log = await events(deps, job_id)
+    assert [seq for seq, _, _ in log] == [1, 2, 3, 4, 5, 6]
+    assert [(name, data.get("status")) for _, name, data in log] == [
+        ("status", "queued"),
+        ("status", "running"),
+        ("progress", None),
+        ("status", "queued"),
+        ("status", "running"),
+        ("status", "succeeded"),
+    ]
+    assert log[2][2] == {"fraction": 0.5, "message": "half"}
+    assert log[3][2]["error"] == {"type": "boom", "message": "it broke", "retryable": True}
+    row = await job_row(deps, job_id)
+    assert row["event_seq"] == 6 and row["error"] is None  # a retried attempt's error stays in its event
+
+
+async def test_take_due_skips_rows_another_pass_holds(deps: Deps) -> None:
+    ids = {await new_job(deps) for _ in range(6)}
+    await deps.db.execute("UPDATE jobs SET dispatched_at = NULL")
+    first, second = await asyncio.gather(
+        store.take_due(deps.db, batch=3, redispatch_after_s=60), store.take_due(deps.db, batch=3, redispatch_after_s=60)
+    )
+    taken = [job_id for job_id, _ in first + second]
+    assert len(taken) == len(set(taken))  # SKIP LOCKED: concurrent passes never take the same row
+    rest = [job_id for job_id, _ in await store.take_due(deps.db, batch=10, redispatch_after_s=60)]
+    assert set(rest) | set(taken) == ids and not set(rest) & set(taken)
+    assert await store.take_due(deps.db, batch=10, redispatch_after_s=60) == []  # all dispatched just now

@@ -1,0 +1,107 @@
+"""The cron pass: re-dispatch what Redis lost, expire late jobs, rescue lost leases, retain."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import httpx
+import msgspec
+
+from tests.conftest import job_row
+from tests.test_worker import submit
+from worker import Deps
+from worker.sweep import sweep_once
+
+Drain = Callable[[], Awaitable[None]]
+
+
+async def test_jobs_queued_when_redis_lost_everything_still_finish(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    ids = [await submit(client, "square_sum", {"data": [i]}) for i in range(5)]
+    await deps.redis.flushdb()
+    await drain()  # nothing to run: the doorbell is gone
+    assert {(await job_row(deps, i))["status"] for i in ids} == {"queued"}
+    await deps.db.execute("UPDATE jobs SET dispatched_at = now() - interval '1 minute'")  # as if time passed
+    await sweep_once(deps)
+    await drain()
+    assert [(await client.get(f"/v1/jobs/{i}")).json()["result"] for i in ids] == [i * i for i in range(5)]
+
+
+async def test_a_recent_dispatch_is_not_rung_twice(client: httpx.AsyncClient, deps: Deps) -> None:
+    await submit(client, "square_sum", {"data": [1]})
+    before = await deps.db.fetch_val("SELECT dispatched_at FROM jobs")
+    await sweep_once(deps)
+    assert await deps.db.fetch_val("SELECT dispatched_at FROM jobs") == before
+
+
+async def test_an_undispatched_job_is_dispatched_by_the_sweep(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "square_sum", {"data": [3]})
+    await deps.redis.flushdb()
+    await deps.db.execute("UPDATE jobs SET dispatched_at = NULL")  # what a submit during a Redis outage leaves
+    await sweep_once(deps)
+    await drain()
+    assert (await client.get(f"/v1/jobs/{job_id}")).json()["result"] == 9
+
+
+async def test_live_jobs_past_expires_at_end_expired(client: httpx.AsyncClient, deps: Deps) -> None:
+    late, fresh = await submit(client, "sleep", {"seconds": 0}), await submit(client, "sleep", {"seconds": 0})
+    await deps.db.execute(
+        "UPDATE jobs SET expires_at = now() - interval '1 second' WHERE id = CAST(:id AS uuid)", {"id": late}
+    )
+    await sweep_once(deps)
+    job = (await client.get(f"/v1/jobs/{late}")).json()
+    assert job["status"] == "expired" and job["done"] and job["error"]["type"] == "expired"
+    assert (await client.get(f"/v1/jobs/{fresh}")).json()["status"] == "queued"
+    result = await client.get(f"/v1/jobs/{late}/result")
+    assert result.status_code == 409 and result.json()["error"]["type"] == "expired"
+
+
+async def test_an_expired_job_is_never_run(client: httpx.AsyncClient, deps: Deps, drain: Drain) -> None:
+    job_id = await submit(client, "square_sum", {"data": [2]})
+    await deps.db.execute("UPDATE jobs SET expires_at = now() - interval '1 second'")
+    await drain()  # the doorbell rings, but the claim refuses a job past its expires_at
+    row = await job_row(deps, job_id)
+    assert row["status"] == "queued" and row["attempt"] == 0
+    await sweep_once(deps)
+    assert (await job_row(deps, job_id))["status"] == "expired"
+
+
+async def test_a_running_job_whose_lease_ran_out_is_rescued_and_finishes(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "square_sum", {"data": [4]})
+    await deps.redis.flushdb()
+    # A worker claimed attempt 1, then died without a word.
+    await deps.db.execute(
+        "UPDATE jobs SET status = 'running', attempt = 1, lease_owner = 'dead', started_at = now(),"
+        " lease_expires_at = now() - interval '1 second'"
+    )
+    await sweep_once(deps)
+    row = await job_row(deps, job_id)
+    assert row["status"] == "queued" and row["attempt"] == 1
+    await deps.db.execute("UPDATE jobs SET next_run_at = now()")  # skip the backoff
+    await sweep_once(deps)
+    await drain()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "succeeded" and job["attempt"] == 2 and job["result"] == 16
+
+
+async def test_retention_drops_old_results_then_old_jobs(client: httpx.AsyncClient, deps: Deps, drain: Drain) -> None:
+    old, older = await submit(client, "square_sum", {"data": [1]}), await submit(client, "square_sum", {"data": [2]})
+    await drain()
+    await deps.db.execute(
+        "UPDATE jobs SET finished_at = now() - interval '8 days' WHERE id = CAST(:id AS uuid)", {"id": old}
+    )
+    await deps.db.execute(
+        "UPDATE jobs SET finished_at = now() - interval '31 days' WHERE id = CAST(:id AS uuid)", {"id": older}
+    )
+    await sweep_once(deps)
+    assert (await client.get(f"/v1/jobs/{old}/result")).status_code == 410
+    assert (await client.get(f"/v1/jobs/{older}")).status_code == 404
+    assert (
+        await deps.db.fetch_val("SELECT count(*) FROM job_events WHERE job_id = CAST(:id AS uuid)", {"id": older}) == 0
+    )
+    assert msgspec.json.decode((await client.get(f"/v1/jobs/{old}")).content)["status"] == "succeeded"
