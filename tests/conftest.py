@@ -188,8 +188,8 @@ class Processes:
         self.worker: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        return subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def start_web(self) -> None:
         argv = [sys.executable, "-m", "uvicorn", "--factory", "server.app:create_app"]

@@ -1,0 +1,134 @@
+"""Behaviour that crosses processes: real uvicorn and arq processes, as the Procfile runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from tests.conftest import ROOT, Processes, eventually, free_port, process_env, wait_done
+from worker import Config, Deps, connect
+from worker.migrate import create_database, migrate
+
+pytestmark = pytest.mark.slow
+
+
+async def test_submitted_job_succeeds_through_real_web_and_worker_processes(processes: Processes) -> None:
+    async with httpx.AsyncClient(base_url=processes.url) as client:
+        response = await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [1, 2, 3, 4]}})
+        assert response.status_code == 202
+        job = await wait_done(client, response.headers["location"].rpartition("/")[2])
+        assert job["status"] == "succeeded" and job["result"] == 30
+        assert (await client.get(f"/v1/jobs/{job['id']}/result")).json() == 30
+
+
+async def test_jobs_queued_before_redis_lost_everything_all_finish(config: Config, deps: Deps, tmp_path: Path) -> None:
+    procs = Processes(process_env(config), tmp_path)
+    procs.start_web()
+    try:
+        await procs.ready()
+        async with httpx.AsyncClient(base_url=procs.url) as client:
+            ids = [
+                (await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [i]}})).json()["id"]
+                for i in range(20)
+            ]
+            assert await deps.redis.zcard("outlast:queue") == 20
+            # Our own private server when embedded; a shared one only loses this test's index.
+            await (deps.redis.flushall() if "TEST_REDIS_URL" not in os.environ else deps.redis.flushdb())
+            procs.start_worker()
+            jobs = [await wait_done(client, job_id) for job_id in ids]
+        assert [j["result"] for j in jobs] == [i * i for i in range(20)]
+        assert all(j["attempt"] == 1 for j in jobs)
+    finally:
+        procs.stop()
+
+
+def _arq_check(env: dict[str, str]) -> int:
+    argv = [sys.executable, "-m", "arq", "--check", "worker.settings.WorkerSettings"]
+    return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, timeout=30, check=False).returncode
+
+
+async def test_arq_check_is_green_while_the_worker_lives_and_red_soon_after_kill_9(processes: Processes) -> None:
+    async def green() -> bool | None:
+        return await asyncio.to_thread(_arq_check, processes.env) == 0 or None
+
+    await eventually(green, within=15)
+    assert processes.worker is not None
+    processes.worker.send_signal(signal.SIGKILL)
+    processes.worker.wait()
+
+    async def red() -> bool | None:
+        return await asyncio.to_thread(_arq_check, processes.env) != 0 or None
+
+    # health_check_interval is 1 s here: the key's TTL is interval + 1 s.
+    await eventually(red, within=1 + 1 + 5)
+
+
+@pytest.fixture
+async def private_postgres(tmp_path: Path) -> AsyncIterator[object]:
+    from worker.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tmp_path / "pg", port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove_data()
+
+
+async def test_postgres_down_answers_503_with_retry_after_and_both_processes_recover(
+    config: Config, private_postgres: object, tmp_path: Path
+) -> None:
+    from worker.embedded import EmbeddedPostgres
+
+    assert isinstance(private_postgres, EmbeddedPostgres)
+    dsn = private_postgres.dsn("outlast")
+    await create_database(dsn)
+    await migrate(dsn)
+    own = msgspec.structs.replace(config, database_url=dsn, redis_url=config.redis_url.rpartition("/")[0] + "/15")
+    async with connect(own) as deps:
+        await deps.redis.flushdb()
+    procs = Processes(process_env(own), tmp_path)
+    procs.start_web()
+    procs.start_worker()
+    try:
+        await procs.ready()
+        async with httpx.AsyncClient(base_url=procs.url, timeout=30) as client:
+            first = (await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [2]}})).json()
+            assert (await wait_done(client, first["id"]))["result"] == 4
+
+            private_postgres.stop("fast")
+            answers = [
+                await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [3]}}),
+                await client.get(f"/v1/jobs/{first['id']}"),
+                await client.get("/v1/jobs"),
+                await client.get(f"/v1/jobs/{first['id']}/result"),
+            ]
+            for answer in answers:
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["content-type"] == "application/problem+json"
+                assert answer.json()["type"] == "/problems/unavailable" and int(answer.headers["retry-after"]) >= 1
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["database"] == "down" and ready.json()["redis"] == "ok"
+
+            private_postgres.start()  # same port: the processes reconnect on their own
+
+            async def accepted() -> httpx.Response | None:
+                answer = await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [5]}})
+                return answer if answer.status_code == 202 else None
+
+            job = await wait_done(client, (await eventually(accepted, within=30)).json()["id"])
+            assert job["status"] == "succeeded" and job["result"] == 25
+        assert procs.web is not None and procs.web.poll() is None  # neither process was restarted
+        assert procs.worker is not None and procs.worker.poll() is None
+        assert "Exception in ASGI application" not in procs.log("web")  # no request escaped the handlers
+    finally:
+        procs.stop()
