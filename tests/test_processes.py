@@ -132,3 +132,60 @@ async def test_postgres_down_answers_503_with_retry_after_and_both_processes_rec
         assert "Exception in ASGI application" not in procs.log("web")  # no request escaped the handlers
     finally:
         procs.stop()
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def spawn_shell(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(["sh", "-c", f"exec {command}"], cwd=ROOT, env=env, stdout=out, stderr=out)
+
+
+async def test_procfile_runs_with_only_database_url_redis_url_and_port(
+    config: Config, deps: Deps, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DATABASE_URL": config.database_url,
+        "REDIS_URL": config.redis_url,
+        "PORT": str(port),
+    }
+    commands = procfile()
+    assert set(commands) == {"release", "web", "worker"}
+    release = await asyncio.to_thread(
+        subprocess.run, ["sh", "-c", commands["release"]], cwd=ROOT, env=env, capture_output=True, check=False
+    )
+    assert release.returncode == 0, release.stderr
+    web = spawn_shell(commands["web"], env, tmp_path / "web.log")
+    worker = spawn_shell(commands["worker"], env, tmp_path / "worker.log")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+            async def up() -> bool | None:
+                try:
+                    return (await client.get("/readyz")).status_code == 200 or None
+                except httpx.TransportError:
+                    return None
+
+            await eventually(up, within=30)
+            submitted = await client.post("/v1/jobs", json={"type": "cube_sum", "input": {"data": [1, 2]}})
+            assert (await wait_done(client, submitted.json()["id"]))["result"] == 9
+    finally:
+        for proc in (web, worker):
+            proc.terminate()
+        for proc in (web, worker):
+            await asyncio.to_thread(proc.wait, 30)
+
+
+async def test_outlast_submit_wait_shows_progress_and_prints_the_finished_job(processes: Processes) -> None:
+    outlast = str(Path(sys.executable).parent / "outlast")
+    argv = [outlast, "submit", "sleep", '{"seconds": 1, "steps": 4}', "--wait", "--url", processes.url]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    job = msgspec.json.decode(done.stdout)
+    assert job["status"] == "succeeded" and job["result"] == {"slept_s": 1.0, "steps": 4}
+    assert b"100.0%" in done.stderr and b"step 4 of 4" in done.stderr
