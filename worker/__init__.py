@@ -20,6 +20,7 @@ from worker.job import (
 )
 from worker.job_types import load as load_job_types
 from worker.queue import Deps, connect, enqueue
+from worker.ssrf import Forbidden, Guard
 
 __all__ = [
     "LIVE",
@@ -29,6 +30,8 @@ __all__ = [
     "Context",
     "Deps",
     "Error",
+    "Forbidden",
+    "Guard",
     "Job",
     "JobError",
     "JobType",

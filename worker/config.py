@@ -20,6 +20,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     # Extra modules whose JOB_TYPE / JOB_TYPES are registered next to the built-in ones.
     job_modules: str = ""
+    # callback_url (worker/ssrf.py): where Outlast may connect on a user's behalf.
+    allowed_callback_networks: str = ""  # comma-separated CIDRs a callback_url may reach besides global addresses
+    callback_ports: str = "80,443,8080,8443"  # comma-separated ports and ranges (`8000-8999`)
+    allow_http_callbacks: bool = False  # https only unless set
+    webhook_timeout_s: Seconds = 10.0  # one attempt, DNS to status line, whatever the receiver does
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
     max_timeout_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
     default_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
