@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import store
+from worker import store, webhook_store
 from worker.config import Config, from_env
 from worker.job import (
     LIVE,
@@ -43,4 +43,5 @@ __all__ = [
     "from_env",
     "load_job_types",
     "store",
+    "webhook_store",
 ]
