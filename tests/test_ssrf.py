@@ -1,12 +1,15 @@
-"""The SSRF guard (worker/ssrf.py): hostile callback URLs are refused, allowed ones pass."""
+"""The SSRF guard (worker/ssrf.py): hostile callback URLs are refused at submit and again at delivery,
+and nothing ever reaches the canary listeners on 127.0.0.2-5."""
 
 from __future__ import annotations
 
 from ipaddress import ip_address
 
 import pytest
+from uuid_utils.compat import uuid7
 
-from worker import Forbidden, Guard
+from tests.receivers import Hooks, Receiver
+from worker import Forbidden, Guard, store
 from worker.ssrf import parse_networks, parse_ports, refusal
 
 PUBLIC = "93.184.215.14"  # answered by the fake DNS only: no test ever connects to it
@@ -143,3 +146,78 @@ def test_bad_allowance_settings_stop_the_process_naming_the_variable() -> None:
         Guard.from_config(Config(allowed_callback_networks="10.0.0.0/33"))
     with pytest.raises(SystemExit, match="OUTLAST_CALLBACK_PORTS"):
         Guard.from_config(Config(callback_ports="443,70000"))
+
+
+async def test_hostile_callback_urls_get_422_naming_callback_url_and_touch_nothing(
+    hooks: Hooks, canaries: list[Receiver], receiver: Receiver
+) -> None:
+    hooks.dns.table.update(DNS)
+    for url in hostile(canaries[0].port, receiver.port):
+        body = {"type": "square_sum", "input": {"data": [1]}, "callback_url": url}
+        response = await hooks.client.post("/v1/jobs", json=body)
+        assert response.status_code == 422, (url, response.text)
+        problem = response.json()
+        assert problem["type"] == "/problems/validation-error"
+        assert problem["errors"][0]["loc"] == "$.callback_url" and "callback_url refused" in problem["detail"]
+    assert [c.connections for c in canaries] == [0, 0, 0, 0] and receiver.connections == 0
+    assert await hooks.deps.db.fetch_val("SELECT count(*) FROM jobs") == 0
+
+
+async def test_an_allowed_callback_url_is_accepted_and_shown_on_the_job(hooks: Hooks, receiver: Receiver) -> None:
+    job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
+    job = (await hooks.client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["callback_url"] == receiver.url
+
+
+async def test_hostile_urls_already_stored_are_refused_at_delivery_and_no_canary_hears_a_thing(
+    hooks: Hooks, canaries: list[Receiver], receiver: Receiver
+) -> None:
+    """As if they had slipped past submit (an older version, a changed allowance): the delivery checks again.
+    Only URLs that would land on loopback if the guard failed: nothing here may leave the machine."""
+    port = canaries[0].port
+    hooks.dns.table.update(DNS, **{"mixed.example.com": ["127.0.0.1", "127.0.0.4"]})  # one allowed, one not
+    urls = [
+        f"http://127.0.0.2:{port}/",
+        f"http://[::ffff:127.0.0.3]:{port}/",
+        f"http://2130706434:{port}/",
+        f"http://0x7f000003:{port}/",
+        f"http://0177.0.0.4:{port}/",
+        f"http://127.5:{port}/",
+        f"gopher://127.0.0.2:{port}/_SET",
+        f"http://user:pass@127.0.0.1:{receiver.port}/",
+        f"http://hooks.example.com@127.0.0.2:{port}/",
+        f"http://localhost:{port}/",
+        f"http://loopback.example.com:{port}/",
+        f"http://mixed.example.com:{receiver.port}/",
+        f"http://mapped.example.com:{port}/",
+    ]
+    for url in urls:
+        row = await store.insert_job(
+            hooks.deps.db,
+            job_id=uuid7(),
+            tenant="default",
+            type="square_sum",
+            input=b'{"data": [1]}',
+            max_attempts=1,
+            timeout_s=60,
+            retry_safe=True,
+            callback_url=url,
+            metadata=b"{}",
+            ttl_s=3600,
+        )
+        await hooks.deps.db.execute(
+            "UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = :id", {"id": row.id}
+        )
+    while await hooks.deliver():
+        pass
+    attempts = await hooks.deps.db.fetch_all(
+        "SELECT d.url, d.status, a.error FROM webhook_deliveries d JOIN webhook_attempts a ON a.delivery_id = d.id"
+    )
+    assert sorted(a["url"] for a in attempts) == sorted(urls)  # one attempt each
+    for attempt in attempts:
+        assert attempt["error"].startswith("refused: "), attempt
+        # refused for its text: given up at once; refused for a DNS answer: tried again later
+        assert attempt["status"] == (
+            "pending" if "example.com:" in attempt["url"] or "localhost" in attempt["url"] else "failed"
+        )
+    assert [c.connections for c in canaries] == [0, 0, 0, 0] and receiver.connections == 0
