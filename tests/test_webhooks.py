@@ -234,6 +234,35 @@ async def test_the_stored_schedule_run_past_25_and_70_hours(hooks: Hooks, drain:
     assert len(at_70["attempts"]) == 3 and await hooks.deliver() == 0
 
 
+# -- the HTTP face ----------------------------------------------------------------------------------
+
+
+async def test_deliveries_list_and_redeliver(hooks: Hooks, receiver: Receiver, drain: Drain) -> None:
+    assert (await hooks.client.get(f"/v1/jobs/{'0' * 8}-0000-7000-8000-{'0' * 12}/deliveries")).status_code == 404
+    assert (await hooks.client.get("/v1/jobs/nope/deliveries")).status_code == 404
+    job_id = await hooks.submit("square_sum", {"data": [3]}, callback_url=receiver.url)
+    early = await hooks.client.post(f"/v1/jobs/{job_id}/deliveries/redeliver")
+    assert early.status_code == 409 and early.json()["type"] == "/problems/job-not-done"
+    plain = await hooks.submit("square_sum", {"data": [3]})
+    await drain()
+    no_url = await hooks.client.post(f"/v1/jobs/{plain}/deliveries/redeliver")
+    assert no_url.status_code == 409 and no_url.json()["type"] == "/problems/conflict"
+    await hooks.deliver()
+
+    response = await hooks.client.post(f"/v1/jobs/{job_id}/deliveries/redeliver")
+    assert response.status_code == 202 and response.headers["location"] == f"/v1/jobs/{job_id}/deliveries"
+    fresh = response.json()
+    assert fresh["reason"] == "redeliver" and fresh["status"] == "pending" and fresh["attempts"] == []
+    await hooks.deliver()
+    first, again = await hooks.deliveries(job_id)
+    assert (first["reason"], again["reason"]) == ("finished", "redeliver")
+    assert first["status"] == again["status"] == "delivered" and again["id"] == fresh["id"]
+    assert len(receiver.requests) == 2
+    assert receiver.requests[0].headers["webhook-id"] == receiver.requests[1].headers["webhook-id"]  # the same event
+    doc = (await hooks.client.get("/openapi.json")).json()
+    assert {"/v1/jobs/{id}/deliveries", "/v1/jobs/{id}/deliveries/redeliver"} <= set(doc["paths"])
+
+
 # -- SSRF at delivery: rebinding, redirects, the pinned address -------------------------------------
 
 
