@@ -3,9 +3,11 @@ redelivery, rebinding and redirects, and a hostile receiver that never holds up 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -369,6 +371,30 @@ async def test_a_receiver_that_dribbles_forever_is_cut_off_and_never_delays_a_jo
         assert attempt["error"] == "no answer within 2 s" and attempt["status_code"] is None
     finally:
         await slow.stop()
+
+
+# -- `outlast webhooks secret` ----------------------------------------------------------------------
+
+
+async def test_the_cli_shows_and_rotates_a_tenant_secret(hooks: Hooks, config: Config) -> None:
+    env = process_env(config)
+
+    async def outlast(*args: str) -> tuple[int, str, str]:
+        command = Path(sys.executable).parent / "outlast"
+        proc = await asyncio.create_subprocess_exec(
+            command, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    code, shown, _ = await outlast("webhooks", "secret", "default")
+    assert code == 0 and shown.strip() == await hooks.secret()
+    assert (await outlast("webhooks", "secret", "default"))[1] == shown  # shown again, not replaced
+    code, rotated, err = await outlast("webhooks", "secret", "default", "--rotate", "--overlap", "60")
+    assert code == 0 and rotated.strip() == await hooks.secret() != shown.strip()
+    assert shown.strip() in err and "also signing until" in err
+    code, _, err = await outlast("webhooks", "secret", "nobody")
+    assert code != 0 and "no tenant 'nobody'" in err
 
 
 @pytest.mark.slow
