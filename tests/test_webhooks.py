@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import ssl
 import sys
@@ -19,7 +20,7 @@ import pytest
 import trustme
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.conftest import Processes, eventually, free_port, process_env
+from tests.conftest import ROOT, Processes, eventually, free_port, process_env
 from tests.receivers import DribblingReceiver, Hooks, Received, Receiver, answer, fail_first
 from worker import Config, Deps
 from worker.sweep import sweep_once
@@ -426,3 +427,36 @@ async def test_real_web_and_worker_processes_deliver_a_signed_webhook(
         assert job["id"] == job_id and job["result"] == 13 and len(delivery["attempts"]) == 1
     finally:
         procs.stop()
+
+
+async def test_the_receiver_in_the_docs_verifies_signatures(hooks: Hooks, drain: Drain, tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "webhooks.md").read_text()
+    code = text.split("## A receiver that verifies signatures", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "receiver.py").write_text(code)
+    port = free_port()
+    env = {**os.environ, "WEBHOOK_SECRET": await hooks.secret(), "PORT": str(port)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "receiver.py", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+
+        async def listening() -> bool | None:
+            try:
+                async with httpx.AsyncClient() as client:
+                    unsigned = await client.post(url, content=b"{}", headers={"webhook-id": "x"})
+            except httpx.TransportError:
+                return None
+            return unsigned.status_code == 400 or None
+
+        await eventually(listening)  # and an unsigned request is turned away
+        job_id = await hooks.submit("square_sum", {"data": [4]}, callback_url=url)
+        await drain()
+        await hooks.deliver()
+        assert [a["status_code"] for a in await attempts_of(hooks, job_id)] == [204]
+        assert proc.stdout is not None
+        line = (await proc.stdout.readline()).decode().split()
+        assert line[1:] == [job_id, "succeeded"] and line[0].startswith("msg_")
+    finally:
+        proc.terminate()
+        await proc.wait()
