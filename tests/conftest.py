@@ -85,7 +85,13 @@ def _with_database(dsn: str, name: str) -> str:
 async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
     """A Config for a migrated test database, with intervals short enough that tests finish fast."""
     admin, redis_url = service_urls
-    dsn = _with_database(admin, f"outlast_test_{worker_id}")
+    name = f"outlast_test_{worker_id}"
+    dsn = _with_database(admin, name)
+    conn = await asyncpg.connect(_with_database(admin, "postgres"))
+    try:  # a fresh database each run: the schema is exactly what migrations/ builds today
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
     await create_database(dsn)
     await migrate(dsn)
     index = 1 + int(worker_id.removeprefix("gw") or 0)
@@ -122,11 +128,11 @@ async def client(config: Config, deps: Deps) -> AsyncIterator[httpx.AsyncClient]
 
 
 @pytest.fixture
-def drain(config: Config, deps: Deps) -> Callable[[], Awaitable[None]]:
-    """Run an in-process burst worker until the queue is empty, deferred retries included."""
+def make_worker(config: Config, deps: Deps) -> Callable[[], Worker]:
+    """An in-process arq worker in burst mode (it returns once the queue is empty, deferred retries included)."""
 
-    async def drain() -> None:
-        worker = Worker(
+    def make() -> Worker:
+        return Worker(
             functions=[run_job],
             queue_name=QUEUE,
             redis_settings=redis_settings(config),
@@ -136,16 +142,31 @@ def drain(config: Config, deps: Deps) -> Callable[[], Awaitable[None]]:
             max_jobs=20,
             keep_result=0,
             max_tries=1_000,
+            retry_jobs=False,
+            allow_abort_jobs=True,
             job_serializer=serialize,
             job_deserializer=deserialize,
             ctx={"deps": deps, "runtime": Runtime(job_types=load(config.job_modules))},
         )
-        try:
-            await worker.main()
-        finally:
-            await worker.close()
 
     assert run_job.__name__ == RUN_JOB
+    return make
+
+
+async def run_burst(worker: Worker) -> None:
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+
+
+@pytest.fixture
+def drain(make_worker: Callable[[], Worker]) -> Callable[[], Awaitable[None]]:
+    """Run an in-process burst worker until the queue is empty."""
+
+    async def drain() -> None:
+        await run_burst(make_worker())
+
     return drain
 
 

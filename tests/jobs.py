@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 
 from worker import Context, JobError, JobType
@@ -23,7 +25,17 @@ async def unencodable(input: Nothing, ctx: Context) -> object:
     return object()
 
 
+class Seconds(msgspec.Struct, forbid_unknown_fields=True):
+    seconds: float = 60.0
+
+
+async def sleep_once(input: Seconds, ctx: Context) -> float:
+    await asyncio.sleep(input.seconds)
+    return input.seconds
+
+
 JOB_TYPES = (
+    JobType("sleep_once", Seconds, sleep_once, retry_safe=False, timeout_s=600),
     JobType("explode", Nothing, explode, timeout_s=10),
     JobType("refuse", Nothing, refuse, timeout_s=10),
     JobType("unencodable", Nothing, unencodable, timeout_s=10),

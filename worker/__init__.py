@@ -19,7 +19,7 @@ from worker.job import (
     Status,
 )
 from worker.job_types import load as load_job_types
-from worker.queue import Deps, connect, enqueue
+from worker.queue import Deps, connect, enqueue, request_abort
 
 __all__ = [
     "LIVE",
@@ -39,5 +39,6 @@ __all__ = [
     "enqueue",
     "from_env",
     "load_job_types",
+    "request_abort",
     "store",
 ]
