@@ -55,17 +55,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def service_urls(worker_id: str) -> Iterator[tuple[str, str]]:
-    """(admin DSN of a PostgreSQL server, Redis URL): from the environment, or embedded ones we start."""
+def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(admin DSN of a PostgreSQL server, Redis URL): from the environment, or embedded ones of this session's
+    own (two test runs in one checkout must not share a data directory)."""
     database_url, redis_url = os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
     with contextlib.ExitStack() as stack:
         if not database_url or not redis_url:
             from worker.embedded import EmbeddedPostgres, EmbeddedValkey
 
-            data = ROOT / ".outlast" / f"test-{worker_id}"
-            data.mkdir(parents=True, exist_ok=True)
+            data = tmp_path_factory.mktemp("services")
         if not database_url:
-            database_url = stack.enter_context(EmbeddedPostgres(data / "postgres", port=free_port())).dsn()
+            postgres = EmbeddedPostgres(data / "postgres", port=free_port())
+            stack.callback(postgres.remove_data)  # also removes a copy kept outside an unreachable tmp dir
+            database_url = postgres.start()
         if not redis_url:
             redis_url = stack.enter_context(EmbeddedValkey(data / "valkey", port=free_port())).url()
         yield database_url, redis_url
