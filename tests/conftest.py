@@ -208,7 +208,8 @@ class Processes:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.web: subprocess.Popen[bytes] | None = None
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None  # the first worker started
+        self.workers: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
@@ -219,8 +220,16 @@ class Processes:
         argv += ["--port", str(self.port), "--loop", "uvloop", "--http", "httptools"]
         self.web = self._spawn("web", argv)
 
-    def start_worker(self) -> None:
-        self.worker = self._spawn("worker", [sys.executable, "-m", "arq", "worker.settings.WorkerSettings"])
+    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        """A worker whose health key and log are named `name`."""
+        argv = [sys.executable, "-m", "arq", "worker.settings.WorkerSettings"]
+        with (self.logs / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                argv, env={**self.env, "OUTLAST_WORKER_NAME": name}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.workers.append(proc)
+        self.worker = self.worker or proc
+        return proc
 
     async def ready(self) -> None:
         async with httpx.AsyncClient(base_url=self.url) as client:
@@ -234,10 +243,11 @@ class Processes:
             await eventually(up, within=30)
 
     def stop(self) -> None:
-        for proc in (self.web, self.worker):
+        for proc in (self.web, *self.workers):
             if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a stopped process can't act on SIGTERM
                 proc.send_signal(signal.SIGTERM)
-        for proc in (self.web, self.worker):
+        for proc in (self.web, *self.workers):
             if proc is not None:
                 try:
                     proc.wait(15)
