@@ -178,6 +178,19 @@ async def job_row(deps: Deps, job_id: UUID | str) -> dict[str, Any]:
     return dict(record._mapping)
 
 
+async def wait_ready(url: str, *, within: float = 30.0) -> None:
+    """Until `url`/readyz answers 200: the web process is up and reaches both stores."""
+    async with httpx.AsyncClient(base_url=url) as client:
+
+        async def ready() -> bool | None:
+            try:
+                return (await client.get("/readyz")).status_code == 200 or None
+            except httpx.TransportError:
+                return None
+
+        await eventually(ready, within=within)
+
+
 # -- real processes ----------------------------------------------------------------------------------
 
 
@@ -232,15 +245,7 @@ class Processes:
         return proc
 
     async def ready(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url) as client:
-
-            async def up() -> bool | None:
-                try:
-                    return (await client.get("/healthz")).status_code == 200 or None
-                except httpx.TransportError:
-                    return None
-
-            await eventually(up, within=30)
+        await wait_ready(self.url)
 
     def stop(self) -> None:
         for proc in (self.web, *self.workers):

@@ -14,7 +14,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.conftest import ROOT, Processes, eventually, free_port, process_env, wait_done
+from tests.conftest import ROOT, Processes, eventually, free_port, process_env, wait_done, wait_ready
 from worker import Config, Deps, connect
 from worker.migrate import create_database, migrate
 
@@ -165,15 +165,8 @@ async def test_procfile_runs_with_only_database_url_redis_url_and_port(
     web = spawn_shell(commands["web"], env, tmp_path / "web.log")
     worker = spawn_shell(commands["worker"], env, tmp_path / "worker.log")
     try:
+        await wait_ready(f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-
-            async def up() -> bool | None:
-                try:
-                    return (await client.get("/readyz")).status_code == 200 or None
-                except httpx.TransportError:
-                    return None
-
-            await eventually(up, within=30)
             submitted = await client.post("/v1/jobs", json={"type": "cube_sum", "input": {"data": [1, 2]}})
             assert (await wait_done(client, submitted.json()["id"]))["result"] == 9
     finally:

@@ -166,9 +166,9 @@ async def test_many_jobs_each_run_exactly_once(client: httpx.AsyncClient, deps: 
 async def test_a_long_input_is_summed_in_a_process_pool_with_the_same_answer(
     client: httpx.AsyncClient, drain: Drain
 ) -> None:
-    from worker.job_types import square_sum
+    from worker.job_types import sums
 
-    data = list(range(-square_sum.OFF_LOOP_ABOVE, square_sum.OFF_LOOP_ABOVE))
+    data = list(range(-sums.OFF_LOOP_ABOVE, sums.OFF_LOOP_ABOVE))
     job_id = await submit(client, "square_sum", {"data": data})
     cube_id = await submit(client, "cube_sum", {"data": data[:50_000]})
     await drain()

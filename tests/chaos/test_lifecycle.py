@@ -13,8 +13,8 @@ import pytest
 from databases import Database
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
-from uuid_utils.compat import uuid7
 
+from tests.test_store import new_job
 from worker import TERMINAL, Config, Error, Progress, store
 
 T = TypeVar("T")
@@ -51,22 +51,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(target=jobs, retry_safe=st.booleans(), max_attempts=st.integers(1, 3))
     def submit(self, retry_safe: bool, max_attempts: int) -> UUID:
-        row = self.run(
-            store.insert_job(
-                self.db,
-                job_id=uuid7(),
-                tenant="default",
-                type="square_sum",
-                input=b'{"data": [1]}',
-                max_attempts=max_attempts,
-                timeout_s=60,
-                retry_safe=retry_safe,
-                callback_url=None,
-                metadata=b"{}",
-                ttl_s=3600,
-            )
-        )
-        return row.id
+        return self.run(new_job(self.db, retry_safe=retry_safe, max_attempts=max_attempts))
 
     def attempt_of(self, job_id: UUID) -> int:
         return int(self.run(self.db.fetch_val("SELECT attempt FROM jobs WHERE id = :id", {"id": job_id})))
