@@ -22,6 +22,8 @@ CREATE TABLE jobs (
         )),
     input               jsonb NOT NULL,
     attempt             integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),  -- attempts started; the fencing token
+    interrupted         integer NOT NULL DEFAULT 0 CHECK (interrupted BETWEEN 0 AND attempt),
+                                                    -- attempts a graceful shutdown handed back: not counted
     max_attempts        integer NOT NULL CHECK (max_attempts BETWEEN 1 AND 100),
     timeout_s           integer NOT NULL CHECK (timeout_s > 0),
     retry_safe          boolean NOT NULL,           -- may run again after a crash (copied from the type)

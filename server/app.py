@@ -31,6 +31,7 @@ def create_app(config: Config | None = None) -> Starlette:
             Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
             Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
+            Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),
             Route("/v1/jobs/{id}/deliveries", deliveries.list_deliveries, methods=["GET"]),
             Route("/v1/jobs/{id}/deliveries/redeliver", deliveries.redeliver, methods=["POST"]),
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from uuid_utils.compat import uuid7
 
 from server.problems import (
+    Conflict,
     FieldError,
     Gone,
     InvalidBody,
@@ -28,7 +29,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import MsgspecResponse
-from worker import Deps, Forbidden, Job, JobType, Status, enqueue, store
+from worker import Deps, Forbidden, Job, JobType, Status, enqueue, request_abort, store
 
 TENANT = "default"  # one tenant until API keys land
 MAX_WAIT_S = 60
@@ -215,6 +216,20 @@ async def show(request: Request) -> Response:
     if wait:
         headers["Preference-Applied"] = f"wait={wait}"
     return MsgspecResponse(row.to_job(), headers=headers)
+
+
+async def cancel(request: Request) -> Response:
+    """Queued: cancelled at once. Running: its task is interrupted (arq abort, and the heartbeat as a fallback)
+    and the job ends `cancelled`, unless it finishes first. Done: 409."""
+    deps = _deps(request)
+    job_id = _job_id(request)
+    row = await store.request_cancel(deps.db, TENANT, job_id)
+    if row is None:
+        done = await _get(request)  # 404 when unknown
+        raise Conflict(f"the job is already {done.status}")
+    if row.status == "running":
+        await request_abort(deps.redis, row.id, row.attempt)
+    return MsgspecResponse(row.to_job(), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 
 async def result(request: Request) -> Response:

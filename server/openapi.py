@@ -106,6 +106,18 @@ def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
                 },
             }
         },
+        "/v1/jobs/{id}/cancel": {
+            "post": {
+                "operationId": "cancelJob",
+                "summary": "Cancel: a queued job at once, a running one as soon as its task is interrupted",
+                "parameters": [_ID],
+                "responses": {
+                    "202": {"description": "cancelled, or cancel requested", "content": _json("Job")},
+                    "404": _problem("unknown or malformed id"),
+                    "409": _problem("already done"),
+                },
+            }
+        },
         "/v1/job-types": {
             "get": {
                 "operationId": "listJobTypes",

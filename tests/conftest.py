@@ -56,17 +56,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def service_urls(worker_id: str) -> Iterator[tuple[str, str]]:
-    """(admin DSN of a PostgreSQL server, Redis URL): from the environment, or embedded ones we start."""
+def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(admin DSN of a PostgreSQL server, Redis URL): from the environment, or embedded ones of this session's
+    own (two test runs in one checkout must not share a data directory)."""
     database_url, redis_url = os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
     with contextlib.ExitStack() as stack:
         if not database_url or not redis_url:
             from worker.embedded import EmbeddedPostgres, EmbeddedValkey
 
-            data = ROOT / ".outlast" / f"test-{worker_id}"
-            data.mkdir(parents=True, exist_ok=True)
+            data = tmp_path_factory.mktemp("services")
         if not database_url:
-            database_url = stack.enter_context(EmbeddedPostgres(data / "postgres", port=free_port())).dsn()
+            postgres = EmbeddedPostgres(data / "postgres", port=free_port())
+            stack.callback(postgres.remove_data)  # also removes a copy kept outside an unreachable tmp dir
+            database_url = postgres.start()
         if not redis_url:
             redis_url = stack.enter_context(EmbeddedValkey(data / "valkey", port=free_port())).url()
         yield database_url, redis_url
@@ -86,7 +88,13 @@ def _with_database(dsn: str, name: str) -> str:
 async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
     """A Config for a migrated test database, with intervals short enough that tests finish fast."""
     admin, redis_url = service_urls
-    dsn = _with_database(admin, f"outlast_test_{worker_id}")
+    name = f"outlast_test_{worker_id}"
+    dsn = _with_database(admin, name)
+    conn = await asyncpg.connect(_with_database(admin, "postgres"))
+    try:  # a fresh database each run: the schema is exactly what migrations/ builds today
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
     await create_database(dsn)
     await migrate(dsn)
     index = 1 + int(worker_id.removeprefix("gw") or 0)
@@ -123,11 +131,11 @@ async def client(config: Config, deps: Deps) -> AsyncIterator[httpx.AsyncClient]
 
 
 @pytest.fixture
-def drain(config: Config, deps: Deps) -> Callable[[], Awaitable[None]]:
-    """Run an in-process burst worker until the queue is empty, deferred retries included."""
+def make_worker(config: Config, deps: Deps) -> Callable[[], Worker]:
+    """An in-process arq worker in burst mode (it returns once the queue is empty, deferred retries included)."""
 
-    async def drain() -> None:
-        worker = Worker(
+    def make() -> Worker:
+        return Worker(
             functions=[run_job],
             queue_name=QUEUE,
             redis_settings=redis_settings(config),
@@ -137,16 +145,31 @@ def drain(config: Config, deps: Deps) -> Callable[[], Awaitable[None]]:
             max_jobs=20,
             keep_result=0,
             max_tries=1_000,
+            retry_jobs=False,
+            allow_abort_jobs=True,
             job_serializer=serialize,
             job_deserializer=deserialize,
             ctx={"deps": deps, "runtime": Runtime(job_types=load(config.job_modules))},
         )
-        try:
-            await worker.main()
-        finally:
-            await worker.close()
 
     assert run_job.__name__ == RUN_JOB
+    return make
+
+
+async def run_burst(worker: Worker) -> None:
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+
+
+@pytest.fixture
+def drain(make_worker: Callable[[], Worker]) -> Callable[[], Awaitable[None]]:
+    """Run an in-process burst worker until the queue is empty."""
+
+    async def drain() -> None:
+        await run_burst(make_worker())
+
     return drain
 
 
@@ -154,6 +177,19 @@ async def job_row(deps: Deps, job_id: UUID | str) -> dict[str, Any]:
     record = await deps.db.fetch_one("SELECT * FROM jobs WHERE id = :id", {"id": UUID(str(job_id))})
     assert record is not None
     return dict(record._mapping)
+
+
+async def wait_ready(url: str, *, within: float = 30.0) -> None:
+    """Until `url`/readyz answers 200: the web process is up and reaches both stores."""
+    async with httpx.AsyncClient(base_url=url) as client:
+
+        async def ready() -> bool | None:
+            try:
+                return (await client.get("/readyz")).status_code == 200 or None
+            except httpx.TransportError:
+                return None
+
+        await eventually(ready, within=within)
 
 
 # -- real processes ----------------------------------------------------------------------------------
@@ -186,7 +222,8 @@ class Processes:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.web: subprocess.Popen[bytes] | None = None
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None  # the first worker started
+        self.workers: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
@@ -197,25 +234,26 @@ class Processes:
         argv += ["--port", str(self.port), "--loop", "uvloop", "--http", "httptools"]
         self.web = self._spawn("web", argv)
 
-    def start_worker(self) -> None:
-        self.worker = self._spawn("worker", [sys.executable, "-m", "arq", "worker.settings.WorkerSettings"])
+    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        """A worker whose health key and log are named `name`."""
+        argv = [sys.executable, "-m", "arq", "worker.settings.WorkerSettings"]
+        with (self.logs / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                argv, env={**self.env, "OUTLAST_WORKER_NAME": name}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.workers.append(proc)
+        self.worker = self.worker or proc
+        return proc
 
     async def ready(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url) as client:
-
-            async def up() -> bool | None:
-                try:
-                    return (await client.get("/healthz")).status_code == 200 or None
-                except httpx.TransportError:
-                    return None
-
-            await eventually(up, within=30)
+        await wait_ready(self.url)
 
     def stop(self) -> None:
-        for proc in (self.web, self.worker):
+        for proc in (self.web, *self.workers):
             if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a stopped process can't act on SIGTERM
                 proc.send_signal(signal.SIGTERM)
-        for proc in (self.web, self.worker):
+        for proc in (self.web, *self.workers):
             if proc is not None:
                 try:
                     proc.wait(15)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import msgspec
 
 from worker import Context, JobError, JobType
@@ -23,7 +26,25 @@ async def unencodable(input: Nothing, ctx: Context) -> object:
     return object()
 
 
+class Seconds(msgspec.Struct, forbid_unknown_fields=True):
+    seconds: float = 60.0
+
+
+async def sleep_once(input: Seconds, ctx: Context) -> float:
+    await asyncio.sleep(input.seconds)
+    return input.seconds
+
+
+async def block_first(input: Seconds, ctx: Context) -> int:
+    """Blocks the event loop on its first attempt: no heartbeat can run meanwhile."""
+    if ctx.attempt == 1:
+        time.sleep(input.seconds)  # noqa: ASYNC251 - blocking the loop is the point
+    return ctx.attempt
+
+
 JOB_TYPES = (
+    JobType("block_first", Seconds, block_first, timeout_s=600),
+    JobType("sleep_once", Seconds, sleep_once, retry_safe=False, timeout_s=600),
     JobType("explode", Nothing, explode, timeout_s=10),
     JobType("refuse", Nothing, refuse, timeout_s=10),
     JobType("unencodable", Nothing, unencodable, timeout_s=10),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import get_args
 
@@ -11,15 +12,19 @@ from worker import Config, Status
 from worker.migrate import MIGRATIONS, create_database, migrate
 
 
-async def test_migrations_apply_to_an_empty_database_and_a_second_run_applies_nothing(config: Config) -> None:
+async def empty_database(config: Config, name: str) -> str:
     base = config.database_url.rpartition("/")[0]
-    dsn = f"{base}/outlast_migrate_test"
     admin = await asyncpg.connect(f"{base}/postgres")
     try:
-        await admin.execute("DROP DATABASE IF EXISTS outlast_migrate_test WITH (FORCE)")
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
-    await create_database(dsn)
+    await create_database(f"{base}/{name}")
+    return f"{base}/{name}"
+
+
+async def test_migrations_apply_to_an_empty_database_and_a_second_run_applies_nothing(config: Config) -> None:
+    dsn = await empty_database(config, "outlast_migrate_test")
     assert await migrate(dsn) == sorted(p.name for p in MIGRATIONS.glob("*.sql"))
     assert await migrate(dsn) == []
     conn = await asyncpg.connect(dsn)
@@ -42,16 +47,7 @@ async def test_status_literal_matches_the_check_constraint(pg_connection: asyncp
 
 
 async def test_concurrent_release_runs_apply_each_migration_once(config: Config) -> None:
-    import asyncio
-
-    base = config.database_url.rpartition("/")[0]
-    dsn = f"{base}/outlast_migrate_race"
-    admin = await asyncpg.connect(f"{base}/postgres")
-    try:
-        await admin.execute("DROP DATABASE IF EXISTS outlast_migrate_race WITH (FORCE)")
-    finally:
-        await admin.close()
-    await create_database(dsn)
+    dsn = await empty_database(config, "outlast_migrate_race")
     runs = await asyncio.gather(*(migrate(dsn) for _ in range(4)))
     applied = [name for run in runs for name in run]
     assert sorted(applied) == sorted(p.name for p in MIGRATIONS.glob("*.sql"))

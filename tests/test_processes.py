@@ -14,7 +14,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.conftest import ROOT, Processes, eventually, free_port, process_env, wait_done
+from tests.conftest import ROOT, Processes, eventually, free_port, process_env, wait_done, wait_ready
 from worker import Config, Deps, connect
 from worker.migrate import create_database, migrate
 
@@ -51,7 +51,9 @@ async def test_jobs_queued_before_redis_lost_everything_all_finish(config: Confi
         procs.stop()
 
 
-def _arq_check(env: dict[str, str]) -> int:
+def _arq_check(env: dict[str, str], name: str = "worker") -> int:
+    """`arq --check` as run beside the worker named `name` (its health key is per instance)."""
+    env = env | {"OUTLAST_WORKER_NAME": name}
     argv = [sys.executable, "-m", "arq", "--check", "worker.settings.WorkerSettings"]
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, timeout=30, check=False).returncode
 
@@ -163,15 +165,8 @@ async def test_procfile_runs_with_only_database_url_redis_url_and_port(
     web = spawn_shell(commands["web"], env, tmp_path / "web.log")
     worker = spawn_shell(commands["worker"], env, tmp_path / "worker.log")
     try:
+        await wait_ready(f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-
-            async def up() -> bool | None:
-                try:
-                    return (await client.get("/readyz")).status_code == 200 or None
-                except httpx.TransportError:
-                    return None
-
-            await eventually(up, within=30)
             submitted = await client.post("/v1/jobs", json={"type": "cube_sum", "input": {"data": [1, 2]}})
             assert (await wait_done(client, submitted.json()["id"]))["result"] == 9
     finally:
@@ -189,3 +184,47 @@ async def test_outlast_submit_wait_shows_progress_and_prints_the_finished_job(pr
     job = msgspec.json.decode(done.stdout)
     assert job["status"] == "succeeded" and job["result"] == {"slept_s": 1.0, "steps": 4}
     assert b"100.0%" in done.stderr and b"step 4 of 4" in done.stderr
+
+
+async def test_a_job_blocking_the_event_loop_turns_arq_check_red_and_is_rescued_elsewhere(
+    processes: Processes, deps: Deps
+) -> None:
+    async with httpx.AsyncClient(base_url=processes.url) as client:
+        submitted = await client.post("/v1/jobs", json={"type": "block_first", "input": {"seconds": 12}})
+        job_id = submitted.json()["id"]
+
+        async def blocked_owner() -> str | None:
+            row = await deps.db.fetch_one(
+                "SELECT lease_owner FROM jobs WHERE id = CAST(:id AS uuid) AND status = 'running'", {"id": job_id}
+            )
+            return None if row is None else str(row["lease_owner"])
+
+        owner = await eventually(blocked_owner)
+        assert processes.worker is not None and owner.endswith(f":{processes.worker.pid}")
+        processes.start_worker("rescuer")  # the blocked worker can't sweep: another one must
+
+        async def red() -> bool | None:
+            return await asyncio.to_thread(_arq_check, processes.env, "worker") != 0 or None
+
+        await eventually(red, within=8)  # while its loop is blocked, its health key goes stale
+        job = await wait_done(client, job_id, within=30)
+        assert job["status"] == "succeeded" and job["result"] == 2  # rescued after the lease, run by the rescuer
+    terminal = await deps.db.fetch_val(
+        "SELECT count(*) FROM job_events WHERE job_id = CAST(:id AS uuid) AND data->>'status' = 'succeeded'",
+        {"id": job_id},
+    )
+    assert terminal == 1  # the blocked attempt, once awake, changed nothing
+
+
+async def test_a_siblings_graceful_stop_does_not_make_a_healthy_worker_look_dead(processes: Processes) -> None:
+    sibling = processes.start_worker("sibling")
+
+    async def both_green() -> bool | None:
+        checks = [await asyncio.to_thread(_arq_check, processes.env, name) for name in ("worker", "sibling")]
+        return checks == [0, 0] or None
+
+    await eventually(both_green, within=15)
+    sibling.send_signal(signal.SIGTERM)  # arq deletes the stopping worker's health key: only its own
+    await asyncio.to_thread(sibling.wait, 30)
+    assert await asyncio.to_thread(_arq_check, processes.env, "sibling") != 0
+    assert await asyncio.to_thread(_arq_check, processes.env, "worker") == 0

@@ -6,6 +6,7 @@ import asyncio
 from uuid import UUID
 
 import msgspec
+from databases import Database
 from uuid_utils.compat import uuid7
 
 from tests.conftest import job_row
@@ -14,9 +15,9 @@ from worker import Deps, Error, store
 OWNER = "test-owner"
 
 
-async def new_job(deps: Deps, *, retry_safe: bool = True, max_attempts: int = 3, ttl_s: float = 3600) -> UUID:
+async def new_job(db: Database, *, retry_safe: bool = True, max_attempts: int = 3, ttl_s: float = 3600) -> UUID:
     row = await store.insert_job(
-        deps.db,
+        db,
         job_id=uuid7(),
         tenant="default",
         type="square_sum",
@@ -39,7 +40,7 @@ async def events(deps: Deps, job_id: UUID) -> list[tuple[int, str, dict[str, obj
 
 
 async def test_claim_starts_the_next_attempt_once(deps: Deps) -> None:
-    job_id = await new_job(deps)
+    job_id = await new_job(deps.db)
     claimed = await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
     assert claimed is not None and claimed.attempt == 1
     assert await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30) is None  # duplicate delivery
@@ -48,7 +49,7 @@ async def test_claim_starts_the_next_attempt_once(deps: Deps) -> None:
 
 
 async def test_terminal_job_never_changes_status(deps: Deps) -> None:
-    job_id = await new_job(deps)
+    job_id = await new_job(deps.db)
     await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
     assert await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
     for to in ("failed", "cancelled", "expired", "queued", "succeeded"):
@@ -60,7 +61,7 @@ async def test_terminal_job_never_changes_status(deps: Deps) -> None:
 
 
 async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
-    job_id = await new_job(deps)
+    job_id = await new_job(deps.db)
     await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
     # The lease ran out and the sweep gave the job a new attempt.
     await deps.db.execute(
@@ -76,9 +77,9 @@ async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
 
 async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps) -> None:
     safe, unsafe, exhausted = (
-        await new_job(deps),
-        await new_job(deps, retry_safe=False),
-        await new_job(deps, max_attempts=1),
+        await new_job(deps.db),
+        await new_job(deps.db, retry_safe=False),
+        await new_job(deps.db, max_attempts=1),
     )
     for job_id in (safe, unsafe, exhausted):
         await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
@@ -92,7 +93,7 @@ async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps)
 
 
 async def test_expiry_and_a_finish_at_the_same_moment_end_in_exactly_one_terminal_state(deps: Deps) -> None:
-    ids = [await new_job(deps) for _ in range(40)]
+    ids = [await new_job(deps.db) for _ in range(40)]
     for job_id in ids:
         await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
     await deps.db.execute("UPDATE jobs SET expires_at = now()")
@@ -117,7 +118,7 @@ async def test_expiry_and_a_finish_at_the_same_moment_end_in_exactly_one_termina
 async def test_every_change_appends_an_event_with_the_next_seq(deps: Deps) -> None:
     from worker import Progress
 
-    job_id = await new_job(deps)
+    job_id = await new_job(deps.db)
     await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
     await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
     await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=None)  # a bare heartbeat logs nothing
@@ -141,7 +142,7 @@ async def test_every_change_appends_an_event_with_the_next_seq(deps: Deps) -> No
 
 
 async def test_take_due_skips_rows_another_pass_holds(deps: Deps) -> None:
-    ids = {await new_job(deps) for _ in range(6)}
+    ids = {await new_job(deps.db) for _ in range(6)}
     await deps.db.execute("UPDATE jobs SET dispatched_at = NULL")
     first, second = await asyncio.gather(
         store.take_due(deps.db, batch=3, redispatch_after_s=60), store.take_due(deps.db, batch=3, redispatch_after_s=60)

@@ -161,3 +161,16 @@ async def test_many_jobs_each_run_exactly_once(client: httpx.AsyncClient, deps: 
     jobs = [(await client.get(f"/v1/jobs/{job_id}")).json() for job_id in ids]
     assert [j["result"] for j in jobs] == [i * i + 1 for i in range(count)]
     assert all(j["attempt"] == 1 for j in jobs)
+
+
+async def test_a_long_input_is_summed_in_a_process_pool_with_the_same_answer(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    from worker.job_types import sums
+
+    data = list(range(-sums.OFF_LOOP_ABOVE, sums.OFF_LOOP_ABOVE))
+    job_id = await submit(client, "square_sum", {"data": data})
+    cube_id = await submit(client, "cube_sum", {"data": data[:50_000]})
+    await drain()
+    assert (await client.get(f"/v1/jobs/{job_id}")).json()["result"] == sum(x * x for x in data)
+    assert (await client.get(f"/v1/jobs/{cube_id}")).json()["result"] == sum(x**3 for x in data[:50_000])

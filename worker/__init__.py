@@ -19,7 +19,7 @@ from worker.job import (
     Status,
 )
 from worker.job_types import load as load_job_types
-from worker.queue import Deps, connect, enqueue
+from worker.queue import Deps, connect, enqueue, request_abort
 from worker.ssrf import Forbidden, Guard
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "enqueue",
     "from_env",
     "load_job_types",
+    "request_abort",
     "store",
     "webhook_store",
 ]

@@ -46,6 +46,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     worker_max_jobs: Annotated[int, msgspec.Meta(ge=1)] = 100
     worker_poll_delay_s: Seconds = 0.05
     worker_health_check_interval_s: Annotated[int, msgspec.Meta(ge=1)] = 5
+    # Names this worker's health key, so `arq --check` checks this instance, not any sibling. Empty: the
+    # platform's instance name (DYNO, FLY_MACHINE_ID, RENDER_INSTANCE_ID) or the host name.
+    worker_name: str = ""
+    shutdown_grace_s: Annotated[int, msgspec.Meta(ge=0)] = 25  # under Heroku's 30 s between SIGTERM and SIGKILL
+    redis_outage_s: Seconds = 60.0  # the worker rides out a Redis outage this long, then exits non-zero
     db_pool_min: Annotated[int, msgspec.Meta(ge=0)] = 1
     db_pool_max: Annotated[int, msgspec.Meta(ge=1)] = 10
     db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly

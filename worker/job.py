@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
+import os
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 from uuid import UUID
 
 import msgspec
+
+T = TypeVar("T")
 
 # The six words of the API, unchanged in SQL, Python, JSON and metric labels.
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
@@ -93,6 +98,21 @@ class RetryableError(JobError):
 
     type = "retryable_error"
     retryable = True
+
+
+_pool: ProcessPoolExecutor | None = None
+
+
+async def in_process_pool(fn: Callable[..., T], *args: Any) -> T:
+    """Run CPU-heavy pure-Python work in a process pool, so the event loop keeps heartbeating meanwhile.
+
+    `asyncio.to_thread` is not enough: the GIL would still starve the loop. `fn` and its arguments must pickle.
+    """
+    global _pool
+    if _pool is None:
+        # forkserver, not fork: forking a process that runs threads and an event loop is unsafe.
+        _pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=mp.get_context("forkserver"))
+    return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from uuid import UUID
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import abort_jobs_ss
 from databases import Database
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
@@ -94,6 +96,18 @@ async def enqueue(redis: ArqRedis, job_id: UUID, attempt: int, *, delay_s: float
     text = message(job_id, attempt)
     try:
         await redis.enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s or None)
+    except (RedisError, OSError):
+        return False
+    return True
+
+
+async def request_abort(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
+    """Ask the worker running attempt `attempt` to cancel its task now, rather than at its next heartbeat.
+
+    The running attempt was started by message `attempt - 1` (a claim moves attempt n to n + 1).
+    """
+    try:
+        await redis.zadd(abort_jobs_ss, {message(job_id, attempt - 1): time.time() * 1000})
     except (RedisError, OSError):
         return False
     return True

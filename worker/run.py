@@ -24,6 +24,7 @@ log = logging.getLogger("outlast.worker")
 T = TypeVar("T")
 _encode = msgspec.json.Encoder().encode
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
+CANCELLED = Error("cancelled", "cancelled on request", False)
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,14 @@ async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any
     except TimeoutError:
         await _failed(deps, claimed, Error("timeout", f"the job ran past its timeout_s of {claimed.timeout_s}", True))
     except asyncio.CancelledError:
-        if state.stopped is None:
-            raise  # the worker itself is stopping; the lease decides what happens to the job
+        if state.stopped == "superseded":
+            return  # a newer attempt owns the row: this one writes nothing
         if state.stopped == "cancelled":
-            await _end(deps, claimed, "cancelled", error=Error("cancelled", "cancelled on request", False))
-        # superseded: a newer attempt owns the row, so this one writes nothing
+            await _end(deps, claimed, "cancelled", error=CANCELLED)
+            return
+        # arq cancelled us: a cancel request (arq abort) or the worker's shutdown after its grace period.
+        await asyncio.shield(_stopped_from_outside(deps, claimed))
+        raise
     except JobError as exc:
         await _failed(deps, claimed, Error(exc.type, str(exc), exc.retryable))
     except Exception as exc:
@@ -125,13 +129,26 @@ async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any
         beat.cancel()
 
 
+async def _stopped_from_outside(deps: Deps, claimed: store.Claimed) -> None:
+    async def stop() -> None:
+        if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
+            await store.finish(deps.db, claimed.id, claimed.attempt, "cancelled", error=CANCELLED)
+            return
+        outcome = await store.interrupt(deps.db, claimed.id, claimed.attempt)
+        log.warning("job %s attempt %d interrupted by shutdown: now %s", claimed.id, claimed.attempt, outcome)
+        if outcome == "queued":
+            await enqueue(deps.redis, claimed.id, claimed.attempt)
+
+    await persist(stop, what=f"stop {claimed.id}", give_up_after_s=10)
+
+
 async def _failed(deps: Deps, claimed: store.Claimed, error: Error) -> None:
     """A failed attempt: retry later while attempts remain and the error allows it, else end `failed`."""
     config = deps.config
-    if not (error.retryable and claimed.attempt < claimed.max_attempts):
+    if not (error.retryable and claimed.attempts_left):
         await _end(deps, claimed, "failed", error=error)
         return
-    delay = backoff(claimed.attempt, base=config.backoff_base_s, cap=config.backoff_cap_s)
+    delay = backoff(claimed.attempt - claimed.interrupted, base=config.backoff_base_s, cap=config.backoff_cap_s)
     moved = await persist(
         lambda: store.finish(deps.db, claimed.id, claimed.attempt, "queued", error=error, retry_in_s=delay),
         what=f"retry {claimed.id}",

@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
+from collections.abc import Mapping
 from typing import Any
 
 from arq import cron, func
+from arq.connections import RedisSettings
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import webhooks
 from worker.config import from_env
@@ -19,6 +27,22 @@ from worker.run import Runtime, run_job
 from worker.sweep import sweep
 
 config = from_env()  # arq imports this module by its dotted path: this is the worker's edge
+
+
+def instance_name(environ: Mapping[str, str] = os.environ) -> str:
+    for name in (config.worker_name, *(environ.get(v, "") for v in ("DYNO", "FLY_MACHINE_ID", "RENDER_INSTANCE_ID"))):
+        if name:
+            return name
+    return socket.gethostname()
+
+
+def _redis_settings() -> RedisSettings:
+    """Commands retry through a Redis outage of about `redis_outage_s`, so running jobs (which need only
+    PostgreSQL) finish instead of dying with the process; past it, arq raises and the worker exits non-zero."""
+    settings = redis_settings(config)
+    settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=max(1, int(config.redis_outage_s / 2)))
+    settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+    return settings
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -43,7 +67,8 @@ class WorkerSettings:
     on_startup = startup
     on_shutdown = shutdown
     queue_name = QUEUE
-    redis_settings = redis_settings(config)
+    redis_settings = _redis_settings()
+    health_check_key = f"{QUEUE}:health-check:{instance_name()}"  # per instance: a sibling's stop can't hide us
     max_jobs = config.worker_max_jobs
     poll_delay = config.worker_poll_delay_s  # the 0.5 s default is the floor of idle pickup latency
     health_check_interval = config.worker_health_check_interval_s  # the default says healthy an hour after kill -9
@@ -53,3 +78,6 @@ class WorkerSettings:
     job_deserializer = deserialize
     keep_result = 0  # results live in Postgres, not in arq:result:* keys
     max_tries = 1_000  # Postgres counts attempts, not arq
+    retry_jobs = False  # an interrupted attempt is handed back through Postgres, never re-run by arq
+    # SIGTERM: stop claiming, give running jobs this long, then cancel them (run.py hands them back).
+    job_completion_wait = config.shutdown_grace_s

@@ -193,6 +193,11 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int
     timeout_s: int
     retry_safe: bool
+    interrupted: int  # attempts handed back by a graceful shutdown: they don't count
+
+    @property
+    def attempts_left(self) -> bool:
+        return self.attempt - self.interrupted < self.max_attempts
 
 
 _CLAIM = f"""
@@ -205,7 +210,7 @@ WITH claimed AS (
            AND cancel_requested_at IS NULL
     RETURNING *
 ), event AS ({_status_event("claimed")})
-SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe FROM claimed
+SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted FROM claimed
 """
 
 
@@ -301,6 +306,67 @@ async def finish(
     return await db.fetch_one(_FINISH, values) is not None
 
 
+# -- cancel and shutdown ----------------------------------------------------------------------------
+
+_CANCELLED = _encode(Error("cancelled", "cancelled on request", False)).decode()
+_INTERRUPTED = _encode(Error("interrupted", "the worker shut down before the job finished", False)).decode()
+
+_REQUEST_CANCEL = f"""
+WITH moved AS (
+    UPDATE jobs
+       SET cancel_requested_at = COALESCE(cancel_requested_at, now()),
+           -- a queued job has no task to interrupt: it ends here
+           status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+           error = CASE WHEN status = 'queued' THEN CAST(:cancelled AS jsonb) ELSE error END,
+           finished_at = CASE WHEN status = 'queued' THEN now() END,
+           event_seq = event_seq + CASE WHEN status = 'queued' THEN 1 ELSE 0 END
+     WHERE id = :id AND tenant_id = :tenant AND status IN ('queued', 'running')
+    RETURNING *
+), event AS ({_status_event("moved WHERE status = 'cancelled'")})
+SELECT {_COLUMNS} FROM moved
+"""
+
+
+async def request_cancel(db: Database, tenant: str, job_id: UUID) -> JobRow | None:
+    """Cancel a queued job at once, or ask a running one to stop. None: unknown, or already done."""
+    record = await db.fetch_one(_REQUEST_CANCEL, {"id": job_id, "tenant": tenant, "cancelled": _CANCELLED})
+    return None if record is None else _row(record)
+
+
+_CANCEL_ASKED = """
+SELECT cancel_requested_at IS NOT NULL FROM jobs WHERE id = :id AND attempt = :attempt AND status = 'running'
+"""
+
+
+async def cancel_requested(db: Database, job_id: UUID, attempt: int) -> bool:
+    return bool(await db.fetch_val(_CANCEL_ASKED, {"id": job_id, "attempt": attempt}))
+
+
+_INTERRUPT = f"""
+WITH moved AS (
+    UPDATE jobs
+       SET status = CASE WHEN retry_safe THEN 'queued' ELSE 'failed' END,
+           interrupted = interrupted + CASE WHEN retry_safe THEN 1 ELSE 0 END,
+           error = CASE WHEN retry_safe THEN NULL ELSE CAST(:interrupted AS jsonb) END,
+           finished_at = CASE WHEN retry_safe THEN NULL ELSE now() END,
+           next_run_at = now(), dispatched_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
+           event_seq = event_seq + 1
+     WHERE id = :id AND attempt = :attempt AND status = 'running'
+    RETURNING *
+), event AS ({_status_event("moved")})
+SELECT status FROM moved
+"""
+
+
+async def interrupt(db: Database, job_id: UUID, attempt: int) -> Status | None:
+    """The worker is shutting down mid-attempt: hand a retry-safe job back without counting the attempt,
+    end any other `failed` with `interrupted`. None: the attempt was no longer current."""
+    status: Status | None = await db.fetch_val(
+        _INTERRUPT, {"id": job_id, "attempt": attempt, "interrupted": _INTERRUPTED}
+    )
+    return status
+
+
 # -- the sweep --------------------------------------------------------------------------------------
 
 _WORKER_LOST = _encode(Error("worker_lost", "the worker running this job stopped responding", False)).decode()
@@ -308,17 +374,17 @@ _EXPIRED = _encode(Error("expired", "the job did not finish before its expires_a
 
 _RESCUE = f"""
 WITH lost AS (
-    SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < now()
+    -- a crash counts as an attempt, so a job that kills its worker can't loop forever
+    SELECT id, retry_safe AND attempt - interrupted < max_attempts AS again
+      FROM jobs WHERE status = 'running' AND lease_expires_at < now()
      ORDER BY lease_expires_at LIMIT :batch FOR UPDATE SKIP LOCKED
 ), moved AS (
     UPDATE jobs j
-       SET status = CASE WHEN j.retry_safe AND j.attempt < j.max_attempts THEN 'queued' ELSE 'failed' END,
-           error = CASE WHEN j.retry_safe AND j.attempt < j.max_attempts THEN NULL
-                        ELSE CAST(:worker_lost AS jsonb) END,
-           finished_at = CASE WHEN j.retry_safe AND j.attempt < j.max_attempts THEN NULL ELSE now() END,
-           -- a crash counts as an attempt, so a job that kills its worker can't loop forever
+       SET status = CASE WHEN lost.again THEN 'queued' ELSE 'failed' END,
+           error = CASE WHEN lost.again THEN NULL ELSE CAST(:worker_lost AS jsonb) END,
+           finished_at = CASE WHEN lost.again THEN NULL ELSE now() END,
            next_run_at = now() + make_interval(
-               secs => random() * least(:cap, :base * power(2, greatest(j.attempt - 1, 0)))),
+               secs => random() * least(:cap, :base * power(2, greatest(j.attempt - j.interrupted - 1, 0)))),
            dispatched_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
            event_seq = j.event_seq + 1
       FROM lost WHERE j.id = lost.id

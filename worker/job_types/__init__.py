@@ -6,9 +6,9 @@ import importlib
 from collections.abc import Mapping
 
 from worker.job import JobType
-from worker.job_types import cube_sum, flaky, sleep, square_sum
+from worker.job_types import flaky, sleep, sums
 
-BUILT_IN: tuple[JobType, ...] = (square_sum.JOB_TYPE, cube_sum.JOB_TYPE, sleep.JOB_TYPE, flaky.JOB_TYPE)
+BUILT_IN: tuple[JobType, ...] = (sums.SQUARE_SUM, sums.CUBE_SUM, sleep.JOB_TYPE, flaky.JOB_TYPE)
 
 
 def load(modules: str = "") -> Mapping[str, JobType]:

@@ -1,0 +1,108 @@
+"""POST /v1/jobs/{id}/cancel, and what a worker's shutdown does to the attempts it is running."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import httpx
+from arq.worker import Worker
+
+from tests.conftest import eventually, job_row, run_burst
+from tests.test_worker import submit
+from worker import Deps, store
+
+Drain = Callable[[], Awaitable[None]]
+
+
+async def running(deps: Deps, job_id: str) -> None:
+    async def check() -> bool | None:
+        return (await job_row(deps, job_id))["status"] == "running" or None
+
+    await eventually(check)
+
+
+async def test_cancelling_a_queued_job_ends_it_at_once_and_it_never_runs(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "square_sum", {"data": [1]})
+    response = await client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled" and response.json()["done"]
+    await drain()
+    row = await job_row(deps, job_id)
+    assert row["status"] == "cancelled" and row["attempt"] == 0 and row["result"] is None
+    result = await client.get(f"/v1/jobs/{job_id}/result")
+    assert result.status_code == 409 and result.json()["error"]["type"] == "cancelled"
+
+
+async def test_cancelling_a_running_job_interrupts_its_task(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
+    worker = asyncio.create_task(drain())
+    await running(deps, job_id)
+    response = await client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202 and response.json()["status"] == "running"
+    await asyncio.wait_for(worker, 15)  # the 600 s job stopped
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled"
+
+
+async def test_a_running_job_sees_a_cancel_at_its_heartbeat_without_arq_abort(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
+    worker = asyncio.create_task(drain())
+    await running(deps, job_id)
+    assert await store.request_cancel(deps.db, "default", uuid.UUID(job_id)) is not None  # no abort message sent
+    await asyncio.wait_for(worker, 15)
+    assert (await job_row(deps, job_id))["status"] == "cancelled"
+
+
+async def test_cancelling_a_done_job_is_409_and_changes_nothing(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "square_sum", {"data": [2]})
+    await drain()
+    response = await client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 409 and response.json()["type"] == "/problems/conflict"
+    row = await job_row(deps, job_id)
+    assert row["status"] == "succeeded" and row["cancel_requested_at"] is None
+
+
+async def test_cancelling_an_unknown_or_malformed_id_is_404(client: httpx.AsyncClient) -> None:
+    assert (await client.post(f"/v1/jobs/{uuid.uuid4()}/cancel")).status_code == 404
+    assert (await client.post("/v1/jobs/nope/cancel")).status_code == 404
+
+
+async def shut_down_while_running(deps: Deps, make_worker: Callable[[], Worker], job_id: str) -> None:
+    worker = make_worker()
+    worker.max_burst_jobs = 1  # stop picking after this job, as a worker does once it has a SIGTERM
+    main = asyncio.create_task(run_burst(worker))
+    await running(deps, job_id)
+    for task in list(worker.tasks.values()):
+        task.cancel()  # what arq does to the running jobs once the shutdown grace is over
+    await asyncio.wait_for(main, 15)
+
+
+async def test_shutdown_hands_a_retry_safe_attempt_back_without_counting_it(
+    client: httpx.AsyncClient, deps: Deps, make_worker: Callable[[], Worker]
+) -> None:
+    job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1}, max_attempts=1)
+    await shut_down_while_running(deps, make_worker, job_id)
+    row = await job_row(deps, job_id)
+    assert row["status"] == "queued" and row["attempt"] == 1 and row["interrupted"] == 1
+    # max_attempts=1, yet it may run again: the interrupted attempt did not count.
+    claimed = await store.claim(deps.db, uuid.UUID(job_id), 1, owner="next", lease_s=30)
+    assert claimed is not None and claimed.attempts_left is False and claimed.attempt == 2
+
+
+async def test_shutdown_fails_a_job_that_is_not_retry_safe_as_interrupted(
+    client: httpx.AsyncClient, deps: Deps, make_worker: Callable[[], Worker]
+) -> None:
+    job_id = await submit(client, "sleep_once", {"seconds": 600})
+    await shut_down_while_running(deps, make_worker, job_id)
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["error"]["type"] == "interrupted"
