@@ -56,9 +56,11 @@ async def test_every_terminal_transition_with_a_callback_writes_one_delivery_and
         "UPDATE jobs SET expires_at = now() - interval '1 second' WHERE id = CAST(:id AS uuid)", {"id": late}
     )
     await sweep_once(hooks.deps)  # the sweep's expiry is another code path that ends a job
+    cancelled = await hooks.submit("sleep", {"seconds": 0}, callback_url=url)
+    assert (await hooks.client.post(f"/v1/jobs/{cancelled}/cancel")).status_code == 202  # and a cancel another
     await drain()
     rows = await hooks.deps.db.fetch_all("SELECT CAST(job_id AS text) AS job, reason, url FROM webhook_deliveries")
-    assert sorted(r["job"] for r in rows) == sorted([retried, failed, late])
+    assert sorted(r["job"] for r in rows) == sorted([retried, failed, late, cancelled])
     assert {(r["reason"], r["url"]) for r in rows} == {("finished", url)}
     assert await hooks.deliveries(plain) == []
 
