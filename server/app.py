@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from server import jobs, openapi, ops, problems
-from worker import Config, connect, from_env, load_job_types
+from server import deliveries, jobs, openapi, ops, problems
+from worker import Config, Guard, connect, from_env, load_job_types
 
 
 def create_app(config: Config | None = None) -> Starlette:
@@ -32,6 +32,8 @@ def create_app(config: Config | None = None) -> Starlette:
             Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),
+            Route("/v1/jobs/{id}/deliveries", deliveries.list_deliveries, methods=["GET"]),
+            Route("/v1/jobs/{id}/deliveries/redeliver", deliveries.redeliver, methods=["POST"]),
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
@@ -42,6 +44,7 @@ def create_app(config: Config | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.job_types = job_types
+    app.state.callback_guard = Guard.from_config(config)  # the SSRF guard for callback_url (tests swap the resolver)
     app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)
     app.state.openapi = openapi.build()
     return app

@@ -29,7 +29,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import MsgspecResponse
-from worker import Deps, Job, JobType, Status, enqueue, request_abort, store
+from worker import Deps, Forbidden, Job, JobType, Status, enqueue, request_abort, store
 
 TENANT = "default"  # one tenant until API keys land
 MAX_WAIT_S = 60
@@ -44,7 +44,7 @@ class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     # Raw: decoded by the job type's own Input afterwards. Absent: `{}`, for types whose fields all have defaults.
     input: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"{}"))
-    callback_url: str | None = None
+    callback_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
     timeout_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
     metadata: dict[str, Any] = {}
@@ -146,8 +146,11 @@ async def submit(request: Request) -> Response:
     except RecursionError:
         raise InvalidBody(TOO_DEEP) from None
     if body.callback_url is not None:
-        msg = "webhook delivery is not available in this version; poll the job or use `Prefer: wait=N`"
-        raise ValidationError(msg, [FieldError("$.callback_url", msg)])
+        try:  # and again at every delivery attempt, on the address actually connected to
+            await request.app.state.callback_guard.check(body.callback_url)
+        except Forbidden as exc:
+            msg = f"callback_url refused: {exc}"
+            raise ValidationError(msg, [FieldError("$.callback_url", msg)]) from None
     timeout_s = body.timeout_s or min(job_type.timeout_s, config.max_timeout_s)
     if timeout_s > config.max_timeout_s:
         msg = f"timeout_s must be at most {config.max_timeout_s}"
@@ -165,7 +168,7 @@ async def submit(request: Request) -> Response:
         max_attempts=body.max_attempts or job_type.max_attempts or config.default_max_attempts,
         timeout_s=timeout_s,
         retry_safe=job_type.retry_safe,
-        callback_url=None,
+        callback_url=body.callback_url,
         metadata=metadata,
         ttl_s=config.job_ttl_s,
     )

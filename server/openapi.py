@@ -8,11 +8,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from server.deliveries import DeliveryList
 from server.jobs import JobList, JobTypeList, SubmitJob
 from server.ops import Health, Readiness
 from server.problems import Problem
 from server.responses import MsgspecResponse
-from worker import Job
+from worker import Job, webhook_store
 
 _REF = "#/components/schemas/{name}"
 
@@ -40,7 +41,9 @@ def _schema_hook(t: type) -> dict[str, Any]:
 
 def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
     (_, components) = msgspec.json.schema_components(
-        [SubmitJob, Job, JobList, JobTypeList, Problem, Health, Readiness], ref_template=_REF, schema_hook=_schema_hook
+        [SubmitJob, Job, JobList, JobTypeList, DeliveryList, webhook_store.Delivery, Problem, Health, Readiness],
+        ref_template=_REF,
+        schema_hook=_schema_hook,
     )
     paths: dict[str, Any] = {
         "/v1/jobs": {
@@ -120,6 +123,29 @@ def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
                 "operationId": "listJobTypes",
                 "summary": "The registered job types with their input JSON Schemas",
                 "responses": {"200": {"description": "the types", "content": _json("JobTypeList")}},
+            }
+        },
+        "/v1/jobs/{id}/deliveries": {
+            "get": {
+                "operationId": "listDeliveries",
+                "summary": "The job's webhook deliveries, oldest first, each with every attempt",
+                "parameters": [_ID],
+                "responses": {
+                    "200": {"description": "the deliveries", "content": _json("DeliveryList")},
+                    "404": _problem("unknown or malformed id"),
+                },
+            }
+        },
+        "/v1/jobs/{id}/deliveries/redeliver": {
+            "post": {
+                "operationId": "redeliver",
+                "summary": "Queue a fresh delivery of the finished job to its callback_url",
+                "parameters": [_ID],
+                "responses": {
+                    "202": {"description": "queued", "content": _json("Delivery")},
+                    "404": _problem("unknown or malformed id"),
+                    "409": _problem("not done yet, or no callback_url"),
+                },
             }
         },
         "/healthz": {

@@ -36,6 +36,7 @@ from worker.run import Runtime, run_job
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.receivers"]  # webhook receivers, canaries and the `hooks` deployment
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 15.0) -> T:

@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import store
+from worker import store, webhook_store
 from worker.config import Config, from_env
 from worker.job import (
     LIVE,
@@ -20,6 +20,7 @@ from worker.job import (
 )
 from worker.job_types import load as load_job_types
 from worker.queue import Deps, connect, enqueue, request_abort
+from worker.ssrf import Forbidden, Guard
 
 __all__ = [
     "LIVE",
@@ -29,6 +30,8 @@ __all__ = [
     "Context",
     "Deps",
     "Error",
+    "Forbidden",
+    "Guard",
     "Job",
     "JobError",
     "JobType",
@@ -41,4 +44,5 @@ __all__ = [
     "load_job_types",
     "request_abort",
     "store",
+    "webhook_store",
 ]

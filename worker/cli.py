@@ -1,4 +1,4 @@
-"""The `outlast` command: run (everything, for development), migrate, web, worker, submit."""
+"""The `outlast` command: run (everything, for development), migrate, web, worker, submit, webhooks."""
 
 from __future__ import annotations
 
@@ -120,6 +120,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if not args.wait or job["status"] == "succeeded" else 1
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """Print the tenant's current signing secret (stdout); older ones still signing go to stderr."""
+    from worker.webhooks import tenant_secrets
+
+    config = from_env()
+    try:
+        found = asyncio.run(tenant_secrets(config, args.tenant, rotate=args.rotate, overlap_s=args.overlap))
+    except LookupError as exc:
+        raise SystemExit(str(exc.args[0])) from None
+    (current, _), older = found[0], found[1:]
+    print(current)
+    if current == config.webhook_secret:
+        print(f"(OUTLAST_WEBHOOK_SECRET: no secret of {args.tenant}'s own; --rotate gives it one)", file=sys.stderr)
+    for secret, expires_at in older:
+        print(f"also signing until {expires_at:%Y-%m-%d %H:%M:%S %Z}: {secret}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="outlast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("input", help="the job's input as JSON")
     submit.add_argument("--wait", action="store_true", help="follow progress until the job is done")
     submit.add_argument("--url", default=os.environ.get("OUTLAST_URL", "http://127.0.0.1:8000"))
+    webhooks = sub.add_parser("webhooks", help="webhook settings").add_subparsers(dest="what", required=True)
+    secret = webhooks.add_parser("secret", help="show TENANT's signing secret (created when it has none)")
+    secret.add_argument("tenant")
+    secret.add_argument("--rotate", action="store_true", help="make a new secret current")
+    secret.add_argument("--overlap", type=float, default=86_400.0, help="seconds the old one keeps signing")
     args = parser.parse_args(argv)
     commands = {"run": cmd_run, "migrate": cmd_migrate, "web": cmd_web, "worker": cmd_worker, "submit": cmd_submit}
+    commands["webhooks"] = cmd_webhooks
     sys.exit(commands[args.command](args))

@@ -20,6 +20,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     # Extra modules whose JOB_TYPE / JOB_TYPES are registered next to the built-in ones.
     job_modules: str = ""
+    # Webhooks (worker/webhooks.py, worker/ssrf.py): see docs/webhooks.md.
+    webhook_secret: Annotated[str, msgspec.Meta(pattern=r"^(whsec_[A-Za-z0-9+/]+={0,2})?$")] = ""
+    allowed_callback_networks: str = ""  # comma-separated CIDRs a callback_url may reach besides global addresses
+    callback_ports: str = "80,443,8080,8443"  # comma-separated ports and ranges (`8000-8999`)
+    allow_http_callbacks: bool = False  # https only unless set
+    webhook_timeout_s: Seconds = 10.0  # one attempt, DNS to status line, whatever the receiver does
+    webhook_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 16  # attempts in flight per worker process
+    webhook_retry_window_s: Annotated[float, msgspec.Meta(ge=86_400)] = 36 * 3600.0  # keep trying this long
+    webhook_max_result_bytes: Annotated[int, msgspec.Meta(ge=0)] = 262_144  # larger results go as a link
+    webhook_poll_s: Seconds = 1.0  # how often an idle worker looks for due deliveries
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
     max_timeout_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
     default_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3

@@ -19,6 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker import webhooks
 from worker.config import from_env
 from worker.job_types import load
 from worker.queue import QUEUE, RUN_JOB, connect, deserialize, redis_settings, serialize
@@ -49,6 +50,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     stack = contextlib.AsyncExitStack()
     ctx["deps"] = await stack.enter_async_context(connect(config, redis=ctx["redis"]))
     ctx["runtime"] = Runtime(job_types=load(config.job_modules))
+    await stack.enter_async_context(webhooks.serving(ctx["deps"]))  # deliveries on their own tasks, not arq's
     ctx["stack"] = stack
 
 

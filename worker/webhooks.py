@@ -1,0 +1,335 @@
+"""Signed webhook delivery, its retry schedule and the signing secrets.
+
+    a job ends ──trigger (same transaction)──▶ webhook_deliveries: pending, due now
+    serving(): claim due rows (SKIP LOCKED) while a slot is free ──▶ deliver(): one attempt each
+    deliver(): the final Job ─▶ signed (Standard Webhooks, every secret in force) ─▶ SSRF guard ─▶ POST to
+               the checked address, naming the original host; redirects never followed, no body read
+      2xx ─▶ delivered    410 ─▶ failed    anything else ─▶ pending again after Schedule.next_delay(),
+      or failed once the retry window is over
+
+Deliveries run in the worker process on their own tasks, at most `webhook_concurrency` at once, each within
+`webhook_timeout_s` from DNS to status line: a slow or hostile receiver holds a delivery slot for that long
+and never an arq slot, so it never delays a job. The schedule lives in PostgreSQL (`next_try_at`, by the
+database clock), so it outlives restarts, Redis and arq's own 24 h limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import logging
+import random
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import httpx
+import msgspec
+from databases import Database
+from standardwebhooks import Webhook
+
+from worker import store, webhook_store
+from worker.config import Config
+from worker.job import Job
+from worker.queue import Deps, open_database
+from worker.run import persist
+from worker.ssrf import Forbidden, Guard, Resolver, Target, system_resolver
+from worker.webhook_store import Claimed, DeliveryStatus
+
+log = logging.getLogger("outlast.webhooks")
+USER_AGENT = "Outlast-Webhooks/0.1"
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When to try again after attempt `attempt` failed, `elapsed_s` after the delivery was queued.
+
+    The delay is drawn from [e/2, e] with e = min(cap, base · 2^(attempt-1)): exponential, jittered so that
+    many deliveries failing together spread out, and still growing. No attempt is scheduled once `elapsed_s`
+    reaches the window, so the last one comes after the window has passed and at most `cap_s` after it.
+    With the defaults: 5 s, 10 s, 20 s … then every 2 to 4 h for 36 h: 23 to 26 attempts, the last by 40 h.
+    """
+
+    window_s: float = 36 * 3600.0
+    base_s: float = 5.0
+    cap_s: float = 4 * 3600.0
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def next_delay(self, attempt: int, elapsed_s: float, *, retry_after_s: float | None = None) -> float | None:
+        """Seconds until the next attempt, or None: give up. A receiver's Retry-After (429, 503) is honoured
+        up to `cap_s`: never sooner than it asks, never later than the schedule's longest gap."""
+        if elapsed_s >= self.window_s:
+            return None
+        envelope = min(self.cap_s, self.base_s * 2 ** min(max(attempt - 1, 0), 32))
+        delay = self.rng.uniform(envelope / 2, envelope)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.cap_s))
+        return delay
+
+
+# -- signing ----------------------------------------------------------------------------------------
+
+
+def new_secret() -> str:
+    """A fresh Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def sign(signing: list[str], msg_id: str, timestamp: datetime, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers; one `v1,` signature per secret in force (two during a rotation)."""
+    text = body.decode()
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": " ".join(Webhook(secret).sign(msg_id, timestamp, text) for secret in signing),
+    }
+
+
+async def secrets_in_force(db: Database, tenant: str, fallback: str = "") -> list[tuple[str, datetime | None]]:
+    """The tenant's signing secrets, current first, with their expiry (None: current). A tenant without one
+    of its own uses `fallback` (OUTLAST_WEBHOOK_SECRET) or, when none is set, gets a fresh one now."""
+    rows = await webhook_store.secrets(db, tenant)
+    if rows:
+        return rows
+    if fallback:
+        return [(fallback, None)]
+    await webhook_store.add_current_secret(db, tenant, new_secret())
+    return await webhook_store.secrets(db, tenant)
+
+
+class Payload(Job, frozen=True, kw_only=True, omit_defaults=True):
+    """The body: the final Job, with `result` replaced by `result_link` when the result is too large."""
+
+    result_link: str | None = None
+
+
+def payload(row: store.JobRow, max_result_bytes: int) -> bytes:
+    job = row.to_job()
+    if row.result is None or len(row.result.encode()) <= max_result_bytes:
+        return _encode(job)
+    fields = msgspec.structs.asdict(job) | {"result": None}
+    return _encode(Payload(**fields, result_link=job.links.result))
+
+
+# -- sending ----------------------------------------------------------------------------------------
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What one attempt got: a status code, or an error line (and whether trying again could help)."""
+
+    status_code: int | None = None
+    latency_ms: int = 0
+    error: str | None = None
+    retry_after_s: float | None = None
+    permanent: bool = False
+
+
+def retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds, from either of its forms (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds()) if when.tzinfo else None
+
+
+class Sender:
+    """POSTs to an address the guard checked, naming the original host in `Host` and SNI.
+
+    httpx's `sni_hostname` request extension keeps TLS (SNI and certificate checks) on the name while the
+    socket goes to the pinned address; no keep-alive, so a connection never serves another host. Redirects
+    are not followed, proxies from the environment are ignored, and no response body is read.
+    """
+
+    def __init__(self, guard: Guard, *, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
+        self.guard, self.timeout_s = guard, timeout_s
+        self.client = httpx.AsyncClient(
+            timeout=timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            verify=verify,
+            limits=httpx.Limits(max_keepalive_connections=0),
+            headers={"user-agent": USER_AGENT},
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Outcome:
+        started = time.monotonic()
+
+        def took() -> int:
+            return round((time.monotonic() - started) * 1000)
+
+        try:
+            async with asyncio.timeout(self.timeout_s):  # the whole attempt: DNS, connect, TLS, status line
+                target = await self.guard.check(url)
+                status, retry = await self._send(target, body, headers)
+        except Forbidden as exc:
+            return Outcome(latency_ms=took(), error=f"refused: {exc}", permanent=exc.permanent)
+        except (TimeoutError, httpx.TimeoutException):
+            return Outcome(latency_ms=took(), error=f"no answer within {self.timeout_s:g} s")
+        except (httpx.HTTPError, OSError) as exc:
+            return Outcome(latency_ms=took(), error=f"{type(exc).__name__}: {exc}")
+        return Outcome(status_code=status, latency_ms=took(), retry_after_s=retry)
+
+    async def _send(self, target: Target, body: bytes, headers: Mapping[str, str]) -> tuple[int, float | None]:
+        extensions = {"sni_hostname": target.host} if target.is_name else {}
+        host = target.url.netloc.decode("ascii")
+        for i, address in enumerate(target.addresses):  # every one was checked; the next when one refuses
+            request = self.client.build_request(
+                "POST", target.pinned(address), content=body, headers={**headers, "host": host}, extensions=extensions
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.ConnectError:
+                if i == len(target.addresses) - 1:
+                    raise
+                continue
+            await response.aclose()
+            wait = retry_after(response.headers.get("retry-after")) if response.status_code in (429, 503) else None
+            return response.status_code, wait
+        raise AssertionError("a Target has at least one address")
+
+
+def verdict(outcome: Outcome, claimed: Claimed, schedule: Schedule) -> tuple[DeliveryStatus, float, str | None]:
+    """(status, seconds to the next attempt, error line) for the attempt's outcome."""
+    code = outcome.status_code
+    if code is not None and 200 <= code < 300:
+        return "delivered", 0.0, None
+    if code == 410:
+        return "failed", 0.0, "answered 410 Gone: no more attempts"
+    error = outcome.error
+    if error is None:
+        error = f"answered {code}" + (" (redirects are not followed)" if code is not None and 300 <= code < 400 else "")
+    if outcome.permanent:
+        return "failed", 0.0, error
+    elapsed = claimed.elapsed_s + outcome.latency_ms / 1000
+    delay = schedule.next_delay(claimed.attempt, elapsed, retry_after_s=outcome.retry_after_s)
+    if delay is None:
+        return "failed", 0.0, f"{error}; the retry window is over"
+    return "pending", delay, error
+
+
+# -- the delivery worker ----------------------------------------------------------------------------
+
+
+async def _attempt(deps: Deps, sender: Sender, claimed: Claimed) -> Outcome:
+    config = deps.config
+    row = await store.get_job(deps.db, claimed.tenant_id, claimed.job_id)
+    if row is None:
+        return Outcome(error="the job no longer exists", permanent=True)
+    body = payload(row, config.webhook_max_result_bytes)
+    signing = [s for s, _ in await secrets_in_force(deps.db, claimed.tenant_id, config.webhook_secret)]
+    headers = {"content-type": "application/json", **sign(signing, webhook_store.webhook_id(row.id), claimed.now, body)}
+    return await sender.post(claimed.url, body, headers)
+
+
+async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedule) -> None:
+    """One attempt of one claimed delivery, recorded whatever happens (a lost record: the lease runs out)."""
+    try:
+        outcome = await _attempt(deps, sender, claimed)
+        status, delay, error = verdict(outcome, claimed, schedule)
+        await persist(
+            lambda: webhook_store.record(
+                deps.db,
+                claimed.id,
+                claimed.attempt,
+                status,
+                retry_in_s=delay,
+                status_code=outcome.status_code,
+                latency_ms=outcome.latency_ms,
+                error=error,
+            ),
+            what=f"webhook {claimed.id}",
+        )
+    except store.UNAVAILABLE as exc:
+        log.warning("webhook %s attempt %d: database unavailable (%s)", claimed.id, claimed.attempt, exc)
+    except Exception:
+        log.exception("webhook %s attempt %d failed", claimed.id, claimed.attempt)
+
+
+def lease_s(config: Config) -> float:
+    """How long a claimed attempt may take before it counts as lost and is due again."""
+    return 2 * config.webhook_timeout_s + 30
+
+
+async def deliver_due(deps: Deps, sender: Sender, schedule: Schedule | None = None) -> int:
+    """One pass: claim what is due (up to `webhook_concurrency`), attempt each, wait for all. Returns how many."""
+    config = deps.config
+    schedule = schedule or Schedule(window_s=config.webhook_retry_window_s)
+    claimed = await webhook_store.claim_due(deps.db, limit=config.webhook_concurrency, lease_s=lease_s(config))
+    await asyncio.gather(*(deliver(deps, sender, c, schedule) for c in claimed))
+    return len(claimed)
+
+
+async def serve(deps: Deps, sender: Sender) -> None:
+    """Claim due deliveries whenever a slot is free; each attempt runs on its own task. Runs until cancelled."""
+    config = deps.config
+    schedule = Schedule(window_s=config.webhook_retry_window_s)
+    running: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            free = config.webhook_concurrency - len(running)
+            try:
+                claimed = await webhook_store.claim_due(deps.db, limit=free, lease_s=lease_s(config)) if free else []
+            except store.UNAVAILABLE as exc:
+                log.warning("webhooks: database unavailable (%s)", exc)
+                claimed = []
+            for one in claimed:
+                task = asyncio.create_task(deliver(deps, sender, one, schedule))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if len(running) >= config.webhook_concurrency:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)  # full: wait for a slot
+            else:
+                await asyncio.sleep(config.webhook_poll_s)  # all that was due is under way
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(deps: Deps, *, resolver: Resolver = system_resolver) -> AsyncIterator[Sender]:
+    """Run the delivery loop in the background for as long as the context lasts (the worker's lifetime)."""
+    sender = Sender(Guard.from_config(deps.config, resolver), timeout_s=deps.config.webhook_timeout_s)
+    task = asyncio.create_task(serve(deps, sender))
+    try:
+        yield sender
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await sender.aclose()
+
+
+# -- `outlast webhooks secret TENANT` ---------------------------------------------------------------
+
+
+async def tenant_secrets(
+    config: Config, tenant: str, *, rotate: bool = False, overlap_s: float = 86_400.0
+) -> list[tuple[str, datetime | None]]:
+    """The tenant's secrets in force (current first), after a rotation when asked. LookupError: no such tenant."""
+    db = open_database(config)
+    await db.connect()
+    try:
+        if not await webhook_store.tenant_exists(db, tenant):
+            raise LookupError(f"no tenant {tenant!r}")
+        if rotate:
+            await webhook_store.rotate_secret(
+                db, tenant, new_secret(), overlap_s=overlap_s, previous=config.webhook_secret
+            )
+        return await secrets_in_force(db, tenant, config.webhook_secret)
+    finally:
+        await db.disconnect()
