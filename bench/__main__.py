@@ -1,0 +1,131 @@
+"""`python -m bench [--quick]`: every comparison, a table on stdout, the whole record under bench/results/.
+
+About 5 minutes with the defaults, about 1 with --quick. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bench import get_job, noop_jobs, report
+from bench.compare import Comparison
+from bench.procs import Fleet
+from bench.run import Run, Settings, tuning
+from bench.services import DATA, ROOT, Services, prepare, services
+
+# One line per comparison: a new one is a module with `measure(run) -> Comparison`, added here.
+MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison]]] = {
+    "get_job": get_job.measure,
+    "noop_jobs": noop_jobs.measure,
+}
+FULL = Settings(rounds=5, duration_s=5.0, warmup_s=1.0, concurrency=32, jobs=2000, seed_jobs=3000)
+QUICK = Settings(rounds=3, duration_s=2.0, warmup_s=0.5, concurrency=32, jobs=500, seed_jobs=1000)
+RESULTS = ROOT / "bench" / "results"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    base = QUICK if args.quick else FULL
+    return Settings(
+        rounds=args.rounds or base.rounds,
+        duration_s=args.duration or base.duration_s,
+        warmup_s=base.warmup_s,
+        concurrency=args.concurrency or base.concurrency,
+        jobs=args.jobs or base.jobs,
+        seed_jobs=base.seed_jobs,
+    )
+
+
+async def _run(
+    svc: Services, settings: Settings, names: list[str], scratch: Path
+) -> tuple[list[Comparison], dict[str, Any]]:
+    fleet = Fleet(scratch)
+    try:
+        facts: dict[str, Any] = {"postgres": await prepare(svc)}
+        redis = Redis.from_url(svc.redis_url)
+        try:
+            facts["valkey"] = (await redis.info("server")).get("valkey_version") or "redis"
+        finally:
+            await redis.aclose()
+        run = Run(svc, fleet, settings, scratch)
+        return [await MEASUREMENTS[name](run) for name in names], facts
+    finally:
+        await fleet.stop_all()
+
+
+def _commit_lines(comparisons: list[Comparison]) -> list[str]:
+    notes = next((c.notes for c in comparisons if "commits_per_job" in c.notes), None)
+    if notes is None:
+        return []
+    commits, writes, rate = notes["commits_per_job"], notes["write_transactions_per_job"], notes["db_commits_per_s"]
+    return [
+        f"Outlast SQL commits per job: {commits:.2f} (pg_stat_database.xact_commit delta / {notes['jobs']} jobs,"
+        f" start-up and sweep included), of which write transactions: {writes:.2f}",
+        f"durable-commit ceiling: {rate:,.0f} commits/s here ({notes['concurrency']} connections, one-row INSERTs)"
+        f" / {writes:.2f} = {rate / writes:,.0f} jobs/s at most, however many workers",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: about a minute")
+    parser.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="run only this comparison")
+    parser.add_argument("--rounds", type=int, help="rounds per comparison (at least 3)")
+    parser.add_argument("--duration", type=float, help="seconds of load per side per round")
+    parser.add_argument("--jobs", type=int, help="noop jobs per batch")
+    parser.add_argument("--concurrency", type=int, help="keep-alive connections / concurrent submitters")
+    args = parser.parse_args(argv)
+    settings = _settings(args)
+    if settings.rounds < 3:
+        parser.error("--rounds must be at least 3: one round's ratio says nothing about its spread")
+    names = args.only or list(MEASUREMENTS)
+
+    started, stamp, load_before = time.monotonic(), datetime.now(UTC), os.getloadavg()
+    if load_before[0] > (os.cpu_count() or 1) / 2:
+        # Ratios absorb a steady neighbour, not a bursty one: a test suite next door moves them.
+        print(f"bench: the machine is busy (load {load_before[0]:.1f}); expect noisy figures", file=sys.stderr)
+    scratch = DATA / "run"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        with services() as svc:
+            comparisons, facts = asyncio.run(_run(svc, settings, names, scratch))
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - started
+
+    print(f"\nOutlast bench, {stamp:%Y-%m-%d %H:%M} UTC, {settings.rounds} rounds; ratio = Outlast / baseline")
+    print(report.table(comparisons))
+    for line in _commit_lines(comparisons):
+        print(line)
+    record = {
+        "date": stamp.isoformat(),
+        "elapsed_s": round(elapsed, 1),
+        "settings": settings.__dict__,
+        "services": {"origin": svc.origin, **facts},
+        "tuning": tuning(),
+        "machine": {**report.machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "comparisons": [
+            {"name": c.name, "baseline": c.baseline, "summary": c.summary(), "rounds": c.rounds, "notes": c.notes}
+            for c in comparisons
+        ],
+    }
+    path = RESULTS / f"bench-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if args.quick else ''}.json"
+    report.write(path, record)
+    print(f"\n{elapsed:.0f} s; the full record: {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

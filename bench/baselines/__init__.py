@@ -1,0 +1,1 @@
+"""What Outlast is compared with: one module per baseline, each the least code doing the same work."""

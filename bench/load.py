@@ -1,0 +1,284 @@
+"""The load generator: a second process, so the client's CPU is not the server's.
+
+`python -m bench.load get|submit|arq|commits …` does one measurement and prints one JSON line. It times itself, so
+the cost of starting Python is never part of a figure. The HTTP client is raw asyncio on keep-alive
+connections with httptools parsing the answers: httpx would spend more CPU per request than the servers
+measured here, on a machine where the client shares the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import asyncpg
+import httptools
+import uvloop
+from arq.connections import RedisSettings, create_pool
+
+POLL_S = 0.02  # how often "is everything done?" is asked: the resolution of the end-to-end figures
+STALL_S = 30.0  # a batch with no job done for this long is broken, not slow
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[int] | None = None
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        _, conn = await asyncio.get_running_loop().create_connection(cls, host, port)
+        return conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is one in all but its class
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(exc)
+
+    def on_message_complete(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(self._parser.get_status_code())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("the server closed the connection"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    async def request(self, raw: bytes) -> int:
+        """Send one complete request; the answer's status code (its body is read and dropped)."""
+        assert self._transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(raw)
+        return await self._waiter
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def get(url: str, ids: list[str], concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """GET random ids for warmup + duration seconds; only requests that end inside the duration count."""
+    host, port = _host_port(url)
+    requests = [f"GET /v1/jobs/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for i in ids]
+    conns = [await Connection.open(host, port) for _ in range(concurrency)]
+    latencies: list[float] = []
+    errors = served = 0
+    start = time.perf_counter() + warmup_s
+    end = start + duration_s
+
+    async def client(conn: Connection) -> None:
+        nonlocal errors, served
+        while (sent := time.perf_counter()) < end:
+            status = await conn.request(random.choice(requests))
+            done = time.perf_counter()
+            served += 1
+            if start <= sent and done < end:
+                latencies.append(done - sent)
+                errors += status != 200
+
+    try:
+        await asyncio.gather(*(client(c) for c in conns))
+    finally:
+        for conn in conns:
+            conn.close()
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "served": served,  # warm-up included: what the server's CPU time is divided by
+        "errors": errors,
+        "rps": len(latencies) / duration_s,
+        "p50_ms": 1000 * _percentile(latencies, 0.50),
+        "p99_ms": 1000 * _percentile(latencies, 0.99),
+    }
+
+
+async def _until_done(done: Callable[[], Awaitable[int]], jobs: int, feeding: asyncio.Future[None]) -> int:
+    """Poll `done` (how many jobs are done) every POLL_S while `feeding` submits, until all `jobs` are.
+
+    The number of polls, each one query. A worker that fails every job shows as no progress: say so soon.
+    """
+    polls, finished, progressed = 0, -1, time.monotonic()
+    while True:
+        if feeding.done() and feeding.exception() is not None:
+            feeding.result()  # a submit that raised: stop now rather than wait
+        polls += 1
+        if (now_done := await done()) >= jobs:
+            return polls
+        if now_done != finished:
+            finished, progressed = now_done, time.monotonic()
+        elif time.monotonic() - progressed > STALL_S:
+            raise SystemExit(f"stalled at {finished} of {jobs} jobs done for {STALL_S:.0f}s; see the worker's log")
+        await asyncio.sleep(POLL_S)
+
+
+async def _spread(jobs: int, lanes: list[Callable[[], Awaitable[None]]]) -> None:
+    """Call the lanes `jobs` times in all, each lane one call at a time, all lanes at once."""
+    left = jobs
+
+    async def run(one: Callable[[], Awaitable[None]]) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await one()
+
+    await asyncio.gather(*(run(one) for one in lanes))
+
+
+async def outlast_batch(url: str, database_url: str, jobs: int, concurrency: int) -> dict[str, Any]:
+    """POST `jobs` noop jobs to Outlast; seconds from the first POST until the database says all succeeded."""
+    host, port = _host_port(url)
+    body = b'{"type":"noop","input":{}}'
+    raw = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    conns = [await Connection.open(host, port) for _ in range(concurrency)]
+    db = await asyncpg.connect(database_url)
+    refused = accepted = 0
+    submitted_at: float | None = None
+
+    def lane(conn: Connection) -> Callable[[], Awaitable[None]]:
+        async def one() -> None:
+            nonlocal refused, accepted, submitted_at
+            refused += await conn.request(raw) != 202
+            accepted += 1
+            if accepted == jobs:
+                submitted_at = time.perf_counter() - t0
+
+        return one
+
+    async def succeeded() -> int:
+        row = await db.fetchrow(
+            "SELECT count(*) FILTER (WHERE status = 'succeeded'),"
+            " count(*) FILTER (WHERE status IN ('failed', 'cancelled', 'expired')) FROM jobs"
+        )
+        assert row is not None
+        ok, ended = row
+        if ended or refused:
+            raise SystemExit(f"{ended} jobs ended other than succeeded, {refused} submits refused")
+        return int(ok)
+
+    try:
+        t0 = time.perf_counter()
+        submitting = asyncio.ensure_future(_spread(jobs, [lane(c) for c in conns]))
+        polls = await _until_done(succeeded, jobs, submitting)
+        elapsed = time.perf_counter() - t0
+        await submitting
+        assert submitted_at is not None  # every lane has returned
+    finally:
+        await db.close()
+        for conn in conns:
+            conn.close()
+    return {"elapsed_s": elapsed, "submitted_s": submitted_at, "jobs_per_s": jobs / elapsed, "polls": polls}
+
+
+async def arq_batch(redis_url: str, jobs: int, concurrency: int) -> dict[str, Any]:
+    """enqueue_job `jobs` noops (arq's defaults: pickle); seconds from the first enqueue until every result exists."""
+    redis = await create_pool(RedisSettings.from_dsn(redis_url))
+    keys: list[str] = []
+
+    async def one() -> None:
+        job = await redis.enqueue_job("noop")
+        assert job is not None  # None only for a duplicate job id, and arq picks fresh ones
+        keys.append(f"arq:result:{job.job_id}")
+
+    async def results() -> int:
+        return int(await redis.exists(*keys)) if keys else 0
+
+    try:
+        t0 = time.perf_counter()
+        enqueuing = asyncio.ensure_future(_spread(jobs, [one] * concurrency))
+        polls = await _until_done(results, jobs, enqueuing)
+        elapsed = time.perf_counter() - t0
+        await enqueuing
+    finally:
+        await redis.aclose()
+    return {"elapsed_s": elapsed, "jobs_per_s": jobs / elapsed, "polls": polls}
+
+
+async def commits(database_url: str, concurrency: int, duration_s: float) -> dict[str, Any]:
+    """The database's own ceiling: one-row INSERT commits per second from `concurrency` connections."""
+    conns = [await asyncpg.connect(database_url) for _ in range(concurrency)]
+    await conns[0].execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (id bigserial PRIMARY KEY, at timestamptz)")
+    done = 0
+    end = time.perf_counter() + duration_s
+
+    async def lane(conn: asyncpg.Connection) -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            await conn.execute("INSERT INTO bench_commit_probe (at) VALUES (now())")
+            done += 1
+
+    try:
+        await asyncio.gather(*(lane(c) for c in conns))
+        await conns[0].execute("DROP TABLE bench_commit_probe")
+    finally:
+        for conn in conns:
+            await conn.close()
+    return {"commits_per_s": done / duration_s, "concurrency": concurrency}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("get", help="GET /v1/jobs/{id} with random ids")
+    p.add_argument("--url", required=True)
+    p.add_argument("--ids", required=True, help="a file of job ids, one a line")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=5.0)
+    p = sub.add_parser("submit", help="noop jobs through Outlast's API, until all succeeded")
+    p.add_argument("--url", required=True)
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--jobs", type=int, required=True)
+    p.add_argument("--concurrency", type=int, default=32)
+    p = sub.add_parser("arq", help="noop jobs enqueued on a bare arq, until all results exist")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--jobs", type=int, required=True)
+    p.add_argument("--concurrency", type=int, default=32)
+    p = sub.add_parser("commits", help="the database's commit rate")
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=float, default=3.0)
+    args = parser.parse_args(argv)
+
+    if args.command == "get":
+        with open(args.ids) as f:
+            ids = f.read().split()
+        coro = get(args.url, ids, args.concurrency, args.warmup, args.duration)
+    elif args.command == "submit":
+        coro = outlast_batch(args.url, args.database_url, args.jobs, args.concurrency)
+    elif args.command == "arq":
+        coro = arq_batch(args.redis_url, args.jobs, args.concurrency)
+    else:
+        coro = commits(args.database_url, args.concurrency, args.duration)
+    print(json.dumps(uvloop.run(coro)), file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    main()

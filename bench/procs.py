@@ -1,0 +1,146 @@
+"""The processes a run starts: web servers, workers and load generators, each stopped before the run ends.
+
+Each runs in its own session, so a Ctrl-C in the terminal reaches only the bench, which then stops them in
+order; atexit kills whatever an unexpected exit left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bench.load import Connection
+from bench.services import ROOT, free_port
+
+# The same flags on both sides of every HTTP comparison. No access log: it would cost both sides the same
+# per request, and that shared cost would only squeeze the ratio toward 1.
+UVICORN_FLAGS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
+READY_S = 60.0
+STOP_S = 30.0  # after SIGTERM; then SIGKILL
+LOAD_S = 600.0  # a load process that runs longer is stuck
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Fleet:
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        atexit.register(self.kill_all)
+
+    async def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        if name in self._procs:
+            raise RuntimeError(f"{name} is already running")
+        with (self.logs / f"{name}.log").open("ab") as log:
+            self._procs[name] = await asyncio.create_subprocess_exec(
+                *argv, cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+
+    async def web(self, name: str, app: str, env: dict[str, str]) -> str:
+        """uvicorn --factory `app` on a free port; its URL once it answers /healthz."""
+        port = free_port()
+        argv = [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port)]
+        await self.start(name, [*argv, *UVICORN_FLAGS], env)
+        url = f"http://127.0.0.1:{port}"
+        await self._until(name, lambda: _answers(port))
+        return url
+
+    async def worker(self, name: str, settings: str, env: dict[str, str], redis_url: str, queue: str) -> None:
+        """`arq settings`; back once it has polled its queue (its health-check key is there)."""
+        # A pattern, since a deployment may suffix the key with its instance name.
+        pattern = f"{queue}:health-check*"
+        redis = Redis.from_url(redis_url)
+        try:
+            if stale := [key async for key in redis.scan_iter(match=pattern)]:
+                await redis.delete(*stale)  # an earlier worker's key must not pass for this one's
+            await self.start(name, [sys.executable, "-m", "arq", settings], env)
+            await self._until(name, lambda: _exists(redis, pattern))
+        finally:
+            await redis.aclose()
+
+    async def _until(self, name: str, ready: Callable[[], Awaitable[bool]]) -> None:
+        deadline = time.monotonic() + READY_S
+        while not await ready():
+            proc = self._procs[name]
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {self.logs / (name + '.log')}:\n{self.tail(name)}")
+            await asyncio.sleep(0.05)
+
+    def cpu_s(self, name: str) -> float:
+        """CPU seconds (user + system) the process has used so far."""
+        fields = Path(f"/proc/{self._procs[name].pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat
+
+    def tail(self, name: str) -> str:
+        with contextlib.suppress(OSError):
+            return (self.logs / f"{name}.log").read_bytes()[-2000:].decode(errors="replace")
+        return ""
+
+    async def stop(self, name: str) -> None:
+        proc = self._procs.pop(name, None)
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def stop_all(self) -> None:
+        for name in list(self._procs):
+            await self.stop(name)
+
+    def kill_all(self) -> None:
+        """The last resort, from atexit: no waiting, no event loop."""
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self._procs.clear()
+
+
+async def _answers(port: int) -> bool:
+    try:
+        conn = await Connection.open("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        return await conn.request(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+async def _exists(redis: Redis, pattern: str) -> bool:
+    return any([key async for key in redis.scan_iter(match=pattern)])
+
+
+async def load(*args: str) -> dict[str, Any]:
+    """Run `python -m bench.load args…` to the end; the figures it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.load", *args, cwd=ROOT, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), LOAD_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode:
+        raise RuntimeError(f"bench.load {args[0]} exited with {proc.returncode}:\n{err.decode(errors='replace')}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
