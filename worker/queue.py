@@ -60,6 +60,12 @@ def open_redis(config: Config) -> ArqRedis:
     return ArqRedis(pool, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=QUEUE)
 
 
+async def _keep_session(connection: object) -> None:
+    """asyncpg's default reset on release (unlock all, CLOSE ALL, UNLISTEN, RESET ALL) is a round trip and a
+    transaction after every query; nothing here sets session state, and asyncpg still rolls back a transaction
+    left open before calling this."""
+
+
 def open_database(config: Config) -> Database:
     url = config.database_url
     if url.startswith("postgres://"):  # Heroku's spelling; SQLAlchemy's URL parser wants the long one
@@ -70,6 +76,7 @@ def open_database(config: Config) -> Database:
         max_size=config.db_pool_max,
         timeout=config.db_timeout_s,
         command_timeout=config.db_timeout_s * 6,
+        reset=_keep_session,
     )
 
 
