@@ -105,3 +105,31 @@ async def test_retention_drops_old_results_then_old_jobs(client: httpx.AsyncClie
         await deps.db.fetch_val("SELECT count(*) FROM job_events WHERE job_id = CAST(:id AS uuid)", {"id": older}) == 0
     )
     assert msgspec.json.decode((await client.get(f"/v1/jobs/{old}")).content)["status"] == "succeeded"
+
+
+async def test_a_message_held_by_a_worker_that_died_before_its_claim_is_rung_again(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "square_sum", {"data": [5]})
+    # arq marks a message in progress (for a day) before run_job claims the row; its worker then died.
+    await deps.redis.set(f"arq:in-progress:{job_id}:0", b"1", ex=86_400)
+    await deps.db.execute("UPDATE jobs SET dispatched_at = now() - interval '1 minute'")
+    await sweep_once(deps)
+    assert not await deps.redis.exists(f"arq:in-progress:{job_id}:0")
+    await drain()
+    assert (await client.get(f"/v1/jobs/{job_id}")).json()["result"] == 25
+
+
+async def test_a_job_cancelled_while_running_that_went_back_to_queued_ends_cancelled(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job_id = await submit(client, "square_sum", {"data": [6]})
+    await deps.redis.flushdb()
+    # Cancel accepted while running; then its worker died and the sweep rescued it back to queued.
+    await deps.db.execute(
+        "UPDATE jobs SET status = 'running', attempt = 1, started_at = now(), cancel_requested_at = now(),"
+        " lease_expires_at = now() - interval '1 second'"
+    )
+    await sweep_once(deps)
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["attempt"] == 1

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from databases import Database
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
@@ -118,3 +118,19 @@ async def request_abort(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
     except (RedisError, OSError):
         return False
     return True
+
+
+async def ring_again(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
+    """The sweep's enqueue, for a row still queued long after its last dispatch.
+
+    A message arq marked in progress for such a row was taken by a worker that died before its claim: arq
+    keeps that mark for a day and ignores a re-enqueue of the same id meanwhile, so it is cleared first. Should
+    the worker be alive after all, the duplicate it competes with loses at the guarded claim.
+    """
+    text = message(job_id, attempt)
+    try:
+        if await redis.exists(in_progress_key_prefix + text):
+            await redis.delete(in_progress_key_prefix + text, job_key_prefix + text)
+    except (RedisError, OSError):
+        return False
+    return await enqueue(redis, job_id, attempt)

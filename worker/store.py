@@ -28,6 +28,8 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.OperatorInterventionError,
+    # A pooled connection that got the server's "terminating connection" but not yet the socket's close.
+    asyncpg.InternalClientError,
 )
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
@@ -407,6 +409,17 @@ WITH late AS (
 SELECT count(*) AS n FROM moved
 """
 
+_CANCEL_QUEUED = f"""
+WITH moved AS (
+    UPDATE jobs SET status = 'cancelled', error = CAST(:cancelled AS jsonb), finished_at = now(),
+           event_seq = event_seq + 1
+     WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NOT NULL
+                   LIMIT :batch FOR UPDATE SKIP LOCKED)
+    RETURNING *
+), event AS ({_status_event("moved")})
+SELECT count(*) FROM moved
+"""
+
 _DUE = """
 WITH due AS (
     SELECT id FROM jobs
@@ -437,6 +450,12 @@ async def rescue_lost(db: Database, *, batch: int, backoff_base_s: float, backof
 async def expire_late(db: Database, *, batch: int) -> int:
     """Live jobs past `expires_at` end `expired`."""
     return int(await db.fetch_val(_EXPIRE, {"batch": batch, "expired": _EXPIRED}))
+
+
+async def cancel_requeued(db: Database, *, batch: int) -> int:
+    """A cancel accepted while the job ran, and the job went back to queued anyway (its worker died and it was
+    rescued, or a retry was booked): the claim refuses it, so it ends `cancelled` here."""
+    return int(await db.fetch_val(_CANCEL_QUEUED, {"batch": batch, "cancelled": _CANCELLED}))
 
 
 async def take_due(db: Database, *, batch: int, redispatch_after_s: float) -> list[tuple[UUID, int]]:

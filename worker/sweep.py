@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from worker import store
-from worker.queue import Deps, enqueue
+from worker.queue import Deps, ring_again
 
 log = logging.getLogger("outlast.sweep")
 
@@ -27,9 +27,10 @@ async def sweep_once(deps: Deps) -> None:
         db, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
     )
     expired = await store.expire_late(db, batch=config.sweep_batch)
+    cancelled = await store.cancel_requeued(db, batch=config.sweep_batch)
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
     due = await store.take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s)
-    rung = await asyncio.gather(*(enqueue(deps.redis, job_id, attempt) for job_id, attempt in due))
+    rung = await asyncio.gather(*(ring_again(deps.redis, job_id, attempt) for job_id, attempt in due))
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
     await store.retain(
@@ -38,5 +39,5 @@ async def sweep_once(deps: Deps) -> None:
         result_retention_s=config.result_retention_s,
         job_retention_s=config.job_retention_s,
     )
-    if rescued or expired or due:
-        log.info("sweep: rescued %d, expired %d, dispatched %d", rescued, expired, len(due))
+    if rescued or expired or cancelled or due:
+        log.info("sweep: rescued %d, expired %d, cancelled %d, dispatched %d", rescued, expired, cancelled, len(due))
