@@ -378,6 +378,10 @@ def test_problem_slugs_are_stable() -> None:
         "gone",
         "payload-too-large",
         "unavailable",
+        "unauthorized",
+        "idempotency-key-reused",
+        "request-timeout",
+        "rate-limited",
     }
 
 
