@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import store
+from worker import keys, store
 from worker.config import Config, from_env
 from worker.job import (
     LIVE,
@@ -38,6 +38,7 @@ __all__ = [
     "connect",
     "enqueue",
     "from_env",
+    "keys",
     "load_job_types",
     "request_abort",
     "store",

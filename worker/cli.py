@@ -1,4 +1,4 @@
-"""The `outlast` command: run (everything, for development), migrate, web, worker, submit."""
+"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, submit."""
 
 from __future__ import annotations
 
@@ -11,12 +11,18 @@ import shlex
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from databases import Database
+
+from worker import keys
 from worker.config import from_env
 from worker.migrate import create_database, migrate
+from worker.queue import open_database
 
+T = TypeVar("T")
 WEB = "{python} -m uvicorn --factory server.app:create_app --host {host} --port {port} --loop uvloop --http httptools"
 WORKER = "{python} -m arq worker.settings.WorkerSettings"
 
@@ -46,6 +52,46 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     return _exec(WORKER.format(python=sys.executable))
+
+
+async def _with_database(call: Callable[[Database], Awaitable[T]]) -> T:
+    db = open_database(from_env())
+    await db.connect()
+    try:
+        return await call(db)
+    finally:
+        await db.disconnect()
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    try:
+        key = asyncio.run(_with_database(lambda db: keys.create(db, args.tenant, args.name)))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(
+        f"A new API key for tenant {args.tenant!r}. It is shown this once and stored only as a hash:", file=sys.stderr
+    )
+    print(key, flush=True)  # alone on the last line of stdout: KEY=$(outlast keys create acme)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    found = asyncio.run(_with_database(lambda db: keys.list_keys(db, args.tenant)))
+    print(f"{'id':<12}  {'tenant':<20}  {'created':<20}  {'last used':<20}  {'revoked':<20}  name")
+    day = "%Y-%m-%d %H:%M:%S"
+    for k in found:
+        used = k.last_used_at.strftime(day) if k.last_used_at else "-"
+        revoked = k.revoked_at.strftime(day) if k.revoked_at else "-"
+        print(f"{k.id:<12}  {k.tenant:<20}  {k.created_at.strftime(day):<20}  {used:<20}  {revoked:<20}  {k.name}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    if not asyncio.run(_with_database(lambda db: keys.revoke(db, args.key))):
+        print(f"no usable key {args.key!r} (unknown, or already revoked)", file=sys.stderr)
+        return 1
+    print(f"revoked {keys.key_id(args.key) or args.key}: it answers 401 from now on", file=sys.stderr)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -133,6 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("input", help="the job's input as JSON")
     submit.add_argument("--wait", action="store_true", help="follow progress until the job is done")
     submit.add_argument("--url", default=os.environ.get("OUTLAST_URL", "http://127.0.0.1:8000"))
+    keys_parser = sub.add_parser("keys", help="API keys in DATABASE_URL: create, list, revoke")
+    keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key for TENANT and print it, once, on the last line")
+    create.add_argument("tenant")
+    create.add_argument("--name", default="", help="a label: who holds the key, what for")
+    listing = keys_sub.add_parser("list", help="every key (never the key itself): id, tenant, dates, name")
+    listing.add_argument("--tenant")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (or the whole key): 401 from then on")
+    revoke.add_argument("key")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        sys.exit({"create": cmd_keys_create, "list": cmd_keys_list, "revoke": cmd_keys_revoke}[args.keys_command](args))
     commands = {"run": cmd_run, "migrate": cmd_migrate, "web": cmd_web, "worker": cmd_worker, "submit": cmd_submit}
     sys.exit(commands[args.command](args))
