@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from uuid_utils.compat import uuid7
 
+from server.auth import signed_links, tenant_of
 from server.problems import (
     Conflict,
     FieldError,
@@ -31,7 +32,6 @@ from server.problems import (
 from server.responses import MsgspecResponse
 from worker import Deps, Job, JobType, Status, enqueue, request_abort, store
 
-TENANT = "default"  # one tenant until API keys land
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
@@ -124,6 +124,10 @@ def _depth(value: Any) -> int:
     return 0
 
 
+def _job(request: Request, row: store.JobRow) -> Job:
+    return signed_links(request, row.to_job())
+
+
 def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
     """How long a poller should wait: grows with the job's age, never more than 30 s."""
     age = ((now or datetime.now(UTC)) - row.created_at).total_seconds()
@@ -159,7 +163,7 @@ async def submit(request: Request) -> Response:
     row = await store.insert_job(
         deps.db,
         job_id=uuid7(),
-        tenant=TENANT,
+        tenant=tenant_of(request),
         type=job_type.name,
         input=_encode(value),
         max_attempts=body.max_attempts or job_type.max_attempts or config.default_max_attempts,
@@ -173,7 +177,7 @@ async def submit(request: Request) -> Response:
         # The row is the outbox: the sweep dispatches it once Redis is back.
         await store.undispatch(deps.db, row.id, row.attempt)
     headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
-    return MsgspecResponse(row.to_job(), status_code=202, headers=headers)
+    return MsgspecResponse(_job(request, row), status_code=202, headers=headers)
 
 
 def _job_id(request: Request) -> UUID:
@@ -184,7 +188,7 @@ def _job_id(request: Request) -> UUID:
 
 
 async def _get(request: Request) -> store.JobRow:
-    row = await store.get_job(_deps(request).db, TENANT, _job_id(request))
+    row = await store.get_job(_deps(request).db, tenant_of(request), _job_id(request))
     if row is None:
         raise NotFound("no such job")
     return row
@@ -212,7 +216,7 @@ async def show(request: Request) -> Response:
     headers = {} if row.done else {"Retry-After": str(retry_after(row))}
     if wait:
         headers["Preference-Applied"] = f"wait={wait}"
-    return MsgspecResponse(row.to_job(), headers=headers)
+    return MsgspecResponse(_job(request, row), headers=headers)
 
 
 async def cancel(request: Request) -> Response:
@@ -220,13 +224,13 @@ async def cancel(request: Request) -> Response:
     and the job ends `cancelled`, unless it finishes first. Done: 409."""
     deps = _deps(request)
     job_id = _job_id(request)
-    row = await store.request_cancel(deps.db, TENANT, job_id)
+    row = await store.request_cancel(deps.db, tenant_of(request), job_id)
     if row is None:
         done = await _get(request)  # 404 when unknown
         raise Conflict(f"the job is already {done.status}")
     if row.status == "running":
         await request_abort(deps.redis, row.id, row.attempt)
-    return MsgspecResponse(row.to_job(), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
+    return MsgspecResponse(_job(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 
 async def result(request: Request) -> Response:
@@ -261,11 +265,16 @@ async def list_jobs(request: Request) -> Response:
         raise problem from None
     before = None if query.cursor is None else _parse_cursor(query.cursor)
     rows = await store.list_jobs(
-        _deps(request).db, TENANT, limit=query.limit + 1, status=query.status, type=query.type, before=before
+        _deps(request).db,
+        tenant_of(request),
+        limit=query.limit + 1,
+        status=query.status,
+        type=query.type,
+        before=before,
     )
     page = rows[: query.limit]
     next_cursor = _cursor(page[-1].id) if len(rows) > query.limit else None
-    return MsgspecResponse(JobList([row.to_job() for row in page], next_cursor))
+    return MsgspecResponse(JobList([_job(request, row) for row in page], next_cursor))
 
 
 def job_type_list(types: Mapping[str, JobType], default_max_attempts: int) -> JobTypeList:

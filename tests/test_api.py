@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.problems import ProblemError, slug
-from tests.conftest import job_row
+from tests.conftest import bearer, job_row
 from worker import Deps
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
@@ -385,7 +385,7 @@ def test_problem_slugs_are_stable() -> None:
     }
 
 
-async def test_redis_down_still_accepts_the_job_and_readyz_names_redis(config: Any, deps: Deps) -> None:
+async def test_redis_down_still_accepts_the_job_and_readyz_names_redis(config: Any, deps: Deps, api_key: str) -> None:
     import msgspec
 
     from server.app import create_app
@@ -394,7 +394,7 @@ async def test_redis_down_still_accepts_the_job_and_readyz_names_redis(config: A
     app = create_app(broken)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
             response = await client.post("/v1/jobs", json=SQUARES)
             assert response.status_code == 202
             row = await job_row(deps, response.json()["id"])

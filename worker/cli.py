@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import sys
 import urllib.error
@@ -94,6 +95,15 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_secret(data: Path) -> str:
+    """The development token secret, generated once and kept under the data directory, so tokens outlive a restart."""
+    path = data / "secret_key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Web + worker together; an embedded PostgreSQL / Valkey for whichever URL is not set."""
     from honcho.manager import Manager
@@ -107,12 +117,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not env.get("DATABASE_URL"):
             postgres = stack.enter_context(EmbeddedPostgres(data / "postgres"))
             env["DATABASE_URL"] = postgres.dsn("outlast")
+            # Our own database on this machine: the web may run open while no API key exists (it says so).
+            env["OUTLAST_DEV_OPEN"] = "1"
             print(f"embedded PostgreSQL: {env['DATABASE_URL']} (data in {data / 'postgres'})", file=sys.stderr)
         if not env.get("REDIS_URL"):
             valkey = stack.enter_context(EmbeddedValkey(data / "valkey"))
             env["REDIS_URL"] = valkey.url()
             print(f"embedded Valkey: {env['REDIS_URL']} (append-only file in {data / 'valkey'})", file=sys.stderr)
         _migrate(env["DATABASE_URL"])
+        if not env.get("OUTLAST_SECRET_KEY"):
+            data.mkdir(parents=True, exist_ok=True)
+            env["OUTLAST_SECRET_KEY"] = _dev_secret(data)
         port = env.setdefault("PORT", "8000")
         url = f"http://127.0.0.1:{port}"
         print(
@@ -130,9 +145,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(manager.returncode or 0)
 
 
-def _request(url: str, *, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+def _request(url: str, *, key: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    headers = {"content-type": "application/json", **(headers or {})}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=90) as response:
             return json.load(response)
@@ -156,11 +174,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise SystemExit(f"INPUT is not JSON: {exc}") from None
     base = args.url.rstrip("/")
-    job = _request(f"{base}/v1/jobs", body={"type": args.type, "input": payload})
+    job = _request(f"{base}/v1/jobs", key=args.key, body={"type": args.type, "input": payload})
     if args.wait:
         while not job["done"]:
             print(_bar(job), end="", file=sys.stderr, flush=True)
-            job = _request(f"{base}{job['links']['self']}", headers={"prefer": "wait=1"})
+            job = _request(f"{base}{job['links']['self']}", key=args.key, headers={"prefer": "wait=1"})
         print(_bar(job), file=sys.stderr)
     print(json.dumps(job, indent=2))
     return 0 if not args.wait or job["status"] == "succeeded" else 1
@@ -179,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("input", help="the job's input as JSON")
     submit.add_argument("--wait", action="store_true", help="follow progress until the job is done")
     submit.add_argument("--url", default=os.environ.get("OUTLAST_URL", "http://127.0.0.1:8000"))
+    submit.add_argument(
+        "--key", default=os.environ.get("OUTLAST_API_KEY", ""), help="API key (default: $OUTLAST_API_KEY)"
+    )
     keys_parser = sub.add_parser("keys", help="API keys in DATABASE_URL: create, list, revoke")
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="make a key for TENANT and print it, once, on the last line")
