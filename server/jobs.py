@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -21,6 +23,7 @@ from server.problems import (
     Conflict,
     FieldError,
     Gone,
+    IdempotencyKeyReused,
     InvalidBody,
     JobFailed,
     JobNotDone,
@@ -36,6 +39,8 @@ MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
 TOO_DEEP = "the JSON is nested too deeply"
+# Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
+IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -128,6 +133,14 @@ def _job(request: Request, row: store.JobRow) -> Job:
     return signed_links(request, row.to_job())
 
 
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        msg = "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
+        raise ValidationError(msg, [FieldError("Idempotency-Key", msg)])
+    return key
+
+
 def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
     """How long a poller should wait: grows with the job's age, never more than 30 s."""
     age = ((now or datetime.now(UTC)) - row.created_at).total_seconds()
@@ -137,6 +150,7 @@ def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
 async def submit(request: Request) -> Response:
     deps = _deps(request)
     config = deps.config
+    idempotency_key = _idempotency_key(request)
     body = _decode_submit(await read_body(request, config.max_body_bytes))
     job_type = _job_types(request).get(body.type)
     if job_type is None:
@@ -160,24 +174,68 @@ async def submit(request: Request) -> Response:
     if len(metadata) > MAX_METADATA_BYTES or _depth(body.metadata) > MAX_METADATA_DEPTH:
         msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
         raise ValidationError(msg, [FieldError("$.metadata", msg)])
-    row = await store.insert_job(
-        deps.db,
-        job_id=uuid7(),
-        tenant=tenant_of(request),
-        type=job_type.name,
-        input=_encode(value),
-        max_attempts=body.max_attempts or job_type.max_attempts or config.default_max_attempts,
-        timeout_s=timeout_s,
-        retry_safe=job_type.retry_safe,
-        callback_url=None,
-        metadata=metadata,
-        ttl_s=config.job_ttl_s,
-    )
-    if not await enqueue(deps.redis, row.id, row.attempt):
+    max_attempts = body.max_attempts or job_type.max_attempts or config.default_max_attempts
+    # What makes two submits "the same request" for Idempotency-Key: the job they describe, not their bytes.
+    canonical = [job_type.name, value, max_attempts, timeout_s, body.metadata, body.callback_url]
+    fingerprint = hashlib.sha256(msgspec.json.encode(canonical, order="sorted")).digest()
+
+    async def insert() -> store.JobRow | None:
+        return await store.insert_job(
+            deps.db,
+            job_id=uuid7(),
+            tenant=tenant_of(request),
+            type=job_type.name,
+            input=_encode(value),
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+            retry_safe=job_type.retry_safe,
+            callback_url=None,
+            metadata=metadata,
+            ttl_s=config.job_ttl_s,
+            idempotency_key=idempotency_key,
+            request_hash=fingerprint,
+        )
+
+    row, replayed = await _create(deps, tenant_of(request), idempotency_key, fingerprint, insert)
+    headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    # Only the request that created the row rings the doorbell: a replay never dispatches twice.
+    elif not await enqueue(deps.redis, row.id, row.attempt):
         # The row is the outbox: the sweep dispatches it once Redis is back.
         await store.undispatch(deps.db, row.id, row.attempt)
-    headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
     return MsgspecResponse(_job(request, row), status_code=202, headers=headers)
+
+
+async def _create(
+    deps: Deps,
+    tenant: str,
+    key: str | None,
+    fingerprint: bytes,
+    insert: Callable[[], Awaitable[store.JobRow | None]],
+) -> tuple[store.JobRow, bool]:
+    """Insert the job or, when its Idempotency-Key is taken, find the job that key made: (row, replayed).
+
+    The unique index decides who creates (INSERT ... ON CONFLICT DO NOTHING, never check-then-insert): a concurrent
+    duplicate waits for the winner's commit, then finds the winner's row here. Past `idempotency_ttl_s` a key is
+    released and makes a new job."""
+    for _ in range(3):
+        row = await insert()
+        if row is not None:
+            return row, False
+        assert key is not None  # nothing else can conflict
+        found = await store.find_idempotent(deps.db, tenant, key, window_s=deps.config.idempotency_ttl_s)
+        if found is None:
+            continue  # the job was deleted meanwhile: the key is free again
+        row, request_hash, expired = found
+        if expired:
+            await store.release_idempotency_key(deps.db, row.id, key)
+            continue
+        if request_hash != fingerprint:
+            msg = "this Idempotency-Key was already used with a different request; use a new key for a new job"
+            raise IdempotencyKeyReused(msg, [FieldError("Idempotency-Key", msg)])
+        return row, True
+    raise Conflict("this Idempotency-Key keeps changing hands; retry")
 
 
 def _job_id(request: Request) -> UUID:

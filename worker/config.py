@@ -50,6 +50,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     secret_key: str = ""  # signs job read tokens; required unless the web runs open for development
     dev_open: bool = False  # set by `outlast run` with its embedded database: open while no API key exists
     token_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 900  # job read tokens in `links` live this long
+    idempotency_ttl_s: Seconds = 86_400  # an Idempotency-Key replays its job this long, then may be used again
     auth_failures_per_min: Annotated[int, msgspec.Meta(ge=1)] = (
         30  # per client address; past it: 429 till the minute ends
     )
