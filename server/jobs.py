@@ -14,11 +14,12 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from uuid_utils.compat import uuid7
 
-from server.auth import signed_links, tenant_of
+from server import limits
+from server.auth import caller_of, signed_links, tenant_of
 from server.problems import (
     Conflict,
     FieldError,
@@ -29,6 +30,7 @@ from server.problems import (
     JobNotDone,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     UnknownJobType,
     ValidationError,
 )
@@ -94,17 +96,25 @@ def _job_types(request: Request) -> Mapping[str, JobType]:
     return types
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit`, whatever Content-Length claimed."""
+async def read_body(request: Request, limit: int, *, timeout_s: float = 30.0) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit`, whatever Content-Length claimed, and with 408
+    unless all of it arrives within `timeout_s` (a slow or stalled sender, or a Content-Length larger than the data,
+    would otherwise hold the request open for as long as it likes)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the whole body must arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise InvalidBody("the client went away before the body was complete") from None
     return b"".join(chunks)
 
 
@@ -150,8 +160,11 @@ def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
 async def submit(request: Request) -> Response:
     deps = _deps(request)
     config = deps.config
+    await limits.take_submit(
+        deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
+    )
     idempotency_key = _idempotency_key(request)
-    body = _decode_submit(await read_body(request, config.max_body_bytes))
+    body = _decode_submit(await read_body(request, config.max_body_bytes, timeout_s=config.body_timeout_s))
     job_type = _job_types(request).get(body.type)
     if job_type is None:
         known = ", ".join(sorted(_job_types(request)))

@@ -1,23 +1,63 @@
 """Rate limits kept in Redis, so every web process counts against the same numbers:
 
-- failed authentications per client address: a fixed one-minute window (`AuthThrottle`).
+- submits per API key: a token bucket (`take_submit`);
+- failed authentications per client address: a fixed one-minute window (`AuthThrottle`);
+- open event streams per API key: leased slots (`stream_slot`).
 
 Each check is one Lua script or one MULTI, so concurrent requests never race past a limit, and all time comes from
-the Redis clock. When Redis is unreachable they fail open and log it: refusing every caller because the doorbell is
-broken would turn a Redis outage into a full one.
+the Redis clock. When Redis is unreachable they fail open and log it: a submit's row is durable without Redis (it
+is the outbox), and refusing every caller because the doorbell is broken would turn a Redis outage into a full one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from server.problems import RateLimited
+
 log = logging.getLogger("outlast.web")
 REDIS_DOWN = (RedisError, OSError)
+
+# KEYS[1]: the bucket (a hash of tokens, ts). ARGV: rate per second, burst. Returns {1} or {0, seconds to wait}.
+_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local taken = 0
+if tokens >= 1 then
+    tokens = tokens - 1
+    taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+if taken == 1 then return {1} end
+return {0, tostring((1 - tokens) / rate)}
+"""
+
+
+async def take_submit(redis: Any, key: str, *, rate: float, burst: int) -> None:
+    """Take one submit from `key`'s bucket, or raise RateLimited with how long until the next one."""
+    try:
+        answer = await redis.register_script(_BUCKET)(keys=[f"outlast:rate:submit:{key}"], args=[rate, burst])
+    except REDIS_DOWN as exc:
+        log.warning("submit rate limit not applied: Redis unavailable (%s)", exc)
+        return
+    if int(answer[0]) != 1:
+        wait = math.ceil(float(answer[1]))
+        raise RateLimited(f"more than {rate:g} submits per second with this API key; retry in {wait} s", wait)
 
 
 class AuthThrottle:
@@ -63,3 +103,59 @@ class AuthThrottle:
             self._blocked = {c: until for c, until in self._blocked.items() if until > now}
         self._blocked[client] = time.monotonic() + left
         return left
+
+
+# KEYS[1]: a key's slots, a sorted set of slot id -> lease end (ms). ARGV: slot id, limit, lease (ms).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+# The same arguments: extend a held slot's lease (XX: a slot that expired meanwhile is not brought back).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+@contextlib.asynccontextmanager
+async def stream_slot(
+    redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0
+) -> AsyncIterator[None]:
+    """Hold one of `key`'s `limit` stream slots for the body of the `with`, or raise RateLimited.
+
+    A slot is a lease renewed every lease/3 while held and deleted on exit, so a web process that dies holding
+    slots gives them back within `lease_s` instead of locking its key out for good.
+    """
+    name, slot, lease_ms = f"outlast:streams:{key}", uuid.uuid4().hex, int(lease_s * 1000)
+    try:
+        taken = int(await redis.register_script(_ACQUIRE)(keys=[name], args=[slot, limit, lease_ms]))
+    except REDIS_DOWN as exc:
+        log.warning("stream limit not applied: Redis unavailable (%s)", exc)
+        taken = -1
+    if taken == 0:
+        raise RateLimited(f"this API key already has {limit} event streams open", retry_after)
+    if taken == -1:
+        yield
+        return
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            with contextlib.suppress(*REDIS_DOWN):
+                await redis.register_script(_RENEW)(keys=[name], args=[slot, limit, lease_ms])
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(*REDIS_DOWN):
+            await asyncio.shield(redis.zrem(name, slot))

@@ -111,7 +111,9 @@ async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
         db_timeout_s=2.0,
         retry_after_s=2,
         secret_key=TEST_SECRET,
-        # Generous, so tests that fail many requests on purpose test what they mean to; limits' own tests tighten it.
+        # Generous, so tests that fire many requests measure what they mean to; limits' own tests tighten them.
+        submit_rate_per_s=100_000.0,
+        submit_burst=100_000,
         auth_failures_per_min=100_000,
     )
 
@@ -212,6 +214,8 @@ def process_env(config: Config, **extra: str) -> dict[str, str]:
         OUTLAST_DB_TIMEOUT_S=str(config.db_timeout_s),
         OUTLAST_RETRY_AFTER_S=str(config.retry_after_s),
         OUTLAST_SECRET_KEY=config.secret_key,
+        OUTLAST_SUBMIT_RATE_PER_S=str(config.submit_rate_per_s),
+        OUTLAST_SUBMIT_BURST=str(config.submit_burst),
         OUTLAST_AUTH_FAILURES_PER_MIN=str(config.auth_failures_per_min),
     )
     env.update(extra)

@@ -228,6 +228,36 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] =
         "$",
     ),
     ("result is not settable", "POST", "/v1/jobs", {"json": {**SQUARES, "result": 1}}, 422, "validation-error", "$"),
+    *[
+        (
+            f"{field} is not settable",
+            "POST",
+            "/v1/jobs",
+            {"json": {**SQUARES, field: value}},
+            422,
+            "validation-error",
+            "$",
+        )
+        for field, value in [
+            ("tenant_id", "someone-else"),
+            ("attempt", 5),
+            ("done", True),
+            ("error", None),
+            ("created_at", "2020-01-01T00:00:00Z"),
+            ("expires_at", "2099-01-01T00:00:00Z"),
+            ("idempotency_key", "k"),
+            ("links", {}),
+        ]
+    ],
+    (
+        "input array longer than the type allows",
+        "POST",
+        "/v1/jobs",
+        {"json": {"type": "square_sum", "input": {"data": [1] * 100_001}}},
+        422,
+        "validation-error",
+        "$.input.data",
+    ),
     (
         "max_attempts too high",
         "POST",

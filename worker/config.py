@@ -51,9 +51,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     dev_open: bool = False  # set by `outlast run` with its embedded database: open while no API key exists
     token_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 900  # job read tokens in `links` live this long
     idempotency_ttl_s: Seconds = 86_400  # an Idempotency-Key replays its job this long, then may be used again
+    submit_rate_per_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0  # per API key, refilled continuously...
+    submit_burst: Annotated[int, msgspec.Meta(ge=1)] = 100  # ...into a bucket this deep
+    max_streams_per_key: Annotated[int, msgspec.Meta(ge=1)] = 10  # open event streams per API key
     auth_failures_per_min: Annotated[int, msgspec.Meta(ge=1)] = (
         30  # per client address; past it: 429 till the minute ends
     )
+    body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
 
 
 def env_name(field: str) -> str:
