@@ -47,5 +47,5 @@ def create_app(config: Config | None = None) -> Starlette:
     )
     app.state.job_types = job_types
     app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)
-    app.state.openapi = openapi.build()
+    app.state.openapi = openapi.build(job_types)
     return app

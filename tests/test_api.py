@@ -148,6 +148,19 @@ async def test_openapi_is_3_1_and_describes_the_routes_from_the_types(client: ht
     assert submit["properties"]["max_attempts"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 20}
     assert "status" in doc["components"]["schemas"]["Job"]["properties"]
     assert (await client.get("/docs")).headers["content-type"].startswith("text/html")
+    bearer_scheme = doc["components"]["securitySchemes"]["apiKey"]
+    assert (bearer_scheme["type"], bearer_scheme["scheme"]) == ("http", "bearer")
+    assert doc["security"] == [{"apiKey": []}]
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
+                assert {"401", "429"} <= set(operation["responses"]), (path, operation["operationId"])
+            else:
+                assert operation["security"] == [], path
+    submit = doc["paths"]["/v1/jobs"]["post"]
+    assert set(submit["responses"]["202"]["links"]) == {"GetJob", "GetJobResult", "CancelJob"}
+    variants = submit["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {v["properties"]["type"]["const"] for v in variants} >= {"square_sum", "cube_sum", "sleep", "flaky"}
 
 
 async def test_healthz_and_readyz_answer_200_when_both_stores_are_up(client: httpx.AsyncClient) -> None:
