@@ -41,6 +41,10 @@ MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
 TOO_DEEP = "the JSON is nested too deeply"
+# A NUL in a JSON string, as msgspec encodes it (\u0000 after an even number of backslashes): PostgreSQL's jsonb and
+# text can't hold it, so it is refused up front rather than failing the INSERT.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+NUL_MSG = "PostgreSQL can't store the NUL character (\\u0000) in text"
 # Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
@@ -63,10 +67,11 @@ class JobList(msgspec.Struct, frozen=True):
 
 
 class ListQuery(msgspec.Struct, frozen=True, kw_only=True):
-    status: Status | None = None
-    type: str | None = None
+    # UNSET rather than None for "not given": non-strict conversion would read the string "null" as None.
+    status: Status | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
-    cursor: str | None = None
+    cursor: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class JobTypeInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,6 +136,12 @@ def _decode_submit(body: bytes) -> SubmitJob:
         raise InvalidBody(TOO_DEEP) from None
 
 
+def _storable(encoded: bytes, loc: str) -> bytes:
+    if _NUL.search(encoded):
+        raise ValidationError(f"{NUL_MSG} at {loc}", [FieldError(loc, NUL_MSG)])
+    return encoded
+
+
 def _depth(value: Any) -> int:
     if isinstance(value, dict):
         return 1 + max(map(_depth, value.values()), default=0)
@@ -183,7 +194,8 @@ async def submit(request: Request) -> Response:
     if timeout_s > config.max_timeout_s:
         msg = f"timeout_s must be at most {config.max_timeout_s}"
         raise ValidationError(msg, [FieldError("$.timeout_s", msg)])
-    metadata = _encode(body.metadata)
+    input = _storable(_encode(value), "$.input")
+    metadata = _storable(_encode(body.metadata), "$.metadata")
     if len(metadata) > MAX_METADATA_BYTES or _depth(body.metadata) > MAX_METADATA_DEPTH:
         msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
         raise ValidationError(msg, [FieldError("$.metadata", msg)])
@@ -198,7 +210,7 @@ async def submit(request: Request) -> Response:
             job_id=uuid7(),
             tenant=tenant_of(request),
             type=job_type.name,
-            input=_encode(value),
+            input=input,
             max_attempts=max_attempts,
             timeout_s=timeout_s,
             retry_safe=job_type.retry_safe,
@@ -328,19 +340,26 @@ def _parse_cursor(cursor: str) -> UUID:
 
 
 async def list_jobs(request: Request) -> Response:
+    params = request.query_params
+    for name in params:
+        if len(params.getlist(name)) > 1:  # which one would count? Refuse rather than pick one silently.
+            msg = f"{name} may be given once"
+            raise ValidationError(msg, [FieldError(name, msg)])
     try:
-        query = msgspec.convert(dict(request.query_params), ListQuery, strict=False)
+        query = msgspec.convert(dict(params), ListQuery, strict=False)
     except msgspec.ValidationError as exc:
         problem = ValidationError.from_msgspec(exc)
         problem.errors = [FieldError(e.loc.removeprefix("$."), e.msg) for e in problem.errors]
         raise problem from None
-    before = None if query.cursor is None else _parse_cursor(query.cursor)
+    if query.type is not msgspec.UNSET and "\x00" in query.type:
+        raise ValidationError(NUL_MSG, [FieldError("type", NUL_MSG)])
+    before = None if query.cursor is msgspec.UNSET else _parse_cursor(query.cursor)
     rows = await store.list_jobs(
         _deps(request).db,
         tenant_of(request),
         limit=query.limit + 1,
-        status=query.status,
-        type=query.type,
+        status=None if query.status is msgspec.UNSET else query.status,
+        type=None if query.type is msgspec.UNSET else query.type,
         before=before,
     )
     page = rows[: query.limit]
