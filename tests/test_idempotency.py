@@ -82,7 +82,7 @@ async def test_a_malformed_key_is_422_naming_the_header(
 
 
 async def test_ten_thousand_concurrent_submits_with_one_key_make_one_job_run_once(
-    client: httpx.AsyncClient, deps: Deps, drain: Drain
+    client: httpx.AsyncClient, deps: Deps, drain: Drain, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """50 clients send 10,000 POSTs with one key and body, then 100 with another body."""
     headers = key()
@@ -100,7 +100,8 @@ async def test_ten_thousand_concurrent_submits_with_one_key_make_one_job_run_onc
     assert len(ids) == 1
     (job_id,) = ids
     assert answers == {(202, None, job_id): 1, (202, "true", job_id): 9_999, (422, None, None): 100}
-    print(f"\n10,100 submits with one Idempotency-Key: {dict(answers)}")
+    with capsys.disabled():
+        print("\n10,100 submits with one Idempotency-Key: 1 created, 9,999 replays flagged, 100 x 422, 0 5xx")
     assert await deps.db.fetch_val("SELECT count(*) FROM jobs") == 1
     assert await deps.redis.zcard(QUEUE) == 1  # one dispatch
     await drain()
