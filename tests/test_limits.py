@@ -1,10 +1,13 @@
-"""Rate limits and request limits (server/limits.py, server/jobs.py): 429 with Retry-After, 408 for a slow body."""
+"""Rate limits and request limits (server/limits.py, server/jobs.py): 429 with Retry-After, 408 for a slow body,
+and a table of hostile requests against a real web process, whose memory must stay bounded."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import msgspec
@@ -14,7 +17,7 @@ from redis.asyncio import Redis
 from server.app import create_app
 from server.limits import stream_slot, take_submit
 from server.problems import RateLimited
-from tests.conftest import bearer
+from tests.conftest import Processes, bearer, process_env
 from worker import Config, Deps, keys
 
 SQUARES = {"type": "square_sum", "input": {"data": [1]}}
@@ -133,3 +136,109 @@ async def test_a_body_that_does_not_arrive_in_time_is_408(config: Config, deps: 
     assert response.status_code == 408, response.text
     assert response.json()["type"] == "/problems/request-timeout" and response.headers["connection"] == "close"
     assert await deps.db.fetch_val("SELECT count(*) FROM jobs") == 0
+
+
+# -- a real web process: the resource-limit table, and its memory ----------------------------------------------
+
+
+async def raw_request(port: int, head: bytes, parts: list[bytes | float]) -> int:
+    """Send a hand-made request (a float in `parts` is a pause) and return the status of the first answer, which
+    may come before the request is complete: it is read while the request is still being written."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):  # the server may answer, and close, before we are done
+            writer.write(head)
+            for part in parts:
+                if isinstance(part, float):
+                    await asyncio.sleep(part)
+                else:
+                    writer.write(part)
+                    await writer.drain()
+
+    answer = asyncio.ensure_future(reader.readline())
+    sending = asyncio.create_task(send())
+    try:
+        status_line = await asyncio.wait_for(answer, 15)
+        return int(status_line.split()[1]) if status_line else 0
+    finally:
+        sending.cancel()
+        writer.close()
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await sending
+            await writer.wait_closed()
+
+
+class Case(NamedTuple):
+    name: str
+    parts: list[bytes | float]  # the body, in writes; a float is a pause
+    status: int
+    length: int | None = -1  # Content-Length: -1 the true one, None chunked
+
+
+MIB = 1_048_576
+GOOD = b'{"type": "square_sum", "input": {"data": [1, 2, 3]}}'
+DEEP_METADATA = b'{"type": "sleep", "metadata": {"a": ' + b"[" * 60 + b"]" * 60 + b"}}"
+# Against a web process with OUTLAST_BODY_TIMEOUT_S=1.
+LIMIT_TABLE = [
+    Case("oversized, with its length", [b"[" * (2 * MIB)], 413),
+    Case("oversized, chunked without a length", [b"[" * MIB, b"[" * MIB], 413, None),
+    Case(
+        "nested past any parser",
+        [b'{"type": "sleep", "metadata": {"a": ' + b"[" * 400_000 + b"]" * 400_000 + b"}}"],
+        400,
+    ),
+    Case("metadata nested too deep", [DEEP_METADATA], 422),
+    Case(
+        "an input array longer than its type allows",
+        [b'{"type": "square_sum", "input": {"data": [' + b"1," * 100_000 + b"1]}}"],
+        422,
+    ),
+    Case("a length larger than the body", [GOOD], 408, 1000),
+    Case("a length smaller than the body", [GOOD], 400, 20),
+    Case("a body that trickles in", [x for b in GOOD for x in (bytes([b]), 0.2)], 408),
+    Case("headers, then nothing", [], 408, 100),
+]
+
+
+def request_bytes(key: str, case: Case) -> tuple[bytes, list[bytes | float]]:
+    body = [p for p in case.parts if isinstance(p, bytes)]
+    if case.length is None:
+        framing = "Transfer-Encoding: chunked"
+        parts: list[bytes | float] = [b"%x\r\n%s\r\n" % (len(p), p) for p in body] + [b"0\r\n\r\n"]
+    else:
+        framing = f"Content-Length: {sum(map(len, body)) if case.length == -1 else case.length}"
+        parts = case.parts
+    head = f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n{framing}\r\n\r\n"
+    return head.encode(), parts
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+@pytest.mark.slow
+async def test_the_limit_table_answers_4xx_never_5xx_and_the_web_processs_memory_stays_bounded(
+    config: Config, deps: Deps, api_key: str, tmp_path: Path
+) -> None:
+    procs = Processes(process_env(config, OUTLAST_BODY_TIMEOUT_S="1"), tmp_path, api_key)
+    procs.start_web()
+    try:
+        await procs.ready()
+        assert procs.web is not None
+        port = procs.port
+        assert await raw_request(port, *request_bytes(api_key, Case("warm-up", [GOOD], 202))) == 202
+        before = rss_kib(procs.web.pid)
+        for _ in range(3):  # the whole table three times over, each time all at once
+            answers = await asyncio.gather(*(raw_request(port, *request_bytes(api_key, c)) for c in LIMIT_TABLE))
+            assert {c.name: a for c, a in zip(LIMIT_TABLE, answers, strict=True)} == {
+                c.name: c.status for c in LIMIT_TABLE
+            }
+        grown_mib = (rss_kib(procs.web.pid) - before) / 1024
+        print(f"\nweb RSS grew {grown_mib:.1f} MiB over {3 * len(LIMIT_TABLE)} hostile requests")
+        assert grown_mib < 50
+        assert procs.web.poll() is None
+        assert "Traceback" not in procs.log("web") and " 500 " not in procs.log("web")
+    finally:
+        procs.stop()
