@@ -170,8 +170,13 @@ async def guard(config: Config, db: Database) -> Guard:
 
 
 def signed_links(request: Request, job: Job) -> Job:
-    """The Job with a read token in `links.self` and `links.events`, so a browser's EventSource can follow it."""
-    token = request.app.state.guard.token(tenant_of(request), job.id)
+    """The Job with a read token in `links.self` and `links.events`, so a browser's EventSource can follow it.
+
+    Not for a caller that came with a token itself: reading the job must not renew its own access for ever."""
+    caller = caller_of(request)
+    if caller.job is not None:
+        return job
+    token = request.app.state.guard.token(caller.tenant, job.id)
     links = Links(
         self=f"{job.links.self}?token={token}", events=f"{job.links.events}?token={token}", result=job.links.result
     )

@@ -129,6 +129,12 @@ async def test_a_key_without_a_bearer_is_told_how_to_send_one(app_client: httpx.
     assert 'error="invalid_token"' in bad.headers["www-authenticate"]
 
 
+async def test_a_keys_last_use_is_recorded(app_client: httpx.AsyncClient, deps: Deps, api_key: str) -> None:
+    assert (await app_client.get("/v1/jobs", headers=bearer(api_key))).status_code == 200
+    (info,) = [k for k in await keys.list_keys(deps.db, "default") if k.id == keys.key_id(api_key)]
+    assert info.last_used_at is not None and info.revoked_at is None
+
+
 async def test_unknown_and_revoked_keys_get_the_same_answer(app_client: httpx.AsyncClient, deps: Deps) -> None:
     revoked = await keys.create(deps.db, "default")
     await keys.revoke(deps.db, revoked)
@@ -160,6 +166,8 @@ async def test_links_carry_a_read_token_for_that_job_only(app_client: httpx.Asyn
     assert "token" not in job["links"]["result"]
     followed = await app_client.get(job["links"]["self"])  # no API key: the token alone
     assert followed.status_code == 200 and followed.json()["id"] == job["id"]
+    # A token holder gets no fresh token: reading the job does not stretch its 15 minutes.
+    assert followed.json()["links"]["self"] == f"/v1/jobs/{job['id']}"
 
 
 async def test_a_read_token_opens_nothing_but_reading_its_job(
