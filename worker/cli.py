@@ -134,7 +134,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"\nOutlast on {url}  (API docs: {url}/docs; Ctrl-C stops everything)\n"
             f"  curl -si -X POST {url}/v1/jobs -H 'content-type: application/json' "
             """-d '{"type": "square_sum", "input": {"data": [1, 2, 3]}}'\n"""
-            f"  outlast submit sleep '{{\"seconds\": 5}}' --wait --url {url}\n",
+            f"  outlast submit sleep '{{\"seconds\": 5}}' --wait --url {url}\n"
+            f"  API keys (the first one ends open development mode; send it as Authorization: Bearer <key>):\n"
+            f"  DATABASE_URL={env['DATABASE_URL']} outlast keys create default\n",
             file=sys.stderr,
             flush=True,
         )
