@@ -2,7 +2,7 @@
 
 - submits per API key: a token bucket (`take_submit`);
 - failed authentications per client address: a fixed one-minute window (`AuthThrottle`);
-- open event streams per API key: leased slots (`stream_slot`).
+- open event streams per API key: leased slots (`StreamSlot`, `stream_slot`).
 
 Each check is one Lua script or one MULTI, so concurrent requests never race past a limit, and all time comes from
 the Redis clock. When Redis is unreachable they fail open and log it: a submit's row is durable without Redis (it
@@ -125,37 +125,66 @@ return 1
 """
 
 
+class StreamSlot:
+    """One of an API key's open-stream slots: a lease in a Redis sorted set that its holder renews while the stream
+    runs and releases when it ends. A holder that stops renewing (a process that died, a stream that never started)
+    loses the slot when the lease runs out, so no key is locked out for good.
+
+    For a streaming response, take the slot in the handler (a 429 must go out before any byte of the stream), then
+    renew it with each keep-alive and release it in the body's `finally`. `stream_slot()` does all three for code
+    that streams inside one `async with`.
+    """
+
+    def __init__(self, redis: Any, key: str, lease_s: float, *, held: bool) -> None:
+        self.redis, self.held = redis, held
+        self._name, self._id, self._lease_ms = f"outlast:streams:{key}", uuid.uuid4().hex, int(lease_s * 1000)
+
+    @classmethod
+    async def take(cls, redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0) -> StreamSlot:
+        """One of `key`'s `limit` slots, or RateLimited. Redis down: an unheld slot (the limit fails open)."""
+        slot = cls(redis, key, lease_s, held=True)
+        try:
+            taken = await slot._run(_ACQUIRE, limit)
+        except REDIS_DOWN as exc:
+            log.warning("stream limit not applied: Redis unavailable (%s)", exc)
+            return cls(redis, key, lease_s, held=False)
+        if not taken:
+            raise RateLimited(f"this API key already has {limit} event streams open", retry_after)
+        return slot
+
+    async def _run(self, script: str, limit: int = 0) -> bool:
+        args = [self._id, limit, self._lease_ms]
+        return int(await self.redis.register_script(script)(keys=[self._name], args=args)) == 1
+
+    async def renew(self) -> None:
+        """Extend the lease by `lease_s` from now: call it more often than that while the stream runs."""
+        if self.held:
+            with contextlib.suppress(*REDIS_DOWN):
+                await self._run(_RENEW)
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            with contextlib.suppress(*REDIS_DOWN):
+                await asyncio.shield(self.redis.zrem(self._name, self._id))
+
+
 @contextlib.asynccontextmanager
 async def stream_slot(
     redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0
-) -> AsyncIterator[None]:
-    """Hold one of `key`'s `limit` stream slots for the body of the `with`, or raise RateLimited.
-
-    A slot is a lease renewed every lease/3 while held and deleted on exit, so a web process that dies holding
-    slots gives them back within `lease_s` instead of locking its key out for good.
-    """
-    name, slot, lease_ms = f"outlast:streams:{key}", uuid.uuid4().hex, int(lease_s * 1000)
-    try:
-        taken = int(await redis.register_script(_ACQUIRE)(keys=[name], args=[slot, limit, lease_ms]))
-    except REDIS_DOWN as exc:
-        log.warning("stream limit not applied: Redis unavailable (%s)", exc)
-        taken = -1
-    if taken == 0:
-        raise RateLimited(f"this API key already has {limit} event streams open", retry_after)
-    if taken == -1:
-        yield
-        return
+) -> AsyncIterator[StreamSlot]:
+    """Hold one of `key`'s `limit` stream slots for the body of the `with` (renewed every lease/3), or raise
+    RateLimited."""
+    slot = await StreamSlot.take(redis, key, limit=limit, retry_after=retry_after, lease_s=lease_s)
 
     async def renew() -> None:
         while True:
             await asyncio.sleep(lease_s / 3)
-            with contextlib.suppress(*REDIS_DOWN):
-                await redis.register_script(_RENEW)(keys=[name], args=[slot, limit, lease_ms])
+            await slot.renew()
 
     renewing = asyncio.create_task(renew())
     try:
-        yield
+        yield slot
     finally:
         renewing.cancel()
-        with contextlib.suppress(*REDIS_DOWN):
-            await asyncio.shield(redis.zrem(name, slot))
+        await slot.release()

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from server.app import create_app
-from server.limits import stream_slot, take_submit
+from server.limits import StreamSlot, stream_slot, take_submit
 from server.problems import RateLimited
 from tests.conftest import Processes, bearer, process_env
 from worker import Config, Deps, keys
@@ -112,6 +112,21 @@ async def test_a_held_slot_is_renewed_past_its_lease(redis: Redis, deps: Deps) -
         with pytest.raises(RateLimited):
             async with stream_slot(redis, "k", limit=1, retry_after=5, lease_s=0.3):
                 pass
+
+
+async def test_a_slot_taken_before_streaming_is_renewed_by_its_stream_or_lapses(redis: Redis, deps: Deps) -> None:
+    """The pattern for a streaming response: take in the handler, renew with each keep-alive, release at the end."""
+    slot = await StreamSlot.take(redis, "k", limit=1, retry_after=5, lease_s=0.3)
+    for _ in range(3):  # 0.45 s, longer than the lease: held because renewed
+        await asyncio.sleep(0.15)
+        await slot.renew()
+        with pytest.raises(RateLimited):
+            await StreamSlot.take(redis, "k", limit=1, retry_after=5)
+    await slot.release()
+    again = await StreamSlot.take(redis, "k", limit=1, retry_after=5, lease_s=0.3)
+    await asyncio.sleep(0.4)  # a stream that never ran: nobody renews, the lease lapses, the slot comes back
+    await (await StreamSlot.take(redis, "k", limit=1, retry_after=5)).release()
+    await again.release()
 
 
 async def test_limits_fail_open_when_redis_is_down(deps: Deps) -> None:
