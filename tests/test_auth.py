@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -18,7 +18,6 @@ from tests.conftest import bearer
 from worker import Config, Deps, keys
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
-Client = Callable[..., Awaitable[httpx.Response]]
 
 
 def v1_routes() -> list[tuple[str, str]]:
