@@ -50,6 +50,9 @@ def settings(key: str) -> schemathesis.Config:
         {
             "seed": SEED,
             "headers": {"Authorization": f"Bearer {key}"},
+            # An event stream stays open while its job lives, and no worker runs here: read its first event only.
+            "max-stream-events": 1,
+            "request-timeout": 30,
             "generation": {"max-examples": int(os.environ.get("FUZZ_EXAMPLES", "100")), "database": "none"},
             "phases": {
                 "examples": {"enabled": True},
