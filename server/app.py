@@ -9,9 +9,10 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from server import deliveries, jobs, openapi, ops, problems
+from server import auth, deliveries, jobs, openapi, ops, problems
 from worker import Config, Guard, connect, from_env, load_job_types
 
 
@@ -23,6 +24,7 @@ def create_app(config: Config | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with connect(config) as deps:
             app.state.deps = deps
+            app.state.guard = await auth.guard(config, deps.db)
             yield
 
     app = Starlette(
@@ -40,11 +42,13 @@ def create_app(config: Config | None = None) -> Starlette:
             Route("/openapi.json", openapi.openapi, methods=["GET"]),
             Route("/docs", openapi.docs, methods=["GET"]),
         ],
+        # Every /v1 route, present or future, is authenticated here, before routing.
+        middleware=[Middleware(auth.Authenticate)],
         exception_handlers=problems.HANDLERS,
         lifespan=lifespan,
     )
     app.state.job_types = job_types
     app.state.callback_guard = Guard.from_config(config)  # the SSRF guard for callback_url (tests swap the resolver)
     app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)
-    app.state.openapi = openapi.build()
+    app.state.openapi = openapi.build(job_types)
     return app

@@ -6,7 +6,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.jobs import TENANT, _deps, _get, retry_after
+from server.auth import tenant_of
+from server.jobs import _deps, _get, retry_after
 from server.problems import Conflict, JobNotDone
 from server.responses import MsgspecResponse
 from worker import webhook_store
@@ -27,7 +28,7 @@ async def redeliver(request: Request) -> Response:
         raise JobNotDone(retry_after(row))
     if row.callback_url is None:
         raise Conflict("the job has no callback_url to deliver to")
-    delivery = await webhook_store.redeliver(_deps(request).db, TENANT, row.id)
+    delivery = await webhook_store.redeliver(_deps(request).db, tenant_of(request), row.id)
     if delivery is None:  # deleted by retention between the two statements
         raise Conflict("the job can no longer be delivered")
     headers = {"Location": f"/v1/jobs/{row.id}/deliveries"}

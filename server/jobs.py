@@ -5,37 +5,48 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from uuid_utils.compat import uuid7
 
+from server import limits
+from server.auth import caller_of, signed_links, tenant_of
 from server.problems import (
     Conflict,
     FieldError,
     Gone,
+    IdempotencyKeyReused,
     InvalidBody,
     JobFailed,
     JobNotDone,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     UnknownJobType,
     ValidationError,
 )
 from server.responses import MsgspecResponse
 from worker import Deps, Forbidden, Job, JobType, Status, enqueue, request_abort, store
 
-TENANT = "default"  # one tenant until API keys land
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
 TOO_DEEP = "the JSON is nested too deeply"
+# A NUL in a JSON string, as msgspec encodes it (\u0000 after an even number of backslashes): PostgreSQL's jsonb and
+# text can't hold it, so it is refused up front rather than failing the INSERT.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+NUL_MSG = "PostgreSQL can't store the NUL character (\\u0000) in text"
+# Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
+IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -56,10 +67,11 @@ class JobList(msgspec.Struct, frozen=True):
 
 
 class ListQuery(msgspec.Struct, frozen=True, kw_only=True):
-    status: Status | None = None
-    type: str | None = None
+    # UNSET rather than None for "not given": non-strict conversion would read the string "null" as None.
+    status: Status | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
-    cursor: str | None = None
+    cursor: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class JobTypeInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,17 +101,25 @@ def _job_types(request: Request) -> Mapping[str, JobType]:
     return types
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit`, whatever Content-Length claimed."""
+async def read_body(request: Request, limit: int, *, timeout_s: float = 30.0) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit`, whatever Content-Length claimed, and with 408
+    unless all of it arrives within `timeout_s` (a slow or stalled sender, or a Content-Length larger than the data,
+    would otherwise hold the request open for as long as it likes)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the whole body must arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise InvalidBody("the client went away before the body was complete") from None
     return b"".join(chunks)
 
 
@@ -116,12 +136,30 @@ def _decode_submit(body: bytes) -> SubmitJob:
         raise InvalidBody(TOO_DEEP) from None
 
 
+def _storable(encoded: bytes, loc: str) -> bytes:
+    if _NUL.search(encoded):
+        raise ValidationError(f"{NUL_MSG} at {loc}", [FieldError(loc, NUL_MSG)])
+    return encoded
+
+
 def _depth(value: Any) -> int:
     if isinstance(value, dict):
         return 1 + max(map(_depth, value.values()), default=0)
     if isinstance(value, list):
         return 1 + max(map(_depth, value), default=0)
     return 0
+
+
+def _job(request: Request, row: store.JobRow) -> Job:
+    return signed_links(request, row.to_job())
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        msg = "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
+        raise ValidationError(msg, [FieldError("Idempotency-Key", msg)])
+    return key
 
 
 def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
@@ -133,7 +171,11 @@ def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
 async def submit(request: Request) -> Response:
     deps = _deps(request)
     config = deps.config
-    body = _decode_submit(await read_body(request, config.max_body_bytes))
+    await limits.take_submit(
+        deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
+    )
+    idempotency_key = _idempotency_key(request)
+    body = _decode_submit(await read_body(request, config.max_body_bytes, timeout_s=config.body_timeout_s))
     job_type = _job_types(request).get(body.type)
     if job_type is None:
         known = ", ".join(sorted(_job_types(request)))
@@ -155,28 +197,73 @@ async def submit(request: Request) -> Response:
     if timeout_s > config.max_timeout_s:
         msg = f"timeout_s must be at most {config.max_timeout_s}"
         raise ValidationError(msg, [FieldError("$.timeout_s", msg)])
-    metadata = _encode(body.metadata)
+    input = _storable(_encode(value), "$.input")
+    metadata = _storable(_encode(body.metadata), "$.metadata")
     if len(metadata) > MAX_METADATA_BYTES or _depth(body.metadata) > MAX_METADATA_DEPTH:
         msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
         raise ValidationError(msg, [FieldError("$.metadata", msg)])
-    row = await store.insert_job(
-        deps.db,
-        job_id=uuid7(),
-        tenant=TENANT,
-        type=job_type.name,
-        input=_encode(value),
-        max_attempts=body.max_attempts or job_type.max_attempts or config.default_max_attempts,
-        timeout_s=timeout_s,
-        retry_safe=job_type.retry_safe,
-        callback_url=body.callback_url,
-        metadata=metadata,
-        ttl_s=config.job_ttl_s,
-    )
-    if not await enqueue(deps.redis, row.id, row.attempt):
+    max_attempts = body.max_attempts or job_type.max_attempts or config.default_max_attempts
+    # What makes two submits "the same request" for Idempotency-Key: the job they describe, not their bytes.
+    canonical = [job_type.name, value, max_attempts, timeout_s, body.metadata, body.callback_url]
+    fingerprint = hashlib.sha256(msgspec.json.encode(canonical, order="sorted")).digest()
+
+    async def insert() -> store.JobRow | None:
+        return await store.insert_job(
+            deps.db,
+            job_id=uuid7(),
+            tenant=tenant_of(request),
+            type=job_type.name,
+            input=input,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+            retry_safe=job_type.retry_safe,
+            callback_url=body.callback_url,
+            metadata=metadata,
+            ttl_s=config.job_ttl_s,
+            idempotency_key=idempotency_key,
+            request_hash=fingerprint,
+        )
+
+    row, replayed = await _create(deps, tenant_of(request), idempotency_key, fingerprint, insert)
+    headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    # Only the request that created the row rings the doorbell: a replay never dispatches twice.
+    elif not await enqueue(deps.redis, row.id, row.attempt):
         # The row is the outbox: the sweep dispatches it once Redis is back.
         await store.undispatch(deps.db, row.id, row.attempt)
-    headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
-    return MsgspecResponse(row.to_job(), status_code=202, headers=headers)
+    return MsgspecResponse(_job(request, row), status_code=202, headers=headers)
+
+
+async def _create(
+    deps: Deps,
+    tenant: str,
+    key: str | None,
+    fingerprint: bytes,
+    insert: Callable[[], Awaitable[store.JobRow | None]],
+) -> tuple[store.JobRow, bool]:
+    """Insert the job or, when its Idempotency-Key is taken, find the job that key made: (row, replayed).
+
+    The unique index decides who creates (INSERT ... ON CONFLICT DO NOTHING, never check-then-insert): a concurrent
+    duplicate waits for the winner's commit, then finds the winner's row here. Past `idempotency_ttl_s` a key is
+    released and makes a new job."""
+    for _ in range(3):
+        row = await insert()
+        if row is not None:
+            return row, False
+        assert key is not None  # nothing else can conflict
+        found = await store.find_idempotent(deps.db, tenant, key, window_s=deps.config.idempotency_ttl_s)
+        if found is None:
+            continue  # the job was deleted meanwhile: the key is free again
+        row, request_hash, expired = found
+        if expired:
+            await store.release_idempotency_key(deps.db, row.id, key)
+            continue
+        if request_hash != fingerprint:
+            msg = "this Idempotency-Key was already used with a different request; use a new key for a new job"
+            raise IdempotencyKeyReused(msg, [FieldError("Idempotency-Key", msg)])
+        return row, True
+    raise Conflict("this Idempotency-Key keeps changing hands; retry")
 
 
 def _job_id(request: Request) -> UUID:
@@ -187,7 +274,7 @@ def _job_id(request: Request) -> UUID:
 
 
 async def _get(request: Request) -> store.JobRow:
-    row = await store.get_job(_deps(request).db, TENANT, _job_id(request))
+    row = await store.get_job(_deps(request).db, tenant_of(request), _job_id(request))
     if row is None:
         raise NotFound("no such job")
     return row
@@ -215,7 +302,7 @@ async def show(request: Request) -> Response:
     headers = {} if row.done else {"Retry-After": str(retry_after(row))}
     if wait:
         headers["Preference-Applied"] = f"wait={wait}"
-    return MsgspecResponse(row.to_job(), headers=headers)
+    return MsgspecResponse(_job(request, row), headers=headers)
 
 
 async def cancel(request: Request) -> Response:
@@ -223,13 +310,13 @@ async def cancel(request: Request) -> Response:
     and the job ends `cancelled`, unless it finishes first. Done: 409."""
     deps = _deps(request)
     job_id = _job_id(request)
-    row = await store.request_cancel(deps.db, TENANT, job_id)
+    row = await store.request_cancel(deps.db, tenant_of(request), job_id)
     if row is None:
         done = await _get(request)  # 404 when unknown
         raise Conflict(f"the job is already {done.status}")
     if row.status == "running":
         await request_abort(deps.redis, row.id, row.attempt)
-    return MsgspecResponse(row.to_job(), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
+    return MsgspecResponse(_job(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 
 async def result(request: Request) -> Response:
@@ -256,19 +343,31 @@ def _parse_cursor(cursor: str) -> UUID:
 
 
 async def list_jobs(request: Request) -> Response:
+    params = request.query_params
+    for name in params:
+        if len(params.getlist(name)) > 1:  # which one would count? Refuse rather than pick one silently.
+            msg = f"{name} may be given once"
+            raise ValidationError(msg, [FieldError(name, msg)])
     try:
-        query = msgspec.convert(dict(request.query_params), ListQuery, strict=False)
+        query = msgspec.convert(dict(params), ListQuery, strict=False)
     except msgspec.ValidationError as exc:
         problem = ValidationError.from_msgspec(exc)
         problem.errors = [FieldError(e.loc.removeprefix("$."), e.msg) for e in problem.errors]
         raise problem from None
-    before = None if query.cursor is None else _parse_cursor(query.cursor)
+    if query.type is not msgspec.UNSET and "\x00" in query.type:
+        raise ValidationError(NUL_MSG, [FieldError("type", NUL_MSG)])
+    before = None if query.cursor is msgspec.UNSET else _parse_cursor(query.cursor)
     rows = await store.list_jobs(
-        _deps(request).db, TENANT, limit=query.limit + 1, status=query.status, type=query.type, before=before
+        _deps(request).db,
+        tenant_of(request),
+        limit=query.limit + 1,
+        status=None if query.status is msgspec.UNSET else query.status,
+        type=None if query.type is msgspec.UNSET else query.type,
+        before=before,
     )
     page = rows[: query.limit]
     next_cursor = _cursor(page[-1].id) if len(rows) > query.limit else None
-    return MsgspecResponse(JobList([row.to_job() for row in page], next_cursor))
+    return MsgspecResponse(JobList([_job(request, row) for row in page], next_cursor))
 
 
 def job_type_list(types: Mapping[str, JobType], default_max_attempts: int) -> JobTypeList:

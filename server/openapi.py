@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -13,7 +14,7 @@ from server.jobs import JobList, JobTypeList, SubmitJob
 from server.ops import Health, Readiness
 from server.problems import Problem
 from server.responses import MsgspecResponse
-from worker import Job, webhook_store
+from worker import Job, JobType, webhook_store
 
 _REF = "#/components/schemas/{name}"
 
@@ -31,6 +32,48 @@ def _problem(description: str) -> dict[str, Any]:
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds before polling again"}}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "description": "the same key and body again returns the same job (Idempotent-Replayed: true); kept 24 h",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+}
+_SECURITY_SCHEMES = {
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key from `outlast keys create TENANT`, as `Authorization: Bearer olk_…`",
+    },
+    "jobReadToken": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "token",
+        "description": "the short-lived read-only token in a Job's links: that job, GET only",
+    },
+}
+# Every /v1 operation may answer these, whatever it does.
+_GUARDED = {
+    "401": {
+        "description": "missing, malformed, unknown or revoked API key",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
+    },
+    "429": {
+        "description": "a rate limit: too many submits, streams or failed authentications",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
+    },
+    "503": {
+        "description": "the database is unreachable",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
+    },
+}
+# After a submit, its job can be read, waited on and cancelled: what schemathesis's stateful phase follows.
+_JOB_LINKS = {
+    name: {"operationId": operation, "parameters": {"id": "$response.body#/id"}}
+    for name, operation in (("GetJob", "getJob"), ("GetJobResult", "getJobResult"), ("CancelJob", "cancelJob"))
+}
 
 
 def _schema_hook(t: type) -> dict[str, Any]:
@@ -39,28 +82,52 @@ def _schema_hook(t: type) -> dict[str, Any]:
     raise NotImplementedError
 
 
-def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
+def _submit_schema(job_types: Mapping[str, JobType], components: dict[str, Any]) -> dict[str, Any]:
+    """The submit body as one variant per registered job type (`type` fixed, `input` that type's schema), so the
+    document says what each type accepts and a client generator, or a fuzzer, can produce jobs that run."""
+    if not job_types:
+        return {"$ref": _REF.format(name="SubmitJob")}
+    (inputs, more) = msgspec.json.schema_components([t.input for t in job_types.values()], ref_template=_REF)
+    components.update(more)
+    generic = components["SubmitJob"]
+    variants = []
+    for job_type, input_schema in zip(job_types.values(), inputs, strict=True):
+        properties = {**generic["properties"], "type": {"const": job_type.name}, "input": input_schema}
+        variants.append({**generic, "title": f"Submit {job_type.name}", "properties": properties})
+    return {"oneOf": variants}
+
+
+def build(
+    job_types: Mapping[str, JobType] | None = None, title: str = "Outlast", version: str = "0.1.0"
+) -> dict[str, Any]:
     (_, components) = msgspec.json.schema_components(
         [SubmitJob, Job, JobList, JobTypeList, DeliveryList, webhook_store.Delivery, Problem, Health, Readiness],
         ref_template=_REF,
         schema_hook=_schema_hook,
     )
+    submit_body = {"application/json": {"schema": _submit_schema(job_types or {}, components)}}
     paths: dict[str, Any] = {
         "/v1/jobs": {
             "post": {
                 "operationId": "submitJob",
                 "summary": "Submit a job: answers 202 at once with the queued Job",
-                "requestBody": {"required": True, "content": _json("SubmitJob")},
+                "parameters": [_IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": submit_body},
                 "responses": {
                     "202": {
-                        "description": "accepted",
-                        "headers": {"Location": {"schema": {"type": "string"}}, **_RETRY_AFTER},
+                        "description": "accepted, or the job this Idempotency-Key made (then Idempotent-Replayed)",
+                        "headers": {
+                            "Location": {"schema": {"type": "string"}},
+                            **_RETRY_AFTER,
+                            "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
+                        },
                         "content": _json("Job"),
+                        "links": _JOB_LINKS,
                     },
                     "400": _problem("the body is not JSON"),
+                    "408": _problem("the body did not arrive in time"),
                     "413": _problem("the body is too large"),
-                    "422": _problem("unknown type, or a field fails the schema"),
-                    "503": _problem("the database is unreachable"),
+                    "422": _problem("unknown type, a field fails the schema, or the Idempotency-Key was reused"),
                 },
             },
             "get": {
@@ -85,6 +152,7 @@ def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
         "/v1/jobs/{id}": {
             "get": {
                 "operationId": "getJob",
+                "security": [{"apiKey": []}, {"jobReadToken": []}],
                 "summary": "The Job; `Prefer: wait=N` holds the answer until it is done or N seconds pass",
                 "parameters": [_ID, {"name": "Prefer", "in": "header", "schema": {"type": "string"}}],
                 "responses": {
@@ -167,11 +235,18 @@ def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
             }
         },
     }
+    for path, operations in paths.items():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
+                operation["responses"] = {**_GUARDED, **operation["responses"]}
+            else:
+                operation["security"] = []  # health and the docs are public
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
+        "security": [{"apiKey": []}],
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": _SECURITY_SCHEMES},
     }
 
 

@@ -2,14 +2,18 @@
 
     ProblemError                 400 (the base: its subclasses are the slugs of API.md)
      ├── InvalidBody             400 invalid-body
+     ├── Unauthorized            401 unauthorized (with WWW-Authenticate: Bearer)
      ├── ValidationError         422 validation-error
+     ├── IdempotencyKeyReused    422 idempotency-key-reused
      ├── UnknownJobType          422 unknown-job-type
      ├── NotFound                404 not-found
      ├── Conflict                409 conflict
      │    ├── JobNotDone         409 job-not-done
      │    └── JobFailed          409 job-failed (carries the job's error)
+     ├── RequestTimeout          408 request-timeout (the body did not arrive in time)
      ├── Gone                    410 gone
      ├── PayloadTooLarge         413 payload-too-large
+     ├── RateLimited             429 rate-limited (with Retry-After)
      └── Unavailable             503 unavailable (with Retry-After)
 
 The `type` of a problem is `/problems/<slug>`, the class name in kebab case. No request gets a traceback:
@@ -89,6 +93,24 @@ class ValidationError(ProblemError):
         return cls(f"{msg} at {loc}", [FieldError(loc, msg)])
 
 
+class Unauthorized(ProblemError):
+    """A valid API key is required."""
+
+    status = 401
+
+    def __init__(self, detail: str, *, presented: bool = True) -> None:
+        super().__init__(detail)
+        # RFC 6750: name the error only when credentials were presented, so a bare request learns nothing more.
+        challenge = 'Bearer realm="outlast"' + (', error="invalid_token"' if presented else "")
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class IdempotencyKeyReused(ProblemError):
+    """This Idempotency-Key was already used with another request."""
+
+    status = 422
+
+
 class UnknownJobType(ProblemError):
     """Unknown job type."""
 
@@ -126,6 +148,17 @@ class JobFailed(Conflict):
         return msgspec.structs.replace(super().problem(), error=self.error)
 
 
+class RequestTimeout(ProblemError):
+    """The request body did not arrive in time."""
+
+    status = 408
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        # The rest of the body may still be on its way: this connection can't carry another request.
+        self.headers = {"Connection": "close"}
+
+
 class Gone(ProblemError):
     """The result is past its retention."""
 
@@ -136,6 +169,16 @@ class PayloadTooLarge(ProblemError):
     """The request body is too large."""
 
     status = 413
+
+
+class RateLimited(ProblemError):
+    """Too many requests."""
+
+    status = 429
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(max(1, retry_after))}
 
 
 class Unavailable(ProblemError):
@@ -152,9 +195,14 @@ def _render(problem: Problem, headers: Mapping[str, str] | None = None) -> Respo
     return ProblemResponse(problem, status_code=problem.status, headers=dict(headers or {}))
 
 
+def as_response(exc: ProblemError) -> Response:
+    """The problem+json answer for `exc`, for code that runs outside the exception handlers (ASGI middleware)."""
+    return _render(exc.problem(), exc.headers)
+
+
 async def on_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProblemError)
-    return _render(exc.problem(), exc.headers)
+    return as_response(exc)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:

@@ -28,7 +28,7 @@ from arq.worker import Worker
 from redis.asyncio import Redis
 
 from server.app import create_app
-from worker import Config, Deps, connect
+from worker import Config, Deps, connect, keys
 from worker.job_types import load
 from worker.migrate import create_database, migrate
 from worker.queue import QUEUE, RUN_JOB, deserialize, redis_settings, serialize
@@ -37,6 +37,7 @@ from worker.run import Runtime, run_job
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.receivers"]  # webhook receivers, canaries and the `hooks` deployment
+TEST_SECRET = "test-secret-that-signs-job-read-tokens-0123456789"
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 15.0) -> T:
@@ -110,23 +111,40 @@ async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
         worker_health_check_interval_s=1,
         db_timeout_s=2.0,
         retry_after_s=2,
+        secret_key=TEST_SECRET,
+        # Generous, so tests that fire many requests measure what they mean to; limits' own tests tighten them.
+        submit_rate_per_s=100_000.0,
+        submit_burst=100_000,
+        auth_failures_per_min=100_000,
     )
 
 
 @pytest.fixture
 async def deps(config: Config) -> AsyncIterator[Deps]:
     async with connect(config) as deps:
-        await deps.db.execute("TRUNCATE jobs CASCADE")
+        await deps.db.execute("TRUNCATE jobs, api_keys CASCADE")
+        await deps.db.execute("DELETE FROM tenants WHERE id <> 'default'")
         await deps.redis.flushdb()
         yield deps
 
 
 @pytest.fixture
-async def client(config: Config, deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
+async def api_key(deps: Deps) -> str:
+    """A key of tenant `default`, which every test that goes through the API uses unless it says otherwise."""
+    return await keys.create(deps.db, "default", "tests")
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def client(config: Config, deps: Deps, api_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, every request authenticated with `api_key`."""
     app = create_app(config)
     async with app.router.lifespan_context(app):  # ASGITransport does not run the lifespan
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
             yield client
 
 
@@ -209,6 +227,10 @@ def process_env(config: Config, **extra: str) -> dict[str, str]:
         OUTLAST_WORKER_HEALTH_CHECK_INTERVAL_S=str(config.worker_health_check_interval_s),
         OUTLAST_DB_TIMEOUT_S=str(config.db_timeout_s),
         OUTLAST_RETRY_AFTER_S=str(config.retry_after_s),
+        OUTLAST_SECRET_KEY=config.secret_key,
+        OUTLAST_SUBMIT_RATE_PER_S=str(config.submit_rate_per_s),
+        OUTLAST_SUBMIT_BURST=str(config.submit_burst),
+        OUTLAST_AUTH_FAILURES_PER_MIN=str(config.auth_failures_per_min),
     )
     env.update(extra)
     return env
@@ -217,8 +239,9 @@ def process_env(config: Config, **extra: str) -> dict[str, str]:
 class Processes:
     """A real uvicorn web process and a real arq worker, as the Procfile runs them."""
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, env: dict[str, str], logs: Path, key: str = "") -> None:
         self.env, self.logs = env, logs
+        self.headers = bearer(key) if key else {}  # what a client of these processes sends
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.web: subprocess.Popen[bytes] | None = None
@@ -264,10 +287,14 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """A client of the web process, authenticated with the key the processes were started for."""
+        return httpx.AsyncClient(base_url=self.url, headers=self.headers, **kwargs)
+
 
 @pytest.fixture
-async def processes(config: Config, deps: Deps, tmp_path: Path) -> AsyncIterator[Processes]:
-    procs = Processes(process_env(config), tmp_path)
+async def processes(config: Config, deps: Deps, api_key: str, tmp_path: Path) -> AsyncIterator[Processes]:
+    procs = Processes(process_env(config), tmp_path, api_key)
     procs.start_web()
     procs.start_worker()
     try:

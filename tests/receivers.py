@@ -15,7 +15,7 @@ import pytest
 from starlette.applications import Starlette
 
 from server.app import create_app
-from tests.conftest import free_port
+from tests.conftest import bearer, free_port
 from worker import Config, Deps, Guard
 from worker.webhooks import Sender, deliver_due, secrets_in_force
 
@@ -183,7 +183,7 @@ def hooks_config(config: Config) -> Config:
 
 
 @pytest.fixture
-async def hooks(hooks_config: Config, deps: Deps) -> AsyncIterator[Hooks]:
+async def hooks(hooks_config: Config, deps: Deps, api_key: str) -> AsyncIterator[Hooks]:
     await deps.db.execute("DELETE FROM webhook_secrets")  # not under jobs: TRUNCATE jobs CASCADE keeps them
     dns = FakeDNS()
     guard = Guard.from_config(hooks_config, resolver=dns)
@@ -191,7 +191,8 @@ async def hooks(hooks_config: Config, deps: Deps) -> AsyncIterator[Hooks]:
     app.state.callback_guard = guard
     sender = Sender(guard, timeout_s=hooks_config.webhook_timeout_s)
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
             try:
                 yield Hooks(Deps(config=hooks_config, db=deps.db, redis=deps.redis), client, app, sender, dns)
             finally:

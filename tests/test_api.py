@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.problems import ProblemError, slug
-from tests.conftest import job_row
+from tests.conftest import bearer, job_row
 from worker import Deps
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
@@ -148,6 +148,19 @@ async def test_openapi_is_3_1_and_describes_the_routes_from_the_types(client: ht
     assert submit["properties"]["max_attempts"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 20}
     assert "status" in doc["components"]["schemas"]["Job"]["properties"]
     assert (await client.get("/docs")).headers["content-type"].startswith("text/html")
+    bearer_scheme = doc["components"]["securitySchemes"]["apiKey"]
+    assert (bearer_scheme["type"], bearer_scheme["scheme"]) == ("http", "bearer")
+    assert doc["security"] == [{"apiKey": []}]
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
+                assert {"401", "429"} <= set(operation["responses"]), (path, operation["operationId"])
+            else:
+                assert operation["security"] == [], path
+    submit = doc["paths"]["/v1/jobs"]["post"]
+    assert set(submit["responses"]["202"]["links"]) == {"GetJob", "GetJobResult", "CancelJob"}
+    variants = submit["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {v["properties"]["type"]["const"] for v in variants} >= {"square_sum", "cube_sum", "sleep", "flaky"}
 
 
 async def test_healthz_and_readyz_answer_200_when_both_stores_are_up(client: httpx.AsyncClient) -> None:
@@ -228,6 +241,36 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] =
         "$",
     ),
     ("result is not settable", "POST", "/v1/jobs", {"json": {**SQUARES, "result": 1}}, 422, "validation-error", "$"),
+    *[
+        (
+            f"{field} is not settable",
+            "POST",
+            "/v1/jobs",
+            {"json": {**SQUARES, field: value}},
+            422,
+            "validation-error",
+            "$",
+        )
+        for field, value in [
+            ("tenant_id", "someone-else"),
+            ("attempt", 5),
+            ("done", True),
+            ("error", None),
+            ("created_at", "2020-01-01T00:00:00Z"),
+            ("expires_at", "2099-01-01T00:00:00Z"),
+            ("idempotency_key", "k"),
+            ("links", {}),
+        ]
+    ],
+    (
+        "input array longer than the type allows",
+        "POST",
+        "/v1/jobs",
+        {"json": {"type": "square_sum", "input": {"data": [1] * 100_001}}},
+        422,
+        "validation-error",
+        "$.input.data",
+    ),
     (
         "max_attempts too high",
         "POST",
@@ -324,6 +367,18 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] =
         "validation-error",
         "$.metadata",
     ),
+    (
+        "NUL in metadata (PostgreSQL can't store it)",
+        "POST",
+        "/v1/jobs",
+        {"json": {**SQUARES, "metadata": {"k": "a\u0000b"}}},
+        422,
+        "validation-error",
+        "$.metadata",
+    ),
+    ("NUL in a list filter", "GET", "/v1/jobs?type=%00", {}, 422, "validation-error", "type"),
+    ("null is no status", "GET", "/v1/jobs?status=null", {}, 422, "validation-error", "status"),
+    ("a filter given twice", "GET", "/v1/jobs?status=queued&status=running", {}, 422, "validation-error", "status"),
     ("malformed job id", "GET", "/v1/jobs/not-a-uuid", {}, 404, "not-found", None),
     ("unknown job id", "GET", f"/v1/jobs/{uuid.uuid4()}", {}, 404, "not-found", None),
     ("malformed id on result", "GET", "/v1/jobs/123/result", {}, 404, "not-found", None),
@@ -378,10 +433,14 @@ def test_problem_slugs_are_stable() -> None:
         "gone",
         "payload-too-large",
         "unavailable",
+        "unauthorized",
+        "idempotency-key-reused",
+        "request-timeout",
+        "rate-limited",
     }
 
 
-async def test_redis_down_still_accepts_the_job_and_readyz_names_redis(config: Any, deps: Deps) -> None:
+async def test_redis_down_still_accepts_the_job_and_readyz_names_redis(config: Any, deps: Deps, api_key: str) -> None:
     import msgspec
 
     from server.app import create_app
@@ -390,7 +449,7 @@ async def test_redis_down_still_accepts_the_job_and_readyz_names_redis(config: A
     app = create_app(broken)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
             response = await client.post("/v1/jobs", json=SQUARES)
             assert response.status_code == 202
             row = await job_row(deps, response.json()["id"])

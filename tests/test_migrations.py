@@ -34,7 +34,7 @@ async def test_migrations_apply_to_an_empty_database_and_a_second_run_applies_no
         }
     finally:
         await conn.close()
-    assert {"jobs", "job_events", "webhook_deliveries", "tenants", "schema_migrations"} <= tables
+    assert {"jobs", "job_events", "webhook_deliveries", "tenants", "api_keys", "schema_migrations"} <= tables
 
 
 async def test_status_literal_matches_the_check_constraint(pg_connection: asyncpg.Connection) -> None:

@@ -14,15 +14,15 @@ import httpx
 import msgspec
 import pytest
 
-from tests.conftest import ROOT, Processes, eventually, free_port, process_env, wait_done, wait_ready
-from worker import Config, Deps, connect
+from tests.conftest import ROOT, Processes, bearer, eventually, free_port, process_env, wait_done, wait_ready
+from worker import Config, Deps, connect, keys
 from worker.migrate import create_database, migrate
 
 pytestmark = pytest.mark.slow
 
 
 async def test_submitted_job_succeeds_through_real_web_and_worker_processes(processes: Processes) -> None:
-    async with httpx.AsyncClient(base_url=processes.url) as client:
+    async with processes.client() as client:
         response = await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [1, 2, 3, 4]}})
         assert response.status_code == 202
         job = await wait_done(client, response.headers["location"].rpartition("/")[2])
@@ -30,12 +30,14 @@ async def test_submitted_job_succeeds_through_real_web_and_worker_processes(proc
         assert (await client.get(f"/v1/jobs/{job['id']}/result")).json() == 30
 
 
-async def test_jobs_queued_before_redis_lost_everything_all_finish(config: Config, deps: Deps, tmp_path: Path) -> None:
-    procs = Processes(process_env(config), tmp_path)
+async def test_jobs_queued_before_redis_lost_everything_all_finish(
+    config: Config, deps: Deps, api_key: str, tmp_path: Path
+) -> None:
+    procs = Processes(process_env(config), tmp_path, api_key)
     procs.start_web()
     try:
         await procs.ready()
-        async with httpx.AsyncClient(base_url=procs.url) as client:
+        async with procs.client() as client:
             ids = [
                 (await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [i]}})).json()["id"]
                 for i in range(20)
@@ -98,12 +100,13 @@ async def test_postgres_down_answers_503_with_retry_after_and_both_processes_rec
     own = msgspec.structs.replace(config, database_url=dsn, redis_url=config.redis_url.rpartition("/")[0] + "/15")
     async with connect(own) as deps:
         await deps.redis.flushdb()
-    procs = Processes(process_env(own), tmp_path)
+        key = await keys.create(deps.db, "default")
+    procs = Processes(process_env(own), tmp_path, key)
     procs.start_web()
     procs.start_worker()
     try:
         await procs.ready()
-        async with httpx.AsyncClient(base_url=procs.url, timeout=30) as client:
+        async with procs.client(timeout=30) as client:
             first = (await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [2]}})).json()
             assert (await wait_done(client, first["id"]))["result"] == 4
 
@@ -146,7 +149,7 @@ def spawn_shell(command: str, env: dict[str, str], log: Path) -> subprocess.Pope
         return subprocess.Popen(["sh", "-c", f"exec {command}"], cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
-async def test_procfile_runs_with_only_database_url_redis_url_and_port(
+async def test_procfile_runs_with_only_database_url_redis_url_port_and_the_secret_key(
     config: Config, deps: Deps, tmp_path: Path
 ) -> None:
     port = free_port()
@@ -155,6 +158,7 @@ async def test_procfile_runs_with_only_database_url_redis_url_and_port(
         "DATABASE_URL": config.database_url,
         "REDIS_URL": config.redis_url,
         "PORT": str(port),
+        "OUTLAST_SECRET_KEY": config.secret_key,
     }
     commands = procfile()
     assert set(commands) == {"release", "web", "worker"}
@@ -162,11 +166,15 @@ async def test_procfile_runs_with_only_database_url_redis_url_and_port(
         subprocess.run, ["sh", "-c", commands["release"]], cwd=ROOT, env=env, capture_output=True, check=False
     )
     assert release.returncode == 0, release.stderr
+    created = await asyncio.to_thread(
+        subprocess.run, ["outlast", "keys", "create", "default"], env=env, capture_output=True, check=True
+    )
+    key = created.stdout.decode().splitlines()[-1]  # the key alone on the last line, as scripts capture it
     web = spawn_shell(commands["web"], env, tmp_path / "web.log")
     worker = spawn_shell(commands["worker"], env, tmp_path / "worker.log")
     try:
         await wait_ready(f"http://127.0.0.1:{port}")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=bearer(key)) as client:
             submitted = await client.post("/v1/jobs", json={"type": "cube_sum", "input": {"data": [1, 2]}})
             assert (await wait_done(client, submitted.json()["id"]))["result"] == 9
     finally:
@@ -179,7 +187,8 @@ async def test_procfile_runs_with_only_database_url_redis_url_and_port(
 async def test_outlast_submit_wait_shows_progress_and_prints_the_finished_job(processes: Processes) -> None:
     outlast = str(Path(sys.executable).parent / "outlast")
     argv = [outlast, "submit", "sleep", '{"seconds": 1, "steps": 4}', "--wait", "--url", processes.url]
-    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, timeout=60, check=False)
+    env = {**os.environ, "OUTLAST_API_KEY": processes.headers["Authorization"].removeprefix("Bearer ")}
+    done = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     job = msgspec.json.decode(done.stdout)
     assert job["status"] == "succeeded" and job["result"] == {"slept_s": 1.0, "steps": 4}
@@ -189,7 +198,7 @@ async def test_outlast_submit_wait_shows_progress_and_prints_the_finished_job(pr
 async def test_a_job_blocking_the_event_loop_turns_arq_check_red_and_is_rescued_elsewhere(
     processes: Processes, deps: Deps
 ) -> None:
-    async with httpx.AsyncClient(base_url=processes.url) as client:
+    async with processes.client() as client:
         submitted = await client.post("/v1/jobs", json={"type": "block_first", "input": {"seconds": 12}})
         job_id = submitted.json()["id"]
 

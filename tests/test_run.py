@@ -72,6 +72,8 @@ async def test_outlast_run_starts_everything_and_ctrl_c_stops_all_it_started(tmp
             started.update(descendants(run.pid))
         printed = (tmp_path / "run.log").read_text()
         assert f"http://127.0.0.1:{port}" in printed and "curl" in printed
+        # Its own embedded database and no key yet: open, and loud about it.
+        assert "OUTLAST IS RUNNING OPEN" in printed and "outlast keys create" in printed
         assert (tmp_path / "data" / "valkey" / "appendonlydir").exists()  # persistence is on
 
         os.killpg(run.pid, signal.SIGINT)

@@ -20,7 +20,7 @@ import pytest
 import trustme
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.conftest import ROOT, Processes, eventually, free_port, process_env
+from tests.conftest import ROOT, Processes, bearer, eventually, free_port, process_env
 from tests.receivers import DribblingReceiver, Hooks, Received, Receiver, answer, fail_first
 from worker import Config, Deps
 from worker.sweep import sweep_once
@@ -402,7 +402,7 @@ async def test_the_cli_shows_and_rotates_a_tenant_secret(hooks: Hooks, config: C
 
 @pytest.mark.slow
 async def test_real_web_and_worker_processes_deliver_a_signed_webhook(
-    hooks: Hooks, receiver: Receiver, config: Config, tmp_path: Path
+    hooks: Hooks, receiver: Receiver, config: Config, tmp_path: Path, api_key: str
 ) -> None:
     env = process_env(
         config,
@@ -416,7 +416,7 @@ async def test_real_web_and_worker_processes_deliver_a_signed_webhook(
     procs.start_worker()
     try:
         await procs.ready()
-        async with httpx.AsyncClient(base_url=procs.url) as client:
+        async with httpx.AsyncClient(base_url=procs.url, headers=bearer(api_key)) as client:
             body = {"type": "square_sum", "input": {"data": [2, 3]}, "callback_url": receiver.url}
             job_id = (await client.post("/v1/jobs", json=body)).json()["id"]
 

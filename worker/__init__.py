@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import store, webhook_store
+from worker import keys, store, webhook_store
 from worker.config import Config, from_env
 from worker.job import (
     LIVE,
@@ -14,6 +14,7 @@ from worker.job import (
     Job,
     JobError,
     JobType,
+    Links,
     Progress,
     RetryableError,
     Status,
@@ -35,12 +36,14 @@ __all__ = [
     "Job",
     "JobError",
     "JobType",
+    "Links",
     "Progress",
     "RetryableError",
     "Status",
     "connect",
     "enqueue",
     "from_env",
+    "keys",
     "load_job_types",
     "request_abort",
     "store",

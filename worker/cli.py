@@ -1,4 +1,4 @@
-"""The `outlast` command: run (everything, for development), migrate, web, worker, submit, webhooks."""
+"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, submit, webhooks."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from databases import Database
+
+from worker import keys
 from worker.config import from_env
 from worker.migrate import create_database, migrate
+from worker.queue import open_database
 
+T = TypeVar("T")
 WEB = "{python} -m uvicorn --factory server.app:create_app --host {host} --port {port} --loop uvloop --http httptools"
 WORKER = "{python} -m arq worker.settings.WorkerSettings"
 
@@ -48,6 +55,55 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _exec(WORKER.format(python=sys.executable))
 
 
+async def _with_database(call: Callable[[Database], Awaitable[T]]) -> T:
+    db = open_database(from_env())
+    await db.connect()
+    try:
+        return await call(db)
+    finally:
+        await db.disconnect()
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    try:
+        key = asyncio.run(_with_database(lambda db: keys.create(db, args.tenant, args.name)))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(
+        f"A new API key for tenant {args.tenant!r}. It is shown this once and stored only as a hash:", file=sys.stderr
+    )
+    print(key, flush=True)  # alone on the last line of stdout: KEY=$(outlast keys create acme)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    found = asyncio.run(_with_database(lambda db: keys.list_keys(db, args.tenant)))
+    print(f"{'id':<12}  {'tenant':<20}  {'created':<20}  {'last used':<20}  {'revoked':<20}  name")
+    day = "%Y-%m-%d %H:%M:%S"
+    for k in found:
+        used = k.last_used_at.strftime(day) if k.last_used_at else "-"
+        revoked = k.revoked_at.strftime(day) if k.revoked_at else "-"
+        print(f"{k.id:<12}  {k.tenant:<20}  {k.created_at.strftime(day):<20}  {used:<20}  {revoked:<20}  {k.name}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    if not asyncio.run(_with_database(lambda db: keys.revoke(db, args.key))):
+        print(f"no usable key {args.key!r} (unknown, or already revoked)", file=sys.stderr)
+        return 1
+    print(f"revoked {keys.key_id(args.key) or args.key}: it answers 401 from now on", file=sys.stderr)
+    return 0
+
+
+def _dev_secret(data: Path) -> str:
+    """The development token secret, generated once and kept under the data directory, so tokens outlive a restart."""
+    path = data / "secret_key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Web + worker together; an embedded PostgreSQL / Valkey for whichever URL is not set."""
     from honcho.manager import Manager
@@ -61,19 +117,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not env.get("DATABASE_URL"):
             postgres = stack.enter_context(EmbeddedPostgres(data / "postgres"))
             env["DATABASE_URL"] = postgres.dsn("outlast")
+            # Our own database on this machine: the web may run open while no API key exists (it says so).
+            env["OUTLAST_DEV_OPEN"] = "1"
             print(f"embedded PostgreSQL: {env['DATABASE_URL']} (data in {data / 'postgres'})", file=sys.stderr)
         if not env.get("REDIS_URL"):
             valkey = stack.enter_context(EmbeddedValkey(data / "valkey"))
             env["REDIS_URL"] = valkey.url()
             print(f"embedded Valkey: {env['REDIS_URL']} (append-only file in {data / 'valkey'})", file=sys.stderr)
         _migrate(env["DATABASE_URL"])
+        if not env.get("OUTLAST_SECRET_KEY"):
+            data.mkdir(parents=True, exist_ok=True)
+            env["OUTLAST_SECRET_KEY"] = _dev_secret(data)
         port = env.setdefault("PORT", "8000")
         url = f"http://127.0.0.1:{port}"
         print(
             f"\nOutlast on {url}  (API docs: {url}/docs; Ctrl-C stops everything)\n"
             f"  curl -si -X POST {url}/v1/jobs -H 'content-type: application/json' "
             """-d '{"type": "square_sum", "input": {"data": [1, 2, 3]}}'\n"""
-            f"  outlast submit sleep '{{\"seconds\": 5}}' --wait --url {url}\n",
+            f"  outlast submit sleep '{{\"seconds\": 5}}' --wait --url {url}\n"
+            f"  API keys (the first one ends open development mode; send it as Authorization: Bearer <key>):\n"
+            f"  DATABASE_URL={env['DATABASE_URL']} outlast keys create default\n",
             file=sys.stderr,
             flush=True,
         )
@@ -84,9 +147,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(manager.returncode or 0)
 
 
-def _request(url: str, *, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+def _request(url: str, *, key: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    headers = {"content-type": "application/json", **(headers or {})}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=90) as response:
             return json.load(response)
@@ -110,11 +176,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise SystemExit(f"INPUT is not JSON: {exc}") from None
     base = args.url.rstrip("/")
-    job = _request(f"{base}/v1/jobs", body={"type": args.type, "input": payload})
+    job = _request(f"{base}/v1/jobs", key=args.key, body={"type": args.type, "input": payload})
     if args.wait:
         while not job["done"]:
             print(_bar(job), end="", file=sys.stderr, flush=True)
-            job = _request(f"{base}{job['links']['self']}", headers={"prefer": "wait=1"})
+            job = _request(f"{base}{job['links']['self']}", key=args.key, headers={"prefer": "wait=1"})
         print(_bar(job), file=sys.stderr)
     print(json.dumps(job, indent=2))
     return 0 if not args.wait or job["status"] == "succeeded" else 1
@@ -151,12 +217,26 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("input", help="the job's input as JSON")
     submit.add_argument("--wait", action="store_true", help="follow progress until the job is done")
     submit.add_argument("--url", default=os.environ.get("OUTLAST_URL", "http://127.0.0.1:8000"))
+    submit.add_argument(
+        "--key", default=os.environ.get("OUTLAST_API_KEY", ""), help="API key (default: $OUTLAST_API_KEY)"
+    )
+    keys_parser = sub.add_parser("keys", help="API keys in DATABASE_URL: create, list, revoke")
+    keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key for TENANT and print it, once, on the last line")
+    create.add_argument("tenant")
+    create.add_argument("--name", default="", help="a label: who holds the key, what for")
+    listing = keys_sub.add_parser("list", help="every key (never the key itself): id, tenant, dates, name")
+    listing.add_argument("--tenant")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (or the whole key): 401 from then on")
+    revoke.add_argument("key")
     webhooks = sub.add_parser("webhooks", help="webhook settings").add_subparsers(dest="what", required=True)
     secret = webhooks.add_parser("secret", help="show TENANT's signing secret (created when it has none)")
     secret.add_argument("tenant")
     secret.add_argument("--rotate", action="store_true", help="make a new secret current")
     secret.add_argument("--overlap", type=float, default=86_400.0, help="seconds the old one keeps signing")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        sys.exit({"create": cmd_keys_create, "list": cmd_keys_list, "revoke": cmd_keys_revoke}[args.keys_command](args))
     commands = {"run": cmd_run, "migrate": cmd_migrate, "web": cmd_web, "worker": cmd_worker, "submit": cmd_submit}
     commands["webhooks"] = cmd_webhooks
     sys.exit(commands[args.command](args))

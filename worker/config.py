@@ -56,6 +56,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly
     redis_timeout_s: Seconds = 2.0
     retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
+    # -- security: docs/security.md -------------------------------------------------------------------
+    secret_key: str = ""  # signs job read tokens; required unless the web runs open for development
+    dev_open: bool = False  # set by `outlast run` with its embedded database: open while no API key exists
+    token_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 900  # job read tokens in `links` live this long
+    idempotency_ttl_s: Seconds = 86_400  # an Idempotency-Key replays its job this long, then may be used again
+    submit_rate_per_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0  # per API key, refilled continuously...
+    submit_burst: Annotated[int, msgspec.Meta(ge=1)] = 100  # ...into a bucket this deep
+    max_streams_per_key: Annotated[int, msgspec.Meta(ge=1)] = 10  # open event streams per API key
+    auth_failures_per_min: Annotated[int, msgspec.Meta(ge=1)] = (
+        30  # per client address; past it: 429 till the minute ends
+    )
+    body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
 
 
 def env_name(field: str) -> str:

@@ -104,9 +104,11 @@ SELECT id, event_seq, 'status', jsonb_build_object('status', status, 'attempt', 
 _INSERT = f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
-                      expires_at, dispatched_at, event_seq)
+                      expires_at, dispatched_at, event_seq, idempotency_key, request_hash)
     VALUES (:id, :tenant, :type, CAST(:input AS jsonb), :max_attempts, :timeout_s, :retry_safe, :callback_url,
-            CAST(:metadata AS jsonb), now() + make_interval(secs => :ttl), now(), 1)
+            CAST(:metadata AS jsonb), now() + make_interval(secs => :ttl), now(), 1, :idempotency_key, :request_hash)
+    -- an Idempotency-Key the tenant already used: no row, no event; the caller finds the existing job
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), event AS ({_status_event("job")})
 SELECT {_COLUMNS} FROM job
@@ -126,8 +128,12 @@ async def insert_job(
     callback_url: str | None,
     metadata: bytes,
     ttl_s: float,
-) -> JobRow:
-    """Insert a queued job, marked dispatched: the caller enqueues it next (or calls `undispatch`)."""
+    idempotency_key: str | None = None,
+    request_hash: bytes | None = None,
+) -> JobRow | None:
+    """Insert a queued job, marked dispatched: the caller enqueues it next (or calls `undispatch`).
+
+    None: the tenant already has a job with this `idempotency_key` (see `find_idempotent`)."""
     values = {
         "id": job_id,
         "tenant": tenant,
@@ -139,8 +145,36 @@ async def insert_job(
         "callback_url": callback_url,
         "metadata": metadata.decode(),
         "ttl": ttl_s,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
     }
-    return _row(await db.fetch_one(_INSERT, values))
+    record = await db.fetch_one(_INSERT, values)
+    return None if record is None else _row(record)
+
+
+_FIND_IDEMPOTENT = f"""
+SELECT {_COLUMNS}, request_hash, created_at < now() - make_interval(secs => :window) AS expired
+  FROM jobs WHERE tenant_id = :tenant AND idempotency_key = :key
+"""
+
+
+async def find_idempotent(
+    db: Database, tenant: str, key: str, *, window_s: float
+) -> tuple[JobRow, bytes | None, bool] | None:
+    """The job `key` made for `tenant`: (row, its request hash, whether the key is past `window_s`)."""
+    record = await db.fetch_one(_FIND_IDEMPOTENT, {"tenant": tenant, "key": key, "window": window_s})
+    if record is None:
+        return None
+    request_hash = record["request_hash"]
+    return _row(record), None if request_hash is None else bytes(request_hash), bool(record["expired"])
+
+
+_RELEASE_IDEMPOTENT = "UPDATE jobs SET idempotency_key = NULL WHERE id = :id AND idempotency_key = :key"
+
+
+async def release_idempotency_key(db: Database, job_id: UUID, key: str) -> None:
+    """Free an expired key for a new job; the old job stays, it just no longer answers to the key."""
+    await db.execute(_RELEASE_IDEMPOTENT, {"id": job_id, "key": key})
 
 
 _UNDISPATCH = "UPDATE jobs SET dispatched_at = NULL WHERE id = :id AND attempt = :attempt AND status = 'queued'"

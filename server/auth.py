@@ -1,0 +1,267 @@
+"""Who is calling. Every `/v1` request is authenticated here, once, before routing, so a route added later is covered
+without a line of its own; handlers read the result with `tenant_of(request)` (or `caller_of`).
+
+    Authorization: Bearer olk_…   an API key: its tenant, on every /v1 route
+    ?token=olt_…                  a job read token (from a Job's `links`): one job, read-only, on TOKEN_ROUTES only
+    neither                       development's open mode, as tenant `default`, only while `may_run_open` and no
+                                  usable key exists; else 401
+
+Anything else answers 401 with `WWW-Authenticate: Bearer`. An API key in the query string is refused even beside a
+valid header: it is already in access logs and browser history. An address that keeps failing gets 429 for the rest
+of a minute, before any lookup (server/limits.py).
+
+Pure ASGI, not BaseHTTPMiddleware, which would buffer and break streaming responses such as the event stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+from uuid import UUID
+
+import msgspec
+from databases import Database
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.limits import AuthThrottle
+from server.problems import ProblemError, RateLimited, Unauthorized, Unavailable, as_response
+from worker import Config, Deps, Job, Links, keys, store
+
+log = logging.getLogger("outlast.web")
+
+SCOPE_KEY = "outlast.caller"
+DEFAULT_TENANT = "default"
+TOKEN_PREFIX = "olt_"
+# The routes a job read token opens: GET (and HEAD) only, and only for the job named in the path. Data: a route
+# that should follow a job from a browser is one more line here.
+TOKEN_ROUTES: tuple[re.Pattern[str], ...] = (
+    re.compile(r"/v1/jobs/(?P<id>[^/]+)"),
+    re.compile(r"/v1/jobs/(?P<id>[^/]+)/events"),
+)
+# Query parameters that would carry an API key: refused whatever they hold (a value shaped like a key is refused
+# under any name, `token` included).
+KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "access_token", "auth", "authorization"})
+TOUCH_EVERY_S = 300.0  # api_keys.last_used_at is written at most this often per key and process
+_TOKEN_CONTEXT = b"outlast job read token v1\0"
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    key_id: str | None  # the API key's id; None for a job read token or development's open mode
+    job: UUID | None = None  # a read token's one job
+
+    @property
+    def limit_key(self) -> str:
+        """What per-key limits count against."""
+        return self.key_id or f"{self.tenant}:open"
+
+
+def caller_of(request: Request) -> Caller:
+    caller: Caller = request.scope[SCOPE_KEY]
+    return caller
+
+
+def tenant_of(request: Request) -> str:
+    """The tenant every query of this request is scoped to."""
+    return caller_of(request).tenant
+
+
+def is_local(database_url: str) -> bool:
+    """True for a database on this machine (a loopback address or a Unix socket), as the embedded one is."""
+    host = urlsplit(database_url).hostname or ""
+    if host in ("", "localhost") or host.startswith("/"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Guard:
+    """What authentication keeps between requests: the token secret, the failure throttle, and whether
+    development's open mode is allowed at all. Built once at start-up by `guard()`; kept on `app.state.guard`."""
+
+    def __init__(self, config: Config, secret: bytes, *, may_run_open: bool) -> None:
+        self.config = config
+        self.secret = secret
+        self.may_run_open = may_run_open
+        self.throttle = AuthThrottle(config.auth_failures_per_min)
+        self._touched: dict[str, float] = {}
+
+    def token(self, tenant: str, job_id: UUID, *, ttl_s: int | None = None) -> str:
+        """A read-only token for one job: its id, its tenant and an expiry, signed with HMAC-SHA256."""
+        expires = int(time.time()) + (self.config.token_ttl_s if ttl_s is None else ttl_s)
+        payload = job_id.bytes + expires.to_bytes(8, "big") + tenant.encode()
+        mac = hmac.new(self.secret, _TOKEN_CONTEXT + payload, hashlib.sha256).digest()
+        return f"{TOKEN_PREFIX}{_b64(payload)}.{_b64(mac)}"
+
+    def read_token(self, token: str) -> tuple[str, UUID] | None:
+        """(tenant, job id) of a token this server signed and that has not expired; else None."""
+        body, dot, mac = token.removeprefix(TOKEN_PREFIX).partition(".")
+        if not token.startswith(TOKEN_PREFIX) or not dot:
+            return None
+        try:
+            payload, signature = _unb64(body), _unb64(mac)
+        except (binascii.Error, ValueError):
+            return None
+        expected = hmac.new(self.secret, _TOKEN_CONTEXT + payload, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, signature) or len(payload) < 24:
+            return None
+        if int.from_bytes(payload[16:24], "big") < time.time():
+            return None
+        return payload[24:].decode(), UUID(bytes=payload[:16])
+
+    async def open_now(self, db: Database) -> bool:
+        """Development's open mode: allowed at start-up, and still no usable key (creating one closes it)."""
+        return self.may_run_open and not await keys.any_active(db)
+
+    async def used(self, db: Database, key_id: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(key_id, -TOUCH_EVERY_S) >= TOUCH_EVERY_S:
+            self._touched[key_id] = now
+            await keys.touch(db, key_id)
+
+
+async def guard(config: Config, db: Database) -> Guard:
+    """Decide, at start-up, how this web process authenticates, and say so. Production never runs open by accident:
+    open mode needs OUTLAST_DEV_OPEN (set by `outlast run` with its embedded database) *and* a database on this
+    machine, and ends as soon as a key exists."""
+    may_run_open = config.dev_open and is_local(config.database_url)
+    if config.dev_open and not may_run_open:
+        log.error("OUTLAST_DEV_OPEN is ignored: the database is not on this machine, so this is no development setup")
+    secret = config.secret_key
+    if not secret:
+        if not may_run_open:
+            raise RuntimeError(
+                "OUTLAST_SECRET_KEY is not set: it signs the job read tokens in Job links. Set it to a random string of"
+                ' 32 or more characters, e.g. python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        secret = secrets.token_urlsafe(32)  # development: tokens die with this process, which is fine there
+    if len(secret) < 32:
+        raise RuntimeError("OUTLAST_SECRET_KEY is too short: use 32 or more random characters")
+    if may_run_open and not await keys.any_active(db):
+        log.warning(
+            "\n%s\n  OUTLAST IS RUNNING OPEN: no API key exists and this is the development database, so every /v1"
+            "\n  route answers without authentication. Create a key to close it:  outlast keys create default\n%s",
+            "!" * 100,
+            "!" * 100,
+        )
+    return Guard(config, secret.encode(), may_run_open=may_run_open)
+
+
+def signed_links(request: Request, job: Job) -> Job:
+    """The Job with a read token in `links.self` and `links.events`, so a browser's EventSource can follow it.
+
+    Not for a caller that came with a token itself: reading the job must not renew its own access for ever."""
+    caller = caller_of(request)
+    if caller.job is not None:
+        return job
+    token = request.app.state.guard.token(caller.tenant, job.id)
+    links = Links(
+        self=f"{job.links.self}?token={token}", events=f"{job.links.events}?token={token}", result=job.links.result
+    )
+    return msgspec.structs.replace(job, links=links)
+
+
+def _is_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class Authenticate:
+    """ASGI middleware: put the request's Caller in `scope[SCOPE_KEY]`, or answer 401 / 429 / 503 itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_v1(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        try:
+            scope[SCOPE_KEY] = await _authenticate(scope, state.guard, state.deps)
+        except ProblemError as exc:
+            await as_response(exc)(scope, receive, send)
+            return
+        except store.UNAVAILABLE as exc:
+            log.warning("%s %s: database unavailable during authentication: %r", scope["method"], scope["path"], exc)
+            retry_after = state.deps.config.retry_after_s
+            await as_response(Unavailable("the database is unreachable; retry shortly", retry_after))(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
+
+
+async def _authenticate(scope: Scope, guard: Guard, deps: Deps) -> Caller:
+    client = (scope.get("client") or ("unknown", 0))[0]
+    if (left := guard.throttle.blocked(client)) is not None:
+        raise RateLimited(f"too many failed authentications from this address; retry in {left} s", left)
+    try:
+        return await _identify(scope, guard, deps)
+    except Unauthorized:
+        if (left := await guard.throttle.failed(deps.redis, client)) is not None:
+            raise RateLimited(f"too many failed authentications from this address; retry in {left} s", left) from None
+        raise
+
+
+async def _identify(scope: Scope, guard: Guard, deps: Deps) -> Caller:
+    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    if any(name.lower() in KEY_PARAMS or keys.looks_like_key(value) for name, value in query):
+        raise Unauthorized(
+            "API keys are never accepted in the query string (it ends up in logs): send `Authorization: Bearer"
+            " <key>`, and revoke a key that was sent this way"
+        )
+    authorization = Headers(scope=scope).get("authorization")
+    if authorization is not None:
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("malformed Authorization header: send `Authorization: Bearer <key>`")
+        key = key.strip()
+        tenant = await keys.verify(deps.db, key)
+        key_id = keys.key_id(key)
+        if tenant is None or key_id is None:
+            raise Unauthorized("unknown or revoked API key")
+        await guard.used(deps.db, key_id)
+        return Caller(tenant, key_id)
+    tokens = [value for name, value in query if name == "token"]
+    if tokens:
+        return _token_caller(scope, guard, tokens)
+    if await guard.open_now(deps.db):
+        return Caller(DEFAULT_TENANT, None)
+    raise Unauthorized("this route needs an API key: send `Authorization: Bearer <key>`", presented=False)
+
+
+def _token_caller(scope: Scope, guard: Guard, tokens: list[str]) -> Caller:
+    if scope["method"] not in ("GET", "HEAD"):
+        raise Unauthorized("a job read token only reads: this needs an API key")
+    job_in_path = next((m["id"] for route in TOKEN_ROUTES if (m := route.fullmatch(scope["path"]))), None)
+    if job_in_path is None:
+        raise Unauthorized("a job read token is accepted only on GET /v1/jobs/{id} and its /events")
+    claims = guard.read_token(tokens[0]) if len(tokens) == 1 else None
+    if claims is None:
+        raise Unauthorized("the job read token is invalid or expired: read the job again for a fresh one")
+    tenant, job_id = claims
+    if job_in_path.lower() != str(job_id):
+        raise Unauthorized("this job read token is for another job")
+    return Caller(tenant, None, job_id)

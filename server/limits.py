@@ -1,0 +1,190 @@
+"""Rate limits kept in Redis, so every web process counts against the same numbers:
+
+- submits per API key: a token bucket (`take_submit`);
+- failed authentications per client address: a fixed one-minute window (`AuthThrottle`);
+- open event streams per API key: leased slots (`StreamSlot`, `stream_slot`).
+
+Each check is one Lua script or one MULTI, so concurrent requests never race past a limit, and all time comes from
+the Redis clock. When Redis is unreachable they fail open and log it: a submit's row is durable without Redis (it
+is the outbox), and refusing every caller because the doorbell is broken would turn a Redis outage into a full one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from server.problems import RateLimited
+
+log = logging.getLogger("outlast.web")
+REDIS_DOWN = (RedisError, OSError)
+
+# KEYS[1]: the bucket (a hash of tokens, ts). ARGV: rate per second, burst. Returns {1} or {0, seconds to wait}.
+_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local taken = 0
+if tokens >= 1 then
+    tokens = tokens - 1
+    taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+if taken == 1 then return {1} end
+return {0, tostring((1 - tokens) / rate)}
+"""
+
+
+async def take_submit(redis: Any, key: str, *, rate: float, burst: int) -> None:
+    """Take one submit from `key`'s bucket, or raise RateLimited with how long until the next one."""
+    try:
+        answer = await redis.register_script(_BUCKET)(keys=[f"outlast:rate:submit:{key}"], args=[rate, burst])
+    except REDIS_DOWN as exc:
+        log.warning("submit rate limit not applied: Redis unavailable (%s)", exc)
+        return
+    if int(answer[0]) != 1:
+        wait = math.ceil(float(answer[1]))
+        raise RateLimited(f"more than {rate:g} submits per second with this API key; retry in {wait} s", wait)
+
+
+class AuthThrottle:
+    """Failed authentications per client address: past `limit` in a minute, the address gets 429 until the minute
+    ends, before any key is looked up. The count is in Redis (every process adds to it); each process also
+    remembers which addresses it has seen blocked, so a blocked address costs it no round trip at all."""
+
+    WINDOW_S = 60
+    _MEMORY = 10_000  # blocked addresses remembered per process; past it, expired ones are dropped
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._blocked: dict[str, float] = {}  # address -> monotonic time its block ends
+
+    def blocked(self, client: str) -> int | None:
+        """Seconds left on this address's block, if it is blocked."""
+        until = self._blocked.get(client)
+        if until is None:
+            return None
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._blocked[client]
+            return None
+        return math.ceil(left)
+
+    async def failed(self, redis: Any, client: str) -> int | None:
+        """Count a failure; seconds to block for when this one went past the limit."""
+        name = f"outlast:auth-failures:{client}"
+        try:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.set(name, 0, ex=self.WINDOW_S, nx=True)
+                pipe.incr(name)
+                pipe.ttl(name)
+                _, count, ttl = await pipe.execute()
+        except REDIS_DOWN as exc:
+            log.warning("auth failure not counted: Redis unavailable (%s)", exc)
+            return None
+        if int(count) <= self.limit:
+            return None
+        left = max(1, int(ttl))
+        if len(self._blocked) >= self._MEMORY:
+            now = time.monotonic()
+            self._blocked = {c: until for c, until in self._blocked.items() if until > now}
+        self._blocked[client] = time.monotonic() + left
+        return left
+
+
+# KEYS[1]: a key's slots, a sorted set of slot id -> lease end (ms). ARGV: slot id, limit, lease (ms).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+# The same arguments: extend a held slot's lease (XX: a slot that expired meanwhile is not brought back).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+class StreamSlot:
+    """One of an API key's open-stream slots: a lease in a Redis sorted set that its holder renews while the stream
+    runs and releases when it ends. A holder that stops renewing (a process that died, a stream that never started)
+    loses the slot when the lease runs out, so no key is locked out for good.
+
+    For a streaming response, take the slot in the handler (a 429 must go out before any byte of the stream), then
+    renew it with each keep-alive and release it in the body's `finally`. `stream_slot()` does all three for code
+    that streams inside one `async with`.
+    """
+
+    def __init__(self, redis: Any, key: str, lease_s: float, *, held: bool) -> None:
+        self.redis, self.held = redis, held
+        self._name, self._id, self._lease_ms = f"outlast:streams:{key}", uuid.uuid4().hex, int(lease_s * 1000)
+
+    @classmethod
+    async def take(cls, redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0) -> StreamSlot:
+        """One of `key`'s `limit` slots, or RateLimited. Redis down: an unheld slot (the limit fails open)."""
+        slot = cls(redis, key, lease_s, held=True)
+        try:
+            taken = await slot._run(_ACQUIRE, limit)
+        except REDIS_DOWN as exc:
+            log.warning("stream limit not applied: Redis unavailable (%s)", exc)
+            return cls(redis, key, lease_s, held=False)
+        if not taken:
+            raise RateLimited(f"this API key already has {limit} event streams open", retry_after)
+        return slot
+
+    async def _run(self, script: str, limit: int = 0) -> bool:
+        args = [self._id, limit, self._lease_ms]
+        return int(await self.redis.register_script(script)(keys=[self._name], args=args)) == 1
+
+    async def renew(self) -> None:
+        """Extend the lease by `lease_s` from now: call it more often than that while the stream runs."""
+        if self.held:
+            with contextlib.suppress(*REDIS_DOWN):
+                await self._run(_RENEW)
+
+    async def release(self) -> None:
+        if self.held:
+            self.held = False
+            with contextlib.suppress(*REDIS_DOWN):
+                await asyncio.shield(self.redis.zrem(self._name, self._id))
+
+
+@contextlib.asynccontextmanager
+async def stream_slot(
+    redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0
+) -> AsyncIterator[StreamSlot]:
+    """Hold one of `key`'s `limit` stream slots for the body of the `with` (renewed every lease/3), or raise
+    RateLimited."""
+    slot = await StreamSlot.take(redis, key, limit=limit, retry_after=retry_after, lease_s=lease_s)
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            await slot.renew()
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield slot
+    finally:
+        renewing.cancel()
+        await slot.release()

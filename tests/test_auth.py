@@ -1,0 +1,261 @@
+"""API keys, job read tokens and development's open mode: who may call which route (server/auth.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from starlette.routing import Route
+
+from server.app import create_app
+from server.auth import TOKEN_ROUTES, Guard, guard, is_local
+from tests.conftest import bearer
+from worker import Config, Deps, keys
+
+SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
+
+
+def v1_routes() -> list[tuple[str, str]]:
+    """Every (method, path) the app serves under /v1, read from the app itself: a route added later is in the matrix
+    without an edit here."""
+    app = create_app(Config())
+    found = []
+    for route in app.routes:
+        if isinstance(route, Route) and route.path.startswith("/v1"):
+            found += [(method, route.path) for method in sorted(route.methods or ()) if method != "HEAD"]
+    # Arriving with the events branch: listed so that the matrix covers it from the merge on.
+    if ("GET", "/v1/jobs/{id}/events") not in found:
+        found.append(("GET", "/v1/jobs/{id}/events"))
+    return found
+
+
+ROUTES = v1_routes()
+
+
+@contextlib.asynccontextmanager
+async def open_app(config: Config) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, with no credentials preset."""
+    app = create_app(config)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture
+async def app_client(config: Config, deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
+    async with open_app(config) as client:
+        yield client
+
+
+@pytest.fixture
+async def job_id(app_client: httpx.AsyncClient, api_key: str) -> str:
+    response = await app_client.post("/v1/jobs", json=SQUARES, headers=bearer(api_key))
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def call(
+    client: httpx.AsyncClient, method: str, path: str, job_id: str, *, headers: dict[str, str], query: str = ""
+) -> httpx.Response:
+    url = path.replace("{id}", job_id) + query
+    body = {"json": SQUARES} if method == "POST" and path == "/v1/jobs" else {}
+    return await client.request(method, url, headers=headers, **body)
+
+
+def assert_unauthorized(response: httpx.Response) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == "/problems/unauthorized"
+    assert response.headers["www-authenticate"].startswith('Bearer realm="outlast"')
+
+
+# (name, credentials): each is refused with 401 on every /v1 route.
+REFUSED: list[tuple[str, Callable[[str, str], tuple[dict[str, str], str]]]] = [
+    ("no credentials", lambda key, revoked: ({}, "")),
+    ("empty bearer", lambda key, revoked: ({"Authorization": "Bearer "}, "")),
+    ("basic scheme", lambda key, revoked: ({"Authorization": "Basic dXNlcjpwYXNz"}, "")),
+    ("key under another scheme", lambda key, revoked: ({"Authorization": f"Token {key}"}, "")),
+    ("malformed key", lambda key, revoked: (bearer("not-a-key"), "")),
+    ("unknown key", lambda key, revoked: (bearer(keys.new_key()), "")),
+    ("right id, wrong secret", lambda key, revoked: (bearer(key[:-1] + ("a" if key[-1] != "a" else "b")), "")),
+    ("revoked key", lambda key, revoked: (bearer(revoked), "")),
+    ("key in ?api_key= beside a valid header", lambda key, revoked: (bearer(key), f"?api_key={key}")),
+    ("key in ?access_token=", lambda key, revoked: ({}, f"?access_token={key}")),
+    ("key in ?token=", lambda key, revoked: ({}, f"?token={key}")),
+    ("key under any query name", lambda key, revoked: ({}, f"?x={key}")),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+async def test_every_v1_route_refuses_each_bad_credential_with_401(
+    app_client: httpx.AsyncClient, deps: Deps, api_key: str, job_id: str, method: str, path: str
+) -> None:
+    revoked = await keys.create(deps.db, "default")
+    assert await keys.revoke(deps.db, keys.key_id(revoked) or "")
+    for name, credentials in REFUSED:
+        headers, query = credentials(api_key, revoked)
+        response = await call(app_client, method, path, job_id, headers=headers, query=query)
+        assert response.status_code == 401, f"{name}: {response.status_code} {response.text}"
+        assert_unauthorized(response)
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+async def test_every_v1_route_answers_a_valid_key(
+    app_client: httpx.AsyncClient, api_key: str, job_id: str, method: str, path: str
+) -> None:
+    response = await call(app_client, method, path, job_id, headers=bearer(api_key))
+    assert response.status_code not in (401, 403), response.text
+    assert response.status_code < 500
+
+
+async def test_public_routes_need_no_key(app_client: httpx.AsyncClient) -> None:
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
+        assert (await app_client.get(path)).status_code == 200, path
+
+
+async def test_a_key_without_a_bearer_is_told_how_to_send_one(app_client: httpx.AsyncClient) -> None:
+    response = await app_client.get("/v1/jobs")
+    assert_unauthorized(response)
+    assert response.headers["www-authenticate"] == 'Bearer realm="outlast"'  # no error: nothing was presented
+    assert "Authorization: Bearer" in response.json()["detail"]
+    bad = await app_client.get("/v1/jobs", headers=bearer(keys.new_key()))
+    assert 'error="invalid_token"' in bad.headers["www-authenticate"]
+
+
+async def test_a_keys_last_use_is_recorded(app_client: httpx.AsyncClient, deps: Deps, api_key: str) -> None:
+    assert (await app_client.get("/v1/jobs", headers=bearer(api_key))).status_code == 200
+    (info,) = [k for k in await keys.list_keys(deps.db, "default") if k.id == keys.key_id(api_key)]
+    assert info.last_used_at is not None and info.revoked_at is None
+
+
+async def test_unknown_and_revoked_keys_get_the_same_answer(app_client: httpx.AsyncClient, deps: Deps) -> None:
+    revoked = await keys.create(deps.db, "default")
+    await keys.revoke(deps.db, revoked)
+    answers = [await app_client.get("/v1/jobs", headers=bearer(k)) for k in (revoked, keys.new_key())]
+    assert answers[0].json() == answers[1].json()
+
+
+async def test_revoking_a_key_takes_effect_on_the_next_request(app_client: httpx.AsyncClient, deps: Deps) -> None:
+    key = await keys.create(deps.db, "default")
+    assert (await app_client.get("/v1/jobs", headers=bearer(key))).status_code == 200
+    assert await keys.revoke(deps.db, keys.key_id(key) or "")
+    assert_unauthorized(await app_client.get("/v1/jobs", headers=bearer(key)))
+    assert not await keys.revoke(deps.db, keys.key_id(key) or "")  # already revoked
+
+
+# -- job read tokens ---------------------------------------------------------------------------------
+
+
+def token_of(job: dict[str, Any]) -> str:
+    return str(job["links"]["events"]).partition("?token=")[2]
+
+
+async def test_links_carry_a_read_token_for_that_job_only(app_client: httpx.AsyncClient, api_key: str) -> None:
+    job = (await app_client.post("/v1/jobs", json=SQUARES, headers=bearer(api_key))).json()
+    token = token_of(job)
+    assert token.startswith("olt_")
+    assert job["links"]["self"] == f"/v1/jobs/{job['id']}?token={token}"
+    assert job["links"]["events"] == f"/v1/jobs/{job['id']}/events?token={token}"
+    assert "token" not in job["links"]["result"]
+    followed = await app_client.get(job["links"]["self"])  # no API key: the token alone
+    assert followed.status_code == 200 and followed.json()["id"] == job["id"]
+    # A token holder gets no fresh token: reading the job does not stretch its 15 minutes.
+    assert followed.json()["links"]["self"] == f"/v1/jobs/{job['id']}"
+
+
+async def test_a_read_token_opens_nothing_but_reading_its_job(
+    app_client: httpx.AsyncClient, api_key: str, job_id: str
+) -> None:
+    other = (await app_client.post("/v1/jobs", json=SQUARES, headers=bearer(api_key))).json()["id"]
+    shown = (await app_client.get(f"/v1/jobs/{job_id}", headers=bearer(api_key))).json()
+    token = token_of(shown)
+    refused = [
+        ("GET", f"/v1/jobs/{other}"),  # another job
+        ("GET", f"/v1/jobs/{job_id}/result"),  # not a token route
+        ("POST", f"/v1/jobs/{job_id}/cancel"),  # writes
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/job-types"),
+    ]
+    for method, path in refused:
+        assert_unauthorized(await app_client.request(method, f"{path}?token={token}"))
+
+
+async def test_an_expired_or_tampered_token_is_401(
+    app_client: httpx.AsyncClient, config: Config, api_key: str, job_id: str
+) -> None:
+    guard = Guard(config, config.secret_key.encode(), may_run_open=False)
+    good = guard.token("default", uuid.UUID(job_id))
+    assert (await app_client.get(f"/v1/jobs/{job_id}?token={good}")).status_code == 200
+    expired = guard.token("default", uuid.UUID(job_id), ttl_s=-1)
+    foreign = Guard(config, b"another-deployment-secret-0123456789", may_run_open=False).token(
+        "default", uuid.UUID(job_id)
+    )
+    body, _, mac = good.partition(".")
+    tampered = [
+        body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + mac,  # another payload, the old signature
+        body + "." + mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB"),
+        good + "x",
+        "olt_",
+        "olt_.",
+        "olt_%%%.@@@",
+    ]
+    for token in [expired, foreign, *tampered]:
+        assert_unauthorized(await app_client.get(f"/v1/jobs/{job_id}", params={"token": token}))
+    # Another tenant's name in a valid signature would be a forgery; a token for a tenant only reads that tenant.
+    other_tenant = guard.token("acme", uuid.UUID(job_id))
+    response = await app_client.get(f"/v1/jobs/{job_id}?token={other_tenant}")
+    assert response.status_code == 404
+
+
+def test_token_routes_are_the_job_and_its_events_only() -> None:
+    job = str(uuid.uuid4())
+    assert [bool(r.fullmatch(f"/v1/jobs/{job}")) for r in TOKEN_ROUTES] == [True, False]
+    assert [bool(r.fullmatch(f"/v1/jobs/{job}/events")) for r in TOKEN_ROUTES] == [False, True]
+    for path in (f"/v1/jobs/{job}/result", f"/v1/jobs/{job}/cancel", "/v1/jobs", f"/v1/jobs/{job}/deliveries"):
+        assert not any(r.fullmatch(path) for r in TOKEN_ROUTES), path
+
+
+# -- development's open mode --------------------------------------------------------------------------
+
+
+def test_only_a_database_on_this_machine_may_run_open() -> None:
+    for url in ("postgresql://postgres@127.0.0.1:54329/outlast", "postgresql://localhost/x", "postgresql:///x"):
+        assert is_local(url), url
+    for url in ("postgres://u:p@db.example.com:5432/d", "postgresql://10.0.0.5/x", "postgresql://[2001:db8::1]/x"):
+        assert not is_local(url), url
+
+
+async def test_dev_mode_runs_open_until_a_key_exists_and_says_so(
+    config: Config, deps: Deps, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = msgspec.structs.replace(config, dev_open=True, secret_key="")
+    async with open_app(dev) as client:
+        assert "OUTLAST IS RUNNING OPEN" in caplog.text
+        assert (await client.post("/v1/jobs", json=SQUARES)).status_code == 202
+        assert (await client.get("/v1/jobs")).status_code == 200
+        key = await keys.create(deps.db, "default")  # the first key closes it, without a restart
+        assert_unauthorized(await client.get("/v1/jobs"))
+        assert (await client.get("/v1/jobs", headers=bearer(key))).status_code == 200
+
+
+async def test_production_never_runs_open(config: Config, deps: Deps) -> None:
+    # The flag with a database that is not on this machine is ignored (and logged).
+    remote = msgspec.structs.replace(config, dev_open=True, database_url="postgresql://db.example.com/outlast")
+    assert not (await guard(remote, deps.db)).may_run_open
+    # Without the flag, no key means no access at all.
+    async with open_app(config) as client:
+        assert_unauthorized(await client.get("/v1/jobs"))
+
+
+async def test_without_a_secret_key_the_web_refuses_to_start_unless_open(config: Config, deps: Deps) -> None:
+    with pytest.raises(RuntimeError, match="OUTLAST_SECRET_KEY"):
+        await guard(msgspec.structs.replace(config, secret_key=""), deps.db)
+    with pytest.raises(RuntimeError, match="too short"):
+        await guard(msgspec.structs.replace(config, secret_key="short"), deps.db)

@@ -1,0 +1,98 @@
+"""The API fuzzed against its own /openapi.json by schemathesis, in-process, authenticated, with a fixed seed:
+every phase (examples, coverage, fuzzing, and the stateful phase that follows the OpenAPI links from a submit to
+its job), and 0 failures of not_a_server_error, response schema and content-type conformance, and negative data
+rejection. It prints how many requests it sent.
+
+To dig deeper by hand: FUZZ_SEED=7 FUZZ_EXAMPLES=400 pytest -s tests/test_fuzz.py"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import pytest
+import schemathesis
+from schemathesis.engine import Status, from_schema
+from schemathesis.engine import events as st_events
+from schemathesis.python import asgi as st_asgi
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.app import create_app
+from worker import Config, Deps
+
+SEED = int(os.environ.get("FUZZ_SEED", "20261122"))
+CHECKS = ("not_a_server_error", "response_schema_conformance", "content_type_conformance", "negative_data_rejection")
+
+
+class Counting:
+    """Counts the requests that reach the app, and their statuses."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.statuses: collections.Counter[int] = collections.Counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.statuses[message["status"]] += 1
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+def settings(key: str) -> schemathesis.Config:
+    return schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "headers": {"Authorization": f"Bearer {key}"},
+            # An event stream stays open while its job lives, and no worker runs here: read its first event only.
+            "max-stream-events": 1,
+            "request-timeout": 30,
+            "generation": {"max-examples": int(os.environ.get("FUZZ_EXAMPLES", "100")), "database": "none"},
+            "phases": {
+                "examples": {"enabled": True},
+                "coverage": {"enabled": True},
+                "fuzzing": {"enabled": True},
+                "stateful": {"enabled": True},
+            },
+            "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
+        }
+    )
+
+
+def test_schemathesis_finds_nothing_with_authentication_and_a_fixed_seed(
+    config: Config, deps: Deps, api_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = Counting(create_app(config))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=settings(api_key))
+    failures: list[str] = []
+    errors: list[str] = []
+    per_phase: collections.Counter[str] = collections.Counter()
+    try:
+        for event in from_schema(schema).execute():
+            if isinstance(event, st_events.ScenarioFinished):
+                per_phase[str(event.phase)] += len(event.recorder.interactions)
+                for case_id, checks in event.recorder.checks.items():
+                    for check in checks:
+                        if check.status == Status.FAILURE and check.failure_info is not None:
+                            failure = check.failure_info.failure
+                            sent = event.recorder.interactions.get(case_id)
+                            request = "" if sent is None else f"{sent.request.method} {sent.request.uri}"
+                            failures.append(f"{check.name}: {failure.title} {failure.message}\n    {request}")
+            elif isinstance(event, st_events.NonFatalError | st_events.FatalError):
+                errors.append(repr(event))
+    finally:
+        st_asgi.shutdown_lifespans()
+    requests = sum(app.statuses.values())
+    statuses = dict(sorted(app.statuses.items()))
+    with capsys.disabled():  # the count shows in every run, not only with -s
+        print(f"\nschemathesis: {requests} requests, statuses {statuses}, by phase {dict(per_phase)}")
+    assert not errors, errors
+    assert not failures, "\n".join(sorted(set(failures)))
+    assert all(status < 500 for status in app.statuses)
+    assert requests > 500
