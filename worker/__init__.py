@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import store
+from worker import events, store
 from worker.config import Config, from_env
 from worker.job import (
     LIVE,
@@ -37,6 +37,7 @@ __all__ = [
     "Status",
     "connect",
     "enqueue",
+    "events",
     "from_env",
     "load_job_types",
     "store",

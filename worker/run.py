@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from worker import store
+from worker import events, store
 from worker.job import Context, Error, JobError, JobType, Progress, Status, backoff
 from worker.queue import Deps, enqueue, parse_message
 
@@ -81,6 +81,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         return
     if claimed is None:
         return  # a stale or duplicate delivery: someone else has it, or it ended
+    await events.publish(deps.redis, claimed.id)
     job_type = runtime.job_types.get(claimed.type)
     if job_type is None:
         error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)
@@ -136,6 +137,8 @@ async def _failed(deps: Deps, claimed: store.Claimed, error: Error) -> None:
         lambda: store.finish(deps.db, claimed.id, claimed.attempt, "queued", error=error, retry_in_s=delay),
         what=f"retry {claimed.id}",
     )
+    if moved:
+        await events.publish(deps.redis, claimed.id)
     if moved and not await enqueue(deps.redis, claimed.id, claimed.attempt, delay_s=delay):
         log.warning("retry %s: Redis unavailable; the sweep will dispatch it", claimed.id)
 
@@ -149,10 +152,11 @@ async def _end(
     error: Error | None = None,
     progress: Progress | None = None,
 ) -> None:
-    await persist(
+    if await persist(
         lambda: store.finish(deps.db, claimed.id, claimed.attempt, to, result=result, error=error, progress=progress),
         what=f"finish {claimed.id}",
-    )
+    ):
+        await events.publish(deps.redis, claimed.id)
 
 
 async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any]) -> None:
@@ -184,6 +188,8 @@ async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: 
             continue
         state.written_at = time.monotonic()
         next_beat = state.written_at + interval
+        if progress is not None and verdict is not None:
+            await events.publish(deps.redis, claimed.id)
         if verdict is None or verdict:
             state.stopped = "superseded" if verdict is None else "cancelled"
             task.cancel()
