@@ -23,8 +23,19 @@ async def unencodable(input: Nothing, ctx: Context) -> object:
     return object()
 
 
+class Lines(msgspec.Struct, forbid_unknown_fields=True):
+    lines: list[tuple[str, str]]  # (level, message)
+
+
+async def chatty(input: Lines, ctx: Context) -> int:
+    for level, message in input.lines:
+        await ctx.log(level, message)  # type: ignore[arg-type]  # a bad level is the job's own bug
+    return len(input.lines)
+
+
 JOB_TYPES = (
     JobType("explode", Nothing, explode, timeout_s=10),
     JobType("refuse", Nothing, refuse, timeout_s=10),
     JobType("unencodable", Nothing, unencodable, timeout_s=10),
+    JobType("chatty", Lines, chatty, timeout_s=10),
 )

@@ -97,8 +97,11 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
 
 async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any) -> None:
     state = _Attempt()
-    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report)
-    task = asyncio.ensure_future(job_type.run(value, context))
+    journal = events.Journal(
+        deps.db, deps.redis, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
+    )
+    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report, journal.write)
+    task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
     beat = asyncio.create_task(_heartbeat(deps, claimed, state, task))
     try:
         result = await asyncio.wait_for(task, claimed.timeout_s)
