@@ -5,6 +5,7 @@ Both processes import it; the server uses only the names below.
 
 from worker import events, store
 from worker.config import Config, from_env
+from worker.events import Hub
 from worker.job import (
     LIVE,
     NEXT,
@@ -29,6 +30,7 @@ __all__ = [
     "Context",
     "Deps",
     "Error",
+    "Hub",
     "Job",
     "JobError",
     "JobType",

@@ -41,6 +41,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly
     redis_timeout_s: Seconds = 2.0
     retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
+    events_poll_s: Seconds = 5.0  # followers re-read the event log this often without a notification (Redis down)
 
 
 def env_name(field: str) -> str:
