@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from server import jobs, openapi, ops, problems
-from worker import Config, connect, from_env, load_job_types
+from worker import Config, Hub, connect, from_env, load_job_types
 
 
 def create_app(config: Config | None = None) -> Starlette:
@@ -22,8 +22,10 @@ def create_app(config: Config | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with connect(config) as deps:
-            app.state.deps = deps
-            yield
+            hub = Hub(deps.db, config.redis_url, poll_s=config.events_poll_s, timeout_s=config.redis_timeout_s)
+            async with hub:
+                app.state.deps, app.state.hub = deps, hub
+                yield
 
     app = Starlette(
         routes=[

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -28,7 +27,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import MsgspecResponse
-from worker import Deps, Job, JobType, Status, enqueue, store
+from worker import Deps, Hub, Job, JobType, Status, enqueue, store
 
 TENANT = "default"  # one tenant until API keys land
 MAX_WAIT_S = 60
@@ -202,12 +201,15 @@ async def show(request: Request) -> Response:
     row = await _get(request)
     wait = _wait_preference(request)
     if wait and not row.done:
-        deadline = time.monotonic() + wait
-        pause = 0.05
-        while not row.done and (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 1.5, 1.0)
-            row = await _get(request)
+        # Woken by the job's own events (the same notification streams get), not by a polling loop.
+        until = asyncio.get_running_loop().time() + wait
+        hub: Hub = request.app.state.hub
+        with hub.follow(row.id) as follower:
+            while True:
+                follower.clear()
+                row = await _get(request)
+                if row.done or not await follower.wait(until):
+                    break
     headers = {} if row.done else {"Retry-After": str(retry_after(row))}
     if wait:
         headers["Preference-Applied"] = f"wait={wait}"
