@@ -9,21 +9,25 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from server import jobs, openapi, ops, problems
+from server.metrics import CountRequests, Metrics, metrics
 from worker import Config, Hub, connect, from_env, load_job_types
 
 
 def create_app(config: Config | None = None) -> Starlette:
     config = config or from_env()
     job_types = load_job_types(config.job_modules)
+    counters = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with connect(config) as deps:
             hub = Hub(deps.db, config.redis_url, poll_s=config.events_poll_s, timeout_s=config.redis_timeout_s)
             async with hub:
+                counters.watch(hub)
                 app.state.deps, app.state.hub = deps, hub
                 yield
 
@@ -36,12 +40,15 @@ def create_app(config: Config | None = None) -> Starlette:
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi.openapi, methods=["GET"]),
             Route("/docs", openapi.docs, methods=["GET"]),
         ],
         exception_handlers=problems.HANDLERS,
         lifespan=lifespan,
+        middleware=[Middleware(CountRequests, counter=counters.requests)],
     )
+    app.state.metrics = counters
     app.state.job_types = job_types
     app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)
     app.state.openapi = openapi.build()

@@ -170,6 +170,7 @@ async def submit(request: Request) -> Response:
     if not await enqueue(deps.redis, row.id, row.attempt):
         # The row is the outbox: the sweep dispatches it once Redis is back.
         await store.undispatch(deps.db, row.id, row.attempt)
+    request.app.state.metrics.submitted.labels(row.type).inc()
     headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
     return MsgspecResponse(row.to_job(), status_code=202, headers=headers)
 

@@ -116,6 +116,12 @@ def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
                 "responses": {"200": {"description": "alive", "content": _json("Health")}},
             }
         },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "responses": {"200": {"description": "Prometheus text exposition", "content": {"text/plain": {}}}},
+            }
+        },
         "/readyz": {
             "get": {
                 "operationId": "readyz",

@@ -425,3 +425,17 @@ async def test_prefer_wait_wakes_on_the_jobs_notification_not_on_a_timer(config:
             answer = await asyncio.wait_for(waiting, 15)
             assert answer.json()["status"] == "succeeded" and answer.json()["result"] == 14
             assert app.state.hub.followed == 0  # the long poll let go of the job
+
+
+async def test_metrics_count_requests_by_route_and_submits_by_type(client: httpx.AsyncClient) -> None:
+    job_id = (await client.post("/v1/jobs", json=SQUARES)).json()["id"]
+    await client.get(f"/v1/jobs/{job_id}")
+    await client.get("/v1/jobs/not-a-uuid")
+    response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'outlast_jobs_submitted_total{type="square_sum"} 1.0' in text
+    assert 'outlast_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
+    assert 'outlast_http_requests_total{method="GET",route="/v1/jobs/{id}",status="200"} 1.0' in text
+    assert 'outlast_http_requests_total{method="GET",route="/v1/jobs/{id}",status="404"} 1.0' in text
+    assert "outlast_open_streams 0.0" in text and "outlast_events_subscribed 1.0" in text
