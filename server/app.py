@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from server import jobs, openapi, ops, problems
+from server import jobs, openapi, ops, problems, stream
 from server.metrics import CountRequests, Metrics, metrics
 from worker import Config, Hub, connect, from_env, load_job_types
 
@@ -37,6 +37,7 @@ def create_app(config: Config | None = None) -> Starlette:
             Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
             Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
+            Route("/v1/jobs/{id}/events", stream.follow, methods=["GET"]),
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),

@@ -103,6 +103,22 @@ def build(title: str = "Outlast", version: str = "0.1.0") -> dict[str, Any]:
                 },
             }
         },
+        "/v1/jobs/{id}/events": {
+            "get": {
+                "operationId": "followJobEvents",
+                "summary": "The job's events as Server-Sent Events: replayed after Last-Event-ID, then live",
+                "parameters": [_ID, {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}}],
+                "responses": {
+                    "200": {
+                        "description": "`status` (data: the Job), `progress`, `log`; `reconnect` when it ends early",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "204": {"description": "the job ended and nothing follows Last-Event-ID"},
+                    "404": _problem("unknown or malformed id"),
+                    "422": _problem("Last-Event-ID is not an event id"),
+                },
+            }
+        },
         "/v1/job-types": {
             "get": {
                 "operationId": "listJobTypes",

@@ -41,6 +41,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly
     redis_timeout_s: Seconds = 2.0
     retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
+    stream_keepalive_s: Annotated[float, msgspec.Meta(gt=0, le=15)] = 10.0  # the SSE comment that keeps proxies open
+    stream_max_s: Seconds = 1800.0  # an event stream then ends with a `reconnect` event, so connections rebalance
     events_poll_s: Seconds = 5.0  # followers re-read the event log this often without a notification (Redis down)
 
 
