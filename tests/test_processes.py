@@ -189,6 +189,7 @@ async def test_outlast_submit_wait_shows_progress_and_prints_the_finished_job(pr
     job = msgspec.json.decode(done.stdout)
     assert job["status"] == "succeeded" and job["result"] == {"slept_s": 1.0, "steps": 4}
     assert b"100.0%" in done.stderr and b"step 4 of 4" in done.stderr
+    assert b"info    sleeping 1 s in 4 steps" in done.stderr  # the job's own log line, from the event stream
 
 
 async def test_web_shutdown_with_open_streams_tells_each_to_reconnect_and_exits(
