@@ -258,35 +258,41 @@ class Journal:
 class Feed:
     """One job followed in this process: its followers, and the events one shared read fetched for them all.
 
-    A notification bumps `version` and wakes every follower. A follower that needs the events behind
-    notification `v` waits for a shared read that started at or after `v` (one per notification, however many
-    follow), then takes them from the cache; one too far behind for the cache reads the log itself.
+    A notification starts one read of what is new (however many follow the job, and a second one if another
+    notification comes during it), then wakes every follower once; each takes its events from the cache. The
+    cache starts where the first follower's own read ended; a follower it does not reach reads the log itself.
+    Until a follower has read, a notification wakes them all at once (long polls only ever need that).
     """
 
     def __init__(self, hub: Hub, job_id: UUID) -> None:
         self.hub, self.job_id = hub, job_id
         self.followers: set[Follower] = set()
-        self.version = 0  # notifications received
         self.polled: int | None = -1  # the job's last seq at the last fallback poll; None: the job is gone
-        self._fetched = 0  # the version the last completed shared read started at
         self._high: int | None = None  # every event up to this seq has been read; the cache ends with it
         self._cache: list[Event] = []  # contiguous, ending at _high
         self._reading: asyncio.Task[None] | None = None
+        self._again = False  # a notification came during the read: read once more
+        self._missed = False  # a notification came before anyone knew where to read from
 
     def poke(self) -> None:
-        self.version += 1
-        for follower in self.followers:
-            follower.wake.set()
+        if self._high is None:
+            self._missed = True
+            self._wake_all()
+        elif self._reading is None:
+            self._reading = self.hub.spawn(self._read())
+        else:
+            self._again = True
 
-    async def after(self, seq: int, version: int) -> list[Event] | None:
-        """The events after `seq` known once a read started at or after notification `version` has completed.
-        None: the cache does not reach back to `seq`, so the follower reads the log itself."""
-        while self._fetched < version:
-            if self._reading is None:
-                start = seq if self._high is None else self._high
-                self._reading = self.hub.spawn(self._read(start, self.version))
-            # Shielded: a follower that leaves mid-read must not cancel the read the others wait for.
-            await asyncio.shield(self._reading)
+    def seen(self, seq: int) -> None:
+        """A follower's own read ended at `seq`: the first such tells the shared reads where to start."""
+        if self._high is None:
+            self._high = seq
+            if self._missed:  # its own read may have started before what that notification announced
+                self._missed = False
+                self.poke()
+
+    def after(self, seq: int) -> list[Event] | None:
+        """The events after `seq` that the shared reads found; None: the cache does not reach back to `seq`."""
         if self._high is None:
             return None
         if seq >= self._high:
@@ -296,41 +302,52 @@ class Feed:
             return None
         return self._cache[seq + 1 - first :]
 
-    async def _read(self, start: int, version: int) -> None:
+    def _wake_all(self) -> None:
+        for follower in self.followers:
+            follower.wake.set()
+
+    async def _read(self) -> None:
         try:
-            high = start
-            while True:
-                batch = await read_after(self.hub.db, self.job_id, high)
+            again = True
+            while again and self._high is not None:
+                self._again = False
+                batch = await read_after(self.hub.db, self.job_id, self._high)
                 self._cache.extend(batch)
-                high = batch[-1].seq if batch else high
-                self._high = high
-                if len(batch) < READ_BATCH:
-                    break
+                if batch:
+                    self._high = batch[-1].seq
+                again = self._again or len(batch) == READ_BATCH
             if len(self._cache) > 2 * FEED_CACHE:
                 del self._cache[:-FEED_CACHE]
-            self._fetched = max(self._fetched, version)
+        except store.UNAVAILABLE as exc:
+            log.warning("events: reading the log of %s failed (%s); its followers read it themselves", self.job_id, exc)
+            self._high, self._cache = None, []
         finally:
             self._reading = None
+            self._wake_all()
 
 
 class Follower:
-    """One stream or long poll following a job: `wake` is set by every notification for it."""
+    """One stream or long poll following a job: `wake` is set whenever there may be something new."""
 
-    __slots__ = ("feed", "stopped", "wake")
+    __slots__ = ("expired", "feed", "stopped", "wake")
 
     def __init__(self, feed: Feed) -> None:
         self.feed = feed
         self.wake = asyncio.Event()
-        self.stopped = False
+        self.stopped = False  # by stop(): the server is shutting down
+        self.expired = False  # events() reached its `until`
 
     def stop(self) -> None:
         """End `events()` and `wait()` now (the server is shutting down)."""
         self.stopped = True
         self.wake.set()
 
+    def clear(self) -> None:
+        """Call before reading what a wake announces, so one that comes during the read is not lost."""
+        self.wake.clear()
+
     async def wait(self, until: float) -> bool:
-        """Until the next notification (True), or loop time `until` or stop() (False). Call `clear()` before
-        reading what a notification announces, so one that arrives during the read is not lost."""
+        """Until the next notification (True), or loop time `until` or stop() (False)."""
         if self.stopped:
             return False
         try:
@@ -340,26 +357,32 @@ class Follower:
             return False
         return not self.stopped
 
-    def clear(self) -> None:
-        self.wake.clear()
+    def _expire(self) -> None:
+        self.expired = True
+        self.wake.set()
 
     async def events(self, after: int, *, until: float) -> AsyncGenerator[Event, None]:
         """Every event after seq `after`, in order and each once, as they are committed; ends after the terminal
         status event, at loop time `until`, or on stop()."""
-        seq, own_read = after, True  # the first read is our own: it covers what happened before we registered
-        while not self.stopped:
-            self.clear()
-            batch = None if own_read else await self.feed.after(seq, self.feed.version)
-            if batch is None:
-                batch = await read_after(self.feed.hub.db, self.feed.job_id, seq)
-                own_read = len(batch) == READ_BATCH
-            for event in batch:
-                yield event
-                seq = event.seq
-                if event.final:
-                    return
-            if not batch and not await self.wait(until):
-                return
+        deadline = asyncio.get_running_loop().call_at(until, self._expire)  # one timer, not one per wait
+        try:
+            seq, own_read = after, True  # the first read is our own: it covers what came before we registered
+            while not (self.stopped or self.expired):
+                self.clear()
+                batch = None if own_read else self.feed.after(seq)
+                if batch is None:
+                    batch = await read_after(self.feed.hub.db, self.feed.job_id, seq)
+                    own_read = len(batch) == READ_BATCH
+                    self.feed.seen(batch[-1].seq if batch else seq)
+                for event in batch:
+                    yield event
+                    seq = event.seq
+                    if event.final:
+                        return
+                if not batch:
+                    await self.wake.wait()
+        finally:
+            deadline.cancel()
 
 
 class Hub:
@@ -394,8 +417,8 @@ class Hub:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # retrieved: its followers saw it already
-            log.debug("events: a background task failed: %r", task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("events: a background task failed", exc_info=exc)
 
     async def __aenter__(self) -> Hub:
         self.spawn(self._subscribe())
