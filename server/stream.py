@@ -102,7 +102,9 @@ async def follow(request: Request) -> Response:
     deps: Deps = request.app.state.deps
     after = _last_event_id(request)
     row = await jobs._get(request)  # 404 before any stream: an unknown id never hangs
-    first = await events.read_after(deps.db, row.id, after)
+    # A finished job's stream is its replay alone: read it now, to answer 204 if nothing is left. A live job's
+    # stream reads once it has registered for notifications, so nothing committed in between is missed.
+    first = await events.read_after(deps.db, row.id, after) if row.done else []
     if row.done and not first:
         return Response(status_code=204)  # nothing after Last-Event-ID, ever
     shutdown = _Shutdown()
