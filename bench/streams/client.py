@@ -74,7 +74,7 @@ class Streams:
 
 async def main() -> None:
     loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
+    stdin = asyncio.StreamReader(limit=2**26)  # an `open` command lists thousands of paths
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     streams = Streams()
     while line := await stdin.readline():
