@@ -139,7 +139,7 @@ async def test_a_fast_and_a_slow_follower_both_get_every_event_once_in_order(dep
         seen = []
         with hub.follow(job_id) as follower:
             until = asyncio.get_running_loop().time() + 60
-            async for event in follower.events(0, until=until):
+            async for event in follower.events(0, until=until, tick_s=3600):
                 seen.append(event.seq)
                 if len(seen) % pause_every == 0:
                     await asyncio.sleep(0.01)  # a reader that falls behind the shared cache
@@ -162,7 +162,7 @@ async def _followers(hub: Hub, job_id: UUID, count: int) -> bool | None:
 async def test_a_follower_stopped_by_a_shutdown_ends_at_once(deps: Deps, hub: Hub) -> None:
     job_id = await new_job(deps)
     with hub.follow(job_id) as follower:
-        following = follower.events(0, until=asyncio.get_running_loop().time() + 3600)
+        following = follower.events(0, until=asyncio.get_running_loop().time() + 3600, tick_s=3600)
         assert (await anext(following)).seq == 1
         waiting = asyncio.ensure_future(anext(following))
         follower.stop()

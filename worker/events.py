@@ -329,13 +329,14 @@ class Feed:
 class Follower:
     """One stream or long poll following a job: `wake` is set whenever there may be something new."""
 
-    __slots__ = ("expired", "feed", "stopped", "wake")
+    __slots__ = ("expired", "feed", "stopped", "ticked", "wake")
 
     def __init__(self, feed: Feed) -> None:
         self.feed = feed
         self.wake = asyncio.Event()
         self.stopped = False  # by stop(): the server is shutting down
         self.expired = False  # events() reached its `until`
+        self.ticked = False  # another `idle_every` has passed
 
     def stop(self) -> None:
         """End `events()` and `wait()` now (the server is shutting down)."""
@@ -361,13 +362,24 @@ class Follower:
         self.expired = True
         self.wake.set()
 
-    async def events(self, after: int, *, until: float) -> AsyncGenerator[Event, None]:
-        """Every event after seq `after`, in order and each once, as they are committed; ends after the terminal
+    def _tick(self) -> None:
+        self.ticked = True
+        self.wake.set()
+
+    async def events(self, after: int, *, until: float, tick_s: float) -> AsyncGenerator[Event | None, None]:
+        """Every event after seq `after`, in order and each once, as they are committed, and None every `tick_s`
+        (a stream's keep-alive, sent by its own loop rather than a task of its own); ends after the terminal
         status event, at loop time `until`, or on stop()."""
-        deadline = asyncio.get_running_loop().call_at(until, self._expire)  # one timer, not one per wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_at(until, self._expire)  # one timer for the lifetime, not one per wait
+        tick = loop.call_later(tick_s, self._tick)
         try:
             seq, own_read = after, True  # the first read is our own: it covers what came before we registered
             while not (self.stopped or self.expired):
+                if self.ticked:
+                    self.ticked = False
+                    tick = loop.call_later(tick_s, self._tick)
+                    yield None
                 self.clear()
                 batch = None if own_read else self.feed.after(seq)
                 if batch is None:
@@ -383,6 +395,7 @@ class Follower:
                     await self.wake.wait()
         finally:
             deadline.cancel()
+            tick.cancel()
 
 
 class Hub:
