@@ -12,20 +12,25 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from server import auth, deliveries, jobs, openapi, ops, problems
-from worker import Config, Guard, connect, from_env, load_job_types
+from server import auth, deliveries, jobs, openapi, ops, problems, stream
+from server.metrics import CountRequests, Metrics, metrics
+from worker import Config, Guard, Hub, connect, from_env, load_job_types
 
 
 def create_app(config: Config | None = None) -> Starlette:
     config = config or from_env()
     job_types = load_job_types(config.job_modules)
+    counters = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with connect(config) as deps:
-            app.state.deps = deps
-            app.state.guard = await auth.guard(config, deps.db)
-            yield
+            hub = Hub(deps.db, config.redis_url, poll_s=config.events_poll_s, timeout_s=config.redis_timeout_s)
+            async with hub:
+                counters.watch(hub)
+                app.state.deps, app.state.hub = deps, hub
+                app.state.guard = await auth.guard(config, deps.db)
+                yield
 
     app = Starlette(
         routes=[
@@ -36,17 +41,22 @@ def create_app(config: Config | None = None) -> Starlette:
             Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),
             Route("/v1/jobs/{id}/deliveries", deliveries.list_deliveries, methods=["GET"]),
             Route("/v1/jobs/{id}/deliveries/redeliver", deliveries.redeliver, methods=["POST"]),
+            Route("/v1/jobs/{id}/events", stream.follow, methods=["GET"]),
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi.openapi, methods=["GET"]),
             Route("/docs", openapi.docs, methods=["GET"]),
         ],
-        # Every /v1 route, present or future, is authenticated here, before routing.
-        middleware=[Middleware(auth.Authenticate)],
+        middleware=[
+            Middleware(CountRequests, counter=counters.requests),  # outermost: 401s and 429s are counted too
+            Middleware(auth.Authenticate),  # every /v1 route, present or future, is authenticated here
+        ],
         exception_handlers=problems.HANDLERS,
         lifespan=lifespan,
     )
+    app.state.metrics = counters
     app.state.job_types = job_types
     app.state.callback_guard = Guard.from_config(config)  # the SSRF guard for callback_url (tests swap the resolver)
     app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)

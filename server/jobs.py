@@ -7,7 +7,6 @@ import base64
 import binascii
 import hashlib
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -35,7 +34,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import MsgspecResponse
-from worker import Deps, Forbidden, Job, JobType, Status, enqueue, request_abort, store
+from worker import Deps, Forbidden, Hub, Job, JobType, Status, enqueue, events, request_abort, store
 
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
@@ -232,6 +231,8 @@ async def submit(request: Request) -> Response:
     elif not await enqueue(deps.redis, row.id, row.attempt):
         # The row is the outbox: the sweep dispatches it once Redis is back.
         await store.undispatch(deps.db, row.id, row.attempt)
+    if not replayed:
+        request.app.state.metrics.submitted.labels(row.type).inc()
     return MsgspecResponse(_job(request, row), status_code=202, headers=headers)
 
 
@@ -293,12 +294,15 @@ async def show(request: Request) -> Response:
     row = await _get(request)
     wait = _wait_preference(request)
     if wait and not row.done:
-        deadline = time.monotonic() + wait
-        pause = 0.05
-        while not row.done and (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 1.5, 1.0)
-            row = await _get(request)
+        # Woken by the job's own events (the same notification streams get), not by a polling loop.
+        until = asyncio.get_running_loop().time() + wait
+        hub: Hub = request.app.state.hub
+        with hub.follow(row.id) as follower:
+            while True:
+                follower.clear()
+                row = await _get(request)
+                if row.done or not await follower.wait(until):
+                    break
     headers = {} if row.done else {"Retry-After": str(retry_after(row))}
     if wait:
         headers["Preference-Applied"] = f"wait={wait}"
@@ -316,6 +320,8 @@ async def cancel(request: Request) -> Response:
         raise Conflict(f"the job is already {done.status}")
     if row.status == "running":
         await request_abort(deps.redis, row.id, row.attempt)
+    else:
+        await events.publish(deps.redis, row.id)  # cancelled at once: followers see the end now
     return MsgspecResponse(_job(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 

@@ -30,6 +30,16 @@ def _problem(description: str) -> dict[str, Any]:
     }
 
 
+# One Server-Sent Event as a client parses it: `data` is the JSON text of the Job, the progress or the log line.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"enum": ["status", "progress", "log", "reconnect"]},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds before polling again"}}
 _IDEMPOTENCY_KEY = {
@@ -186,6 +196,26 @@ def build(
                 },
             }
         },
+        "/v1/jobs/{id}/events": {
+            "get": {
+                "operationId": "followJobEvents",
+                "security": [{"apiKey": []}, {"jobReadToken": []}],
+                "summary": "The job's events as Server-Sent Events: replayed after Last-Event-ID, then live",
+                "parameters": [
+                    _ID,
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "`status` (data: the Job), `progress`, `log`; `reconnect` when it ends early",
+                        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                    },
+                    "204": {"description": "the job ended and nothing follows Last-Event-ID"},
+                    "404": _problem("unknown or malformed id"),
+                    "422": _problem("Last-Event-ID is not an event id"),
+                },
+            }
+        },
         "/v1/job-types": {
             "get": {
                 "operationId": "listJobTypes",
@@ -220,6 +250,12 @@ def build(
             "get": {
                 "operationId": "healthz",
                 "responses": {"200": {"description": "alive", "content": _json("Health")}},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "responses": {"200": {"description": "Prometheus text exposition", "content": {"text/plain": {}}}},
             }
         },
         "/readyz": {

@@ -42,10 +42,21 @@ async def block_first(input: Seconds, ctx: Context) -> int:
     return ctx.attempt
 
 
+class Lines(msgspec.Struct, forbid_unknown_fields=True):
+    lines: list[tuple[str, str]]  # (level, message)
+
+
+async def chatty(input: Lines, ctx: Context) -> int:
+    for level, message in input.lines:
+        await ctx.log(level, message)  # type: ignore[arg-type]  # a bad level is the job's own bug
+    return len(input.lines)
+
+
 JOB_TYPES = (
     JobType("block_first", Seconds, block_first, timeout_s=600),
     JobType("sleep_once", Seconds, sleep_once, retry_safe=False, timeout_s=600),
     JobType("explode", Nothing, explode, timeout_s=10),
     JobType("refuse", Nothing, refuse, timeout_s=10),
     JobType("unencodable", Nothing, unencodable, timeout_s=10),
+    JobType("chatty", Lines, chatty, timeout_s=10),
 )

@@ -6,12 +6,13 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
 
 from server.problems import ProblemError, slug
-from tests.conftest import bearer, job_row
+from tests.conftest import bearer, eventually, job_row
 from worker import Deps
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
@@ -457,3 +458,43 @@ async def test_redis_down_still_accepts_the_job_and_readyz_names_redis(config: A
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and "retry-after" in ready.headers
             assert ready.json()["redis"] == "down" and ready.json()["database"] == "ok"
+
+
+async def test_prefer_wait_wakes_on_the_jobs_notification_not_on_a_timer(config: Any, deps: Deps, api_key: str) -> None:
+    import msgspec
+
+    from server.app import create_app
+    from worker import events, store
+
+    # With the fallback poll an hour away, only the notification can end the wait before it times out.
+    app = create_app(msgspec.structs.replace(config, events_poll_s=3600))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
+            job_id = UUID((await client.post("/v1/jobs", json=SQUARES)).json()["id"])
+            waiting = asyncio.create_task(client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=60"}))
+
+            async def held() -> bool | None:
+                return app.state.hub.following(job_id) == 1 or None
+
+            await eventually(held)
+            assert await store.claim(deps.db, job_id, 0, owner="test", lease_s=60) is not None
+            assert await store.finish(deps.db, job_id, 1, "succeeded", result=b"14")
+            await events.publish(deps.redis, job_id)
+            answer = await asyncio.wait_for(waiting, 15)
+            assert answer.json()["status"] == "succeeded" and answer.json()["result"] == 14
+            assert app.state.hub.followed == 0  # the long poll let go of the job
+
+
+async def test_metrics_count_requests_by_route_and_submits_by_type(client: httpx.AsyncClient) -> None:
+    job_id = (await client.post("/v1/jobs", json=SQUARES)).json()["id"]
+    await client.get(f"/v1/jobs/{job_id}")
+    await client.get("/v1/jobs/not-a-uuid")
+    response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'outlast_jobs_submitted_total{type="square_sum"} 1.0' in text
+    assert 'outlast_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
+    assert 'outlast_http_requests_total{method="GET",route="/v1/jobs/{id}",status="200"} 1.0' in text
+    assert 'outlast_http_requests_total{method="GET",route="/v1/jobs/{id}",status="404"} 1.0' in text
+    assert "outlast_open_streams 0.0" in text and "outlast_events_subscribed 1.0" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -54,9 +54,11 @@ async def app_client(config: Config, deps: Deps) -> AsyncIterator[httpx.AsyncCli
 
 
 @pytest.fixture
-async def job_id(app_client: httpx.AsyncClient, api_key: str) -> str:
+async def job_id(app_client: httpx.AsyncClient, api_key: str, drain: Callable[[], Awaitable[None]]) -> str:
+    """A finished job: its event stream is a replay that ends, which an in-process client can read whole."""
     response = await app_client.post("/v1/jobs", json=SQUARES, headers=bearer(api_key))
     assert response.status_code == 202, response.text
+    await drain()
     return str(response.json()["id"])
 
 

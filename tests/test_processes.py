@@ -193,6 +193,38 @@ async def test_outlast_submit_wait_shows_progress_and_prints_the_finished_job(pr
     job = msgspec.json.decode(done.stdout)
     assert job["status"] == "succeeded" and job["result"] == {"slept_s": 1.0, "steps": 4}
     assert b"100.0%" in done.stderr and b"step 4 of 4" in done.stderr
+    assert b"info    sleeping 1 s in 4 steps" in done.stderr  # the job's own log line, from the event stream
+
+
+async def test_web_shutdown_with_open_streams_tells_each_to_reconnect_and_exits(
+    config: Config, deps: Deps, tmp_path: Path, api_key: str
+) -> None:
+    from tests.sse import RawStream
+
+    # 50 streams on one key: above the default per-key limit, which has its own test.
+    procs = Processes(process_env(config, OUTLAST_MAX_STREAMS_PER_KEY="100"), tmp_path, api_key)
+    procs.start_web()
+    try:
+        await procs.ready()
+        async with httpx.AsyncClient(base_url=procs.url, headers=procs.headers) as client:
+            ids = [(await client.post("/v1/jobs", json={"type": "sleep", "input": {}})).json()["id"] for _ in range(5)]
+        streams = [await RawStream.open(procs.url, ids[i % 5], key=api_key) for i in range(50)]
+        for stream in streams:
+            assert (await stream.next_frame()) is not None
+        assert procs.web is not None
+        procs.web.send_signal(signal.SIGTERM)
+        for stream in streams:
+            assert [(f.event, f.data) for f in await stream.rest()] == [("reconnect", {"reason": "shutdown"})]
+
+        async def exited() -> int | None:
+            assert procs.web is not None
+            return procs.web.poll()
+
+        assert await eventually(exited) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        log = procs.log("web")
+        assert "Exception in ASGI application" not in log and "without completing response" not in log
+    finally:
+        procs.stop()
 
 
 async def test_a_job_blocking_the_event_loop_turns_arq_check_red_and_is_rescued_elsewhere(

@@ -10,7 +10,7 @@ from databases import Database
 from uuid_utils.compat import uuid7
 
 from tests.conftest import job_row
-from worker import Deps, Error, store
+from worker import Deps, Error, Progress, store
 
 OWNER = "test-owner"
 
@@ -152,3 +152,19 @@ async def test_take_due_skips_rows_another_pass_holds(deps: Deps) -> None:
     rest = [job_id for job_id, _ in await store.take_due(deps.db, batch=10, redispatch_after_s=60)]
     assert set(rest) | set(taken) == ids and not set(rest) & set(taken)
     assert await store.take_due(deps.db, batch=10, redispatch_after_s=60) == []  # all dispatched just now
+
+
+async def test_status_events_hold_every_field_a_change_touches_as_it_left_them(deps: Deps) -> None:
+    job_id = await new_job(deps.db)
+    await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
+    await store.finish(deps.db, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=5)
+    await store.claim(deps.db, job_id, 1, owner=OWNER, lease_s=30)
+    await store.finish(deps.db, job_id, 2, "failed", error=Error("bad", "no", False))
+    statuses = [data for _, name, data in await events(deps, job_id) if name == "status"]
+    queued, running, retry, again, failed = statuses
+    assert queued["started_at"] is None and queued["progress"] == {"fraction": 0.0, "message": None}
+    assert running["started_at"] is not None and running["finished_at"] is None
+    assert retry["progress"] == {"fraction": 0.5, "message": "half"} and retry["next_run_at"]
+    assert "next_run_at" not in again and again["attempt"] == 2
+    assert failed["finished_at"] is not None and failed["error"]["type"] == "bad"

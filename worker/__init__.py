@@ -3,8 +3,9 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import keys, store, webhook_store
+from worker import events, keys, store, webhook_store
 from worker.config import Config, from_env
+from worker.events import Hub
 from worker.job import (
     LIVE,
     NEXT,
@@ -33,6 +34,7 @@ __all__ = [
     "Error",
     "Forbidden",
     "Guard",
+    "Hub",
     "Job",
     "JobError",
     "JobType",
@@ -42,6 +44,7 @@ __all__ = [
     "Status",
     "connect",
     "enqueue",
+    "events",
     "from_env",
     "keys",
     "load_job_types",

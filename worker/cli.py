@@ -22,6 +22,7 @@ from worker import keys
 from worker.config import from_env
 from worker.migrate import create_database, migrate
 from worker.queue import open_database
+from worker.watch import follow
 
 T = TypeVar("T")
 WEB = "{python} -m uvicorn --factory server.app:create_app --host {host} --port {port} --loop uvloop --http httptools"
@@ -163,13 +164,6 @@ def _request(url: str, *, key: str, body: Any = None, headers: dict[str, str] | 
         raise SystemExit(f"cannot reach {url}: {exc.reason}") from None
 
 
-def _bar(job: dict[str, Any]) -> str:
-    fraction = float(job["progress"]["fraction"])
-    filled = int(fraction * 30)
-    message = job["progress"]["message"] or ""
-    return f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} {job['status']:<9} {message[:40]:<40}"
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     try:
         payload = json.loads(args.input)
@@ -178,10 +172,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     job = _request(f"{base}/v1/jobs", key=args.key, body={"type": args.type, "input": payload})
     if args.wait:
-        while not job["done"]:
-            print(_bar(job), end="", file=sys.stderr, flush=True)
-            job = _request(f"{base}{job['links']['self']}", key=args.key, headers={"prefer": "wait=1"})
-        print(_bar(job), file=sys.stderr)
+        job = follow(base, job)
     print(json.dumps(job, indent=2))
     return 0 if not args.wait or job["status"] == "succeeded" else 1
 
@@ -215,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     submit = sub.add_parser("submit", help="submit a job and print it")
     submit.add_argument("type")
     submit.add_argument("input", help="the job's input as JSON")
-    submit.add_argument("--wait", action="store_true", help="follow progress until the job is done")
+    submit.add_argument("--wait", action="store_true", help="follow its progress and log until the job is done")
     submit.add_argument("--url", default=os.environ.get("OUTLAST_URL", "http://127.0.0.1:8000"))
     submit.add_argument(
         "--key", default=os.environ.get("OUTLAST_API_KEY", ""), help="API key (default: $OUTLAST_API_KEY)"

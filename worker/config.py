@@ -55,6 +55,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     db_pool_max: Annotated[int, msgspec.Meta(ge=1)] = 10
     db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly
     redis_timeout_s: Seconds = 2.0
+    redis_pool_max: Annotated[int, msgspec.Meta(ge=1)] = 32  # Redis connections per web process
     retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
     # -- security: docs/security.md -------------------------------------------------------------------
     secret_key: str = ""  # signs job read tokens; required unless the web runs open for development
@@ -68,6 +69,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         30  # per client address; past it: 429 till the minute ends
     )
     body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
+    stream_keepalive_s: Annotated[float, msgspec.Meta(gt=0, le=15)] = 10.0  # the SSE comment that keeps proxies open
+    stream_max_s: Seconds = 1800.0  # an event stream then ends with a `reconnect` event, so connections rebalance
+    events_poll_s: Seconds = 5.0  # followers re-read the event log this often without a notification (Redis down)
 
 
 def env_name(field: str) -> str:

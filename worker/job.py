@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, get_args
 from uuid import UUID
 
 import msgspec
@@ -26,6 +26,10 @@ NEXT: Final[Mapping[Status, frozenset[Status]]] = {
     "queued": frozenset({"running", "cancelled", "expired"}),
     "running": frozenset({"queued", "succeeded", "failed", "cancelled", "expired"}),
 }
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: Final[frozenset[str]] = frozenset(get_args(LogLevel))
 
 
 def allowed_from(to: Status) -> list[Status]:
@@ -123,11 +127,18 @@ class Context:
     attempt: int  # 1 for the first attempt
     max_attempts: int
     _report: Callable[[Progress], None] = field(repr=False)
+    _log: Callable[[LogLevel, str], None] = field(default=lambda level, message: None, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""
         self._report(Progress(min(1.0, max(0.0, float(fraction))), message))
         await asyncio.sleep(0)  # a yield point, so a tight loop that reports progress stays cancellable
+
+    async def log(self, level: LogLevel, message: str) -> None:
+        """A line for the job's event log (`log` events, shown by `outlast submit --wait`); level is debug, info,
+        warning or error. Buffered: lines are written in batches, long ones are cut and a flood is thinned."""
+        self._log(level, str(message))
+        await asyncio.sleep(0)
 
 
 @dataclass(frozen=True)

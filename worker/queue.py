@@ -13,7 +13,7 @@ import msgspec
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from databases import Database
-from redis.asyncio import ConnectionPool
+from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import RedisError
 
 from worker.config import Config
@@ -50,9 +50,12 @@ def redis_settings(config: Config) -> RedisSettings:
 
 
 def open_redis(config: Config) -> ArqRedis:
-    """An ArqRedis that connects lazily: a process starts, and answers, while Redis is down."""
-    pool = ConnectionPool.from_url(
+    """An ArqRedis that connects lazily: a process starts, and answers, while Redis is down. Its pool is bounded:
+    a burst of requests waits for a connection instead of opening one per request."""
+    pool = BlockingConnectionPool.from_url(
         config.redis_url,
+        max_connections=config.redis_pool_max,
+        timeout=config.redis_timeout_s,
         socket_connect_timeout=config.redis_timeout_s,
         socket_timeout=config.redis_timeout_s,
         health_check_interval=30,

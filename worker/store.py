@@ -90,11 +90,20 @@ def _row(record: Any) -> JobRow:
     return msgspec.convert(dict(record._mapping), JobRow)
 
 
-def _status_event(relation: str) -> str:
-    """The INSERT that logs a status change of the rows in `relation` (a CTE of changed jobs)."""
+def _status_event(relation: str, *, error: str = "error") -> str:
+    """The INSERT that logs a status change of the rows in `relation` (a CTE of changed jobs).
+
+    Its data holds every field of the Job that a change can touch, as the change left them (the others never
+    change), so a replayed status event shows the job as it was then: worker.events renders it as the Job.
+    `error` may name a retried attempt's error, which the row itself does not keep.
+    """
     return f"""
 INSERT INTO job_events (job_id, seq, name, data)
-SELECT id, event_seq, 'status', jsonb_build_object('status', status, 'attempt', attempt, 'error', error)
+SELECT id, event_seq, 'status',
+       jsonb_build_object('status', status, 'attempt', attempt, 'error', {error}, 'progress', progress,
+                          'started_at', started_at, 'finished_at', finished_at)
+       || CASE WHEN status = 'queued' AND attempt > 0 THEN jsonb_build_object('next_run_at', next_run_at)
+               ELSE '{{}}' END
   FROM {relation}
 """
 
@@ -287,7 +296,7 @@ async def heartbeat(
     return None if record is None else bool(record["cancel"])
 
 
-_FINISH = """
+_FINISH = f"""
 WITH moved AS (
     UPDATE jobs
        SET status = :to,
@@ -302,13 +311,7 @@ WITH moved AS (
            event_seq = event_seq + 1
      WHERE id = :id AND attempt = :attempt AND status = ANY(CAST(:allowed AS text[]))
     RETURNING *
-), event AS (
-    INSERT INTO job_events (job_id, seq, name, data)
-    SELECT id, event_seq, 'status',
-           jsonb_build_object('status', status, 'attempt', attempt, 'error', CAST(:error AS jsonb))
-           || CASE WHEN status = 'queued' THEN jsonb_build_object('next_run_at', next_run_at) ELSE '{}' END
-      FROM moved
-)
+), event AS ({_status_event("moved", error="CAST(:error AS jsonb)")})
 SELECT id FROM moved
 """
 

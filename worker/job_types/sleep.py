@@ -1,4 +1,4 @@
-"""The stand-in for a long job: sleeps `seconds` in `steps` steps, reporting progress after each."""
+"""The stand-in for a long job: sleeps `seconds` in `steps` steps, reporting progress after each, and logs its plan."""
 
 import asyncio
 from typing import Annotated
@@ -19,6 +19,7 @@ class Output(msgspec.Struct):
 
 
 async def run(input: Input, ctx: Context) -> Output:
+    await ctx.log("info", f"sleeping {input.seconds:g} s in {input.steps} steps")
     for step in range(1, input.steps + 1):
         await asyncio.sleep(input.seconds / input.steps)
         await ctx.progress(step / input.steps, f"step {step} of {input.steps}")

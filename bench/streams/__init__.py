@@ -1,0 +1,1 @@
+"""The event-stream benchmark: `python -m bench.streams` (see __main__.py and README.md beside it)."""

@@ -1,0 +1,170 @@
+"""worker/events.py: what status events hold, `ctx.log` lines, publishing, and following through a shared Feed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from uuid import UUID
+
+import httpx
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import eventually
+from tests.test_store import OWNER, new_job
+from tests.test_store import events as stored_events
+from worker import Config, Deps, events, store
+from worker.events import FEED_CACHE, LOG_MAX_CHARS, LOG_MAX_PENDING, Hub, Journal, LogLine
+
+Drain = Callable[[], Awaitable[None]]
+
+
+async def test_a_status_event_renders_as_the_job_with_times_in_utc(deps: Deps) -> None:
+    job_id = await new_job(deps.db)
+    async with deps.db.transaction():
+        await deps.db.execute("SET LOCAL TIME ZONE 'Asia/Kolkata'")  # jsonb then writes +05:30 offsets
+        await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    row = await store.get_job(deps.db, "default", job_id)
+    assert row is not None
+    running = (await events.read_after(deps.db, job_id, 1))[0]
+    assert b"+05:30" in running.data
+    job = events.status_job(row, running.data)
+    assert job.status == "running" and job.started_at == row.started_at
+    assert row.started_at is not None
+    assert f'"started_at":"{row.started_at:%Y-%m-%dT%H:%M:%S.%f}Z"'.encode() in msgspec.json.encode(job)
+
+
+async def test_log_lines_of_a_job_are_events_written_before_its_end(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    lines = [["info", "starting"], ["warning", "slow upstream"], ["error", "gave up on one item"]]
+    response = await client.post("/v1/jobs", json={"type": "chatty", "input": {"lines": lines}})
+    await drain()
+    log = await stored_events(deps, UUID(response.json()["id"]))
+    assert [(name, data.get("status")) for _, name, data in log][-4:] == [
+        ("log", None),
+        ("log", None),
+        ("log", None),
+        ("status", "succeeded"),
+    ]
+    assert [[d["level"], d["message"]] for _, name, d in log if name == "log"] == lines
+
+
+async def test_an_unknown_log_level_fails_the_job_as_its_own_bug(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    response = await client.post("/v1/jobs", json={"type": "chatty", "input": {"lines": [["verbose", "hi"]]}})
+    await drain()
+    job = (await client.get(f"/v1/jobs/{response.json()['id']}")).json()
+    assert job["status"] == "failed" and "log level must be one of" in job["error"]["message"]
+
+
+async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps) -> None:
+    job_id = await new_job(deps.db)
+    await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    journal = Journal(deps.db, deps.redis, job_id, 1, interval_s=0.25)
+    for i in range(LOG_MAX_PENDING + 50):
+        journal.write("debug", f"{i} " + "x" * 5_000)
+    await journal.flush()
+    logged = [data for _, name, data in await stored_events(deps, job_id) if name == "log"]
+    assert len(logged) == LOG_MAX_PENDING + 1
+    assert all(len(d["message"]) == LOG_MAX_CHARS for d in logged[:-1])
+    assert logged[-1] == {"level": "warning", "message": f"50 log lines dropped: over {LOG_MAX_PENDING} per write"}
+
+
+async def test_log_lines_of_an_attempt_that_is_over_are_not_written(deps: Deps) -> None:
+    job_id = await new_job(deps.db)
+    await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    assert await events.append_logs(deps.db, job_id, 1, [LogLine("info", "while running")])
+    await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+    assert not await events.append_logs(deps.db, job_id, 1, [LogLine("info", "too late")])
+    assert not await events.append_logs(deps.db, job_id, 0, [LogLine("info", "an old attempt")])
+    assert [d.get("message") for _, n, d in await stored_events(deps, job_id) if n == "log"] == ["while running"]
+
+
+async def test_publishing_without_redis_never_fails_the_caller(config: Config) -> None:
+    from worker.queue import open_redis
+
+    redis = open_redis(msgspec.structs.replace(config, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.5))
+    try:
+        await events.publish(redis, UUID(int=1))
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def test_the_worker_publishes_each_change_of_a_job_it_runs(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain, redis: Redis
+) -> None:
+    async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+        await pubsub.subscribe(events.channel(redis))
+        await pubsub.get_message(timeout=5.0)  # takes the confirmation of the subscription itself
+        job_id = (await client.post("/v1/jobs", json={"type": "sleep", "input": {"seconds": 0.3, "steps": 2}})).json()
+        await drain()
+        heard = []
+        while (message := await pubsub.get_message(timeout=1.0)) is not None:
+            heard.append(message["data"].decode())
+    changes = [name for _, name, _ in await stored_events(deps, UUID(job_id["id"]))][1:]  # all but the submit
+    # one notification per commit (the log line and progress may share one; none may be missing)
+    assert set(heard) == {job_id["id"]} and 3 <= len(heard) <= len(changes)
+
+
+# -- following --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def hub(config: Config, deps: Deps) -> Hub:
+    async with Hub(deps.db, config.redis_url, poll_s=3600, timeout_s=2) as hub:
+        await eventually(lambda: _subscribed(hub))
+        yield hub  # type: ignore[misc]
+
+
+async def _subscribed(hub: Hub) -> bool | None:
+    return hub.subscribed or None
+
+
+async def _write_logs(deps: Deps, job_id: UUID, count: int, *, start: int = 0) -> None:
+    for first in range(start, start + count, 50):
+        lines = [LogLine("info", str(i)) for i in range(first, min(first + 50, start + count))]
+        assert await events.append_logs(deps.db, job_id, 1, lines)
+        await events.publish(deps.redis, job_id)
+
+
+async def test_a_fast_and_a_slow_follower_both_get_every_event_once_in_order(deps: Deps, hub: Hub) -> None:
+    job_id = await new_job(deps.db)
+    await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    total = 2 + 3 * FEED_CACHE + 1  # queued, running, more than the shared cache holds, and the end
+
+    async def follow(pause_every: int) -> list[int]:
+        seen = []
+        with hub.follow(job_id) as follower:
+            until = asyncio.get_running_loop().time() + 60
+            async for event in follower.events(0, until=until, tick_s=3600):
+                seen.append(event.seq)
+                if len(seen) % pause_every == 0:
+                    await asyncio.sleep(0.01)  # a reader that falls behind the shared cache
+        return seen
+
+    fast, slow = asyncio.create_task(follow(10_000)), asyncio.create_task(follow(100))
+    await eventually(lambda: _followers(hub, job_id, 2))
+    await _write_logs(deps, job_id, 3 * FEED_CACHE)
+    assert await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+    await events.publish(deps.redis, job_id)
+    assert await asyncio.wait_for(fast, 30) == list(range(1, total + 1))
+    assert await asyncio.wait_for(slow, 30) == list(range(1, total + 1))
+    assert hub.followed == 0
+
+
+async def _followers(hub: Hub, job_id: UUID, count: int) -> bool | None:
+    return hub.following(job_id) == count or None
+
+
+async def test_a_follower_stopped_by_a_shutdown_ends_at_once(deps: Deps, hub: Hub) -> None:
+    job_id = await new_job(deps.db)
+    with hub.follow(job_id) as follower:
+        following = follower.events(0, until=asyncio.get_running_loop().time() + 3600, tick_s=3600)
+        assert (await anext(following)).seq == 1
+        waiting = asyncio.ensure_future(anext(following))
+        follower.stop()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(waiting, 15)

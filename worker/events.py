@@ -1,0 +1,515 @@
+"""A job's event log: append (log lines), publish (the doorbell on Redis), follow (one subscription per process).
+
+PostgreSQL is the truth here too. `job_events` holds every event, numbered by `jobs.event_seq` in the statement
+that makes the change: store.py's transitions write `status` and `progress` events, this module writes `log`
+lines. After the commit the writer publishes the job's id on Redis. A notification only says "look": a follower
+reads the log after the last seq it delivered, so a lost notification can delay an event but never lose or
+repeat one. Followers also re-read the log when the subscription (re)connects, and every `events_poll_s`.
+
+    Journal   a running attempt's `ctx.log` lines, buffered and written in batches (the worker)
+    Hub       one Redis subscription per web process, fanned out to its Feeds (one per followed job)
+    Follower  one stream or long poll: woken by the Feed, reading through the Feed's shared cache
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Coroutine, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+from uuid import UUID
+
+import msgspec
+from databases import Database
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from worker import store
+from worker.job import LOG_LEVELS, TERMINAL, Error, Job, Links, LogLevel, Progress, Status, backoff
+
+log = logging.getLogger("outlast.events")
+T = TypeVar("T")
+
+EVERY_JOB: Final = b"*"  # the payload that pokes every followed job: the sweep moved some it does not name
+READ_BATCH: Final = 500  # events per read of the log
+FEED_CACHE: Final = 1_000  # events a Feed keeps for followers that are a little behind
+LOG_MAX_CHARS: Final = 2_000  # a longer log message is cut
+LOG_MAX_PENDING: Final = 100  # log lines waiting for a write; more are dropped and counted
+SUBSCRIBER_IDLE_S: Final = 10.0  # the subscription PINGs Redis when it heard nothing for this long
+
+
+def channel(redis: Redis) -> str:
+    """Pub/sub ignores database numbers: deployments that share a Redis server by index must not hear each other."""
+    return f"outlast:events:{redis.connection_pool.connection_kwargs.get('db', 0)}"
+
+
+async def publish(redis: Redis, job_id: UUID | None) -> None:
+    """Ring the followers' doorbell after a commit (None: every followed job). Never raises, so a transition can't
+    fail on Redis: the log is the truth, and followers re-read it when the subscription comes back."""
+    try:
+        await redis.publish(channel(redis), EVERY_JOB if job_id is None else str(job_id).encode())
+    except (RedisError, OSError) as exc:
+        log.debug("publish %s: Redis unavailable (%s); followers will read the log", job_id or "*", exc)
+
+
+# -- reading the log --------------------------------------------------------------------------------
+
+
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One stored event: `data` is its JSON as stored (a status event's is rendered by `status_job`)."""
+
+    seq: int
+    name: str  # status, progress or log
+    data: bytes
+    final: bool  # a terminal status event: the last a job ever has
+
+
+_READ = """
+SELECT seq, name, data, name = 'status' AND data->>'status' = ANY(CAST(:terminal AS text[])) AS final
+  FROM job_events WHERE job_id = :id AND seq > :after ORDER BY seq LIMIT :limit
+"""
+
+
+async def read_after(db: Database, job_id: UUID, after: int, *, limit: int = READ_BATCH) -> list[Event]:
+    """The job's events after seq `after`, oldest first, at most `limit`."""
+    values = {"id": job_id, "after": after, "limit": limit, "terminal": sorted(TERMINAL)}
+    return [
+        Event(seq=r["seq"], name=r["name"], data=r["data"].encode(), final=r["final"])
+        for r in await db.fetch_all(_READ, values)
+    ]
+
+
+_LATEST = "SELECT id, event_seq FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))"
+
+
+async def latest_seqs(db: Database, job_ids: Sequence[UUID]) -> dict[UUID, int]:
+    """The last seq of each job that still exists."""
+    return {r["id"]: r["event_seq"] for r in await db.fetch_all(_LATEST, {"ids": list(job_ids)})}
+
+
+class Retry(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Why a job went back to `queued`, and when it runs again."""
+
+    next_run_at: datetime
+    error: Error | None = None
+
+
+class StatusJob(Job, frozen=True, kw_only=True, omit_defaults=True):
+    """A `status` event's data: the Job as it was right after the change, and for a retry, why and when."""
+
+    retry: Retry | None = None
+
+
+class _Snapshot(msgspec.Struct, frozen=True):
+    """What store.py's status events hold. Events written before a field existed lack it (UNSET)."""
+
+    status: Status
+    attempt: int
+    error: Error | None = None
+    progress: Progress | msgspec.UnsetType = msgspec.UNSET
+    started_at: datetime | msgspec.UnsetType | None = msgspec.UNSET
+    finished_at: datetime | msgspec.UnsetType | None = msgspec.UNSET
+    next_run_at: datetime | None = None
+
+
+_snapshot = msgspec.json.Decoder(_Snapshot)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # jsonb renders timestamps in the session's time zone; the API speaks UTC, as GET /v1/jobs/{id} does.
+    return None if value is None else value.astimezone(UTC)
+
+
+def status_job(row: store.JobRow, data: bytes, links: Links | None = None) -> StatusJob:
+    """Render a status event as the Job it describes: the change's fields from the event, the rest (which never
+    change) from the row, and `links` as the reader's GET would show them. The result belongs to the `succeeded`
+    event only: it is set by that change."""
+    snap = _snapshot.decode(data)
+    job = row.to_job()
+    fields = msgspec.structs.asdict(job)
+    if links is not None:
+        fields["links"] = links
+    fields.update(
+        status=snap.status,
+        done=snap.status in TERMINAL,
+        attempt=snap.attempt,
+        result=job.result if snap.status == "succeeded" else None,
+        error=snap.error if snap.status in TERMINAL else None,
+    )
+    if snap.progress is not msgspec.UNSET:
+        fields["progress"] = snap.progress
+    if snap.started_at is not msgspec.UNSET:
+        fields["started_at"] = _utc(snap.started_at)
+    if snap.finished_at is not msgspec.UNSET:
+        fields["finished_at"] = _utc(snap.finished_at)
+    retry = None
+    if snap.status == "queued" and snap.next_run_at is not None:
+        retry = Retry(next_run_at=snap.next_run_at.astimezone(UTC), error=snap.error)
+    return StatusJob(**fields, retry=retry)
+
+
+# -- appending log lines (the worker) ---------------------------------------------------------------
+
+
+class LogLine(msgspec.Struct, frozen=True):
+    """A `log` event's data."""
+
+    level: LogLevel
+    message: str
+
+
+_APPEND_LOGS = """
+WITH job AS (
+    UPDATE jobs SET event_seq = event_seq + :n
+     WHERE id = :id AND attempt = :attempt AND status = 'running'
+    RETURNING id, event_seq
+)
+INSERT INTO job_events (job_id, seq, name, data)
+SELECT job.id, job.event_seq - :n + line.n, 'log', line.data
+  FROM job, jsonb_array_elements(CAST(:lines AS jsonb)) WITH ORDINALITY AS line(data, n)
+RETURNING seq
+"""
+_encode = msgspec.json.Encoder().encode
+
+
+async def append_logs(db: Database, job_id: UUID, attempt: int, lines: Sequence[LogLine]) -> bool:
+    """Append log lines to a running attempt's log, in one statement. False: the attempt is over or superseded."""
+    if not lines:
+        return False
+    values = {"id": job_id, "attempt": attempt, "n": len(lines), "lines": _encode(lines).decode()}
+    return bool(await db.fetch_all(_APPEND_LOGS, values))
+
+
+class Journal:
+    """A running attempt's log lines (`ctx.log`): buffered, capped, and written in batches while the job runs.
+
+    A write happens at most once per `interval_s` (the progress interval), so a chatty job costs a few commits a
+    second however much it logs. At most LOG_MAX_PENDING lines wait for a write, each cut to LOG_MAX_CHARS;
+    lines past that are dropped, and a `warning` line says how many.
+    """
+
+    def __init__(self, db: Database, redis: Redis, job_id: UUID, attempt: int, *, interval_s: float) -> None:
+        self._db, self._redis, self._job_id, self._attempt = db, redis, job_id, attempt
+        self._interval_s = interval_s
+        self._pending: list[LogLine] = []
+        self._dropped = 0
+        self._ready = asyncio.Event()
+        self._writing = asyncio.Lock()
+
+    def write(self, level: LogLevel, message: str) -> None:
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(sorted(LOG_LEVELS))}, not {level!r}")
+        if len(self._pending) >= LOG_MAX_PENDING:
+            self._dropped += 1
+            return
+        if len(message) > LOG_MAX_CHARS:
+            message = message[: LOG_MAX_CHARS - 1] + "…"
+        self._pending.append(LogLine(level, message))
+        self._ready.set()
+
+    async def flush(self) -> None:
+        """Write what is pending. A database outage drops the batch: the job goes on, its log has a gap."""
+        async with self._writing:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        lines, self._pending = self._pending, []
+        if self._dropped:
+            lines.append(LogLine("warning", f"{self._dropped} log lines dropped: over {LOG_MAX_PENDING} per write"))
+            self._dropped = 0
+        if not lines:
+            return
+        try:
+            written = await append_logs(self._db, self._job_id, self._attempt, lines)
+        except store.UNAVAILABLE as exc:
+            log.warning("log of %s: database unavailable (%s); %d lines lost", self._job_id, exc, len(lines))
+            return
+        if written:
+            await publish(self._redis, self._job_id)
+
+    async def around(self, job: Awaitable[T]) -> T:
+        """Run the job's coroutine while writing its log; the last lines are written before it returns or raises,
+        so they come before the status event that ends the attempt."""
+        writer = asyncio.create_task(self._write_while_running())
+        try:
+            return await job
+        finally:
+            try:
+                async with self._writing:
+                    pass  # a write under way ends first: cancelling it would lose its lines
+            finally:
+                writer.cancel()  # at once, before the writer can start another write
+            await asyncio.wait([writer])  # unlike `await writer`, never mistakes its cancellation for ours
+            try:
+                await self.flush()
+            except Exception:  # the job's own outcome matters more than its last log lines
+                log.exception("log of %s: the last lines were not written", self._job_id)
+
+    async def _write_while_running(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            await self.flush()
+            await asyncio.sleep(self._interval_s)
+
+
+# -- following (the web) ----------------------------------------------------------------------------
+
+
+class Feed:
+    """One job followed in this process: its followers, and the events one shared read fetched for them all.
+
+    A notification starts one read of what is new (however many follow the job, and a second one if another
+    notification comes during it), then wakes every follower once; each takes its events from the cache. The
+    cache starts where the first follower's own read ended; a follower it does not reach reads the log itself.
+    Until a follower has read, a notification wakes them all at once (long polls only ever need that).
+    """
+
+    def __init__(self, hub: Hub, job_id: UUID) -> None:
+        self.hub, self.job_id = hub, job_id
+        self.followers: set[Follower] = set()
+        self.polled: int | None = -1  # the job's last seq at the last fallback poll; None: the job is gone
+        self._high: int | None = None  # every event up to this seq has been read; the cache ends with it
+        self._cache: list[Event] = []  # contiguous, ending at _high
+        self._reading: asyncio.Task[None] | None = None
+        self._again = False  # a notification came during the read: read once more
+        self._missed = False  # a notification came before anyone knew where to read from
+
+    def poke(self) -> None:
+        if self._high is None:
+            self._missed = True
+            self._wake_all()
+        elif self._reading is None:
+            self._reading = self.hub.spawn(self._read())
+        else:
+            self._again = True
+
+    def seen(self, seq: int) -> None:
+        """A follower's own read ended at `seq`: the first such tells the shared reads where to start."""
+        if self._high is None:
+            self._high = seq
+            if self._missed:  # its own read may have started before what that notification announced
+                self._missed = False
+                self.poke()
+
+    def after(self, seq: int) -> list[Event] | None:
+        """The events after `seq` that the shared reads found; None: the cache does not reach back to `seq`."""
+        if self._high is None:
+            return None
+        if seq >= self._high:
+            return []
+        first = self._cache[0].seq if self._cache else self._high + 1
+        if seq + 1 < first:
+            return None
+        return self._cache[seq + 1 - first :]
+
+    def _wake_all(self) -> None:
+        for follower in self.followers:
+            follower.wake.set()
+
+    async def _read(self) -> None:
+        try:
+            again = True
+            while again and self._high is not None:
+                self._again = False
+                batch = await read_after(self.hub.db, self.job_id, self._high)
+                self._cache.extend(batch)
+                if batch:
+                    self._high = batch[-1].seq
+                again = self._again or len(batch) == READ_BATCH
+            if len(self._cache) > 2 * FEED_CACHE:
+                del self._cache[:-FEED_CACHE]
+        except store.UNAVAILABLE as exc:
+            log.warning("events: reading the log of %s failed (%s); its followers read it themselves", self.job_id, exc)
+            self._high, self._cache = None, []
+        finally:
+            self._reading = None
+            self._wake_all()
+
+
+class Follower:
+    """One stream or long poll following a job: `wake` is set whenever there may be something new."""
+
+    __slots__ = ("expired", "feed", "stopped", "ticked", "wake")
+
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
+        self.wake = asyncio.Event()
+        self.stopped = False  # by stop(): the server is shutting down
+        self.expired = False  # events() reached its `until`
+        self.ticked = False  # another `idle_every` has passed
+
+    def stop(self) -> None:
+        """End `events()` and `wait()` now (the server is shutting down)."""
+        self.stopped = True
+        self.wake.set()
+
+    def clear(self) -> None:
+        """Call before reading what a wake announces, so one that comes during the read is not lost."""
+        self.wake.clear()
+
+    async def wait(self, until: float) -> bool:
+        """Until the next notification (True), or loop time `until` or stop() (False)."""
+        if self.stopped:
+            return False
+        try:
+            async with asyncio.timeout_at(until):
+                await self.wake.wait()
+        except TimeoutError:
+            return False
+        return not self.stopped
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.wake.set()
+
+    def _tick(self) -> None:
+        self.ticked = True
+        self.wake.set()
+
+    async def events(self, after: int, *, until: float, tick_s: float) -> AsyncGenerator[Event | None, None]:
+        """Every event after seq `after`, in order and each once, as they are committed, and None every `tick_s`
+        (a stream's keep-alive, sent by its own loop rather than a task of its own); ends after the terminal
+        status event, at loop time `until`, or on stop()."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_at(until, self._expire)  # one timer for the lifetime, not one per wait
+        tick = loop.call_later(tick_s, self._tick)
+        try:
+            seq, own_read = after, True  # the first read is our own: it covers what came before we registered
+            while not (self.stopped or self.expired):
+                if self.ticked:
+                    self.ticked = False
+                    tick = loop.call_later(tick_s, self._tick)
+                    yield None
+                self.clear()
+                batch = None if own_read else self.feed.after(seq)
+                if batch is None:
+                    batch = await read_after(self.feed.hub.db, self.feed.job_id, seq)
+                    own_read = len(batch) == READ_BATCH
+                    self.feed.seen(batch[-1].seq if batch else seq)
+                for event in batch:
+                    yield event
+                    seq = event.seq
+                    if event.final:
+                        return
+                if not batch:
+                    await self.wake.wait()
+        finally:
+            deadline.cancel()
+            tick.cancel()
+
+
+class Hub:
+    """One Redis subscription per web process, fanned out to every stream and long poll in it; and the fallback:
+    each (re)subscription, and every `poll_s`, compares each followed job's last seq with the log's."""
+
+    def __init__(self, db: Database, redis_url: str, *, poll_s: float, timeout_s: float) -> None:
+        self.db = db
+        self.subscribed = False
+        self._poll_s = poll_s
+        self._redis: Redis = Redis.from_url(
+            redis_url, socket_connect_timeout=timeout_s, health_check_interval=int(SUBSCRIBER_IDLE_S)
+        )
+        self._feeds: dict[bytes, Feed] = {}  # by the id as published, so a notification needs no parsing
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def followed(self) -> int:
+        return len(self._feeds)
+
+    def following(self, job_id: UUID) -> int:
+        """How many streams and long polls follow the job here."""
+        feed = self._feeds.get(str(job_id).encode())
+        return 0 if feed is None else len(feed.followers)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A task the hub holds until it ends, and cancels on close."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("events: a background task failed", exc_info=exc)
+
+    async def __aenter__(self) -> Hub:
+        self.spawn(self._subscribe())
+        self.spawn(self._poll())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._redis.aclose(close_connection_pool=True)
+
+    @contextlib.contextmanager
+    def follow(self, job_id: UUID) -> Iterator[Follower]:
+        """Register for the job's notifications until the block ends (a disconnect included)."""
+        key = str(job_id).encode()
+        feed = self._feeds.get(key)
+        if feed is None:
+            feed = self._feeds[key] = Feed(self, job_id)
+        follower = Follower(feed)
+        feed.followers.add(follower)
+        try:
+            yield follower
+        finally:
+            feed.followers.discard(follower)
+            if not feed.followers and self._feeds.get(key) is feed:
+                del self._feeds[key]
+
+    def _poke(self, key: bytes) -> None:
+        if key == EVERY_JOB:
+            self._poke_all()
+        elif (feed := self._feeds.get(key)) is not None:
+            feed.poke()
+
+    def _poke_all(self) -> None:
+        for feed in list(self._feeds.values()):
+            feed.poke()
+
+    async def _subscribe(self) -> None:
+        failures = 0
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel(self._redis))
+                self.subscribed, failures = True, 0
+                self._poke_all()  # whatever was published while we were not listening
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=SUBSCRIBER_IDLE_S)
+                    if message is not None:
+                        self._poke(message["data"])
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "events: Redis subscription lost (%s); followers read the log every %ss", exc, self._poll_s
+                    )
+            finally:
+                self.subscribed = False
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(0.1 + backoff(failures, base=0.2, cap=5.0))
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            feeds = list(self._feeds.values())
+            if not feeds:
+                continue
+            try:
+                latest = await latest_seqs(self.db, [feed.job_id for feed in feeds])
+            except store.UNAVAILABLE as exc:
+                log.warning("events: fallback poll skipped: database unavailable (%s)", exc)
+                continue
+            for feed in feeds:
+                seq = latest.get(feed.job_id)
+                if seq != feed.polled:
+                    feed.polled = seq
+                    feed.poke()
