@@ -2,7 +2,7 @@
 
 A run truncates tables and flushes Redis indexes, so it never falls back to the machine's own services on
 5432/6379: those are used only when named explicitly. Even then it works in a database of its own
-(`outlast_bench`) and in two Redis indexes (the URL's, and the next one for the arq baseline).
+(`outlast_bench`) and in four Redis indexes: the URL's for Outlast, and the next three for the baselines.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class Services:
     admin_url: str  # another database on the same server: counters are read there, so reading adds no commits
     database_url: str  # the bench's own database, truncated at will
     redis_url: str  # Outlast's Redis index
-    baseline_redis_url: str  # the arq baseline's index, flushed between rounds
+    baseline_redis_url: str  # the bare arq and raw_submit baselines' index, flushed between rounds
+    naive_redis_url: str  # the naive app's arq queue
+    celery_redis_url: str  # the FastAPI + Celery app's broker
     origin: str  # "embedded" or "environment"
 
 
@@ -45,10 +47,10 @@ def _with_database(dsn: str, name: str) -> str:
     return f"{base.rpartition('/')[0]}/{name}" + (f"?{query}" if query else "")
 
 
-def _next_index(redis_url: str) -> str:
+def _next_index(redis_url: str, n: int = 1) -> str:
     parts = urlsplit(redis_url)
     index = int(parts.path.strip("/") or 0)
-    return parts._replace(path=f"/{index + 1}").geturl()
+    return parts._replace(path=f"/{index + n}").geturl()
 
 
 @contextlib.contextmanager
@@ -71,6 +73,8 @@ def services() -> Iterator[Services]:
             database_url=_with_database(database_url, DATABASE),
             redis_url=redis_url,
             baseline_redis_url=_next_index(redis_url),
+            naive_redis_url=_next_index(redis_url, 2),
+            celery_redis_url=_next_index(redis_url, 3),
             origin=origin,
         )
 
