@@ -25,9 +25,11 @@ class Metric:
     goal: float | None = None  # the median ratio to reach (issue 7): at least this, or at most when lower is better
 
     def met(self, ratio: float) -> bool | None:
+        """Whether `ratio` meets the goal to the two decimals the goals are written with (and the table shows)."""
         if self.goal is None:
             return None
-        return ratio >= self.goal if self.higher_is_better else ratio <= self.goal
+        shown = round(ratio, 2)
+        return shown >= self.goal if self.higher_is_better else shown <= self.goal
 
 
 @dataclass

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from uuid_utils.compat import uuid7
 
 from bench.compare import Comparison, Figures, Metric, alternate
-from bench.noop_jobs import truncate
+from bench.noop_jobs import reset_outlast
 from bench.run import Run, baseline_env, outlast_env
 from worker import connect, enqueue, from_env, store
 from worker.queue import QUEUE
@@ -67,7 +67,6 @@ async def _preload_outlast(run: Run, jobs: int) -> None:
 async def measure(run: Run) -> Comparison:
     s = run.settings
     jobs = s.drain_jobs
-    outlast_redis = Redis.from_url(run.svc.redis_url)
     baseline_redis = Redis.from_url(run.svc.baseline_redis_url)
     db = await asyncpg.connect(run.svc.database_url)
 
@@ -75,8 +74,7 @@ async def measure(run: Run) -> Comparison:
         return int(await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
 
     async def outlast() -> Figures:
-        await truncate(run.svc.database_url)
-        await outlast_redis.flushdb()
+        await reset_outlast(run)
         await _preload_outlast(run, jobs)
         await run.fleet.worker(WORKER, "worker.settings.WorkerSettings", outlast_env(run.svc), run.svc.redis_url, QUEUE)
         try:
@@ -117,6 +115,5 @@ async def measure(run: Run) -> Comparison:
     finally:
         await run.fleet.stop(WORKER)
         await run.fleet.stop(ARQ)
-        await outlast_redis.aclose()
         await baseline_redis.aclose()
         await db.close()

@@ -14,7 +14,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from bench.compare import Comparison, Figures, Metric, alternate
-from bench.noop_jobs import ARQ, start_arq, start_outlast, stop_outlast, truncate
+from bench.noop_jobs import ARQ, reset_outlast, start_arq, start_outlast, stop_outlast
 from bench.procs import load
 from bench.run import Run
 
@@ -30,7 +30,7 @@ async def measure(run: Run) -> Comparison:
     samples = ["--samples", str(s.latency_samples), "--gap", str(GAP_S)]
     baseline_redis = Redis.from_url(run.svc.baseline_redis_url)
     try:
-        await truncate(run.svc.database_url)
+        await reset_outlast(run)
         await baseline_redis.flushdb()
         url, _ = await asyncio.gather(start_outlast(run), start_arq(run))
 

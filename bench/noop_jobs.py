@@ -122,6 +122,17 @@ async def truncate(database_url: str, table: str = "jobs") -> None:
     await _execute(database_url, f"TRUNCATE {table} CASCADE")
 
 
+async def reset_outlast(run: Run) -> None:
+    """No jobs, and nothing on Outlast's queue: a message left there (say by the POST measurement, which runs
+    no worker) would reach the next worker as a claim matching no row."""
+    await truncate(run.svc.database_url)
+    redis = Redis.from_url(run.svc.redis_url)
+    try:
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+
+
 async def commits_per_job(
     run: Run, admin: asyncpg.Connection, jobs: int | None = None, body: str | None = None
 ) -> dict[str, float]:
@@ -131,7 +142,7 @@ async def commits_per_job(
     The count includes their start-up and the sweep's passes while the batch ran, as a real deployment's would.
     """
     jobs = jobs or run.settings.jobs
-    await truncate(run.svc.database_url)
+    await reset_outlast(run)
     commits0, xid0 = await _settled_commits(admin), await _next_xid(admin)
     url = await start_outlast(run)
     try:
@@ -174,7 +185,7 @@ async def measure(run: Run) -> list[Comparison]:
     admin = await asyncpg.connect(run.svc.admin_url)
     naive_redis = Redis.from_url(run.svc.naive_redis_url)
     try:
-        await truncate(run.svc.database_url)
+        await reset_outlast(run)
         await naive_redis.flushdb()
         url, naive_url, celery_url = await asyncio.gather(start_outlast(run), start_naive(run), start_celery(run))
         write_xacts: list[float] = []

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+from redis.asyncio import Redis
 
 from worker.migrate import create_database, migrate
 
@@ -80,7 +81,7 @@ def services() -> Iterator[Services]:
 
 
 async def prepare(svc: Services) -> str:
-    """A fresh, migrated bench database; the server's version, for the record.
+    """A fresh, migrated bench database and empty Redis indexes; the server's version, for the record.
 
     Fresh every run: the schema is the working tree's, even when migrations/ was edited in place, and no
     bloat from an earlier run is measured.
@@ -95,4 +96,12 @@ async def prepare(svc: Services) -> str:
         await conn.close()
     await create_database(svc.database_url)
     await migrate(svc.database_url)
+    # Valkey keeps its data across restarts (AOF): a queue an earlier run left would be drained by this one's
+    # workers as stale messages, each a claim that matches no row, in the middle of what is measured.
+    for url in (svc.redis_url, svc.baseline_redis_url, svc.naive_redis_url, svc.celery_redis_url):
+        redis = Redis.from_url(url)
+        try:
+            await redis.flushdb()
+        finally:
+            await redis.aclose()
     return version

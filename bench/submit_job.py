@@ -14,6 +14,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from bench.compare import Comparison, Figures, Measure, Metric, alternate
+from bench.noop_jobs import reset_outlast
 from bench.procs import load
 from bench.run import Run, baseline_env, outlast_env
 
@@ -71,3 +72,4 @@ async def measure(run: Run) -> Comparison:
     finally:
         await run.fleet.stop(OUTLAST)
         await run.fleet.stop(BASELINE)
+        await reset_outlast(run)  # the submitted jobs, and their messages, which no worker is to run
