@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' && $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .outlast .mypy_cache .ruff_cache .pytest_cache

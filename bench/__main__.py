@@ -1,6 +1,6 @@
 """`python -m bench [--quick]`: every comparison, a table on stdout, the whole record under bench/results/.
 
-About 5 minutes with the defaults, about 1 with --quick. Progress goes to stderr.
+At most 10 minutes with the defaults, about 2 with --quick. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -18,19 +18,30 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import get_job, noop_jobs, report
+from bench import commits, drain, get_job, latency, noop_jobs, report, submit_job
 from bench.compare import Comparison
 from bench.procs import Fleet
 from bench.run import Run, Settings, tuning
 from bench.services import DATA, ROOT, Services, prepare, services
 
-# One line per comparison: a new one is a module with `measure(run) -> Comparison`, added here.
-MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison]]] = {
+# One line per measurement: a new one is a module with `measure(run) -> Comparison` (or a list of them, when
+# one Outlast measurement per round serves several baselines), added here.
+MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]]] = {
+    "submit_job": submit_job.measure,
     "get_job": get_job.measure,
     "noop_jobs": noop_jobs.measure,
+    "latency": latency.measure,
+    "drain": drain.measure,
+    "commits": commits.measure,
 }
-FULL = Settings(rounds=5, duration_s=5.0, warmup_s=1.0, concurrency=32, jobs=2000, seed_jobs=3000)
-QUICK = Settings(rounds=3, duration_s=2.0, warmup_s=0.5, concurrency=32, jobs=500, seed_jobs=1000)
+FULL = Settings(
+    rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
+    latency_samples=20, drain_jobs=2000, progress_jobs=200,
+)  # fmt: skip
+QUICK = Settings(
+    rounds=3, duration_s=1.5, warmup_s=0.5, concurrency=32, jobs=300, seed_jobs=1000,
+    latency_samples=10, drain_jobs=500, progress_jobs=50,
+)  # fmt: skip
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -43,6 +54,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         concurrency=args.concurrency or base.concurrency,
         jobs=args.jobs or base.jobs,
         seed_jobs=base.seed_jobs,
+        latency_samples=base.latency_samples,
+        drain_jobs=base.drain_jobs,
+        progress_jobs=base.progress_jobs,
     )
 
 
@@ -58,27 +72,41 @@ async def _run(
         finally:
             await redis.aclose()
         run = Run(svc, fleet, settings, scratch)
-        return [await MEASUREMENTS[name](run) for name in names], facts
+        comparisons: list[Comparison] = []
+        for name in names:
+            started = time.monotonic()
+            measured = await MEASUREMENTS[name](run)
+            comparisons.extend(measured if isinstance(measured, list) else [measured])
+            print(f"bench: {name} took {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        return comparisons, facts
     finally:
         await fleet.stop_all()
 
 
 def _commit_lines(comparisons: list[Comparison]) -> list[str]:
-    notes = next((c.notes for c in comparisons if "commits_per_job" in c.notes), None)
-    if notes is None:
-        return []
-    commits, writes, rate = notes["commits_per_job"], notes["write_transactions_per_job"], notes["db_commits_per_s"]
-    return [
-        f"Outlast SQL commits per job: {commits:.2f} (pg_stat_database.xact_commit delta / {notes['jobs']} jobs,"
-        f" start-up and sweep included), of which write transactions: {writes:.2f}",
-        f"durable-commit ceiling: {rate:,.0f} commits/s here ({notes['concurrency']} connections, one-row INSERTs)"
-        f" / {writes:.2f} = {rate / writes:,.0f} jobs/s at most, however many workers",
-    ]
+    lines = []
+    counted = next((c.notes for c in comparisons if c.name == "commits"), None)
+    if counted is not None and "p0_d0" in counted:
+        noop = counted["p0_d0"]
+        lines.append(
+            f"Outlast SQL commits per noop job: {noop['all_in_commits_per_job']:.2f} all in (xact_commit delta /"
+            f" {noop['jobs'][0]} jobs, start-up and sweep included), {noop['commits_per_job']:.2f} per job added,"
+            f" of which write transactions: {noop['write_transactions_per_job']:.2f}"
+        )
+    ceiling = next((c.notes for c in comparisons if c.name == "db_ceiling"), None)
+    if ceiling is not None:
+        rate, writes = ceiling["db_commits_per_s"], ceiling["write_transactions_per_job"]
+        lines.append(
+            f"durable-commit ceiling: {rate:,.0f} commits/s here ({ceiling['db_probe_connections']} connections,"
+            f" one-row INSERTs, median of rounds) / {writes:.2f} = {rate / writes:,.0f} jobs/s at most, however"
+            " many workers"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: about a minute")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: about two minutes")
     parser.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), help="run only this comparison")
     parser.add_argument("--rounds", type=int, help="rounds per comparison (at least 3)")
     parser.add_argument("--duration", type=float, help="seconds of load per side per round")
@@ -107,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nOutlast bench, {stamp:%Y-%m-%d %H:%M} UTC, {settings.rounds} rounds; ratio = Outlast / baseline")
     print(report.table(comparisons))
+    met, goals = report.verdicts(comparisons)
+    print(f"goals met (median ratio): {met} of {goals}")
     for line in _commit_lines(comparisons):
         print(line)
     record = {

@@ -22,6 +22,14 @@ class Metric:
     key: str  # the name of the figure in a round's Figures
     label: str
     higher_is_better: bool
+    goal: float | None = None  # the median ratio to reach (issue 7): at least this, or at most when lower is better
+
+    def met(self, ratio: float) -> bool | None:
+        """Whether `ratio` meets the goal to the two decimals the goals are written with (and the table shows)."""
+        if self.goal is None:
+            return None
+        shown = round(ratio, 2)
+        return shown >= self.goal if self.higher_is_better else shown <= self.goal
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Comparison:
         rows = []
         for m in self.metrics:
             ratios = self.ratios(m)
+            median = statistics.median(ratios)
             rows.append(
                 {
                     "metric": m.label,
@@ -52,20 +61,32 @@ class Comparison:
                     "outlast_median": statistics.median(self.values(m, 0)),
                     "baseline_median": statistics.median(self.values(m, 1)),
                     "ratio_min": min(ratios),
-                    "ratio_median": statistics.median(ratios),
+                    "ratio_median": median,
                     "ratio_max": max(ratios),
+                    "goal": m.goal,
+                    "met": m.met(median),
                 }
             )
         return rows
 
 
 async def alternate(comparison: Comparison, outlast: Measure, baseline: Measure, rounds: int) -> Comparison:
+    await alternate_many([(comparison, baseline)], outlast, rounds)
+    return comparison
+
+
+async def alternate_many(sides: list[tuple[Comparison, Measure]], outlast: Measure, rounds: int) -> None:
+    """One Outlast measurement per round shared by several baselines, each its own comparison.
+
+    The order reverses every round (Outlast, A, B, then B, A, Outlast, …), so each side is measured early
+    as often as late.
+    """
     for i in range(rounds):
         figures: dict[str, Figures] = {}
-        order = [("outlast", outlast), ("baseline", baseline)]
+        order: list[tuple[str, Measure]] = [("outlast", outlast), *((c.name, m) for c, m in sides)]
         for side, measure in order if i % 2 == 0 else reversed(order):
             figures[side] = await measure()
             shown = ", ".join(f"{k} {v:.4g}" for k, v in figures[side].items())
-            print(f"bench: {comparison.name} round {i + 1}/{rounds} {side}: {shown}", file=sys.stderr, flush=True)
-        comparison.rounds.append((figures["outlast"], figures["baseline"]))
-    return comparison
+            print(f"bench: round {i + 1}/{rounds} {side}: {shown}", file=sys.stderr, flush=True)
+        for comparison, _ in sides:
+            comparison.rounds.append((figures["outlast"], figures[comparison.name]))

@@ -1,9 +1,9 @@
 """The load generator: a second process, so the client's CPU is not the server's.
 
-`python -m bench.load get|submit|arq|commits …` does one measurement and prints one JSON line. It times itself, so
-the cost of starting Python is never part of a figure. The HTTP client is raw asyncio on keep-alive
-connections with httptools parsing the answers: httpx would spend more CPU per request than the servers
-measured here, on a machine where the client shares the cores.
+`python -m bench.load get|post|submit|arq|latency|latency-arq|commits …` does one measurement and prints one
+JSON line. It times itself, so the cost of starting Python is never part of a figure. The HTTP client is raw
+asyncio on keep-alive connections with httptools parsing the answers: httpx would spend more CPU per request
+than the servers measured here, on a machine where the client shares the cores.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import json
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 from urllib.parse import urlsplit
+from uuid import UUID
 
 import asyncpg
 import httptools
@@ -24,6 +25,7 @@ import uvloop
 from arq.connections import RedisSettings, create_pool
 
 POLL_S = 0.02  # how often "is everything done?" is asked: the resolution of the end-to-end figures
+LATENCY_POLL_S = 0.01  # how often one job is looked at; its timestamps, not this, make the figure
 STALL_S = 30.0  # a batch with no job done for this long is broken, not slow
 
 
@@ -34,6 +36,8 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[int] | None = None
+        self.keep_body = False  # set it to read `body` after each request; off, the body is dropped unread
+        self.body = b""
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -49,6 +53,10 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(exc)
 
+    def on_body(self, chunk: bytes) -> None:
+        if self.keep_body:
+            self.body += chunk
+
     def on_message_complete(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(self._parser.get_status_code())
@@ -63,6 +71,7 @@ class Connection(asyncio.Protocol):
     async def request(self, raw: bytes) -> int:
         """Send one complete request; the answer's status code (its body is read and dropped)."""
         assert self._transport is not None
+        self.body = b""
         self._waiter = asyncio.get_running_loop().create_future()
         self._transport.write(raw)
         return await self._waiter
@@ -81,10 +90,12 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def get(url: str, ids: list[str], concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
-    """GET random ids for warmup + duration seconds; only requests that end inside the duration count."""
+async def _hammer(
+    url: str, pick: Callable[[str], bytes], ok: int, concurrency: int, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    """Send `pick(host)` requests on every connection for warmup + duration seconds; only requests that end
+    inside the duration count."""
     host, port = _host_port(url)
-    requests = [f"GET /v1/jobs/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for i in ids]
     conns = [await Connection.open(host, port) for _ in range(concurrency)]
     latencies: list[float] = []
     errors = served = 0
@@ -94,12 +105,12 @@ async def get(url: str, ids: list[str], concurrency: int, warmup_s: float, durat
     async def client(conn: Connection) -> None:
         nonlocal errors, served
         while (sent := time.perf_counter()) < end:
-            status = await conn.request(random.choice(requests))
+            status = await conn.request(pick(host))
             done = time.perf_counter()
             served += 1
             if start <= sent and done < end:
                 latencies.append(done - sent)
-                errors += status != 200
+                errors += status != ok
 
     try:
         await asyncio.gather(*(client(c) for c in conns))
@@ -115,6 +126,27 @@ async def get(url: str, ids: list[str], concurrency: int, warmup_s: float, durat
         "p50_ms": 1000 * _percentile(latencies, 0.50),
         "p99_ms": 1000 * _percentile(latencies, 0.99),
     }
+
+
+async def get(url: str, ids: list[str], concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """GET /v1/jobs/{id} with random ids."""
+    host, _ = _host_port(url)
+    requests = [f"GET /v1/jobs/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for i in ids]
+    return await _hammer(url, lambda _: random.choice(requests), 200, concurrency, warmup_s, duration_s)
+
+
+def _post(host: str, body: bytes) -> bytes:
+    head = f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    return f"{head}\r\n\r\n".encode() + body
+
+
+NOOP = b'{"type":"noop","input":{}}'
+
+
+async def post(url: str, concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """POST /v1/jobs noop submits (nothing runs them): accepted/s and latency; anything but 202 is an error."""
+    raw = _post(_host_port(url)[0], NOOP)
+    return await _hammer(url, lambda _: raw, 202, concurrency, warmup_s, duration_s)
 
 
 async def _until_done(done: Callable[[], Awaitable[int]], jobs: int, feeding: asyncio.Future[None]) -> int:
@@ -149,15 +181,15 @@ async def _spread(jobs: int, lanes: list[Callable[[], Awaitable[None]]]) -> None
     await asyncio.gather(*(run(one) for one in lanes))
 
 
-async def outlast_batch(url: str, database_url: str, jobs: int, concurrency: int) -> dict[str, Any]:
-    """POST `jobs` noop jobs to Outlast; seconds from the first POST until the database says all succeeded."""
-    host, port = _host_port(url)
-    body = b'{"type":"noop","input":{}}'
-    raw = (
-        f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    conns = [await Connection.open(host, port) for _ in range(concurrency)]
+async def outlast_batch(
+    url: str, database_url: str, jobs: int, concurrency: int, table: str = "jobs", body: bytes = NOOP
+) -> dict[str, Any]:
+    """POST `jobs` jobs; seconds from the first POST until `table` says all succeeded.
+
+    The same for Outlast (`jobs`) and the baselines that keep a status row of their own.
+    """
+    raw = _post(_host_port(url)[0], body)
+    conns = [await Connection.open(*_host_port(url)) for _ in range(concurrency)]
     db = await asyncpg.connect(database_url)
     refused = accepted = 0
     submitted_at: float | None = None
@@ -175,7 +207,7 @@ async def outlast_batch(url: str, database_url: str, jobs: int, concurrency: int
     async def succeeded() -> int:
         row = await db.fetchrow(
             "SELECT count(*) FILTER (WHERE status = 'succeeded'),"
-            " count(*) FILTER (WHERE status IN ('failed', 'cancelled', 'expired')) FROM jobs"
+            f" count(*) FILTER (WHERE status IN ('failed', 'cancelled', 'expired')) FROM {table}"
         )
         assert row is not None
         ok, ended = row
@@ -243,6 +275,66 @@ async def commits(database_url: str, concurrency: int, duration_s: float) -> dic
     return {"commits_per_s": done / duration_s, "concurrency": concurrency}
 
 
+async def _latencies(samples: int, gap_s: float, one: Callable[[], Awaitable[float]]) -> dict[str, Any]:
+    """`samples` jobs one at a time on an idle system, each after a random pause of up to `gap_s`, so submits
+    land at random points of the worker's poll cycle rather than just after its last poll."""
+    seconds = []
+    for _ in range(samples):
+        await asyncio.sleep(random.uniform(0, gap_s))
+        seconds.append(await one())
+    seconds.sort()
+    return {
+        "samples": samples,
+        "p50_ms": 1000 * _percentile(seconds, 0.50),
+        "p99_ms": 1000 * _percentile(seconds, 0.99),
+    }
+
+
+async def latency(url: str, database_url: str, samples: int, gap_s: float) -> dict[str, Any]:
+    """Seconds from sending `POST /v1/jobs` until the row is `running` (its `started_at`, by the database
+    clock, which is this machine's); each job is left to finish before the next is sent."""
+    conn = await Connection.open(*_host_port(url))
+    conn.keep_body = True
+    raw = _post(_host_port(url)[0], NOOP)
+    db = await asyncpg.connect(database_url)
+
+    async def one() -> float:
+        sent = time.time()
+        if (status := await conn.request(raw)) != 202:
+            raise SystemExit(f"POST /v1/jobs answered {status}")
+        job_id = UUID(json.loads(conn.body)["id"])
+        while True:
+            row = await db.fetchrow("SELECT status, started_at FROM jobs WHERE id = $1", job_id)
+            if row is not None and row["status"] == "succeeded":
+                return float(row["started_at"].timestamp() - sent)
+            await asyncio.sleep(LATENCY_POLL_S)
+
+    try:
+        return await _latencies(samples, gap_s, one)
+    finally:
+        conn.close()
+        await db.close()
+
+
+async def latency_arq(redis_url: str, samples: int, gap_s: float) -> dict[str, Any]:
+    """Seconds from `enqueue_job` until arq starts the job (its result's `start_time`)."""
+    redis = await create_pool(RedisSettings.from_dsn(redis_url))
+
+    async def one() -> float:
+        sent = time.time()
+        job = await redis.enqueue_job("noop")
+        assert job is not None
+        while True:
+            if (info := await job.result_info()) is not None:
+                return info.start_time.timestamp() - sent
+            await asyncio.sleep(LATENCY_POLL_S)
+
+    try:
+        return await _latencies(samples, gap_s, one)
+    finally:
+        await redis.aclose()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,29 +344,53 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
-    p = sub.add_parser("submit", help="noop jobs through Outlast's API, until all succeeded")
+    p = sub.add_parser("post", help="POST /v1/jobs noop submits for a fixed time")
+    p.add_argument("--url", required=True)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=5.0)
+    p = sub.add_parser("submit", help="jobs through an HTTP API, until its status table says all succeeded")
     p.add_argument("--url", required=True)
     p.add_argument("--database-url", required=True)
     p.add_argument("--jobs", type=int, required=True)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--table", default="jobs", help="where the status rows are: jobs, or a baseline's table")
+    p.add_argument("--body", default=NOOP.decode(), help="the JSON submitted for each job")
     p = sub.add_parser("arq", help="noop jobs enqueued on a bare arq, until all results exist")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--jobs", type=int, required=True)
     p.add_argument("--concurrency", type=int, default=32)
+    p = sub.add_parser("latency", help="idle submit-to-running latency through Outlast's API")
+    p.add_argument("--url", required=True)
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--samples", type=int, default=30)
+    p.add_argument("--gap", type=float, default=0.5)
+    p = sub.add_parser("latency-arq", help="idle enqueue-to-start latency of a bare arq")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--samples", type=int, default=30)
+    p.add_argument("--gap", type=float, default=0.5)
     p = sub.add_parser("commits", help="the database's commit rate")
     p.add_argument("--database-url", required=True)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args(argv)
 
+    coro: Coroutine[Any, Any, dict[str, Any]]
     if args.command == "get":
         with open(args.ids) as f:
             ids = f.read().split()
         coro = get(args.url, ids, args.concurrency, args.warmup, args.duration)
+    elif args.command == "post":
+        coro = post(args.url, args.concurrency, args.warmup, args.duration)
     elif args.command == "submit":
-        coro = outlast_batch(args.url, args.database_url, args.jobs, args.concurrency)
+        body = args.body.encode()
+        coro = outlast_batch(args.url, args.database_url, args.jobs, args.concurrency, args.table, body)
     elif args.command == "arq":
         coro = arq_batch(args.redis_url, args.jobs, args.concurrency)
+    elif args.command == "latency":
+        coro = latency(args.url, args.database_url, args.samples, args.gap)
+    elif args.command == "latency-arq":
+        coro = latency_arq(args.redis_url, args.samples, args.gap)
     else:
         coro = commits(args.database_url, args.concurrency, args.duration)
     print(json.dumps(uvloop.run(coro)), file=sys.stdout, flush=True)

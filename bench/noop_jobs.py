@@ -1,52 +1,93 @@
-"""End-to-end noop jobs/s: Outlast (1 web + 1 worker, submit over HTTP) against a bare arq with its defaults.
+"""End-to-end noop jobs/s: Outlast (1 web + 1 worker, submit over HTTP) against three baselines, in the same rounds.
 
-Outlast's figure runs from the first POST until the jobs table says all K succeeded; arq's from the first
-enqueue_job until all K results exist. So the ratio prices what Outlast adds around a job (an HTTP submit,
-three durable commits) against arq's polling defaults, which keep nothing durable.
+- the naive design-card app (bench/baselines/naive.py: Starlette + `databases` + arq defaults) and the FastAPI +
+  Celery app (bench/baselines/fastapi_celery.py): the same K POSTs from the same client, timed from the first
+  POST until their own status table says all K succeeded, as Outlast's is;
+- the database's own ceiling: commits/s of 8 connections doing one-row INSERTs, divided by the 3 commits a
+  job needs.
 
-Afterwards one more Outlast batch, untimed, counts the database's commits per job.
+The Celery worker runs Celery's default pool, prefork, with concurrency pinned to 2: the default on this
+2-core machine (one child per core), pinned so the figure does not change meaning on a bigger one. That is
+three processes (the consumer and two children) against Outlast's one worker process: the comparison gives
+Celery the machine the way its tutorials run it.
+
+Each Outlast round also counts its write transactions per job, exactly, from the transaction-id counter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import statistics
+import sys
 import time
 
 import asyncpg
 from redis.asyncio import Redis
 
-from bench.compare import Comparison, Figures, Metric, alternate
+from bench.compare import Comparison, Figures, Measure, Metric, alternate_many
 from bench.procs import load
-from bench.run import Run, outlast_env
+from bench.run import Run, baseline_env, outlast_env
 from bench.services import DATABASE
 from worker.queue import QUEUE
 
 WEB, WORKER, ARQ = "jobs-outlast-web", "jobs-outlast-worker", "jobs-arq"  # process names, and their logs' names
-METRICS = [Metric("jobs_per_s", "noop jobs/s, submit to all done", higher_is_better=True)]
+NAIVE_WEB, NAIVE_WORKER = "jobs-naive-web", "jobs-naive-worker"
+CELERY_WEB, CELERY_WORKER = "jobs-celery-web", "jobs-celery-worker"
+LABEL = "noop jobs/s, submit to all done"
+CELERY_CONCURRENCY = 2
+# The baselines' status tables, and the key the Celery worker sets once ready: named in their modules, which
+# read their services from the environment as they import, so this process does not import them.
+NAIVE_TABLE, CELERY_TABLE, CELERY_READY_KEY = "naive_jobs", "celery_jobs", "bench:celery:ready"
+WRITES_PER_JOB = 3  # the submit's INSERT, the claim, the finish
+PROBE_CONNECTIONS = 8  # the issue's "commits/s with 8 connections"
 # The batch's poller commits one transaction per poll plus one for opening its asyncpg connection
 # (measured: connect, 100 fetchval, close = 101); subtracted so the count is Outlast's alone.
 POLL_CONNECT_XACTS = 1
 
 
-async def _start_outlast(run: Run) -> str:
+async def start_outlast(run: Run) -> str:
     env = outlast_env(run.svc)
-    url = await run.fleet.web(WEB, "server.app:create_app", env)
-    await run.fleet.worker(WORKER, "worker.settings.WorkerSettings", env, run.svc.redis_url, QUEUE)
+    worker = run.fleet.worker(WORKER, "worker.settings.WorkerSettings", env, run.svc.redis_url, QUEUE)
+    url, _ = await asyncio.gather(run.fleet.web(WEB, "server.app:create_app", env), worker)
     return url
 
 
-async def _stop_outlast(run: Run) -> None:
+async def stop_outlast(run: Run) -> None:
     await run.fleet.stop(WEB)
     await run.fleet.stop(WORKER)
 
 
-async def _start_arq(run: Run) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLAST_")}
-    env["BENCH_BASELINE_REDIS_URL"] = run.svc.baseline_redis_url
+async def start_arq(run: Run) -> None:
     # By name: the module reads its Redis URL at import, which only the worker process has.
     settings = "bench.baselines.arq_defaults.WorkerSettings"
-    await run.fleet.worker(ARQ, settings, env, run.svc.baseline_redis_url, "arq:queue")
+    await run.fleet.worker(ARQ, settings, baseline_env(run.svc), run.svc.baseline_redis_url, "arq:queue")
+
+
+async def start_naive(run: Run) -> str:
+    env = baseline_env(run.svc)
+    worker = run.fleet.worker(
+        NAIVE_WORKER, "bench.baselines.naive.WorkerSettings", env, run.svc.naive_redis_url, "arq:queue"
+    )
+    url, _ = await asyncio.gather(run.fleet.web(NAIVE_WEB, "bench.baselines.naive:create_app", env), worker)
+    return url
+
+
+async def start_celery(run: Run) -> str:
+    env = baseline_env(run.svc)
+    url = await run.fleet.web(CELERY_WEB, "bench.baselines.fastapi_celery:create_app", env)  # creates its table
+    redis = Redis.from_url(run.svc.celery_redis_url)
+    try:
+        await redis.delete(CELERY_READY_KEY)
+        argv = [sys.executable, "-m", "celery", "-A", "bench.baselines.fastapi_celery", "worker"]
+        argv += ["--pool", "prefork", "--concurrency", str(CELERY_CONCURRENCY), "--loglevel", "info"]
+        await run.fleet.process(CELERY_WORKER, argv, env, lambda: _has(redis, CELERY_READY_KEY))
+    finally:
+        await redis.aclose()
+    return url
+
+
+async def _has(redis: Redis, key: str) -> bool:
+    return bool(await redis.exists(key))
 
 
 async def _next_xid(admin: asyncpg.Connection) -> int:
@@ -69,53 +110,92 @@ async def _settled_commits(admin: asyncpg.Connection) -> int:
     return int(await admin.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", DATABASE))
 
 
-async def _truncate(database_url: str) -> None:
+async def _execute(database_url: str, sql: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("TRUNCATE jobs CASCADE")
+        await conn.execute(sql)
     finally:
         await conn.close()
 
 
-async def commits_per_job(run: Run, admin: asyncpg.Connection) -> dict[str, float]:
-    """One untimed batch on fresh processes, counted from before they start until after they exit.
+async def truncate(database_url: str, table: str = "jobs") -> None:
+    await _execute(database_url, f"TRUNCATE {table} CASCADE")
+
+
+async def reset_outlast(run: Run) -> None:
+    """No jobs, and nothing on Outlast's queue: a message left there (say by the POST measurement, which runs
+    no worker) would reach the next worker as a claim matching no row."""
+    await truncate(run.svc.database_url)
+    redis = Redis.from_url(run.svc.redis_url)
+    try:
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+
+
+async def commits_per_job(
+    run: Run, admin: asyncpg.Connection, jobs: int | None = None, body: str | None = None
+) -> dict[str, float]:
+    """One untimed batch of `jobs` jobs (noops unless `body` says otherwise) on fresh processes, counted from
+    before they start until after they exit.
 
     The count includes their start-up and the sweep's passes while the batch ran, as a real deployment's would.
     """
-    jobs = run.settings.jobs
-    await _truncate(run.svc.database_url)
+    jobs = jobs or run.settings.jobs
+    await reset_outlast(run)
     commits0, xid0 = await _settled_commits(admin), await _next_xid(admin)
-    url = await _start_outlast(run)
+    url = await start_outlast(run)
     try:
-        batch = await load("submit", "--url", url, "--database-url", run.svc.database_url, "--jobs", str(jobs))
+        args = ["--url", url, "--database-url", run.svc.database_url, "--jobs", str(jobs)]
+        batch = await load("submit", *args, *(["--body", body] if body else []))
     finally:
-        await _stop_outlast(run)
+        await stop_outlast(run)
     commits1, xid1 = await _settled_commits(admin), await _next_xid(admin)
     ours = batch["polls"] + POLL_CONNECT_XACTS
     return {
         "commits_per_job": (commits1 - commits0 - ours) / jobs,
         "write_transactions_per_job": (xid1 - xid0) / jobs,
+        "commits": commits1 - commits0 - ours,
+        "write_transactions": xid1 - xid0,
     }
 
 
-async def measure(run: Run) -> Comparison:
+async def measure(run: Run) -> list[Comparison]:
     s = run.settings
     jobs, concurrency = str(s.jobs), str(s.concurrency)
-    comparison = Comparison("noop_jobs", "arq defaults: poll 0.5 s, max_jobs 10, pickle", METRICS)
-    comparison.notes.update(jobs=s.jobs, concurrency=s.concurrency)
+    comparisons = {
+        "noop_jobs_naive": Comparison(
+            "noop_jobs_naive",
+            "naive: Starlette + databases + arq defaults",
+            [Metric("jobs_per_s", LABEL, higher_is_better=True, goal=2.0)],
+        ),
+        "noop_jobs_celery": Comparison(
+            "noop_jobs_celery",
+            f"FastAPI + Celery (prefork, {CELERY_CONCURRENCY}) + SQLAlchemy",
+            [Metric("jobs_per_s", LABEL, higher_is_better=True, goal=10.0)],
+        ),
+        "db_ceiling": Comparison(
+            "db_ceiling",
+            f"PostgreSQL commits/s ({PROBE_CONNECTIONS} connections) / {WRITES_PER_JOB}",
+            [Metric("jobs_per_s", LABEL, higher_is_better=True, goal=0.25)],
+        ),
+    }
+    for comparison in comparisons.values():
+        comparison.notes.update(jobs=s.jobs, concurrency=s.concurrency)
     admin = await asyncpg.connect(run.svc.admin_url)
-    baseline_redis = Redis.from_url(run.svc.baseline_redis_url)
+    naive_redis = Redis.from_url(run.svc.naive_redis_url)
     try:
-        await _truncate(run.svc.database_url)
-        await baseline_redis.flushdb()
-        url = await _start_outlast(run)
-        await _start_arq(run)
+        await reset_outlast(run)
+        await naive_redis.flushdb()
+        url, naive_url, celery_url = await asyncio.gather(start_outlast(run), start_naive(run), start_celery(run))
         write_xacts: list[float] = []
+        probes: list[float] = []
 
         async def outlast(n: str = jobs) -> Figures:
-            await _truncate(run.svc.database_url)
+            await truncate(run.svc.database_url)
             xid0, web0, worker0 = await _next_xid(admin), run.fleet.cpu_s(WEB), run.fleet.cpu_s(WORKER)
-            figures = await load("submit", "--url", url, "--database-url", run.svc.database_url, "--jobs", n)
+            args = ["--database-url", run.svc.database_url, "--jobs", n, "--concurrency", concurrency]
+            figures = await load("submit", "--url", url, *args)
             write_xacts.append((await _next_xid(admin) - xid0) / int(n))
             return {
                 "jobs_per_s": figures["jobs_per_s"],
@@ -124,30 +204,61 @@ async def measure(run: Run) -> Comparison:
                 "worker_cpu_ms_per_job": 1000 * (run.fleet.cpu_s(WORKER) - worker0) / int(n),
             }
 
-        async def baseline(n: str = jobs) -> Figures:
-            await baseline_redis.flushdb()  # arq keeps results an hour: start each round from an empty index
-            worker0 = run.fleet.cpu_s(ARQ)
-            figures = await load("arq", "--redis-url", run.svc.baseline_redis_url, "--jobs", n)
-            return {
-                "jobs_per_s": figures["jobs_per_s"],
-                "worker_cpu_ms_per_job": 1000 * (run.fleet.cpu_s(ARQ) - worker0) / int(n),
-            }
+        def app(table: str, web_url: str, web: str, worker: str) -> Measure:
+            """A baseline that, like Outlast, takes its jobs over HTTP and keeps a status row."""
 
+            async def one(n: str = jobs) -> Figures:
+                await truncate(run.svc.database_url, table)
+                if table == NAIVE_TABLE:
+                    await naive_redis.flushdb()  # arq keeps results an hour: start each round from an empty index
+                web0, worker0 = run.fleet.cpu_s(web), run.fleet.cpu_s(worker)
+                args = [
+                    "--database-url",
+                    run.svc.database_url,
+                    "--jobs",
+                    n,
+                    "--concurrency",
+                    concurrency,
+                    "--table",
+                    table,
+                ]
+                figures = await load("submit", "--url", web_url, *args)
+                return {
+                    "jobs_per_s": figures["jobs_per_s"],
+                    "submitted_s": figures["submitted_s"],
+                    "web_cpu_ms_per_job": 1000 * (run.fleet.cpu_s(web) - web0) / int(n),
+                    "worker_cpu_ms_per_job": 1000 * (run.fleet.cpu_s(worker) - worker0) / int(n),
+                }
+
+            return one
+
+        async def ceiling() -> Figures:
+            args = ["--concurrency", str(PROBE_CONNECTIONS), "--duration", str(max(1.0, s.duration_s / 2))]
+            probe = await load("commits", "--database-url", run.svc.database_url, *args)
+            probes.append(probe["commits_per_s"])
+            return {"jobs_per_s": probe["commits_per_s"] / WRITES_PER_JOB, "commits_per_s": probe["commits_per_s"]}
+
+        naive_side = app(NAIVE_TABLE, naive_url, NAIVE_WEB, NAIVE_WORKER)
+        celery_side = app(CELERY_TABLE, celery_url, CELERY_WEB, CELERY_WORKER)
         # One small untimed batch each: pools fill, code paths warm, before anything is timed.
         warm = str(max(1, s.jobs // 4))
-        await outlast(warm)
-        await baseline(warm)
+        for warm_up in (outlast, naive_side, celery_side):
+            await warm_up(warm)
         write_xacts.clear()
-        await alternate(comparison, outlast, baseline, s.rounds)
-        comparison.notes["write_transactions_per_job_rounds"] = write_xacts
-        await _stop_outlast(run)
-        await run.fleet.stop(ARQ)
-        comparison.notes.update(await commits_per_job(run, admin))
-        probe = await load("commits", "--database-url", run.svc.database_url, "--concurrency", concurrency)
-        comparison.notes["db_commits_per_s"] = probe["commits_per_s"]
+        sides = [
+            (comparisons["noop_jobs_naive"], naive_side),
+            (comparisons["noop_jobs_celery"], celery_side),
+            (comparisons["db_ceiling"], ceiling),
+        ]
+        await alternate_many(sides, outlast, s.rounds)
+        notes = comparisons["db_ceiling"].notes
+        notes["write_transactions_per_job_rounds"] = write_xacts
+        notes["write_transactions_per_job"] = statistics.median(write_xacts)
+        notes["db_commits_per_s"] = statistics.median(probes)
+        notes["db_probe_connections"] = PROBE_CONNECTIONS
     finally:
-        await _stop_outlast(run)
-        await run.fleet.stop(ARQ)
-        await baseline_redis.aclose()
+        for name in (WEB, WORKER, NAIVE_WEB, NAIVE_WORKER, CELERY_WEB, CELERY_WORKER):
+            await run.fleet.stop(name)
+        await naive_redis.aclose()
         await admin.close()
-    return comparison
+    return list(comparisons.values())

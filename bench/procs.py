@@ -69,6 +69,16 @@ class Fleet:
         finally:
             await redis.aclose()
 
+    async def process(
+        self, name: str, argv: list[str], env: dict[str, str], ready: Callable[[], Awaitable[bool]]
+    ) -> None:
+        """Any other long-running process (say a Celery worker); back once `ready()` says so."""
+        await self.start(name, argv, env)
+        await self._until(name, ready)
+
+    def pid(self, name: str) -> int:
+        return self._procs[name].pid
+
     async def _until(self, name: str, ready: Callable[[], Awaitable[bool]]) -> None:
         deadline = time.monotonic() + READY_S
         while not await ready():
@@ -78,9 +88,8 @@ class Fleet:
             await asyncio.sleep(0.05)
 
     def cpu_s(self, name: str) -> float:
-        """CPU seconds (user + system) the process has used so far."""
-        fields = Path(f"/proc/{self._procs[name].pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat
+        """CPU seconds (user + system) the process and its live descendants (a prefork pool) have used so far."""
+        return sum(_cpu_s(pid) for pid in _tree(self._procs[name].pid))
 
     def tail(self, name: str) -> str:
         with contextlib.suppress(OSError):
@@ -109,6 +118,33 @@ class Fleet:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
         self._procs.clear()
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat from field 3 on (the command name, which may hold spaces, cut off)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = _stat(pid)
+    except OSError:
+        return 0.0  # ended meanwhile
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and every live process descended from it."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents[int(entry.name)] = int(_stat(int(entry.name))[1])  # ppid: field 4
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        tree.extend(frontier)
+    return tree
 
 
 async def _answers(port: int) -> bool:

@@ -14,6 +14,8 @@ from bench.compare import Comparison
 from bench.services import ROOT
 
 PACKAGES = ("arq", "asyncpg", "databases", "httptools", "msgspec", "redis", "starlette", "uvicorn", "uvloop")
+# The FastAPI + Celery baseline's own stack (the `bench` extra).
+BASELINE_PACKAGES = ("celery", "fastapi", "kombu", "psycopg", "pydantic", "sqlalchemy")
 
 
 def machine() -> dict[str, Any]:
@@ -21,7 +23,7 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
+        "packages": {name: importlib.metadata.version(name) for name in PACKAGES + BASELINE_PACKAGES},
     }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -38,8 +40,18 @@ def machine() -> dict[str, Any]:
     return facts
 
 
+def _goal(row: dict[str, Any]) -> tuple[str, str]:
+    if row["goal"] is None:
+        return "", ""
+    return f"{'>=' if row['higher_is_better'] else '<='} {row['goal']:.2f}", "pass" if row["met"] else "MISS"
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:,.2f}"
+
+
 def table(comparisons: list[Comparison]) -> str:
-    head = ("metric", "baseline", "Outlast", "baseline", "ratio min", "median", "max")
+    head = ("metric", "baseline", "Outlast", "baseline", "ratio min", "median", "max", "goal", "")
     rows = [head]
     for comparison in comparisons:
         for r in comparison.summary():
@@ -47,21 +59,30 @@ def table(comparisons: list[Comparison]) -> str:
                 (
                     r["metric"],
                     r["baseline"],
-                    f"{r['outlast_median']:,.1f}",
-                    f"{r['baseline_median']:,.1f}",
+                    _figure(r["outlast_median"]),
+                    _figure(r["baseline_median"]),
                     f"{r['ratio_min']:.2f}",
                     f"{r['ratio_median']:.2f}",
                     f"{r['ratio_max']:.2f}",
+                    *_goal(r),
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append(" | ".join(cells))
+        cells = [
+            c.ljust(w) if i < 2 or i == 8 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append(" | ".join(cells).rstrip())
         if n == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def verdicts(comparisons: list[Comparison]) -> tuple[int, int]:
+    """(goals met, goals set), by the median ratio."""
+    rows = [r for c in comparisons for r in c.summary() if r["goal"] is not None]
+    return sum(bool(r["met"]) for r in rows), len(rows)
 
 
 def write(path: Path, record: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from bench.procs import Fleet
 from bench.services import Services
 
+JOB_MODULES = "bench.noop_job,bench.progress_job"  # the job types Outlast's processes register
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -18,6 +20,9 @@ class Settings:
     concurrency: int  # keep-alive connections, or concurrent enqueuers
     jobs: int  # noop jobs per batch
     seed_jobs: int  # succeeded jobs to GET at random
+    latency_samples: int  # idle submits per side per round
+    drain_jobs: int  # preloaded noop jobs per drain
+    progress_jobs: int  # jobs per commits-per-job batch
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,20 @@ def outlast_env(svc: Services) -> dict[str, str]:
     report lists them.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "PORT")}
-    env.update(DATABASE_URL=svc.database_url, REDIS_URL=svc.redis_url, OUTLAST_JOB_MODULES="bench.noop_job")
+    env.update(DATABASE_URL=svc.database_url, REDIS_URL=svc.redis_url, OUTLAST_JOB_MODULES=JOB_MODULES)
+    return env
+
+
+def baseline_env(svc: Services) -> dict[str, str]:
+    """The environment of every baseline process: no OUTLAST_* tuning, and each baseline's own services."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLAST_")}
+    env.update(
+        BENCH_DATABASE_URL=svc.database_url,
+        BENCH_BASELINE_REDIS_URL=svc.baseline_redis_url,
+        BENCH_NAIVE_REDIS_URL=svc.naive_redis_url,
+        BENCH_CELERY_REDIS_URL=svc.celery_redis_url,
+        BENCH_CELERY_DATABASE_URL="postgresql+psycopg://" + svc.database_url.split("://", 1)[1],
+    )
     return env
 
 

@@ -2,7 +2,7 @@
 
 A run truncates tables and flushes Redis indexes, so it never falls back to the machine's own services on
 5432/6379: those are used only when named explicitly. Even then it works in a database of its own
-(`outlast_bench`) and in two Redis indexes (the URL's, and the next one for the arq baseline).
+(`outlast_bench`) and in four Redis indexes: the URL's for Outlast, and the next three for the baselines.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+from redis.asyncio import Redis
 
 from worker.migrate import create_database, migrate
 
@@ -30,7 +31,9 @@ class Services:
     admin_url: str  # another database on the same server: counters are read there, so reading adds no commits
     database_url: str  # the bench's own database, truncated at will
     redis_url: str  # Outlast's Redis index
-    baseline_redis_url: str  # the arq baseline's index, flushed between rounds
+    baseline_redis_url: str  # the bare arq and raw_submit baselines' index, flushed between rounds
+    naive_redis_url: str  # the naive app's arq queue
+    celery_redis_url: str  # the FastAPI + Celery app's broker
     origin: str  # "embedded" or "environment"
 
 
@@ -45,10 +48,10 @@ def _with_database(dsn: str, name: str) -> str:
     return f"{base.rpartition('/')[0]}/{name}" + (f"?{query}" if query else "")
 
 
-def _next_index(redis_url: str) -> str:
+def _next_index(redis_url: str, n: int = 1) -> str:
     parts = urlsplit(redis_url)
     index = int(parts.path.strip("/") or 0)
-    return parts._replace(path=f"/{index + 1}").geturl()
+    return parts._replace(path=f"/{index + n}").geturl()
 
 
 @contextlib.contextmanager
@@ -71,12 +74,14 @@ def services() -> Iterator[Services]:
             database_url=_with_database(database_url, DATABASE),
             redis_url=redis_url,
             baseline_redis_url=_next_index(redis_url),
+            naive_redis_url=_next_index(redis_url, 2),
+            celery_redis_url=_next_index(redis_url, 3),
             origin=origin,
         )
 
 
 async def prepare(svc: Services) -> str:
-    """A fresh, migrated bench database; the server's version, for the record.
+    """A fresh, migrated bench database and empty Redis indexes; the server's version, for the record.
 
     Fresh every run: the schema is the working tree's, even when migrations/ was edited in place, and no
     bloat from an earlier run is measured.
@@ -91,4 +96,12 @@ async def prepare(svc: Services) -> str:
         await conn.close()
     await create_database(svc.database_url)
     await migrate(svc.database_url)
+    # Valkey keeps its data across restarts (AOF): a queue an earlier run left would be drained by this one's
+    # workers as stale messages, each a claim that matches no row, in the middle of what is measured.
+    for url in (svc.redis_url, svc.baseline_redis_url, svc.naive_redis_url, svc.celery_redis_url):
+        redis = Redis.from_url(url)
+        try:
+            await redis.flushdb()
+        finally:
+            await redis.aclose()
     return version

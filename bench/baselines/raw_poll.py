@@ -39,8 +39,17 @@ async def show(request: Request) -> Response:
     record = await request.app.state.pool.fetchrow(_SELECT, job_id)
     if record is None:
         return Response(status_code=404)
-    body = {k: msgspec.Raw(v.encode()) if k in _JSONB and v is not None else v for k, v in record.items()}
-    return Response(_encode(body), media_type="application/json")
+    return Response(_encode(row_body(record)), media_type="application/json")
+
+
+def row_body(record: asyncpg.Record) -> dict[str, object]:
+    return {k: msgspec.Raw(v.encode()) if k in _JSONB and v is not None else v for k, v in record.items()}
+
+
+async def no_reset(connection: asyncpg.Connection) -> None:
+    """asyncpg's pool resets a connection's session on release by default (`SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`): a second statement and round trip per query. Outlast skips it
+    (worker/queue.py), and the floor does "one SELECT", so it skips it too."""
 
 
 async def healthz(request: Request) -> Response:
@@ -52,7 +61,7 @@ def create_app() -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with asyncpg.create_pool(dsn, min_size=1, max_size=POOL_MAX) as pool:
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=POOL_MAX, reset=no_reset) as pool:
             app.state.pool = pool
             yield
 

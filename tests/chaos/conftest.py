@@ -38,15 +38,6 @@ LEASE_S = 3.0
 SWEEP_INTERVAL_S = 1
 RESCUE_BOUND_S = LEASE_S + SWEEP_INTERVAL_S + 1.0  # the issue's bound on kill -> rescue
 
-# Engine bugs that leave a job queued forever. xfail tests pin them; a test that meets one elsewhere checks all the
-# other jobs, then ends as an xfail rather than timing out (Cluster.all_done, Cluster.xfail_if_stuck).
-# test_poison.py: a worker that dies after arq marked a message in progress but before run_job claimed the row
-# leaves that in-progress key for a day, and the sweep re-rings the very same arq job id, which arq ignores.
-ORPHANED_MESSAGE_BUG = "orphaned arq in-progress key: a queued job whose message a dead worker had taken"
-# test_cancel_races.py: a job whose cancel was accepted while running goes back to queued (rescue, retry) and the
-# claim refuses it for good (cancel_requested_at IS NULL), so it is never cancelled.
-CANCEL_REQUEUED_BUG = "requeued after an accepted cancel: queued with cancel_requested_at set, never claimed"
-
 FIGURES: list[tuple[str, str]] = []
 
 
@@ -178,7 +169,6 @@ class Cluster:
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     exits: list[Exit] = field(default_factory=list)
-    stuck: dict[str, str] = field(default_factory=dict)  # job id -> the known bug that holds it (see all_done)
     _worker_env: dict[str, dict[str, str]] = field(default_factory=dict)
     _supervisor: asyncio.Task[None] | None = None
     _http: httpx.AsyncClient | None = None
@@ -324,58 +314,25 @@ class Cluster:
     async def statuses(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY 1")}
 
-    async def all_done(self, n: int, *, within: float, known_bugs: bool = True) -> dict[str, dict[str, Any]]:
-        """Until `n` jobs exist and every one is terminal: then the rows. Else fail, describing the stuck ones.
-
-        With `known_bugs`, a job stuck for 5 s by one of the engine bugs that xfail tests pin (see known_stuck) is
-        set aside in `self.stuck` once it is all that is left: the rows returned are then the terminal ones, the test
-        checks those, and ends with `xfail_if_stuck()`, since it could not finish because of that bug.
-        """
-        stuck_since: dict[str, tuple[float, str]] = {}
+    async def all_done(self, n: int, *, within: float) -> dict[str, dict[str, Any]]:
+        """Until `n` jobs exist and every one is terminal: then the rows. Else fail, describing the live ones."""
 
         async def done() -> dict[str, dict[str, Any]] | None:
             rows = await self.rows()
-            live = [str(r["id"]) for r in rows.values() if r["status"] not in TERMINAL]
-            if len(rows) == n and not live:
-                return rows
-            now = time.time()
-            for job_id in live:
-                if bug := await self.known_stuck(rows[job_id]):
-                    stuck_since.setdefault(job_id, (now, bug))
-                else:
-                    stuck_since.pop(job_id, None)
-            if known_bugs and len(rows) == n and all(now - stuck_since.get(i, (now, ""))[0] > 5 for i in live):
-                self.stuck = {i: f"{stuck_since[i][1]}: {await self.describe(rows[i])}" for i in live}
-                return {i: row for i, row in rows.items() if i not in self.stuck}
-            return None
+            return rows if len(rows) == n and all(r["status"] in TERMINAL for r in rows.values()) else None
 
         try:
             return await eventually(done, within=within)
         except AssertionError as exc:
-            stuck = [r for r in (await self.rows()).values() if r["status"] not in TERMINAL]
-            raise AssertionError(f"{exc}; stuck: {[await self.describe(r) for r in stuck]}") from None
-
-    def xfail_if_stuck(self) -> None:
-        """End the test as an xfail when jobs were set aside as stuck by a known engine bug (all else having held)."""
-        if self.stuck:
-            pytest.xfail(f"{len(self.stuck)} jobs stuck by known engine bugs: {sorted(self.stuck.values())}")
-
-    async def known_stuck(self, row: dict[str, Any]) -> str | None:
-        """Which KNOWN_STUCK bug holds this live job, if any: both leave it queued and due, yet never claimed."""
-        if row["status"] != "queued" or row["next_run_at"].timestamp() > time.time() - 3:
-            return None
-        if row["cancel_requested_at"] is not None:
-            return CANCEL_REQUEUED_BUG
-        if await self.orphaned(row):
-            return ORPHANED_MESSAGE_BUG
-        return None
+            live = [r for r in (await self.rows()).values() if r["status"] not in TERMINAL]
+            raise AssertionError(f"{exc}; still live: {[await self.describe(r) for r in live]}") from None
 
     async def orphaned(self, row: dict[str, Any]) -> bool:
-        """A queued job whose arq message is marked in progress: taken by a worker that never claimed it."""
+        """A queued job whose arq message is marked in progress: taken by a worker that has not claimed it (yet)."""
         return bool(await self.redis.exists(f"arq:in-progress:{message(row['id'], row['attempt'])}"))
 
     async def describe(self, row: dict[str, Any]) -> str:
-        """A live job as the database and Redis see it: what to look at when one is stuck."""
+        """A live job as the database and Redis see it: what to look at when one never ends."""
         text = message(row["id"], row["attempt"])
         score = await self.redis.zscore(QUEUE, text)
         in_progress = await self.redis.exists(f"arq:in-progress:{text}")

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.chaos.conftest import LEASE_S, ORPHANED_MESSAGE_BUG, SWEEP_INTERVAL_S, Cluster, lifecycle_problems
+from tests.chaos.conftest import LEASE_S, SWEEP_INTERVAL_S, Cluster, holds, lifecycle_problems
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ async def test_a_poison_pill_fails_after_exactly_max_attempts_and_innocent_jobs_
         innocents.append(await cluster.submit("chaos_sleep", {"seconds": seconds}, max_attempts=MAX_INNOCENT_ATTEMPTS))
         await asyncio.sleep(0.5)
 
-    rows = await cluster.all_done(1 + INNOCENTS, within=60)  # without the jobs a known engine bug holds, if any
+    rows = await cluster.all_done(1 + INNOCENTS, within=60)
     elapsed = time.monotonic() - started
     attempts = await cluster.attempts()
     events = await cluster.events()
@@ -58,7 +59,6 @@ async def test_a_poison_pill_fails_after_exactly_max_attempts_and_innocent_jobs_
     assert all(a["ended_at"] is None for a in attempts[pill])  # and each time its process died under it
     lives = ["running", "queued"] * (POISON_ATTEMPTS - 1)  # each crash: rescued back to queued
     assert [e.status for e in events[pill]] == ["queued", *lives, "running", "failed"]
-    innocents = [i for i in innocents if i not in cluster.stuck]
     assert {rows[i]["status"] for i in innocents} == {"succeeded"}
     assert not {i: p for i in rows if (p := lifecycle_problems(events[i]))}
     # Every crash was the pill's doing, and the supervisor brought the worker back each time.
@@ -68,19 +68,18 @@ async def test_a_poison_pill_fails_after_exactly_max_attempts_and_innocent_jobs_
     figure(
         f"{poison}: failed worker_lost after exactly {POISON_ATTEMPTS}/{POISON_ATTEMPTS} attempts (its code ran "
         f"{len(attempts[pill])} times, each killing its worker: exit codes {[e.code for e in cluster.exits]}, all "
-        f"restarted); {len(innocents)}/{INNOCENTS} innocents succeeded ({len(cluster.stuck)} stuck by a known engine "
-        f"bug), {len(hit)} after losing an attempt to the pill's crash (max attempt "
-        f"{max(rows[i]['attempt'] for i in innocents)}); {elapsed:.1f}s"
+        f"restarted); {INNOCENTS}/{INNOCENTS} innocents succeeded, {len(hit)} after losing an attempt to the pill's "
+        f"crash (max attempt {max(rows[i]['attempt'] for i in innocents)}); {elapsed:.1f}s"
     )
-    cluster.xfail_if_stuck()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ORPHANED_MESSAGE_BUG)
 async def test_jobs_a_worker_had_just_taken_from_redis_when_it_died_still_run(
     cluster: Cluster, figure: Callable[[str], None]
 ) -> None:
     """The pill and 40 innocents wait in Redis before any worker exists, so the first poll takes them in one batch:
-    the pill kills its worker while arq is still starting the innocents (in-progress key set, row not yet claimed)."""
+    the pill kills its worker while arq is still starting the innocents, and some are left marked in progress (for
+    a day) with their rows never claimed. The sweep must clear such a mark and ring again. (Found by this suite:
+    it used to re-ring the same arq job id, which arq ignores while the mark lives, and the job sat queued.)"""
     cluster.start_web()
     await cluster.web_ready()
     await cluster.submit("chaos_suicide", max_attempts=1)
@@ -88,10 +87,12 @@ async def test_jobs_a_worker_had_just_taken_from_redis_when_it_died_still_run(
         await cluster.submit("chaos_sleep", {"seconds": 0.1}, max_attempts=3)
     cluster.start_worker("w0")
     cluster.supervise("w0")
-    try:
-        rows = await cluster.all_done(41, within=LEASE_S + SWEEP_INTERVAL_S + 15, known_bugs=False)
-    except AssertionError:
-        orphans = [r for r in (await cluster.rows()).values() if r["status"] == "queued" and await cluster.orphaned(r)]
-        figure(f"{len(orphans)} of 40 jobs still queued, their arq message held by the dead worker's in-progress key")
-        raise
+    await eventually(holds(lambda: bool(cluster.exits)))
+    orphans = [r for r in (await cluster.rows()).values() if r["status"] == "queued" and await cluster.orphaned(r)]
+    rows = await cluster.all_done(41, within=LEASE_S + SWEEP_INTERVAL_S + 15)
     assert Counter(r["status"] for r in rows.values()) == {"succeeded": 40, "failed": 1}
+    last = max(r["finished_at"] for r in rows.values()).timestamp() - cluster.exits[0].at
+    figure(
+        f"the pill's crash left {len(orphans)} of 40 jobs marked in progress by the dead worker, unclaimed; "
+        f"all 40 succeeded, the last {last:.1f}s after the crash"
+    )
