@@ -28,8 +28,8 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.chaos.jobs import CREATE_TABLE
-from tests.conftest import ROOT, eventually, free_port, process_env
-from worker import TERMINAL, Config, store
+from tests.conftest import ROOT, TEST_SECRET, bearer, eventually, free_port, process_env
+from worker import TERMINAL, Config, connect, keys, store
 from worker.migrate import create_database, migrate
 from worker.queue import QUEUE, message
 
@@ -122,6 +122,10 @@ def chaos_config(stores: Stores) -> Config:
         worker_health_check_interval_s=1,
         db_timeout_s=2.0,
         retry_after_s=2,
+        secret_key=TEST_SECRET,
+        submit_rate_per_s=100_000.0,  # the chaos clients submit in bursts; rate limits have their own tests
+        submit_burst=100_000,
+        auth_failures_per_min=100_000,
     )
 
 
@@ -172,6 +176,7 @@ class Cluster:
     _worker_env: dict[str, dict[str, str]] = field(default_factory=dict)
     _supervisor: asyncio.Task[None] | None = None
     _http: httpx.AsyncClient | None = None
+    key: str = ""  # an API key of tenant `default`, sent with every request of `http`
 
     def __post_init__(self) -> None:
         self.env = process_env(self.config, OUTLAST_SHUTDOWN_GRACE_S="1")
@@ -275,7 +280,7 @@ class Cluster:
     def http(self) -> httpx.AsyncClient:
         if self._http is None:
             limits = httpx.Limits(max_connections=50)
-            self._http = httpx.AsyncClient(base_url=self.url, timeout=30, limits=limits)
+            self._http = httpx.AsyncClient(base_url=self.url, timeout=30, limits=limits, headers=bearer(self.key))
         return self._http
 
     async def submit(self, type: str, input: dict[str, Any] | None = None, **extra: Any) -> str:
@@ -411,6 +416,8 @@ async def cluster(chaos_stores: Stores, tmp_path: Path) -> AsyncIterator[Cluster
     await db.execute("TRUNCATE jobs, chaos_attempts CASCADE")
     await redis.flushall()
     cluster = Cluster(chaos_stores, chaos_config(chaos_stores), tmp_path, db, redis)
+    async with connect(cluster.config) as deps:
+        cluster.key = await keys.create(deps.db, "default", "chaos")
     try:
         yield cluster
     finally:
