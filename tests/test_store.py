@@ -67,7 +67,7 @@ async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
     await deps.db.execute(
         "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id}
     )
-    assert await store.rescue_lost(deps.db, batch=10, backoff_base_s=0, backoff_cap_s=0) == 1
+    assert await store.rescue_lost(deps.db, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
     assert await store.claim(deps.db, job_id, 1, owner="other", lease_s=30) is not None
     assert await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=None) is None
     assert not await store.finish(deps.db, job_id, 1, "succeeded", result=b"0")
@@ -84,7 +84,7 @@ async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps)
     for job_id in (safe, unsafe, exhausted):
         await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
     await deps.db.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
-    assert await store.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=10) == 3
+    assert len(await store.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=10)) == 3
     requeued = await job_row(deps, safe)
     assert requeued["status"] == "queued" and requeued["attempt"] == 1 and requeued["dispatched_at"] is None
     for job_id in (unsafe, exhausted):

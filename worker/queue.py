@@ -11,7 +11,7 @@ from uuid import UUID
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from databases import Database
 from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import RedisError
@@ -137,3 +137,19 @@ async def ring_again(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
     except (RedisError, OSError):
         return False
     return await enqueue(redis, job_id, attempt)
+
+
+async def forget(redis: ArqRedis, lost: list[tuple[UUID, int]]) -> None:
+    """Drop the messages of attempts whose worker died. arq would keep each one marked in progress for a day at
+    the head of the queue, and it reads only the first few hundred ids a poll: enough dead ones stall every worker."""
+    if not lost:
+        return
+    texts = [message(job_id, attempt - 1) for job_id, attempt in lost]  # attempt n was started by message n - 1
+    keys = [prefix + text for text in texts for prefix in (in_progress_key_prefix, job_key_prefix, retry_key_prefix)]
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(QUEUE, *texts)
+            pipe.delete(*keys)
+            await pipe.execute()
+    except (RedisError, OSError):
+        pass  # Redis is down: when the sweep re-dispatches these jobs, ring_again clears a stale mark anyway

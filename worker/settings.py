@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from arq import cron, func
+from arq import func
 from arq.connections import RedisSettings
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -24,7 +24,7 @@ from worker.config import from_env
 from worker.job_types import load
 from worker.queue import QUEUE, RUN_JOB, connect, deserialize, redis_settings, serialize
 from worker.run import Runtime, run_job
-from worker.sweep import sweep
+from worker.sweep import sweeping
 
 config = from_env()  # arq imports this module by its dotted path: this is the worker's edge
 
@@ -51,6 +51,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["deps"] = await stack.enter_async_context(connect(config, redis=ctx["redis"]))
     ctx["runtime"] = Runtime(job_types=load(config.job_modules))
     await stack.enter_async_context(webhooks.serving(ctx["deps"]))  # deliveries on their own tasks, not arq's
+    await stack.enter_async_context(sweeping(ctx["deps"]))  # its own task too: it must run when every slot is taken
     ctx["stack"] = stack
 
 
@@ -61,9 +62,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 class WorkerSettings:
     functions = (func(run_job, name=RUN_JOB, timeout=config.max_timeout_s + 60, max_tries=1_000),)
-    cron_jobs = (
-        cron(sweep, second=set(range(0, 60, config.sweep_interval_s)), run_at_startup=True, unique=True, timeout=300),
-    )
     on_startup = startup
     on_shutdown = shutdown
     queue_name = QUEUE

@@ -429,7 +429,7 @@ WITH lost AS (
       FROM lost WHERE j.id = lost.id
     RETURNING j.*
 ), event AS ({_status_event("moved")})
-SELECT count(*) AS n FROM moved
+SELECT id, attempt FROM moved
 """
 
 _EXPIRE = f"""
@@ -478,10 +478,13 @@ DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - ma
 """
 
 
-async def rescue_lost(db: Database, *, batch: int, backoff_base_s: float, backoff_cap_s: float) -> int:
-    """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`."""
+async def rescue_lost(
+    db: Database, *, batch: int, backoff_base_s: float, backoff_cap_s: float
+) -> list[tuple[UUID, int]]:
+    """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`.
+    Returns each rescued job with the attempt that was lost."""
     values = {"batch": batch, "worker_lost": _WORKER_LOST, "base": backoff_base_s, "cap": backoff_cap_s}
-    return int(await db.fetch_val(_RESCUE, values))
+    return [(r["id"], r["attempt"]) for r in await db.fetch_all(_RESCUE, values)]
 
 
 async def expire_late(db: Database, *, batch: int) -> int:

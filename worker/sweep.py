@@ -1,31 +1,54 @@
-"""The cron pass, every few seconds on every worker (arq keeps one pass at a time): rescue, expire,
-dispatch, retain. Each step is a guarded batch with SKIP LOCKED, so concurrent passes never collide."""
+"""The sweep: a pass every few seconds on every worker: rescue, expire, cancel, dispatch, retain. Each step is a
+guarded batch with SKIP LOCKED, so concurrent passes never collide.
+
+It runs as the worker's own task, not as an arq cron job: a cron job needs a free job slot, and a worker whose
+slots are all taken by long jobs would never rescue anything.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+import random
+from collections.abc import AsyncIterator
 
 from worker import events, store
-from worker.queue import Deps, ring_again
+from worker.queue import Deps, forget, ring_again
 
 log = logging.getLogger("outlast.sweep")
 
 
-async def sweep(ctx: dict[str, Any]) -> None:
-    deps: Deps = ctx["deps"]
+@contextlib.asynccontextmanager
+async def sweeping(deps: Deps) -> AsyncIterator[None]:
+    """Sweep every `sweep_interval_s` (the first pass at once) while the block runs."""
+
+    async def loop() -> None:
+        while True:
+            try:
+                await sweep_once(deps)
+            except store.UNAVAILABLE as exc:
+                log.warning("sweep skipped: database unavailable (%s)", exc)
+            except Exception:
+                log.exception("sweep failed; the next pass tries again")
+            # Jitter, so that the workers of a deployment started together don't sweep in lockstep.
+            await asyncio.sleep(deps.config.sweep_interval_s * random.uniform(0.8, 1.2))
+
+    task = asyncio.create_task(loop(), name="outlast-sweep")
     try:
-        await sweep_once(deps)
-    except store.UNAVAILABLE as exc:
-        log.warning("sweep skipped: database unavailable (%s)", exc)
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def sweep_once(deps: Deps) -> None:
     config, db = deps.config, deps.db
-    rescued = await store.rescue_lost(
+    lost = await store.rescue_lost(
         db, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
     )
+    await forget(deps.redis, lost)
+    rescued = len(lost)
     expired = await store.expire_late(db, batch=config.sweep_batch)
     cancelled = await store.cancel_requeued(db, batch=config.sweep_batch)
     if rescued or expired or cancelled:

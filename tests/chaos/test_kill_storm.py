@@ -124,13 +124,6 @@ def recoveries(
     return rescues, restarts
 
 
-STALE_MESSAGES_BUG = (
-    "each attempt a killed worker held leaves its arq message at the head of the queue, marked in progress for "
-    "max_timeout_s + 70 s; arq reads only the first max(5 x max_jobs, 100) ids, so enough kills stall every worker"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STALE_MESSAGES_BUG)
 async def test_messages_left_by_killed_workers_never_stall_the_queue(
     cluster: Cluster, figure: Callable[[str], None]
 ) -> None:
@@ -172,13 +165,6 @@ async def test_messages_left_by_killed_workers_never_stall_the_queue(
         raise
 
 
-SWEEP_STARVED_BUG = (
-    "the sweep is an arq cron job, so it needs a free max_jobs slot: while every live worker is full of long jobs "
-    "no sweep runs, and a dead worker's jobs are not rescued within lease + sweep interval"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=SWEEP_STARVED_BUG)
 async def test_a_lost_job_is_rescued_within_the_bound_even_while_every_live_worker_is_full(
     cluster: Cluster, figure: Callable[[str], None]
 ) -> None:
