@@ -22,7 +22,7 @@ from bench import commits, drain, get_job, latency, noop_jobs, report, submit_jo
 from bench.compare import Comparison
 from bench.procs import Fleet
 from bench.run import Run, Settings, tuning
-from bench.services import DATA, ROOT, Services, prepare, services
+from bench.services import DATA, ROOT, Services, api_key, prepare, services
 
 # One line per measurement: a new one is a module with `measure(run) -> Comparison` (or a list of them, when
 # one Outlast measurement per round serves several baselines), added here.
@@ -71,7 +71,7 @@ async def _run(
             facts["valkey"] = (await redis.info("server")).get("valkey_version") or "redis"
         finally:
             await redis.aclose()
-        run = Run(svc, fleet, settings, scratch)
+        run = Run(svc, fleet, settings, scratch, await api_key(svc))
         comparisons: list[Comparison] = []
         for name in names:
             started = time.monotonic()

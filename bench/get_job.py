@@ -79,7 +79,7 @@ async def measure(run: Run) -> list[Comparison]:
                 args = ["--ids", str(ids_file), "--concurrency", str(s.concurrency)]
                 args += ["--warmup", str(s.warmup_s), "--duration", str(s.duration_s)]
                 cpu0 = run.fleet.cpu_s(name)
-                figures = await load("get", "--url", url, *args)
+                figures = await load("get", "--url", url, *args, "--api-key", run.api_key)
                 figures["cpu_us"] = 1e6 * (run.fleet.cpu_s(name) - cpu0) / figures["served"]
                 if figures["errors"]:
                     raise RuntimeError(f"{url} answered {figures['errors']} requests with other than 200")

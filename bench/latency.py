@@ -35,7 +35,8 @@ async def measure(run: Run) -> Comparison:
         url, _ = await asyncio.gather(start_outlast(run), start_arq(run))
 
         async def outlast() -> Figures:
-            figures = await load("latency", "--url", url, "--database-url", run.svc.database_url, *samples)
+            args = ["--database-url", run.svc.database_url, "--api-key", run.api_key, *samples]
+            figures = await load("latency", "--url", url, *args)
             return {m.key: figures[m.key] for m in METRICS}
 
         async def baseline() -> Figures:

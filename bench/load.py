@@ -128,24 +128,31 @@ async def _hammer(
     }
 
 
-async def get(url: str, ids: list[str], concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+def _auth(api_key: str) -> str:
+    """The header every request carries (the baselines ignore it, and parse it as cheaply as any other)."""
+    return f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+
+
+async def get(
+    url: str, ids: list[str], concurrency: int, warmup_s: float, duration_s: float, api_key: str = ""
+) -> dict[str, Any]:
     """GET /v1/jobs/{id} with random ids."""
     host, _ = _host_port(url)
-    requests = [f"GET /v1/jobs/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() for i in ids]
+    requests = [f"GET /v1/jobs/{i} HTTP/1.1\r\nHost: {host}\r\n{_auth(api_key)}\r\n".encode() for i in ids]
     return await _hammer(url, lambda _: random.choice(requests), 200, concurrency, warmup_s, duration_s)
 
 
-def _post(host: str, body: bytes) -> bytes:
+def _post(host: str, body: bytes, api_key: str = "") -> bytes:
     head = f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-    return f"{head}\r\n\r\n".encode() + body
+    return f"{head}\r\n{_auth(api_key)}\r\n".encode() + body
 
 
 NOOP = b'{"type":"noop","input":{}}'
 
 
-async def post(url: str, concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+async def post(url: str, concurrency: int, warmup_s: float, duration_s: float, api_key: str = "") -> dict[str, Any]:
     """POST /v1/jobs noop submits (nothing runs them): accepted/s and latency; anything but 202 is an error."""
-    raw = _post(_host_port(url)[0], NOOP)
+    raw = _post(_host_port(url)[0], NOOP, api_key)
     return await _hammer(url, lambda _: raw, 202, concurrency, warmup_s, duration_s)
 
 
@@ -182,13 +189,19 @@ async def _spread(jobs: int, lanes: list[Callable[[], Awaitable[None]]]) -> None
 
 
 async def outlast_batch(
-    url: str, database_url: str, jobs: int, concurrency: int, table: str = "jobs", body: bytes = NOOP
+    url: str,
+    database_url: str,
+    jobs: int,
+    concurrency: int,
+    table: str = "jobs",
+    body: bytes = NOOP,
+    api_key: str = "",
 ) -> dict[str, Any]:
     """POST `jobs` jobs; seconds from the first POST until `table` says all succeeded.
 
     The same for Outlast (`jobs`) and the baselines that keep a status row of their own.
     """
-    raw = _post(_host_port(url)[0], body)
+    raw = _post(_host_port(url)[0], body, api_key)
     conns = [await Connection.open(*_host_port(url)) for _ in range(concurrency)]
     db = await asyncpg.connect(database_url)
     refused = accepted = 0
@@ -290,12 +303,12 @@ async def _latencies(samples: int, gap_s: float, one: Callable[[], Awaitable[flo
     }
 
 
-async def latency(url: str, database_url: str, samples: int, gap_s: float) -> dict[str, Any]:
+async def latency(url: str, database_url: str, samples: int, gap_s: float, api_key: str = "") -> dict[str, Any]:
     """Seconds from sending `POST /v1/jobs` until the row is `running` (its `started_at`, by the database
     clock, which is this machine's); each job is left to finish before the next is sent."""
     conn = await Connection.open(*_host_port(url))
     conn.keep_body = True
-    raw = _post(_host_port(url)[0], NOOP)
+    raw = _post(_host_port(url)[0], NOOP, api_key)
     db = await asyncpg.connect(database_url)
 
     async def one() -> float:
@@ -344,11 +357,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
     p = sub.add_parser("post", help="POST /v1/jobs noop submits for a fixed time")
     p.add_argument("--url", required=True)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
     p = sub.add_parser("submit", help="jobs through an HTTP API, until its status table says all succeeded")
     p.add_argument("--url", required=True)
     p.add_argument("--database-url", required=True)
@@ -356,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--table", default="jobs", help="where the status rows are: jobs, or a baseline's table")
     p.add_argument("--body", default=NOOP.decode(), help="the JSON submitted for each job")
+    p.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
     p = sub.add_parser("arq", help="noop jobs enqueued on a bare arq, until all results exist")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--jobs", type=int, required=True)
@@ -365,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--database-url", required=True)
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--gap", type=float, default=0.5)
+    p.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
     p = sub.add_parser("latency-arq", help="idle enqueue-to-start latency of a bare arq")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--samples", type=int, default=30)
@@ -379,16 +396,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "get":
         with open(args.ids) as f:
             ids = f.read().split()
-        coro = get(args.url, ids, args.concurrency, args.warmup, args.duration)
+        coro = get(args.url, ids, args.concurrency, args.warmup, args.duration, args.api_key)
     elif args.command == "post":
-        coro = post(args.url, args.concurrency, args.warmup, args.duration)
+        coro = post(args.url, args.concurrency, args.warmup, args.duration, args.api_key)
     elif args.command == "submit":
         body = args.body.encode()
-        coro = outlast_batch(args.url, args.database_url, args.jobs, args.concurrency, args.table, body)
+        coro = outlast_batch(args.url, args.database_url, args.jobs, args.concurrency, args.table, body, args.api_key)
     elif args.command == "arq":
         coro = arq_batch(args.redis_url, args.jobs, args.concurrency)
     elif args.command == "latency":
-        coro = latency(args.url, args.database_url, args.samples, args.gap)
+        coro = latency(args.url, args.database_url, args.samples, args.gap, args.api_key)
     elif args.command == "latency-arq":
         coro = latency_arq(args.redis_url, args.samples, args.gap)
     else:

@@ -147,7 +147,7 @@ async def commits_per_job(
     url = await start_outlast(run)
     try:
         args = ["--url", url, "--database-url", run.svc.database_url, "--jobs", str(jobs)]
-        batch = await load("submit", *args, *(["--body", body] if body else []))
+        batch = await load("submit", *args, "--api-key", run.api_key, *(["--body", body] if body else []))
     finally:
         await stop_outlast(run)
     commits1, xid1 = await _settled_commits(admin), await _next_xid(admin)
@@ -195,7 +195,7 @@ async def measure(run: Run) -> list[Comparison]:
             await truncate(run.svc.database_url)
             xid0, web0, worker0 = await _next_xid(admin), run.fleet.cpu_s(WEB), run.fleet.cpu_s(WORKER)
             args = ["--database-url", run.svc.database_url, "--jobs", n, "--concurrency", concurrency]
-            figures = await load("submit", "--url", url, *args)
+            figures = await load("submit", "--url", url, *args, "--api-key", run.api_key)
             write_xacts.append((await _next_xid(admin) - xid0) / int(n))
             return {
                 "jobs_per_s": figures["jobs_per_s"],
@@ -222,7 +222,7 @@ async def measure(run: Run) -> list[Comparison]:
                     "--table",
                     table,
                 ]
-                figures = await load("submit", "--url", web_url, *args)
+                figures = await load("submit", "--url", web_url, *args, "--api-key", run.api_key)
                 return {
                     "jobs_per_s": figures["jobs_per_s"],
                     "submitted_s": figures["submitted_s"],

@@ -26,7 +26,7 @@ from bench.get_job import seed
 from bench.noop_jobs import reset_outlast
 from bench.procs import Fleet, load
 from bench.run import Run, Settings, outlast_env
-from bench.services import DATA, ROOT, prepare, services
+from bench.services import DATA, ROOT, api_key, prepare, services
 from worker.queue import QUEUE
 
 _FRAME = re.compile(r"^(.*) \((.*?):(\d+)\)$")
@@ -91,7 +91,7 @@ async def _profile(what: str, seconds: float, out: Path) -> str:
     fleet = Fleet(scratch)
     with services() as svc:
         await prepare(svc)
-        run = Run(svc, fleet, SETTINGS, scratch)
+        run = Run(svc, fleet, SETTINGS, scratch, await api_key(svc))
         try:
             if what == "drain":
                 from bench.drain import _preload_outlast
@@ -108,7 +108,16 @@ async def _profile(what: str, seconds: float, out: Path) -> str:
             else:
                 name, unit = "profile-web", "request"
                 url = await fleet.web(name, "server.app:create_app", outlast_env(svc))
-                args = ["--concurrency", "32", "--warmup", "0.5", "--duration", str(seconds + 1)]
+                args = [
+                    "--concurrency",
+                    "32",
+                    "--warmup",
+                    "0.5",
+                    "--duration",
+                    str(seconds + 1),
+                    "--api-key",
+                    run.api_key,
+                ]
                 if what == "get":
                     ids = scratch / "ids.txt"
                     ids.write_text("\n".join(await seed(svc.database_url, SETTINGS.seed_jobs, celery=False)))

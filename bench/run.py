@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from bench.procs import Fleet
 from bench.services import Services
 
 JOB_MODULES = "bench.noop_job,bench.progress_job"  # the job types Outlast's processes register
+SECRET_KEY = secrets.token_urlsafe(32)  # signs the job read tokens in Job links; this run's only
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Run:
     fleet: Fleet
     settings: Settings
     scratch: Path
+    api_key: str  # `Authorization: Bearer` on every request to Outlast (the baselines ignore it)
 
 
 def outlast_env(svc: Services) -> dict[str, str]:
@@ -41,6 +44,11 @@ def outlast_env(svc: Services) -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "PORT")}
     env.update(DATABASE_URL=svc.database_url, REDIS_URL=svc.redis_url, OUTLAST_JOB_MODULES=JOB_MODULES)
+    env.setdefault("OUTLAST_SECRET_KEY", SECRET_KEY)
+    # The per-key submit limit (20/s by default) is a policy, not a cost: lifted, so the bench measures what
+    # a submit costs. The bucket is still checked on every submit.
+    env.setdefault("OUTLAST_SUBMIT_RATE_PER_S", "1000000")
+    env.setdefault("OUTLAST_SUBMIT_BURST", "1000000")
     return env
 
 
@@ -59,4 +67,8 @@ def baseline_env(svc: Services) -> dict[str, str]:
 
 def tuning() -> dict[str, str]:
     """OUTLAST_* variables set by the caller, which change what is measured."""
-    return {k: v for k, v in os.environ.items() if k.startswith("OUTLAST_") and k != "OUTLAST_JOB_MODULES"}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("OUTLAST_") and k not in ("OUTLAST_JOB_MODULES", "OUTLAST_SECRET_KEY")
+    }

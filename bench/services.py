@@ -80,6 +80,20 @@ def services() -> Iterator[Services]:
         )
 
 
+async def api_key(svc: Services) -> str:
+    """An API key for tenant `default`, which every request to Outlast carries, as in production."""
+    from databases import Database
+
+    from worker import keys
+
+    db = Database(svc.database_url)
+    await db.connect()
+    try:
+        return await keys.create(db, "default", "bench")
+    finally:
+        await db.disconnect()
+
+
 async def prepare(svc: Services) -> str:
     """A fresh, migrated bench database and empty Redis indexes; the server's version, for the record.
 

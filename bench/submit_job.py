@@ -56,7 +56,7 @@ async def measure(run: Run) -> Comparison:
                     str(s.duration_s),
                 ]
                 cpu0 = run.fleet.cpu_s(name)
-                figures = await load("post", "--url", url, *args)
+                figures = await load("post", "--url", url, *args, "--api-key", run.api_key)
                 figures["cpu_us"] = 1e6 * (run.fleet.cpu_s(name) - cpu0) / figures["served"]
                 if figures["errors"]:
                     raise RuntimeError(f"{url} answered {figures['errors']} submits with other than 202")
