@@ -435,12 +435,17 @@ def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def leftovers() -> list[str]:
-    """Pids of live processes started with this harness's environment (web or worker)."""
+    """Pids of live processes started with this harness's environment (web or worker) from this checkout: another
+    checkout's suite may be running its own on the same machine."""
     marker = b"OUTLAST_JOB_MODULES=tests.jobs,tests.chaos.jobs\0"
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         with contextlib.suppress(OSError):
-            if marker in environ.read_bytes() and int(environ.parent.name) != os.getpid():
+            if (
+                marker in environ.read_bytes()
+                and int(environ.parent.name) != os.getpid()
+                and (environ.parent / "cwd").resolve() == ROOT
+            ):
                 state = (environ.parent / "stat").read_text().rpartition(")")[2].split()[0]
                 if state != "Z":
                     found.append(f"{environ.parent.name}: {(environ.parent / 'cmdline').read_bytes()!r}")
