@@ -26,7 +26,7 @@ from databases import Database
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker import store
+from worker import sql, store
 from worker.job import LOG_LEVELS, TERMINAL, Error, Job, Links, LogLevel, Progress, Status, backoff
 
 log = logging.getLogger("outlast.events")
@@ -77,7 +77,7 @@ async def read_after(db: Database, job_id: UUID, after: int, *, limit: int = REA
     values = {"id": job_id, "after": after, "limit": limit, "terminal": sorted(TERMINAL)}
     return [
         Event(seq=r["seq"], name=r["name"], data=r["data"].encode(), final=r["final"])
-        for r in await db.fetch_all(_READ, values)
+        for r in await sql.fetch_all(db, _READ, values)
     ]
 
 
@@ -86,7 +86,7 @@ _LATEST = "SELECT id, event_seq FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))"
 
 async def latest_seqs(db: Database, job_ids: Sequence[UUID]) -> dict[UUID, int]:
     """The last seq of each job that still exists."""
-    return {r["id"]: r["event_seq"] for r in await db.fetch_all(_LATEST, {"ids": list(job_ids)})}
+    return {r["id"]: r["event_seq"] for r in await sql.fetch_all(db, _LATEST, {"ids": list(job_ids)})}
 
 
 class Retry(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -179,7 +179,7 @@ async def append_logs(db: Database, job_id: UUID, attempt: int, lines: Sequence[
     if not lines:
         return False
     values = {"id": job_id, "attempt": attempt, "n": len(lines), "lines": _encode(lines).decode()}
-    return bool(await db.fetch_all(_APPEND_LOGS, values))
+    return bool(await sql.fetch_all(db, _APPEND_LOGS, values))
 
 
 class Journal:

@@ -18,6 +18,8 @@ from datetime import datetime
 import msgspec
 from databases import Database
 
+from worker import sql
+
 PREFIX = "olk_"
 _ALPHABET = string.ascii_letters + string.digits
 _SECRET_LENGTH = 43  # 43 base62 characters: 256 bits
@@ -62,8 +64,9 @@ async def create(db: Database, tenant: str, name: str = "") -> str:
         raise ValueError(f"{tenant!r} is not a tenant id: 1 to 63 lowercase letters, digits, - and _")
     key = new_key()
     async with db.transaction():
-        await db.execute("INSERT INTO tenants (id) VALUES (:tenant) ON CONFLICT DO NOTHING", {"tenant": tenant})
-        await db.execute(
+        await sql.execute(db, "INSERT INTO tenants (id) VALUES (:tenant) ON CONFLICT DO NOTHING", {"tenant": tenant})
+        await sql.execute(
+            db,
             "INSERT INTO api_keys (id, tenant_id, key_hash, name) VALUES (:id, :tenant, :hash, :name)",
             {"id": key_id(key), "tenant": tenant, "hash": digest(key), "name": name},
         )
@@ -77,14 +80,14 @@ SELECT id, tenant_id AS tenant, name, created_at, last_used_at, revoked_at FROM 
 
 
 async def list_keys(db: Database, tenant: str | None = None) -> list[KeyInfo]:
-    return [msgspec.convert(dict(r._mapping), KeyInfo) for r in await db.fetch_all(_LIST, {"tenant": tenant})]
+    return [msgspec.convert(dict(r), KeyInfo) for r in await sql.fetch_all(db, _LIST, {"tenant": tenant})]
 
 
 async def revoke(db: Database, id: str) -> bool:
     """Revoke the key with this id (or this whole key). False: no such key, or already revoked."""
     id = key_id(id) or id
     query = "UPDATE api_keys SET revoked_at = now() WHERE id = :id AND revoked_at IS NULL RETURNING id"
-    return await db.fetch_val(query, {"id": id}) is not None
+    return await sql.fetch_val(db, query, {"id": id}) is not None
 
 
 _VERIFY = "SELECT tenant_id, key_hash, revoked_at IS NULL AS active FROM api_keys WHERE id = :id"
@@ -95,7 +98,7 @@ async def verify(db: Database, key: str) -> str | None:
     id = key_id(key)
     if id is None:
         return None
-    row = await db.fetch_one(_VERIFY, {"id": id})
+    row = await sql.fetch_one(db, _VERIFY, {"id": id})
     stored = _NO_MATCH if row is None else bytes(row["key_hash"])
     # Constant time: how much of the hash matched must not show in how long the answer took.
     if not hmac.compare_digest(stored, digest(key)) or row is None or not row["active"]:
@@ -104,8 +107,8 @@ async def verify(db: Database, key: str) -> str | None:
 
 
 async def touch(db: Database, id: str) -> None:
-    await db.execute("UPDATE api_keys SET last_used_at = now() WHERE id = :id", {"id": id})
+    await sql.execute(db, "UPDATE api_keys SET last_used_at = now() WHERE id = :id", {"id": id})
 
 
 async def any_active(db: Database) -> bool:
-    return bool(await db.fetch_val("SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)"))
+    return bool(await sql.fetch_val(db, "SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)"))

@@ -16,6 +16,7 @@ import asyncpg
 import msgspec
 from databases import Database
 
+from worker import sql
 from worker.job import TERMINAL, Error, Job, Links, Progress, Status, allowed_from
 
 _encode = msgspec.json.Encoder().encode
@@ -87,7 +88,7 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _row(record: Any) -> JobRow:
-    return msgspec.convert(dict(record._mapping), JobRow)
+    return msgspec.convert(dict(record), JobRow)
 
 
 def _status_event(relation: str, *, error: str = "error") -> str:
@@ -157,7 +158,7 @@ async def insert_job(
         "idempotency_key": idempotency_key,
         "request_hash": request_hash,
     }
-    record = await db.fetch_one(_INSERT, values)
+    record = await sql.fetch_one(db, _INSERT, values)
     return None if record is None else _row(record)
 
 
@@ -171,7 +172,7 @@ async def find_idempotent(
     db: Database, tenant: str, key: str, *, window_s: float
 ) -> tuple[JobRow, bytes | None, bool] | None:
     """The job `key` made for `tenant`: (row, its request hash, whether the key is past `window_s`)."""
-    record = await db.fetch_one(_FIND_IDEMPOTENT, {"tenant": tenant, "key": key, "window": window_s})
+    record = await sql.fetch_one(db, _FIND_IDEMPOTENT, {"tenant": tenant, "key": key, "window": window_s})
     if record is None:
         return None
     request_hash = record["request_hash"]
@@ -183,7 +184,7 @@ _RELEASE_IDEMPOTENT = "UPDATE jobs SET idempotency_key = NULL WHERE id = :id AND
 
 async def release_idempotency_key(db: Database, job_id: UUID, key: str) -> None:
     """Free an expired key for a new job; the old job stays, it just no longer answers to the key."""
-    await db.execute(_RELEASE_IDEMPOTENT, {"id": job_id, "key": key})
+    await sql.execute(db, _RELEASE_IDEMPOTENT, {"id": job_id, "key": key})
 
 
 _UNDISPATCH = "UPDATE jobs SET dispatched_at = NULL WHERE id = :id AND attempt = :attempt AND status = 'queued'"
@@ -191,7 +192,7 @@ _UNDISPATCH = "UPDATE jobs SET dispatched_at = NULL WHERE id = :id AND attempt =
 
 async def undispatch(db: Database, job_id: UUID, attempt: int) -> None:
     """Redis did not take the job: leave it to the sweep's next pass."""
-    await db.execute(_UNDISPATCH, {"id": job_id, "attempt": attempt})
+    await sql.execute(db, _UNDISPATCH, {"id": job_id, "attempt": attempt})
 
 
 # -- reads ------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ _GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = :id AND tenant_id = :tenant"
 
 
 async def get_job(db: Database, tenant: str, job_id: UUID) -> JobRow | None:
-    record = await db.fetch_one(_GET, {"id": job_id, "tenant": tenant})
+    record = await sql.fetch_one(db, _GET, {"id": job_id, "tenant": tenant})
     return None if record is None else _row(record)
 
 
@@ -224,7 +225,7 @@ async def list_jobs(
         where.append("id < :before")
         values["before"] = before
     query = f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
-    return [_row(r) for r in await db.fetch_all(query, values)]
+    return [_row(r) for r in await sql.fetch_all(db, query, values)]
 
 
 # -- one attempt: claim, heartbeat, finish ----------------------------------------------------------
@@ -262,8 +263,8 @@ SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupte
 async def claim(db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float) -> Claimed | None:
     """Start attempt `attempt + 1`. None: a stale or duplicate delivery, so run nothing."""
     values = {"id": job_id, "attempt": attempt, "owner": owner, "lease": lease_s}
-    record = await db.fetch_one(_CLAIM, values)
-    return None if record is None else msgspec.convert(dict(record._mapping), Claimed)
+    record = await sql.fetch_one(db, _CLAIM, values)
+    return None if record is None else msgspec.convert(dict(record), Claimed)
 
 
 _HEARTBEAT = """
@@ -292,7 +293,7 @@ async def heartbeat(
         "lease": lease_s,
         "progress": None if progress is None else _encode(progress).decode(),
     }
-    record = await db.fetch_one(_HEARTBEAT, values)
+    record = await sql.fetch_one(db, _HEARTBEAT, values)
     return None if record is None else bool(record["cancel"])
 
 
@@ -342,7 +343,7 @@ async def finish(
         "progress": None if progress is None else _encode(progress).decode(),
         "delay": retry_in_s,
     }
-    return await db.fetch_one(_FINISH, values) is not None
+    return await sql.fetch_one(db, _FINISH, values) is not None
 
 
 # -- cancel and shutdown ----------------------------------------------------------------------------
@@ -368,7 +369,7 @@ SELECT {_COLUMNS} FROM moved
 
 async def request_cancel(db: Database, tenant: str, job_id: UUID) -> JobRow | None:
     """Cancel a queued job at once, or ask a running one to stop. None: unknown, or already done."""
-    record = await db.fetch_one(_REQUEST_CANCEL, {"id": job_id, "tenant": tenant, "cancelled": _CANCELLED})
+    record = await sql.fetch_one(db, _REQUEST_CANCEL, {"id": job_id, "tenant": tenant, "cancelled": _CANCELLED})
     return None if record is None else _row(record)
 
 
@@ -378,7 +379,7 @@ SELECT cancel_requested_at IS NOT NULL FROM jobs WHERE id = :id AND attempt = :a
 
 
 async def cancel_requested(db: Database, job_id: UUID, attempt: int) -> bool:
-    return bool(await db.fetch_val(_CANCEL_ASKED, {"id": job_id, "attempt": attempt}))
+    return bool(await sql.fetch_val(db, _CANCEL_ASKED, {"id": job_id, "attempt": attempt}))
 
 
 _INTERRUPT = f"""
@@ -400,8 +401,8 @@ SELECT status FROM moved
 async def interrupt(db: Database, job_id: UUID, attempt: int) -> Status | None:
     """The worker is shutting down mid-attempt: hand a retry-safe job back without counting the attempt,
     end any other `failed` with `interrupted`. None: the attempt was no longer current."""
-    status: Status | None = await db.fetch_val(
-        _INTERRUPT, {"id": job_id, "attempt": attempt, "interrupted": _INTERRUPTED}
+    status: Status | None = await sql.fetch_val(
+        db, _INTERRUPT, {"id": job_id, "attempt": attempt, "interrupted": _INTERRUPTED}
     )
     return status
 
@@ -484,31 +485,34 @@ async def rescue_lost(
     """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`.
     Returns each rescued job with the attempt that was lost."""
     values = {"batch": batch, "worker_lost": _WORKER_LOST, "base": backoff_base_s, "cap": backoff_cap_s}
-    return [(r["id"], r["attempt"]) for r in await db.fetch_all(_RESCUE, values)]
+    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _RESCUE, values)]
 
 
 async def expire_late(db: Database, *, batch: int) -> int:
     """Live jobs past `expires_at` end `expired`."""
-    return int(await db.fetch_val(_EXPIRE, {"batch": batch, "expired": _EXPIRED}))
+    return int(await sql.fetch_val(db, _EXPIRE, {"batch": batch, "expired": _EXPIRED}))
 
 
 async def cancel_requeued(db: Database, *, batch: int) -> int:
     """A cancel accepted while the job ran, and the job went back to queued anyway (its worker died and it was
     rescued, or a retry was booked): the claim refuses it, so it ends `cancelled` here."""
-    return int(await db.fetch_val(_CANCEL_QUEUED, {"batch": batch, "cancelled": _CANCELLED}))
+    return int(await sql.fetch_val(db, _CANCEL_QUEUED, {"batch": batch, "cancelled": _CANCELLED}))
 
 
 async def take_due(db: Database, *, batch: int, redispatch_after_s: float) -> list[tuple[UUID, int]]:
     """Queued, due jobs that Redis may not hold, marked dispatched now: the caller enqueues them."""
-    records = await db.fetch_all(_DUE, {"batch": batch, "redispatch": redispatch_after_s})
+    records = await sql.fetch_all(db, _DUE, {"batch": batch, "redispatch": redispatch_after_s})
     return [(r["id"], r["attempt"]) for r in records]
 
 
 async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
     """Drop results past their retention (410 from then on), then whole jobs past theirs."""
-    await db.execute(_PURGE_RESULTS, {"batch": batch, "retention": result_retention_s})
-    await db.execute(_DELETE_OLD, {"batch": batch, "retention": job_retention_s})
+    await sql.execute(db, _PURGE_RESULTS, {"batch": batch, "retention": result_retention_s})
+    await sql.execute(db, _DELETE_OLD, {"batch": batch, "retention": job_retention_s})
+
+
+_PING = "SELECT 1"
 
 
 async def ping(db: Database) -> None:
-    await db.fetch_val("SELECT 1")
+    await sql.fetch_val(db, _PING)

@@ -15,6 +15,8 @@ from uuid import UUID
 import msgspec
 from databases import Database
 
+from worker import sql
+
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 
@@ -69,7 +71,7 @@ COALESCE((SELECT json_agg(json_build_object('n', a.n, 'started_at', a.started_at
 
 
 def _delivery(record: Any) -> Delivery:
-    row = dict(record._mapping)
+    row = dict(record)
     return Delivery(
         id=row["id"],
         job_id=row["job_id"],
@@ -106,8 +108,8 @@ SELECT c.id, c.job_id, j.tenant_id, c.url, c.attempts AS attempt,
 
 async def claim_due(db: Database, *, limit: int, lease_s: float) -> list[Claimed]:
     """Take up to `limit` due deliveries for one attempt each; the attempt's row is started now."""
-    records = await db.fetch_all(_CLAIM, {"limit": limit, "lease": lease_s})
-    return [msgspec.convert(dict(r._mapping), Claimed) for r in records]
+    records = await sql.fetch_all(db, _CLAIM, {"limit": limit, "lease": lease_s})
+    return [msgspec.convert(dict(r), Claimed) for r in records]
 
 
 _RECORD = """
@@ -145,7 +147,7 @@ async def record(
         "latency_ms": latency_ms,
         "error": error,
     }
-    await db.execute(_RECORD, values)
+    await sql.execute(db, _RECORD, values)
 
 
 # -- the API ----------------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ _LIST = f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries d WHERE d.job_id = 
 
 async def list_deliveries(db: Database, job_id: UUID) -> list[Delivery]:
     """A job's deliveries, oldest first, each with its attempts (the caller checked the job's tenant)."""
-    return [_delivery(r) for r in await db.fetch_all(_LIST, {"job_id": job_id})]
+    return [_delivery(r) for r in await sql.fetch_all(db, _LIST, {"job_id": job_id})]
 
 
 _REDELIVER = f"""
@@ -171,7 +173,7 @@ SELECT {_DELIVERY_COLUMNS} FROM d
 
 async def redeliver(db: Database, tenant: str, job_id: UUID) -> Delivery | None:
     """Queue a fresh delivery of a finished job with a callback_url; None when it has none or is not done."""
-    record = await db.fetch_one(_REDELIVER, {"job_id": job_id, "tenant": tenant})
+    record = await sql.fetch_one(db, _REDELIVER, {"job_id": job_id, "tenant": tenant})
     return None if record is None else _delivery(record)
 
 
@@ -196,27 +198,27 @@ RETURNING secret
 
 async def secrets(db: Database, tenant: str) -> list[tuple[str, datetime | None]]:
     """The tenant's secrets that sign now, current first, each with its expiry (None: current)."""
-    return [(r["secret"], r["expires_at"]) for r in await db.fetch_all(_SECRETS, {"tenant": tenant})]
+    return [(r["secret"], r["expires_at"]) for r in await sql.fetch_all(db, _SECRETS, {"tenant": tenant})]
 
 
 async def add_current_secret(db: Database, tenant: str, secret: str) -> None:
     """Make `secret` the tenant's current one unless it has one already (a concurrent caller won)."""
-    await db.execute(_ADD_SECRET, {"tenant": tenant, "secret": secret, "expires_in": None})
+    await sql.execute(db, _ADD_SECRET, {"tenant": tenant, "secret": secret, "expires_in": None})
 
 
 async def tenant_exists(db: Database, tenant: str) -> bool:
-    return bool(await db.fetch_val("SELECT count(*) = 1 FROM tenants WHERE id = :tenant", {"tenant": tenant}))
+    return bool(await sql.fetch_val(db, "SELECT count(*) = 1 FROM tenants WHERE id = :tenant", {"tenant": tenant}))
 
 
 async def rotate_secret(db: Database, tenant: str, secret: str, *, overlap_s: float, previous: str = "") -> None:
     """`secret` becomes current; the old current one (or `previous`, the deployment-wide secret the tenant
     used until now) keeps signing for `overlap_s` more seconds, so receivers can switch without a gap."""
     async with db.transaction():
-        await db.execute("SELECT id FROM tenants WHERE id = :tenant FOR UPDATE", {"tenant": tenant})
-        await db.execute(
-            "DELETE FROM webhook_secrets WHERE tenant_id = :tenant AND expires_at <= now()", {"tenant": tenant}
+        await sql.execute(db, "SELECT id FROM tenants WHERE id = :tenant FOR UPDATE", {"tenant": tenant})
+        await sql.execute(
+            db, "DELETE FROM webhook_secrets WHERE tenant_id = :tenant AND expires_at <= now()", {"tenant": tenant}
         )
-        retired = await db.fetch_all(_RETIRE, {"tenant": tenant, "overlap": overlap_s})
+        retired = await sql.fetch_all(db, _RETIRE, {"tenant": tenant, "overlap": overlap_s})
         if not retired and previous:
-            await db.execute(_ADD_SECRET, {"tenant": tenant, "secret": previous, "expires_in": overlap_s})
-        await db.execute(_ADD_SECRET, {"tenant": tenant, "secret": secret, "expires_in": None})
+            await sql.execute(db, _ADD_SECRET, {"tenant": tenant, "secret": previous, "expires_in": overlap_s})
+        await sql.execute(db, _ADD_SECRET, {"tenant": tenant, "secret": secret, "expires_in": None})
