@@ -106,6 +106,7 @@ class Guard:
         self.secret = secret
         self.may_run_open = may_run_open
         self.throttle = AuthThrottle(config.auth_failures_per_min)
+        self.keys = keys.KeyCache()
         self._touched: dict[str, float] = {}
 
     def token(self, tenant: str, job_id: UUID, *, ttl_s: int | None = None) -> str:
@@ -238,7 +239,7 @@ async def _identify(scope: Scope, guard: Guard, deps: Deps) -> Caller:
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("malformed Authorization header: send `Authorization: Bearer <key>`")
         key = key.strip()
-        tenant = await keys.verify(deps.db, key)
+        tenant = await guard.keys.verify(deps.db, key)
         key_id = keys.key_id(key)
         if tenant is None or key_id is None:
             raise Unauthorized("unknown or revoked API key")

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from server.app import create_app
 from server.auth import TOKEN_ROUTES, Guard, guard, is_local
-from tests.conftest import bearer
+from tests.conftest import bearer, eventually
 from worker import Config, Deps, keys
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
@@ -143,12 +143,58 @@ async def test_unknown_and_revoked_keys_get_the_same_answer(app_client: httpx.As
     assert answers[0].json() == answers[1].json()
 
 
-async def test_revoking_a_key_takes_effect_on_the_next_request(app_client: httpx.AsyncClient, deps: Deps) -> None:
+async def unauthorized_now(client: httpx.AsyncClient, key: str) -> httpx.Response | None:
+    response = await client.get("/v1/jobs", headers=bearer(key))
+    return response if response.status_code == 401 else None
+
+
+async def test_revoking_a_key_it_just_used_shuts_it_out_within_the_notification(
+    app_client: httpx.AsyncClient, deps: Deps
+) -> None:
     key = await keys.create(deps.db, "default")
     assert (await app_client.get("/v1/jobs", headers=bearer(key))).status_code == 200
     assert await keys.revoke(deps.db, keys.key_id(key) or "")
-    assert_unauthorized(await app_client.get("/v1/jobs", headers=bearer(key)))
+    assert_unauthorized(await eventually(lambda: unauthorized_now(app_client, key), within=2))
     assert not await keys.revoke(deps.db, keys.key_id(key) or "")  # already revoked
+
+
+async def test_a_key_revoked_or_deleted_by_plain_sql_is_shut_out_too(app_client: httpx.AsyncClient, deps: Deps) -> None:
+    revoked, deleted = await keys.create(deps.db, "default"), await keys.create(deps.db, "default")
+    for key in (revoked, deleted):
+        assert (await app_client.get("/v1/jobs", headers=bearer(key))).status_code == 200
+    await deps.db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = :id", {"id": keys.key_id(revoked)})
+    await deps.db.execute("DELETE FROM api_keys WHERE id = :id", {"id": keys.key_id(deleted)})
+    for key in (revoked, deleted):
+        assert_unauthorized(await eventually(lambda key=key: unauthorized_now(app_client, key), within=2))
+
+
+async def revoke_unheard(deps: Deps, key: str) -> None:
+    """Revoke with triggers off for this transaction (a replica's role): no notification goes out."""
+    async with deps.db.transaction():
+        await deps.db.execute("SET LOCAL session_replication_role = replica")
+        await deps.db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = :id", {"id": keys.key_id(key)})
+
+
+async def test_a_verified_key_is_answered_from_memory_not_looked_up_again(
+    app_client: httpx.AsyncClient, deps: Deps
+) -> None:
+    key = await keys.create(deps.db, "default")
+    assert (await app_client.get("/v1/jobs", headers=bearer(key))).status_code == 200
+    await revoke_unheard(deps, key)  # the row says revoked; only a lookup would see it
+    assert (await app_client.get("/v1/jobs", headers=bearer(key))).status_code == 200
+
+
+async def test_losing_the_listening_connection_forgets_every_key(app_client: httpx.AsyncClient, deps: Deps) -> None:
+    key = await keys.create(deps.db, "default")
+    assert (await app_client.get("/v1/jobs", headers=bearer(key))).status_code == 200
+    await revoke_unheard(deps, key)
+    terminated = await deps.db.fetch_val(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :name",
+        {"name": keys.LISTENER},
+    )
+    assert terminated == 1
+    # A change made while nobody listened can't be heard later: the cache must not outlive the connection.
+    assert_unauthorized(await eventually(lambda: unauthorized_now(app_client, key), within=2))
 
 
 # -- job read tokens ---------------------------------------------------------------------------------
