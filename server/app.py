@@ -35,9 +35,10 @@ def create_app(config: Config | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
+            # Matched in order: the two routes every client hits most come first.
+            Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs", jobs.submit, methods=["POST"]),
             Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
-            Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),
             Route("/v1/jobs/{id}/deliveries", deliveries.list_deliveries, methods=["GET"]),
