@@ -34,7 +34,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import MsgspecResponse
-from worker import Deps, Forbidden, Hub, Job, JobType, Status, enqueue, events, request_abort, store
+from worker import Deps, Forbidden, Hub, Job, JobType, Status, enqueue, request_abort, store
 
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
@@ -321,7 +321,7 @@ async def cancel(request: Request) -> Response:
     if row.status == "running":
         await request_abort(deps.redis, row.id, row.attempt)
     else:
-        await events.publish(deps.redis, row.id)  # cancelled at once: followers see the end now
+        deps.doorbell.ring(row.id)  # cancelled at once: followers see the end now
     return MsgspecResponse(_job(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 

@@ -194,7 +194,13 @@ async def hooks(hooks_config: Config, deps: Deps, api_key: str) -> AsyncIterator
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
             try:
-                yield Hooks(Deps(config=hooks_config, db=deps.db, redis=deps.redis), client, app, sender, dns)
+                yield Hooks(
+                    Deps(config=hooks_config, db=deps.db, redis=deps.redis, doorbell=deps.doorbell),
+                    client,
+                    app,
+                    sender,
+                    dns,
+                )
             finally:
                 await sender.aclose()
 

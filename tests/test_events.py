@@ -63,7 +63,7 @@ async def test_an_unknown_log_level_fails_the_job_as_its_own_bug(
 async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps) -> None:
     job_id = await new_job(deps.db)
     await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
-    journal = Journal(deps.db, deps.redis, job_id, 1, interval_s=0.25)
+    journal = Journal(deps.db, deps.doorbell, job_id, 1, interval_s=0.25)
     for i in range(LOG_MAX_PENDING + 50):
         journal.write("debug", f"{i} " + "x" * 5_000)
     await journal.flush()
@@ -107,6 +107,35 @@ async def test_the_worker_publishes_each_change_of_a_job_it_runs(
     changes = [name for _, name, _ in await stored_events(deps, UUID(job_id["id"]))][1:]  # all but the submit
     # one notification per commit (the log line and progress may share one; none may be missing)
     assert set(heard) == {job_id["id"]} and 3 <= len(heard) <= len(changes)
+
+
+async def test_a_doorbell_names_every_job_rung_before_it_publishes_in_one_message(deps: Deps, redis: Redis) -> None:
+    ids = [UUID(int=n) for n in range(1, 51)]
+    async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+        await pubsub.subscribe(events.channel(redis))
+        await pubsub.get_message(timeout=5.0)  # the confirmation of the subscription itself
+        bell = events.Doorbell(deps.redis)
+        for job_id in ids + ids[:10]:  # a job rung twice (claimed, then done) is named once
+            bell.ring(job_id)
+        await bell.aclose()
+        heard = []
+        while (message := await pubsub.get_message(timeout=1.0)) is not None:
+            heard.append(message["data"])
+    assert len(heard) == 1
+    assert sorted(heard[0].split()) == sorted(str(i).encode() for i in ids)
+
+
+async def test_ringing_without_redis_never_fails_the_caller(config: Config) -> None:
+    from worker.queue import open_redis
+
+    redis = open_redis(msgspec.structs.replace(config, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.5))
+    try:
+        bell = events.Doorbell(redis)
+        bell.ring(UUID(int=1))
+        bell.ring(None)
+        await bell.aclose()
+    finally:
+        await redis.aclose(close_connection_pool=True)
 
 
 # -- following --------------------------------------------------------------------------------------
@@ -168,3 +197,13 @@ async def test_a_follower_stopped_by_a_shutdown_ends_at_once(deps: Deps, hub: Hu
         follower.stop()
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(waiting, 15)
+
+
+async def test_a_message_naming_many_jobs_wakes_the_followers_of_each(deps: Deps, hub: Hub) -> None:
+    first, second = await new_job(deps.db), await new_job(deps.db)
+    with hub.follow(first) as one, hub.follow(second) as other:
+        one.clear()
+        other.clear()
+        await deps.redis.publish(events.channel(deps.redis), f"{UUID(int=7)} {first} {second}".encode())
+        until = asyncio.get_running_loop().time() + 10
+        assert await one.wait(until) and await other.wait(until)

@@ -153,7 +153,10 @@ async def test_a_deployment_wide_secret_signs_for_tenants_without_their_own(
 ) -> None:
     shared = "whsec_" + "c2hhcmVkIHNlY3JldCBvZiB0aGUgZGVwbG95bWVudCE="
     hooks.deps = Deps(
-        msgspec.structs.replace(hooks.deps.config, webhook_secret=shared), hooks.deps.db, hooks.deps.redis
+        msgspec.structs.replace(hooks.deps.config, webhook_secret=shared),
+        hooks.deps.db,
+        hooks.deps.redis,
+        hooks.deps.doorbell,
     )
     job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
     await drain()
@@ -167,7 +170,10 @@ async def test_a_deployment_wide_secret_signs_for_tenants_without_their_own(
 
 async def test_a_large_result_travels_as_a_link(hooks: Hooks, receiver: Receiver, drain: Drain) -> None:
     hooks.deps = Deps(
-        msgspec.structs.replace(hooks.deps.config, webhook_max_result_bytes=1), hooks.deps.db, hooks.deps.redis
+        msgspec.structs.replace(hooks.deps.config, webhook_max_result_bytes=1),
+        hooks.deps.db,
+        hooks.deps.redis,
+        hooks.deps.doorbell,
     )
     job_id = await hooks.submit("square_sum", {"data": [1, 2, 3]}, callback_url=receiver.url)
     await drain()

@@ -17,6 +17,7 @@ from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import RedisError
 
 from worker.config import Config
+from worker.events import Doorbell
 
 QUEUE = "outlast:queue"
 RUN_JOB = "run_job"
@@ -41,6 +42,7 @@ class Deps:
     config: Config
     db: Database
     redis: ArqRedis
+    doorbell: Doorbell  # publishes job changes on `redis`
 
 
 def redis_settings(config: Config) -> RedisSettings:
@@ -89,9 +91,11 @@ async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIter
     await db.connect()
     own_redis = redis is None
     arq = redis or open_redis(config)
+    doorbell = Doorbell(arq)
     try:
-        yield Deps(config=config, db=db, redis=arq)
+        yield Deps(config=config, db=db, redis=arq, doorbell=doorbell)
     finally:
+        await doorbell.aclose()
         await db.disconnect()
         if own_redis:
             await arq.aclose(close_connection_pool=True)

@@ -82,7 +82,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         return
     if claimed is None:
         return  # a stale or duplicate delivery: someone else has it, or it ended
-    await events.publish(deps.redis, claimed.id)
+    deps.doorbell.ring(claimed.id)
     job_type = runtime.job_types.get(claimed.type)
     if job_type is None:
         error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)
@@ -99,7 +99,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
 async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any) -> None:
     state = _Attempt()
     journal = events.Journal(
-        deps.db, deps.redis, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
+        deps.db, deps.doorbell, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
     )
     context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report, journal.write)
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
@@ -137,12 +137,12 @@ async def _stopped_from_outside(deps: Deps, claimed: store.Claimed) -> None:
     async def stop() -> None:
         if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
             if await store.finish(deps.db, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
-                await events.publish(deps.redis, claimed.id)
+                deps.doorbell.ring(claimed.id)
             return
         outcome = await store.interrupt(deps.db, claimed.id, claimed.attempt)
         log.warning("job %s attempt %d interrupted by shutdown: now %s", claimed.id, claimed.attempt, outcome)
         if outcome is not None:
-            await events.publish(deps.redis, claimed.id)
+            deps.doorbell.ring(claimed.id)
         if outcome == "queued":
             await enqueue(deps.redis, claimed.id, claimed.attempt)
 
@@ -161,7 +161,7 @@ async def _failed(deps: Deps, claimed: store.Claimed, error: Error) -> None:
         what=f"retry {claimed.id}",
     )
     if moved:
-        await events.publish(deps.redis, claimed.id)
+        deps.doorbell.ring(claimed.id)
     if moved and not await enqueue(deps.redis, claimed.id, claimed.attempt, delay_s=delay):
         log.warning("retry %s: Redis unavailable; the sweep will dispatch it", claimed.id)
 
@@ -179,7 +179,7 @@ async def _end(
         lambda: store.finish(deps.db, claimed.id, claimed.attempt, to, result=result, error=error, progress=progress),
         what=f"finish {claimed.id}",
     ):
-        await events.publish(deps.redis, claimed.id)
+        deps.doorbell.ring(claimed.id)
 
 
 async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any]) -> None:
@@ -212,7 +212,7 @@ async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: 
         state.written_at = time.monotonic()
         next_beat = state.written_at + interval
         if progress is not None and verdict is not None:
-            await events.publish(deps.redis, claimed.id)
+            deps.doorbell.ring(claimed.id)
         if verdict is None or verdict:
             state.stopped = "superseded" if verdict is None else "cancelled"
             task.cancel()
