@@ -6,12 +6,17 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import httpx
+import msgspec
+import pytest
 from arq.worker import Worker
 
 from tests.conftest import eventually, job_row, run_burst
 from tests.test_worker import submit
-from worker import Deps, store
+from worker import Config, Deps, run, store
+from worker.job_types import load
+from worker.queue import message
 
 Drain = Callable[[], Awaitable[None]]
 
@@ -106,3 +111,82 @@ async def test_shutdown_fails_a_job_that_is_not_retry_safe_as_interrupted(
     await shut_down_while_running(deps, make_worker, job_id)
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "failed" and job["error"]["type"] == "interrupted"
+
+
+# -- an abort or a shutdown that lands while the claim is in flight ----------------------------------
+
+
+def job_ctx(config: Config, deps: Deps) -> dict[str, object]:
+    return {"deps": deps, "runtime": run.Runtime(job_types=load(config.job_modules))}
+
+
+@pytest.fixture
+def claim_commits_then_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The narrowest window there is: the claim's UPDATE commits, and the cancellation reaches the task before the
+    answer does. No timing can aim at it from outside, so the claim is made to end exactly there."""
+    claim = store.claim
+
+    async def committed_then_cancelled(*args: object, **kwargs: object) -> store.Claimed | None:
+        await claim(*args, **kwargs)  # type: ignore[arg-type]
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(store, "claim", committed_then_cancelled)
+
+
+@pytest.mark.usefixtures("claim_commits_then_cancelled")
+async def test_a_claim_that_committed_as_its_task_was_cancelled_is_handed_back_at_once(
+    client: httpx.AsyncClient, config: Config, deps: Deps
+) -> None:
+    job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1}, max_attempts=1)
+    with pytest.raises(asyncio.CancelledError):
+        await run.run_job(job_ctx(config, deps), message(uuid.UUID(job_id), 0))
+    row = await job_row(deps, job_id)  # not running with no task until the lease ends: handed back, uncounted
+    assert row["status"] == "queued" and row["attempt"] == 1 and row["interrupted"] == 1
+
+
+@pytest.mark.usefixtures("claim_commits_then_cancelled")
+async def test_a_claim_that_committed_as_its_cancel_arrived_ends_cancelled_at_once(
+    client: httpx.AsyncClient, config: Config, deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
+    claim = store.claim
+
+    async def then_cancel_requested(*args: object, **kwargs: object) -> store.Claimed | None:
+        try:
+            return await claim(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            await store.request_cancel(deps.db, "default", uuid.UUID(job_id))  # what POST /cancel does
+
+    monkeypatch.setattr(store, "claim", then_cancel_requested)
+    with pytest.raises(asyncio.CancelledError):
+        await run.run_job(job_ctx(config, deps), message(uuid.UUID(job_id), 0))
+    row = await job_row(deps, job_id)
+    assert row["status"] == "cancelled" and msgspec.json.decode(row["error"])["type"] == "cancelled"
+
+
+async def test_a_claim_cancelled_while_it_waits_for_the_row_leaves_the_job_queued_for_the_next(
+    client: httpx.AsyncClient, config: Config, deps: Deps
+) -> None:
+    job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
+    blocker = await asyncpg.connect(config.database_url)
+    try:
+        locked = blocker.transaction()
+        await locked.start()
+        await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", uuid.UUID(job_id))
+        task = asyncio.create_task(run.run_job(job_ctx(config, deps), message(uuid.UUID(job_id), 0)))
+
+        async def claim_waits_on_the_lock() -> bool | None:
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%claimed AS%'"
+            )
+            return waiting == 1 or None
+
+        await eventually(claim_waits_on_the_lock)
+        task.cancel()
+        await asyncio.wait([task])
+        await locked.rollback()
+    finally:
+        await blocker.close()
+    row = await job_row(deps, job_id)
+    assert row["status"] == "queued" and row["attempt"] == 0 and row["lease_owner"] is None
+    assert await store.claim(deps.db, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None

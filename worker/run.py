@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+from uuid import UUID
 
 import msgspec
 
@@ -80,6 +81,10 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         # The row is still queued and marked dispatched: the sweep rings again once the database is back.
         log.warning("claim %s: database unavailable (%s)", text, exc)
         return
+    except asyncio.CancelledError:
+        # An abort or the shutdown landed while the claim was in flight: it may have committed all the same.
+        await asyncio.shield(_claim_interrupted(deps, job_id, attempt + 1))
+        raise
     if claimed is None:
         return  # a stale or duplicate delivery: someone else has it, or it ended
     deps.doorbell.ring(claimed.id)
@@ -131,6 +136,20 @@ async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any
             await _end(deps, claimed, "succeeded", result=encoded, progress=Progress(1.0, state.message))
     finally:
         beat.cancel()
+
+
+async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
+    """Stop attempt `attempt` now if the cancelled claim did start it, rather than leave it running, with no task,
+    until its lease runs out."""
+    try:
+        claimed = await persist(
+            lambda: store.owned(deps.db, job_id, attempt, owner=OWNER), what=f"claim {job_id}", give_up_after_s=10
+        )
+    except store.UNAVAILABLE:
+        return  # the lease ends it: the sweep rescues the job
+    if claimed is not None:
+        deps.doorbell.ring(job_id)
+        await _stopped_from_outside(deps, claimed)
 
 
 async def _stopped_from_outside(deps: Deps, claimed: store.Claimed) -> None:

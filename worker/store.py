@@ -267,6 +267,18 @@ async def claim(db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s
     return None if record is None else msgspec.convert(dict(record), Claimed)
 
 
+_OWNED = """
+SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted FROM jobs
+ WHERE id = :id AND attempt = :attempt AND status = 'running' AND lease_owner = :owner
+"""
+
+
+async def owned(db: Database, job_id: UUID, attempt: int, *, owner: str) -> Claimed | None:
+    """Attempt `attempt` if `owner` holds it running: a claim whose answer never arrived may still have committed."""
+    record = await sql.fetch_one(db, _OWNED, {"id": job_id, "attempt": attempt, "owner": owner})
+    return None if record is None else msgspec.convert(dict(record), Claimed)
+
+
 _HEARTBEAT = """
 WITH beat AS (
     UPDATE jobs
