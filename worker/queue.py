@@ -1,9 +1,16 @@
-"""The connections both processes hold (Database + arq's Redis), and the doorbell: enqueue(job_id, attempt)."""
+"""The connections both processes hold (Database + arq's Redis), and the doorbell: enqueue(job_id, attempt).
+
+The doorbell is a Lua script rather than arq's `ArqRedis.enqueue_job`: that one WATCHes the job key, checks it
+and the result key with EXISTS, then writes in MULTI/PSETEX/ZADD/EXEC, three round trips through redis-py
+(≈ 320 µs of client CPU a call, on every submit). The script does the same check-and-write in one round trip
+and stores exactly what enqueue_job would, in arq's own format, so arq's unchanged Worker reads and runs it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,9 +18,12 @@ from uuid import UUID
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms, to_ms
 from databases import Database
 from redis.asyncio import BlockingConnectionPool
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from worker.config import Config
@@ -101,15 +111,45 @@ async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIter
             await arq.aclose(close_connection_pool=True)
 
 
+# arq 0.28's enqueue_job in one round trip. KEYS: job key, result key, queue. ARGV: serialized job, expiry ms,
+# score, job id. While either key exists the id is taken (queued, running or kept as a result): change nothing.
+ENQUEUE_LUA = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
+    return 0
+end
+redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 1
+"""
+_enqueue_scripts: weakref.WeakKeyDictionary[ArqRedis, AsyncScript] = weakref.WeakKeyDictionary()
+
+
+def _enqueue_script(redis: ArqRedis) -> AsyncScript:
+    """The client's registered ENQUEUE_LUA: EVALSHA, loading the script once on NOSCRIPT (e.g. a restarted Redis)."""
+    script = _enqueue_scripts.get(redis)
+    if script is None:
+        script = _enqueue_scripts[redis] = redis.register_script(ENQUEUE_LUA)
+    return script
+
+
 async def enqueue(redis: ArqRedis, job_id: UUID, attempt: int, *, delay_s: float = 0.0) -> bool:
     """Ring the doorbell for attempt `attempt + 1`. False when Redis is unreachable (the row stays the truth).
 
     One arq job id per attempt: arq ignores a duplicate while it still holds that id, so the sweep may
-    ring again freely, and a rescued job's new attempt is never blocked by the old one's keys.
+    ring again freely, and a rescued job's new attempt is never blocked by the old one's keys. A duplicate
+    is still True: the message Redis holds for that id rings the same doorbell.
+
+    What arq's `enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s)` stores, in one
+    round trip: the job (enqueue time from this process's clock, as arq takes it) under arq's job key, expiring
+    a day (`expires_extra_ms`) after it is due, and its id in the queue scored by when it is due.
     """
     text = message(job_id, attempt)
+    enqueued_ms = timestamp_ms()
+    score = enqueued_ms + to_ms(delay_s)
+    job = serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize)
+    keys = [job_key_prefix + text, result_key_prefix + text, QUEUE]
     try:
-        await redis.enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s or None)
+        await _enqueue_script(redis)(keys, [job, score - enqueued_ms + redis.expires_extra_ms, score, text])
     except (RedisError, OSError):
         return False
     return True
