@@ -321,7 +321,7 @@ async def cancel(request: Request) -> Response:
     if row.status == "running":
         await request_abort(deps.redis, row.id, row.attempt)
     else:
-        deps.doorbell.ring(row.id)  # cancelled at once: followers see the end now
+        deps.notifier.notify(row.id)  # cancelled at once: followers see the end now
     return MsgspecResponse(_job(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 

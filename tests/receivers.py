@@ -195,7 +195,7 @@ async def hooks(hooks_config: Config, deps: Deps, api_key: str) -> AsyncIterator
         async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
             try:
                 yield Hooks(
-                    Deps(config=hooks_config, db=deps.db, redis=deps.redis, doorbell=deps.doorbell),
+                    Deps(config=hooks_config, db=deps.db, redis=deps.redis, notifier=deps.notifier),
                     client,
                     app,
                     sender,

@@ -63,7 +63,7 @@ async def test_an_unknown_log_level_fails_the_job_as_its_own_bug(
 async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps) -> None:
     job_id = await new_job(deps.db)
     await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
-    journal = Journal(deps.db, deps.doorbell, job_id, 1, interval_s=0.25)
+    journal = Journal(deps.db, deps.notifier, job_id, 1, interval_s=0.25)
     for i in range(LOG_MAX_PENDING + 50):
         journal.write("debug", f"{i} " + "x" * 5_000)
     await journal.flush()
@@ -109,15 +109,15 @@ async def test_the_worker_publishes_each_change_of_a_job_it_runs(
     assert set(heard) == {job_id["id"]} and 3 <= len(heard) <= len(changes)
 
 
-async def test_a_doorbell_names_every_job_rung_before_it_publishes_in_one_message(deps: Deps, redis: Redis) -> None:
+async def test_a_notifier_names_every_job_notified_before_it_publishes_in_one_message(deps: Deps, redis: Redis) -> None:
     ids = [UUID(int=n) for n in range(1, 51)]
     async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
         await pubsub.subscribe(events.channel(redis))
         await pubsub.get_message(timeout=5.0)  # the confirmation of the subscription itself
-        bell = events.Doorbell(deps.redis)
-        for job_id in ids + ids[:10]:  # a job rung twice (claimed, then done) is named once
-            bell.ring(job_id)
-        await bell.aclose()
+        notifier = events.Notifier(deps.redis)
+        for job_id in ids + ids[:10]:  # a job notified twice (claimed, then done) is named once
+            notifier.notify(job_id)
+        await notifier.aclose()
         heard = []
         while (message := await pubsub.get_message(timeout=1.0)) is not None:
             heard.append(message["data"])
@@ -125,15 +125,15 @@ async def test_a_doorbell_names_every_job_rung_before_it_publishes_in_one_messag
     assert sorted(heard[0].split()) == sorted(str(i).encode() for i in ids)
 
 
-async def test_ringing_without_redis_never_fails_the_caller(config: Config) -> None:
+async def test_notifying_without_redis_never_fails_the_caller(config: Config) -> None:
     from worker.queue import open_redis
 
     redis = open_redis(msgspec.structs.replace(config, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.5))
     try:
-        bell = events.Doorbell(redis)
-        bell.ring(UUID(int=1))
-        bell.ring(None)
-        await bell.aclose()
+        notifier = events.Notifier(redis)
+        notifier.notify(UUID(int=1))
+        notifier.notify(None)
+        await notifier.aclose()
     finally:
         await redis.aclose(close_connection_pool=True)
 

@@ -156,7 +156,7 @@ async def test_a_deployment_wide_secret_signs_for_tenants_without_their_own(
         msgspec.structs.replace(hooks.deps.config, webhook_secret=shared),
         hooks.deps.db,
         hooks.deps.redis,
-        hooks.deps.doorbell,
+        hooks.deps.notifier,
     )
     job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
     await drain()
@@ -173,7 +173,7 @@ async def test_a_large_result_travels_as_a_link(hooks: Hooks, receiver: Receiver
         msgspec.structs.replace(hooks.deps.config, webhook_max_result_bytes=1),
         hooks.deps.db,
         hooks.deps.redis,
-        hooks.deps.doorbell,
+        hooks.deps.notifier,
     )
     job_id = await hooks.submit("square_sum", {"data": [1, 2, 3]}, callback_url=receiver.url)
     await drain()

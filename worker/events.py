@@ -6,7 +6,7 @@ lines. After the commit the writer publishes the job's id on Redis. A notificati
 reads the log after the last seq it delivered, so a lost notification can delay an event but never lose or
 repeat one. Followers also re-read the log when the subscription (re)connects, and every `events_poll_s`.
 
-    Doorbell  publishes after commits, many jobs per message (every process that changes jobs has one)
+    Notifier  publishes after commits, many jobs per message (every process that changes jobs has one)
     Journal   a running attempt's `ctx.log` lines, buffered and written in batches (the worker)
     Hub       one Redis subscription per web process, fanned out to its Feeds (one per followed job)
     Follower  one stream or long poll: woken by the Feed, reading through the Feed's shared cache
@@ -63,12 +63,12 @@ async def _publish(redis: Redis, payload: bytes) -> None:
         log.debug("publish %r: Redis unavailable (%s); followers will read the log", payload[:80], exc)
 
 
-class Doorbell:
-    """`publish` for a busy process: the jobs rung while one PUBLISH is on its way go out together in the next, one
+class Notifier:
+    """`publish` for a busy process: the jobs notified while one PUBLISH is on its way go out together in the next, one
     message naming them all (space-separated). A worker finishing dozens of jobs at once pays a round trip per batch
-    instead of two per job, and a job rung twice in a batch (claimed, then done) is named once.
+    instead of two per job, and a job notified twice in a batch (claimed, then done) is named once.
 
-    `ring` never waits and never raises; the notification leaves within a round trip. `aclose` sends what is left.
+    `notify` never waits and never raises; the notification leaves within a round trip. `aclose` sends what is left.
     """
 
     BATCH: Final = 1_000  # ids per message at most
@@ -78,7 +78,7 @@ class Doorbell:
         self._pending: set[bytes] = set()
         self._sending: asyncio.Task[None] | None = None
 
-    def ring(self, job_id: UUID | None) -> None:
+    def notify(self, job_id: UUID | None) -> None:
         self._pending.add(_key(job_id))
         if self._sending is None:
             self._sending = asyncio.create_task(self._send())
@@ -232,8 +232,8 @@ class Journal:
     lines past that are dropped, and a `warning` line says how many.
     """
 
-    def __init__(self, db: Database, doorbell: Doorbell, job_id: UUID, attempt: int, *, interval_s: float) -> None:
-        self._db, self._doorbell, self._job_id, self._attempt = db, doorbell, job_id, attempt
+    def __init__(self, db: Database, notifier: Notifier, job_id: UUID, attempt: int, *, interval_s: float) -> None:
+        self._db, self._notifier, self._job_id, self._attempt = db, notifier, job_id, attempt
         self._interval_s = interval_s
         self._pending: list[LogLine] = []
         self._dropped = 0
@@ -269,7 +269,7 @@ class Journal:
             log.warning("log of %s: database unavailable (%s); %d lines lost", self._job_id, exc, len(lines))
             return
         if written:
-            self._doorbell.ring(self._job_id)
+            self._notifier.notify(self._job_id)
 
     async def around(self, job: Awaitable[T]) -> T:
         """Run the job's coroutine while writing its log; the last lines are written before it returns or raises,
@@ -506,7 +506,7 @@ class Hub:
                 del self._feeds[key]
 
     def _poke(self, payload: bytes) -> None:
-        for key in payload.split():  # a Doorbell names many jobs in one message
+        for key in payload.split():  # a Notifier names many jobs in one message
             if key == EVERY_JOB:
                 self._poke_all()
                 return

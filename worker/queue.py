@@ -27,7 +27,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from worker.config import Config
-from worker.events import Doorbell
+from worker.events import Notifier
 
 QUEUE = "outlast:queue"
 RUN_JOB = "run_job"
@@ -52,7 +52,7 @@ class Deps:
     config: Config
     db: Database
     redis: ArqRedis
-    doorbell: Doorbell  # publishes job changes on `redis`
+    notifier: Notifier  # publishes job changes on `redis`
 
 
 def redis_settings(config: Config) -> RedisSettings:
@@ -101,11 +101,11 @@ async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIter
     await db.connect()
     own_redis = redis is None
     arq = redis or open_redis(config)
-    doorbell = Doorbell(arq)
+    notifier = Notifier(arq)
     try:
-        yield Deps(config=config, db=db, redis=arq, doorbell=doorbell)
+        yield Deps(config=config, db=db, redis=arq, notifier=notifier)
     finally:
-        await doorbell.aclose()
+        await notifier.aclose()
         await db.disconnect()
         if own_redis:
             await arq.aclose(close_connection_pool=True)

@@ -87,7 +87,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         raise
     if claimed is None:
         return  # a stale or duplicate delivery: someone else has it, or it ended
-    deps.doorbell.ring(claimed.id)
+    deps.notifier.notify(claimed.id)
     job_type = runtime.job_types.get(claimed.type)
     if job_type is None:
         error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)
@@ -104,7 +104,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
 async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any) -> None:
     state = _Attempt()
     journal = events.Journal(
-        deps.db, deps.doorbell, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
+        deps.db, deps.notifier, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
     )
     context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report, journal.write)
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
@@ -148,7 +148,7 @@ async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
     except store.UNAVAILABLE:
         return  # the lease ends it: the sweep rescues the job
     if claimed is not None:
-        deps.doorbell.ring(job_id)
+        deps.notifier.notify(job_id)
         await _stopped_from_outside(deps, claimed)
 
 
@@ -156,12 +156,12 @@ async def _stopped_from_outside(deps: Deps, claimed: store.Claimed) -> None:
     async def stop() -> None:
         if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
             if await store.finish(deps.db, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
-                deps.doorbell.ring(claimed.id)
+                deps.notifier.notify(claimed.id)
             return
         outcome = await store.interrupt(deps.db, claimed.id, claimed.attempt)
         log.warning("job %s attempt %d interrupted by shutdown: now %s", claimed.id, claimed.attempt, outcome)
         if outcome is not None:
-            deps.doorbell.ring(claimed.id)
+            deps.notifier.notify(claimed.id)
         if outcome == "queued":
             await enqueue(deps.redis, claimed.id, claimed.attempt)
 
@@ -180,7 +180,7 @@ async def _failed(deps: Deps, claimed: store.Claimed, error: Error) -> None:
         what=f"retry {claimed.id}",
     )
     if moved:
-        deps.doorbell.ring(claimed.id)
+        deps.notifier.notify(claimed.id)
     if moved and not await enqueue(deps.redis, claimed.id, claimed.attempt, delay_s=delay):
         log.warning("retry %s: Redis unavailable; the sweep will dispatch it", claimed.id)
 
@@ -198,7 +198,7 @@ async def _end(
         lambda: store.finish(deps.db, claimed.id, claimed.attempt, to, result=result, error=error, progress=progress),
         what=f"finish {claimed.id}",
     ):
-        deps.doorbell.ring(claimed.id)
+        deps.notifier.notify(claimed.id)
 
 
 async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any]) -> None:
@@ -231,7 +231,7 @@ async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: 
         state.written_at = time.monotonic()
         next_beat = state.written_at + interval
         if progress is not None and verdict is not None:
-            deps.doorbell.ring(claimed.id)
+            deps.notifier.notify(claimed.id)
         if verdict is None or verdict:
             state.stopped = "superseded" if verdict is None else "cancelled"
             task.cancel()

@@ -52,7 +52,7 @@ async def sweep_once(deps: Deps) -> None:
     expired = await store.expire_late(db, batch=config.sweep_batch)
     cancelled = await store.cancel_requeued(db, batch=config.sweep_batch)
     if rescued or expired or cancelled:
-        deps.doorbell.ring(None)  # the statements name no job: every follower looks
+        deps.notifier.notify(None)  # the statements name no job: every follower looks
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
     due = await store.take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s)
     rung = await asyncio.gather(*(ring_again(deps.redis, job_id, attempt) for job_id, attempt in due))
