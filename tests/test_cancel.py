@@ -190,3 +190,24 @@ async def test_a_claim_cancelled_while_it_waits_for_the_row_leaves_the_job_queue
     row = await job_row(deps, job_id)
     assert row["status"] == "queued" and row["attempt"] == 0 and row["lease_owner"] is None
     assert await store.claim(deps.db, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None
+
+
+async def test_an_attempt_that_cannot_renew_its_lease_stops_before_the_lease_runs_out(
+    client: httpx.AsyncClient, config: Config, deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This worker loses the database (a partition: others may still reach it and rescue the job once the lease is
+    over), so its attempt must be gone by then, not run beside the next one until it finishes."""
+    lease_s = 3.0
+    job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
+    short = Deps(msgspec.structs.replace(config, lease_s=lease_s), deps.db, deps.redis, deps.notifier)
+
+    async def unreachable(*args: object, **kwargs: object) -> bool | None:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(store, "heartbeat", unreachable)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(run.run_job(job_ctx(config, short), message(uuid.UUID(job_id), 0)), lease_s + 10)
+    took = asyncio.get_running_loop().time() - started
+    row = await job_row(deps, job_id)
+    assert took < lease_s, took  # stopped while the lease still held
+    assert row["status"] == "running" and row["attempt"] == 1  # it wrote nothing: the sweep decides, as for a crash

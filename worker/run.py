@@ -205,7 +205,8 @@ async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: 
     """Extend the lease every lease/3, write the latest progress (spaced out), and stop a superseded attempt."""
     config = deps.config
     interval = config.lease_s / 3
-    next_beat = time.monotonic() + interval
+    renewed_at = time.monotonic()  # no later than the database's clock started the lease
+    next_beat = renewed_at + interval
     while not task.done():
         now = time.monotonic()
         wake = next_beat
@@ -219,15 +220,25 @@ async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: 
                 pass
             continue
         progress, state.latest = state.latest, None
+        sent_at = time.monotonic()
         try:
             verdict = await store.heartbeat(
                 deps.db, claimed.id, claimed.attempt, lease_s=config.lease_s, progress=progress
             )
         except store.UNAVAILABLE as exc:
+            retry_in = min(interval, 1.0)
+            if time.monotonic() + retry_in >= renewed_at + config.lease_s:
+                # The lease runs out before the next try: the sweep may hand the job to another worker from then
+                # on, so this attempt stops now rather than run beside the next (its writes would be refused).
+                log.warning("job %s attempt %d: lease lost (%s); stopping it", claimed.id, claimed.attempt, exc)
+                state.stopped = "superseded"
+                task.cancel()
+                return
             log.warning("heartbeat %s: database unavailable (%s)", claimed.id, exc)
             state.latest = state.latest or progress
-            next_beat = time.monotonic() + min(interval, 1.0)
+            next_beat = time.monotonic() + retry_in
             continue
+        renewed_at = sent_at
         state.written_at = time.monotonic()
         next_beat = state.written_at + interval
         if progress is not None and verdict is not None:
