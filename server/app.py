@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from server import auth, deliveries, jobs, openapi, ops, problems, stream
+from server import auth, deliveries, jobs, limits, openapi, ops, problems, stream
 from server.metrics import CountRequests, Metrics, metrics
 from worker import Config, Guard, Hub, connect, from_env, load_job_types
 
@@ -59,6 +59,7 @@ def create_app(config: Config | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.metrics = counters
+    app.state.submit_budget = limits.SubmitBudget()
     app.state.job_types = job_types
     app.state.callback_guard = Guard.from_config(config)  # the SSRF guard for callback_url (tests swap the resolver)
     app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)

@@ -170,7 +170,8 @@ def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
 async def submit(request: Request) -> Response:
     deps = _deps(request)
     config = deps.config
-    await limits.take_submit(
+    budget: limits.SubmitBudget = request.app.state.submit_budget
+    await budget.take(
         deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
     )
     idempotency_key = _idempotency_key(request)

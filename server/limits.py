@@ -1,6 +1,6 @@
 """Rate limits kept in Redis, so every web process counts against the same numbers:
 
-- submits per API key: a token bucket (`take_submit`);
+- submits per API key: a token bucket (`SubmitBudget`);
 - failed authentications per client address: a fixed one-minute window (`AuthThrottle`);
 - open event streams per API key: leased slots (`StreamSlot`, `stream_slot`).
 
@@ -27,37 +27,69 @@ from server.problems import RateLimited
 log = logging.getLogger("outlast.web")
 REDIS_DOWN = (RedisError, OSError)
 
-# KEYS[1]: the bucket (a hash of tokens, ts). ARGV: rate per second, burst. Returns {1} or {0, seconds to wait}.
+# KEYS[1]: the bucket (a hash of tokens, ts). ARGV: rate per second, burst, tokens wanted.
+# Returns {tokens taken} (at least 1, at most wanted), or {0, seconds until one}.
 _BUCKET = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rate, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(state[1]) or burst
 local ts = tonumber(state[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local taken = 0
-if tokens >= 1 then
-    tokens = tokens - 1
-    taken = 1
-end
+local taken = math.min(wanted, math.floor(tokens))
+tokens = tokens - taken
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
-if taken == 1 then return {1} end
+if taken >= 1 then return {taken} end
 return {0, tostring((1 - tokens) / rate)}
 """
 
 
-async def take_submit(redis: Any, key: str, *, rate: float, burst: int) -> None:
-    """Take one submit from `key`'s bucket, or raise RateLimited with how long until the next one."""
-    try:
-        answer = await redis.register_script(_BUCKET)(keys=[f"outlast:rate:submit:{key}"], args=[rate, burst])
-    except REDIS_DOWN as exc:
-        log.warning("submit rate limit not applied: Redis unavailable (%s)", exc)
-        return
-    if int(answer[0]) != 1:
-        wait = math.ceil(float(answer[1]))
-        raise RateLimited(f"more than {rate:g} submits per second with this API key; retry in {wait} s", wait)
+class SubmitBudget:
+    """Submits per API key: a token bucket in Redis that every web process draws from, so the limit holds across
+    them. A process takes a key's tokens a few at a time (an eighth of the burst, at most 64) and spends them
+    itself, so a busy key costs a round trip per handful of submits, not per submit; tokens it has not spent
+    within `HOLD_S` are dropped, never given back. Every submit still spends a token that came out of the
+    shared bucket: the limit is never exceeded, and a key spread over many processes may only meet it a little
+    early. A burst under 16 is taken one token at a time, exactly as a single bucket would."""
+
+    HOLD_S = 1.0
+    MAX_CHUNK = 64
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[int, float]] = {}  # key: (tokens, monotonic time they lapse)
+        self._scripts: dict[int, Any] = {}
+
+    async def take(self, redis: Any, key: str, *, rate: float, burst: int) -> None:
+        """Take one submit from `key`'s budget, or raise RateLimited with how long until the next one."""
+        now = time.monotonic()
+        tokens, lapse = self._held.pop(key, (0, 0.0))
+        if tokens > 0 and lapse > now:
+            if tokens > 1:
+                self._held[key] = (tokens - 1, lapse)
+            return
+        wanted = max(1, min(self.MAX_CHUNK, burst // 8))
+        try:
+            answer = await self._script(redis)(keys=[f"outlast:rate:submit:{key}"], args=[rate, burst, wanted])
+        except REDIS_DOWN as exc:
+            log.warning("submit rate limit not applied: Redis unavailable (%s)", exc)
+            return
+        taken = int(answer[0])
+        if taken < 1:
+            wait = math.ceil(float(answer[1]))
+            raise RateLimited(f"more than {rate:g} submits per second with this API key; retry in {wait} s", wait)
+        if taken > 1:
+            if len(self._held) >= 10_000:
+                self._held = {k: held for k, held in self._held.items() if held[1] > now}
+            self._held[key] = (taken - 1, now + self.HOLD_S)
+
+    def _script(self, redis: Any) -> Any:
+        """The bucket script registered on this client once (EVALSHA, loaded again on NOSCRIPT)."""
+        script = self._scripts.get(id(redis))
+        if script is None:
+            script = self._scripts[id(redis)] = redis.register_script(_BUCKET)
+        return script
 
 
 class AuthThrottle:

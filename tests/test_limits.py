@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from server.app import create_app
-from server.limits import StreamSlot, stream_slot, take_submit
+from server.limits import StreamSlot, SubmitBudget, stream_slot
 from server.problems import RateLimited
 from tests.conftest import Processes, bearer, process_env
 from worker import Config, Deps, keys
@@ -55,12 +55,13 @@ async def test_submits_past_a_keys_burst_get_429_with_retry_after_and_other_keys
 
 
 async def test_the_bucket_refills_at_the_rate(redis: Redis, deps: Deps) -> None:
+    budget = SubmitBudget()
     for _ in range(2):
-        await take_submit(redis, "k", rate=20.0, burst=2)
+        await budget.take(redis, "k", rate=20.0, burst=2)
     with pytest.raises(RateLimited):
-        await take_submit(redis, "k", rate=20.0, burst=2)
+        await budget.take(redis, "k", rate=20.0, burst=2)
     await asyncio.sleep(0.06)  # one token at 20/s is 50 ms
-    await take_submit(redis, "k", rate=20.0, burst=2)
+    await budget.take(redis, "k", rate=20.0, burst=2)
 
 
 async def test_repeated_auth_failures_from_one_address_get_429_then_even_a_valid_key_waits(
@@ -132,8 +133,8 @@ async def test_a_slot_taken_before_streaming_is_renewed_by_its_stream_or_lapses(
 async def test_limits_fail_open_when_redis_is_down(deps: Deps) -> None:
     down = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
     try:
-        await take_submit(down, "k", rate=1.0, burst=1)
-        await take_submit(down, "k", rate=1.0, burst=1)
+        await SubmitBudget().take(down, "k", rate=1.0, burst=1)
+        await SubmitBudget().take(down, "k", rate=1.0, burst=1)
         async with stream_slot(down, "k", limit=1, retry_after=5), stream_slot(down, "k", limit=1, retry_after=5):
             pass
     finally:
@@ -257,3 +258,46 @@ async def test_the_limit_table_answers_4xx_never_5xx_and_the_web_processs_memory
         assert "Traceback" not in procs.log("web") and " 500 " not in procs.log("web")
     finally:
         procs.stop()
+
+
+async def takes_until_refused(budget: SubmitBudget, redis: Redis, *, burst: int) -> int:
+    """How many submits `budget` lets through before its first 429 (the bucket refills at a token per 1,000 s)."""
+    taken = 0
+    while True:
+        try:
+            await budget.take(redis, "k", rate=0.001, burst=burst)
+        except RateLimited:
+            return taken
+        taken += 1
+
+
+async def test_processes_drawing_a_keys_tokens_in_handfuls_never_pass_its_burst(redis: Redis, deps: Deps) -> None:
+    budgets = [SubmitBudget() for _ in range(3)]  # three web processes, each taking 10 at a time
+    accepted, refused = 0, set()
+    while len(refused) < len(budgets):
+        for n, budget in enumerate(budgets):
+            try:
+                await budget.take(redis, "k", rate=0.001, burst=80)
+                accepted += 1
+            except RateLimited:
+                refused.add(n)
+    assert accepted == 80
+
+
+async def test_a_busy_key_costs_one_round_trip_per_handful_of_submits(redis: Redis, deps: Deps) -> None:
+    async def scripts_run() -> int:
+        stats = await redis.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+    before, budget = await scripts_run(), SubmitBudget()
+    for _ in range(SubmitBudget.MAX_CHUNK):
+        await budget.take(redis, "k", rate=1000.0, burst=8 * SubmitBudget.MAX_CHUNK)
+    assert await scripts_run() - before <= 2  # one handful (and, the first time, loading the script)
+
+
+async def test_tokens_a_process_held_too_long_are_dropped_not_spent(redis: Redis, deps: Deps) -> None:
+    budget = SubmitBudget()
+    budget.HOLD_S = 0.05
+    await budget.take(redis, "k", rate=0.001, burst=16)  # takes 2 from the bucket, holds 1
+    await asyncio.sleep(0.1)
+    assert await takes_until_refused(budget, redis, burst=16) == 14  # the held one lapsed: 15 of 16 in all
