@@ -90,8 +90,9 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
         noop = counted["p0_d0"]
         lines.append(
             f"Outlast SQL commits per noop job: {noop['all_in_commits_per_job']:.2f} all in (xact_commit delta /"
-            f" {noop['jobs'][0]} jobs, start-up and sweep included), {noop['commits_per_job']:.2f} per job added,"
-            f" of which write transactions: {noop['write_transactions_per_job']:.2f}"
+            f" {2 * noop['jobs'][0]} jobs, start-up, warm-up and sweep included),"
+            f" {noop['commits_per_job']:.2f} per job added, of which write transactions:"
+            f" {noop['write_transactions_per_job']:.2f}"
         )
     ceiling = next((c.notes for c in comparisons if c.name == "db_ceiling"), None)
     if ceiling is not None:

@@ -51,8 +51,10 @@ async def measure(run: Run) -> Comparison:
             # Noops are quick: more of them, for a steadier figure. The others run 100 at a time per worker.
             many = run.settings.jobs if p == 0 else run.settings.progress_jobs
             few = many // 5
-            large = await commits_per_job(run, admin, many, body)
-            small = await commits_per_job(run, admin, few, body)
+            # Both batches after the same warm-up: the first use of each statement on each pooled connection is a
+            # transaction of its own, and a batch of M would otherwise reach more connections than one of M/5.
+            large = await commits_per_job(run, admin, many, body, warm_up=many)
+            small = await commits_per_job(run, admin, few, body, warm_up=many)
             per_job = (large["commits"] - small["commits"]) / (many - few)
             writes = (large["write_transactions"] - small["write_transactions"]) / (many - few)
             outlast[metric.key], limit[metric.key] = per_job, bound(p, d)

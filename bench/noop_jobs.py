@@ -134,27 +134,35 @@ async def reset_outlast(run: Run) -> None:
 
 
 async def commits_per_job(
-    run: Run, admin: asyncpg.Connection, jobs: int | None = None, body: str | None = None
+    run: Run, admin: asyncpg.Connection, jobs: int | None = None, body: str | None = None, *, warm_up: int = 0
 ) -> dict[str, float]:
     """One untimed batch of `jobs` jobs (noops unless `body` says otherwise) on fresh processes, counted from
     before they start until after they exit.
 
     The count includes their start-up and the sweep's passes while the batch ran, as a real deployment's would.
+    `warm_up` jobs of the same kind run first on the same processes (and are counted too): they open the pools'
+    connections and prepare the statements on them, a cost per connection rather than per job.
     """
     jobs = jobs or run.settings.jobs
     await reset_outlast(run)
     commits0, xid0 = await _settled_commits(admin), await _next_xid(admin)
     url = await start_outlast(run)
+    ours = 0
     try:
-        args = ["--url", url, "--database-url", run.svc.database_url, "--jobs", str(jobs)]
-        batch = await load("submit", *args, "--api-key", run.api_key, *(["--body", body] if body else []))
+        args = ["--url", url, "--database-url", run.svc.database_url]
+        extra = ["--api-key", run.api_key, *(["--body", body] if body else [])]
+        if warm_up:
+            warm = await load("submit", *args, "--jobs", str(warm_up), *extra)
+            ours += warm["polls"] + POLL_CONNECT_XACTS
+            await truncate(run.svc.database_url)  # the batch's poller counts done jobs: it starts from none
+        batch = await load("submit", *args, "--jobs", str(jobs), *extra)
+        ours += batch["polls"] + POLL_CONNECT_XACTS
     finally:
         await stop_outlast(run)
     commits1, xid1 = await _settled_commits(admin), await _next_xid(admin)
-    ours = batch["polls"] + POLL_CONNECT_XACTS
     return {
-        "commits_per_job": (commits1 - commits0 - ours) / jobs,
-        "write_transactions_per_job": (xid1 - xid0) / jobs,
+        "commits_per_job": (commits1 - commits0 - ours) / (jobs + warm_up),
+        "write_transactions_per_job": (xid1 - xid0) / (jobs + warm_up),
         "commits": commits1 - commits0 - ours,
         "write_transactions": xid1 - xid0,
     }
