@@ -6,6 +6,7 @@ Run it with `uvicorn --factory server.app:create_app`, so importing this module 
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -31,6 +32,7 @@ def create_app(config: Config | None = None) -> Starlette:
                 app.state.deps, app.state.hub = deps, hub
                 app.state.guard = guard = await auth.guard(config, deps.db)
                 async with guard.keys.listening(config.database_url, timeout_s=config.db_timeout_s):
+                    gc.freeze()  # what start-up built lives as long as the process: no collection need walk it
                     yield
 
     app = Starlette(
