@@ -6,7 +6,6 @@ Run it with `uvicorn --factory server.app:create_app`, so importing this module 
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -15,7 +14,7 @@ from starlette.routing import Route
 
 from server import auth, deliveries, jobs, limits, openapi, ops, problems, stream
 from server.metrics import CountRequests, Metrics, metrics
-from worker import Config, Guard, Hub, connect, from_env, load_job_types
+from worker import Config, Guard, Hub, collector, connect, from_env, load_job_types
 
 
 def create_app(config: Config | None = None) -> Starlette:
@@ -32,7 +31,7 @@ def create_app(config: Config | None = None) -> Starlette:
                 app.state.deps, app.state.hub = deps, hub
                 app.state.guard = guard = await auth.guard(config, deps.db)
                 async with guard.keys.listening(config.database_url, timeout_s=config.db_timeout_s):
-                    gc.freeze()  # what start-up built lives as long as the process: no collection need walk it
+                    collector.settle()
                     yield
 
     app = Starlette(

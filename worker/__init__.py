@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import events, keys, store, webhook_store
+from worker import collector, events, keys, store, webhook_store
 from worker.config import Config, from_env
 from worker.events import Hub
 from worker.job import (
@@ -42,6 +42,7 @@ __all__ = [
     "Progress",
     "RetryableError",
     "Status",
+    "collector",
     "connect",
     "enqueue",
     "events",
