@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -54,6 +53,7 @@ TOKEN_ROUTES: tuple[re.Pattern[str], ...] = (
 KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "access_token", "auth", "authorization"})
 TOUCH_EVERY_S = 300.0  # api_keys.last_used_at is written at most this often per key and process
 _TOKEN_CONTEXT = b"outlast job read token v1\0"
+LINK_TOKEN_REUSE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,27 @@ class Guard:
         self.throttle = AuthThrottle(config.auth_failures_per_min)
         self.keys = keys.KeyCache()
         self._touched: dict[str, float] = {}
+        self._link_tokens: dict[tuple[str, UUID], tuple[str, float]] = {}  # (tenant, job): (token, minted at)
 
     def token(self, tenant: str, job_id: UUID, *, ttl_s: int | None = None) -> str:
         """A read-only token for one job: its id, its tenant and an expiry, signed with HMAC-SHA256."""
         expires = int(time.time()) + (self.config.token_ttl_s if ttl_s is None else ttl_s)
         payload = job_id.bytes + expires.to_bytes(8, "big") + tenant.encode()
-        mac = hmac.new(self.secret, _TOKEN_CONTEXT + payload, hashlib.sha256).digest()
+        mac = hmac.digest(self.secret, _TOKEN_CONTEXT + payload, "sha256")
         return f"{TOKEN_PREFIX}{_b64(payload)}.{_b64(mac)}"
+
+    def link_token(self, tenant: str, job_id: UUID) -> str:
+        """`token` for a Job's links, minted again at most once a minute per job: a poller reading the job every
+        50 ms gets the same token (still valid for 14 minutes or more) instead of a new HMAC each time."""
+        now = time.monotonic()
+        minted = self._link_tokens.get((tenant, job_id))
+        if minted is not None and now - minted[1] < LINK_TOKEN_REUSE_S:
+            return minted[0]
+        if len(self._link_tokens) >= 10_000:
+            self._link_tokens = {k: v for k, v in self._link_tokens.items() if now - v[1] < LINK_TOKEN_REUSE_S}
+        token = self.token(tenant, job_id)
+        self._link_tokens[(tenant, job_id)] = (token, now)
+        return token
 
     def read_token(self, token: str) -> tuple[str, UUID] | None:
         """(tenant, job id) of a token this server signed and that has not expired; else None."""
@@ -125,7 +139,7 @@ class Guard:
             payload, signature = _unb64(body), _unb64(mac)
         except (binascii.Error, ValueError):
             return None
-        expected = hmac.new(self.secret, _TOKEN_CONTEXT + payload, hashlib.sha256).digest()
+        expected = hmac.digest(self.secret, _TOKEN_CONTEXT + payload, "sha256")
         if not hmac.compare_digest(expected, signature) or len(payload) < 24:
             return None
         if int.from_bytes(payload[16:24], "big") < time.time():
@@ -177,7 +191,7 @@ def signed_links(request: Request, job: Job) -> Job:
     caller = caller_of(request)
     if caller.job is not None:
         return job
-    token = request.app.state.guard.token(caller.tenant, job.id)
+    token = request.app.state.guard.link_token(caller.tenant, job.id)
     links = Links(
         self=f"{job.links.self}?token={token}", events=f"{job.links.events}?token={token}", result=job.links.result
     )

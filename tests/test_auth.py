@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from starlette.routing import Route
 
 from server.app import create_app
-from server.auth import TOKEN_ROUTES, Guard, guard, is_local
+from server.auth import LINK_TOKEN_REUSE_S, TOKEN_ROUTES, Guard, guard, is_local
 from tests.conftest import bearer, eventually
 from worker import Config, Deps, keys
 
@@ -215,6 +216,17 @@ async def test_links_carry_a_read_token_for_that_job_only(app_client: httpx.Asyn
     assert followed.status_code == 200 and followed.json()["id"] == job["id"]
     # A token holder gets no fresh token: reading the job does not stretch its 15 minutes.
     assert followed.json()["links"]["self"] == f"/v1/jobs/{job['id']}"
+
+
+def test_a_jobs_link_token_is_minted_again_at_most_once_a_minute(config: Config) -> None:
+    guard = Guard(config, config.secret_key.encode(), may_run_open=False)
+    job, other = uuid.uuid4(), uuid.uuid4()
+    first = guard.link_token("default", job)
+    assert guard.link_token("default", job) == first  # a poller's next read: no new signature
+    assert guard.read_token(first) == ("default", job)
+    assert guard.link_token("default", other) != first and guard.link_token("acme", job) != first
+    guard._link_tokens[("default", job)] = ("minted a minute ago", time.monotonic() - LINK_TOKEN_REUSE_S)
+    assert guard.read_token(guard.link_token("default", job)) == ("default", job)  # minted again
 
 
 async def test_a_read_token_opens_nothing_but_reading_its_job(
