@@ -241,7 +241,8 @@ async def _authenticate(scope: Scope, guard: Guard, deps: Deps) -> Caller:
 
 
 async def _identify(scope: Scope, guard: Guard, deps: Deps) -> Caller:
-    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    raw_query = scope.get("query_string", b"")
+    query = parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True) if raw_query else []
     if any(name.lower() in KEY_PARAMS or keys.looks_like_key(value) for name, value in query):
         raise Unauthorized(
             "API keys are never accepted in the query string (it ends up in logs): send `Authorization: Bearer"

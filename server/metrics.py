@@ -52,6 +52,7 @@ class CountRequests:
 
     def __init__(self, app: ASGIApp, counter: Counter) -> None:
         self.app, self.counter = app, counter
+        self._children: dict[tuple[str, str, str], Counter] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,8 +75,11 @@ class CountRequests:
             raise
 
     def _count(self, scope: Scope, status: int) -> None:
-        route = getattr(scope.get("route"), "path", "unmatched")
-        self.counter.labels(scope["method"], route, str(status)).inc()
+        labels = (scope["method"], getattr(scope.get("route"), "path", "unmatched"), str(status))
+        child = self._children.get(labels)
+        if child is None:  # `labels()` validates and takes a lock on every call: once per series is enough
+            child = self._children[labels] = self.counter.labels(*labels)
+        child.inc()
 
 
 async def metrics(request: Request) -> Response:
