@@ -33,7 +33,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.limits import AuthThrottle
+from server.limits import AuthThrottle, pruned
 from server.problems import ProblemError, RateLimited, Unauthorized, Unavailable, as_response
 from worker import Config, Deps, Job, Links, keys, store
 
@@ -101,6 +101,8 @@ class Guard:
     """What authentication keeps between requests: the token secret, the failure throttle, and whether
     development's open mode is allowed at all. Built once at start-up by `guard()`; kept on `app.state.guard`."""
 
+    LINK_TOKENS = 10_000  # jobs whose link token is kept for reuse, per process
+
     def __init__(self, config: Config, secret: bytes, *, may_run_open: bool) -> None:
         self.config = config
         self.secret = secret
@@ -124,8 +126,7 @@ class Guard:
         minted = self._link_tokens.get((tenant, job_id))
         if minted is not None and now - minted[1] < LINK_TOKEN_REUSE_S:
             return minted[0]
-        if len(self._link_tokens) >= 10_000:
-            self._link_tokens = {k: v for k, v in self._link_tokens.items() if now - v[1] < LINK_TOKEN_REUSE_S}
+        self._link_tokens = pruned(self._link_tokens, lambda v: now - v[1] < LINK_TOKEN_REUSE_S, self.LINK_TOKENS)
         token = self.token(tenant, job_id)
         self._link_tokens[(tenant, job_id)] = (token, now)
         return token

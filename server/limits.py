@@ -17,8 +17,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -26,6 +26,19 @@ from server.problems import RateLimited
 
 log = logging.getLogger("outlast.web")
 REDIS_DOWN = (RedisError, OSError)
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def pruned(entries: dict[K, V], keep: Callable[[V], bool], limit: int) -> dict[K, V]:
+    """`entries`, cut down once it holds `limit`: to those `keep` approves, or to none when they would still fill
+    half of it. Pruning then happens at most once per `limit / 2` insertions, however young the entries are (a scan
+    on every insertion of a full map would cost each request as much as the map is long)."""
+    if len(entries) < limit:
+        return entries
+    kept = {k: v for k, v in entries.items() if keep(v)}
+    return kept if len(kept) < limit // 2 else {}
+
 
 # KEYS[1]: the bucket (a hash of tokens, ts). ARGV: rate per second, burst, tokens wanted.
 # Returns {tokens taken} (at least 1, at most wanted), or {0, seconds until one}.
@@ -56,6 +69,7 @@ class SubmitBudget:
 
     HOLD_S = 1.0
     MAX_CHUNK = 64
+    MEMORY = 10_000  # keys holding tokens, per process
 
     def __init__(self) -> None:
         self._held: dict[str, tuple[int, float]] = {}  # key: (tokens, monotonic time they lapse)
@@ -80,8 +94,7 @@ class SubmitBudget:
             wait = math.ceil(float(answer[1]))
             raise RateLimited(f"more than {rate:g} submits per second with this API key; retry in {wait} s", wait)
         if taken > 1:
-            if len(self._held) >= 10_000:
-                self._held = {k: held for k, held in self._held.items() if held[1] > now}
+            self._held = pruned(self._held, lambda held: held[1] > now, self.MEMORY)
             self._held[key] = (taken - 1, now + self.HOLD_S)
 
     def _script(self, redis: Any) -> Any:
@@ -98,7 +111,7 @@ class AuthThrottle:
     remembers which addresses it has seen blocked, so a blocked address costs it no round trip at all."""
 
     WINDOW_S = 60
-    _MEMORY = 10_000  # blocked addresses remembered per process; past it, expired ones are dropped
+    MEMORY = 10_000  # blocked addresses remembered per process
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -130,10 +143,10 @@ class AuthThrottle:
         if int(count) <= self.limit:
             return None
         left = max(1, int(ttl))
-        if len(self._blocked) >= self._MEMORY:
-            now = time.monotonic()
-            self._blocked = {c: until for c, until in self._blocked.items() if until > now}
-        self._blocked[client] = time.monotonic() + left
+        now = time.monotonic()
+        # Forgetting a block costs one more failed attempt from that address, which Redis still counts.
+        self._blocked = pruned(self._blocked, lambda until: until > now, self.MEMORY)
+        self._blocked[client] = now + left
         return left
 
 

@@ -227,6 +227,10 @@ def test_a_jobs_link_token_is_minted_again_at_most_once_a_minute(config: Config)
     assert guard.link_token("default", other) != first and guard.link_token("acme", job) != first
     guard._link_tokens[("default", job)] = ("minted a minute ago", time.monotonic() - LINK_TOKEN_REUSE_S)
     assert guard.read_token(guard.link_token("default", job)) == ("default", job)  # minted again
+    guard.LINK_TOKENS = 50
+    for _ in range(500):  # a burst of submits: each new job gets a token, and the memory stays bounded
+        guard.link_token("default", uuid.uuid4())
+        assert len(guard._link_tokens) <= 50
 
 
 async def test_a_read_token_opens_nothing_but_reading_its_job(

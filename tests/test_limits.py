@@ -301,3 +301,31 @@ async def test_tokens_a_process_held_too_long_are_dropped_not_spent(redis: Redis
     await budget.take(redis, "k", rate=0.001, burst=16)  # takes 2 from the bucket, holds 1
     await asyncio.sleep(0.1)
     assert await takes_until_refused(budget, redis, burst=16) == 14  # the held one lapsed: 15 of 16 in all
+
+
+def test_a_full_map_is_pruned_once_per_half_its_size_not_on_every_insertion() -> None:
+    """Per-process memories (link tokens, held tokens, blocked addresses) fill with entries that are all still
+    young under load: scanning them on each insertion made every request cost as much as the map is long."""
+    from server.limits import pruned
+
+    entries: dict[int, int] = {}
+    looked_at = 0
+
+    def young(_: int) -> bool:
+        nonlocal looked_at
+        looked_at += 1
+        return True
+
+    for n in range(10_000):
+        entries = pruned(entries, young, 100)
+        entries[n] = n
+        assert len(entries) <= 100
+    assert looked_at <= 3 * 10_000  # amortised: a scan of 100 at most every 50 insertions
+
+
+def test_pruning_keeps_the_entries_still_in_use_when_few_are() -> None:
+    from server.limits import pruned
+
+    entries = {n: n for n in range(100)}
+    assert pruned(entries, lambda v: v >= 90, 100) == {n: n for n in range(90, 100)}
+    assert pruned(entries, lambda v: True, 101) is entries  # not full: untouched
