@@ -146,9 +146,6 @@ class KeyCache:
         self._keys: dict[str, tuple[bytes, str, float]] = {}  # key id: (hash, tenant, good until)
         self._generation = 0
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     async def verify(self, db: Database, key: str) -> str | None:
         """As the module's `verify`, from memory when this process already verified the key."""
         id, hashed = key_id(key), digest(key)
