@@ -76,6 +76,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
     config = deps.config
     job_id, attempt = parse_message(text)
     try:
+        claim_sent_at = time.monotonic()  # no later than the database's clock starts the lease
         claimed = await store.claim(deps.db, job_id, attempt, owner=OWNER, lease_s=config.lease_s)
     except store.UNAVAILABLE as exc:
         # The row is still queued and marked dispatched: the sweep rings again once the database is back.
@@ -98,17 +99,17 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
     except msgspec.ValidationError as exc:
         await _end(deps, claimed, "failed", error=Error("invalid_input", str(exc), False))
         return
-    await _run(deps, job_type, claimed, value)
+    await _run(deps, job_type, claimed, value, leased_at=claim_sent_at)
 
 
-async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any) -> None:
+async def _run(deps: Deps, job_type: JobType, claimed: store.Claimed, value: Any, *, leased_at: float) -> None:
     state = _Attempt()
     journal = events.Journal(
         deps.db, deps.notifier, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
     )
     context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report, journal.write)
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
-    beat = asyncio.create_task(_heartbeat(deps, claimed, state, task))
+    beat = asyncio.create_task(_heartbeat(deps, claimed, state, task, leased_at))
     try:
         result = await asyncio.wait_for(task, claimed.timeout_s)
     except TimeoutError:
@@ -201,11 +202,13 @@ async def _end(
         deps.notifier.notify(claimed.id)
 
 
-async def _heartbeat(deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any]) -> None:
+async def _heartbeat(
+    deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any], leased_at: float
+) -> None:
     """Extend the lease every lease/3, write the latest progress (spaced out), and stop a superseded attempt."""
     config = deps.config
     interval = config.lease_s / 3
-    renewed_at = time.monotonic()  # no later than the database's clock started the lease
+    renewed_at = leased_at  # when the request that last extended the lease was sent: no later than the database did
     next_beat = renewed_at + interval
     while not task.done():
         now = time.monotonic()
