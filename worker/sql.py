@@ -56,40 +56,28 @@ def _pool(db: Database) -> Pool | None:
     return None
 
 
-async def fetch_one(db: Database, text: str, values: Values | None = None) -> Record | None:
+async def _run(db: Database, method: str, text: str, values: Values | None) -> Any:
+    """asyncpg's `method` (fetchrow, fetch, fetchval, execute) on the pool, or on the task's transaction."""
     query, args = _args(text, values)
-    record: Record | None
     if (pool := _pool(db)) is not None:
-        record = await pool.fetchrow(query, *args)
-        return record
+        return await getattr(pool, method)(query, *args)
     async with db.connection() as connection:
-        record = await connection.raw_connection.fetchrow(query, *args)
-        return record
+        return await getattr(connection.raw_connection, method)(query, *args)
+
+
+async def fetch_one(db: Database, text: str, values: Values | None = None) -> Record | None:
+    record: Record | None = await _run(db, "fetchrow", text, values)
+    return record
 
 
 async def fetch_all(db: Database, text: str, values: Values | None = None) -> list[Record]:
-    query, args = _args(text, values)
-    records: list[Record]
-    if (pool := _pool(db)) is not None:
-        records = await pool.fetch(query, *args)
-        return records
-    async with db.connection() as connection:
-        records = await connection.raw_connection.fetch(query, *args)
-        return records
+    records: list[Record] = await _run(db, "fetch", text, values)
+    return records
 
 
 async def fetch_val(db: Database, text: str, values: Values | None = None) -> Any:
-    query, args = _args(text, values)
-    if (pool := _pool(db)) is not None:
-        return await pool.fetchval(query, *args)
-    async with db.connection() as connection:
-        return await connection.raw_connection.fetchval(query, *args)
+    return await _run(db, "fetchval", text, values)
 
 
 async def execute(db: Database, text: str, values: Values | None = None) -> None:
-    query, args = _args(text, values)
-    if (pool := _pool(db)) is not None:
-        await pool.execute(query, *args)
-        return
-    async with db.connection() as connection:
-        await connection.raw_connection.execute(query, *args)
+    await _run(db, "execute", text, values)
