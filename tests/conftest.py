@@ -50,6 +50,12 @@ async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float 
     return result
 
 
+async def notified(deps: Deps, job_id: UUID | None) -> None:
+    """Tell followers a job changed, as a writer does after its commit, and wait until the notification is out."""
+    deps.notifier.notify(job_id)
+    await deps.notifier.flush()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

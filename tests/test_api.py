@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from server.problems import ProblemError, slug
-from tests.conftest import bearer, eventually, job_row
+from tests.conftest import bearer, eventually, job_row, notified
 from worker import Deps
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
@@ -464,7 +464,7 @@ async def test_prefer_wait_wakes_on_the_jobs_notification_not_on_a_timer(config:
     import msgspec
 
     from server.app import create_app
-    from worker import events, store
+    from worker import store
 
     # With the fallback poll an hour away, only the notification can end the wait before it times out.
     app = create_app(msgspec.structs.replace(config, events_poll_s=3600))
@@ -480,7 +480,7 @@ async def test_prefer_wait_wakes_on_the_jobs_notification_not_on_a_timer(config:
             await eventually(held)
             assert await store.claim(deps.db, job_id, 0, owner="test", lease_s=60) is not None
             assert await store.finish(deps.db, job_id, 1, "succeeded", result=b"14")
-            await events.publish(deps.redis, job_id)
+            await notified(deps, job_id)
             answer = await asyncio.wait_for(waiting, 15)
             assert answer.json()["status"] == "succeeded" and answer.json()["result"] == 14
             assert app.state.hub.followed == 0  # the long poll let go of the job

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import eventually
+from tests.conftest import eventually, notified
 from tests.test_store import OWNER, new_job
 from tests.test_store import events as stored_events
 from worker import Config, Deps, events, store
@@ -83,16 +83,6 @@ async def test_log_lines_of_an_attempt_that_is_over_are_not_written(deps: Deps) 
     assert [d.get("message") for _, n, d in await stored_events(deps, job_id) if n == "log"] == ["while running"]
 
 
-async def test_publishing_without_redis_never_fails_the_caller(config: Config) -> None:
-    from worker.queue import open_redis
-
-    redis = open_redis(msgspec.structs.replace(config, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.5))
-    try:
-        await events.publish(redis, UUID(int=1))
-    finally:
-        await redis.aclose(close_connection_pool=True)
-
-
 async def test_the_worker_publishes_each_change_of_a_job_it_runs(
     client: httpx.AsyncClient, deps: Deps, drain: Drain, redis: Redis
 ) -> None:
@@ -117,7 +107,7 @@ async def test_a_notifier_names_every_job_notified_before_it_publishes_in_one_me
         notifier = events.Notifier(deps.redis)
         for job_id in ids + ids[:10]:  # a job notified twice (claimed, then done) is named once
             notifier.notify(job_id)
-        await notifier.aclose()
+        await notifier.flush()
         heard = []
         while (message := await pubsub.get_message(timeout=1.0)) is not None:
             heard.append(message["data"])
@@ -133,7 +123,7 @@ async def test_notifying_without_redis_never_fails_the_caller(config: Config) ->
         notifier = events.Notifier(redis)
         notifier.notify(UUID(int=1))
         notifier.notify(None)
-        await notifier.aclose()
+        await notifier.flush()
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -156,7 +146,7 @@ async def _write_logs(deps: Deps, job_id: UUID, count: int, *, start: int = 0) -
     for first in range(start, start + count, 50):
         lines = [LogLine("info", str(i)) for i in range(first, min(first + 50, start + count))]
         assert await events.append_logs(deps.db, job_id, 1, lines)
-        await events.publish(deps.redis, job_id)
+        await notified(deps, job_id)
 
 
 async def test_a_fast_and_a_slow_follower_both_get_every_event_once_in_order(deps: Deps, hub: Hub) -> None:
@@ -178,7 +168,7 @@ async def test_a_fast_and_a_slow_follower_both_get_every_event_once_in_order(dep
     await eventually(lambda: _followers(hub, job_id, 2))
     await _write_logs(deps, job_id, 3 * FEED_CACHE)
     assert await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
-    await events.publish(deps.redis, job_id)
+    await notified(deps, job_id)
     assert await asyncio.wait_for(fast, 30) == list(range(1, total + 1))
     assert await asyncio.wait_for(slow, 30) == list(range(1, total + 1))
     assert hub.followed == 0

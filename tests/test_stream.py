@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually, free_port, notified
 from tests.sse import Frame, Live, live_server, read_stream
 from worker import Config, Deps, Progress, events, store
 from worker.embedded import EmbeddedValkey
@@ -143,7 +143,7 @@ async def _claimed_job(deps: Deps) -> UUID:
 
     job_id = await new_job(deps.db)
     assert await store.claim(deps.db, job_id, 0, owner="test", lease_s=60) is not None
-    await events.publish(deps.redis, job_id)
+    await notified(deps, job_id)
     return job_id
 
 
@@ -154,7 +154,7 @@ async def _append(deps: Deps, job_id: UUID, n: int, *, start: int = 0) -> None:
             await store.heartbeat(deps.db, job_id, 1, lease_s=60, progress=Progress(i / 1000, f"step {i}"))
         else:
             await events.append_logs(deps.db, job_id, 1, [events.LogLine("info", f"line {i}")])
-        await events.publish(deps.redis, job_id)
+        await notified(deps, job_id)
 
 
 async def _whole_log(deps: Deps, job_id: UUID) -> list[tuple[int, str]]:
@@ -173,7 +173,7 @@ WITH moved AS (
 SELECT id FROM moved
 """
     assert await deps.db.fetch_one(statement, {"id": job_id}) is not None
-    await events.publish(deps.redis, job_id)
+    await notified(deps, job_id)
 
 
 @pytest.mark.parametrize("outcome", ["succeeded", "failed", "cancelled", "expired"])
@@ -264,7 +264,7 @@ async def test_reconnecting_anywhere_with_last_event_id_sees_the_whole_log_once(
             seen.append(frame)
         stream.reset() if rude else await stream.close()
     await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
-    await events.publish(deps.redis, job_id)
+    await notified(deps, job_id)
     stream = await live.open_stream(str(job_id), last_event_id=seen[-1].id if seen else None)
     seen += await stream.rest()
     log = await _whole_log(deps, job_id)
@@ -300,7 +300,7 @@ async def test_streams_reset_closed_or_ended_give_back_every_subscription_task_a
         warm = await asyncio.gather(*(live.open_stream(ids[i % 8]) for i in range(50)))
         for stream in warm:
             await stream.close()
-        await events.publish(deps.redis, None)  # and our own Redis pool its connection
+        await notified(deps, None)  # and our own Redis pool its connection
         await eventually(lambda: _unfollowed(live))
         hub, pool = live.app.state.hub, live.app.state.deps.db._backend._pool
         baseline = (
@@ -329,7 +329,7 @@ async def test_streams_reset_closed_or_ended_give_back_every_subscription_task_a
         for job_id in ids:
             assert await store.claim(deps.db, UUID(job_id), 0, owner="test", lease_s=60) is not None
             assert await store.finish(deps.db, UUID(job_id), 1, "succeeded", result=b"14")
-            await events.publish(deps.redis, UUID(job_id))
+            await notified(deps, UUID(job_id))
         for stream in ending:
             rest = await stream.rest()
             assert rest[-1].event == "status" and rest[-1].data["result"] == 14
@@ -384,7 +384,7 @@ async def test_followers_miss_nothing_across_a_redis_restart(
         await eventually(lambda: _subscribed(hub))
         await _append(writer, job_id, 2, start=5)
         assert await store.finish(writer.db, job_id, 1, "succeeded", result=b"1")
-        await events.publish(writer.redis, job_id)
+        await notified(writer, job_id)
         kept += await staying.rest()
         back = await live.open_stream(str(job_id), last_event_id=left[-1].id)  # type: ignore[union-attr]
         left += await back.rest()

@@ -46,17 +46,9 @@ def channel(redis: Redis) -> str:
     return f"outlast:events:{redis.connection_pool.connection_kwargs.get('db', 0)}"
 
 
-def _key(job_id: UUID | None) -> bytes:
-    return EVERY_JOB if job_id is None else str(job_id).encode()
-
-
-async def publish(redis: Redis, job_id: UUID | None) -> None:
-    """Ring the followers' doorbell after a commit (None: every followed job). Never raises, so a transition can't
-    fail on Redis: the log is the truth, and followers re-read it when the subscription comes back."""
-    await _publish(redis, _key(job_id))
-
-
 async def _publish(redis: Redis, payload: bytes) -> None:
+    """Ring the followers' doorbell. Never raises, so a transition can't fail on Redis: the log is the truth, and
+    followers re-read it when the subscription comes back."""
     try:
         await redis.publish(channel(redis), payload)
     except (RedisError, OSError) as exc:
@@ -64,11 +56,13 @@ async def _publish(redis: Redis, payload: bytes) -> None:
 
 
 class Notifier:
-    """`publish` for a busy process: the jobs notified while one PUBLISH is on its way go out together in the next, one
-    message naming them all (space-separated). A worker finishing dozens of jobs at once pays a round trip per batch
-    instead of two per job, and a job notified twice in a batch (claimed, then done) is named once.
+    """The followers' doorbell, rung after each commit that changes a job: the jobs notified while one PUBLISH is on
+    its way go out together in the next, one message naming them all (space-separated). A worker finishing dozens
+    of jobs at once pays a round trip per batch instead of two per job, and a job notified twice in a batch
+    (claimed, then done) is named once.
 
-    `notify` never waits and never raises; the notification leaves within a round trip. `aclose` sends what is left.
+    `notify` (None: every followed job) never waits and never raises; the notification leaves within a round trip.
+    `flush` waits until what is pending has gone out.
     """
 
     BATCH: Final = 1_000  # ids per message at most
@@ -79,7 +73,7 @@ class Notifier:
         self._sending: asyncio.Task[None] | None = None
 
     def notify(self, job_id: UUID | None) -> None:
-        self._pending.add(_key(job_id))
+        self._pending.add(EVERY_JOB if job_id is None else str(job_id).encode())
         if self._sending is None:
             self._sending = asyncio.create_task(self._send())
 
@@ -91,7 +85,7 @@ class Notifier:
         finally:
             self._sending = None
 
-    async def aclose(self) -> None:
+    async def flush(self) -> None:
         if self._sending is not None:
             await self._sending
 

@@ -105,7 +105,7 @@ async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIter
     try:
         yield Deps(config=config, db=db, redis=arq, notifier=notifier)
     finally:
-        await notifier.aclose()
+        await notifier.flush()
         await db.disconnect()
         if own_redis:
             await arq.aclose(close_connection_pool=True)
