@@ -13,7 +13,6 @@ import asyncpg
 from uuid_utils.compat import uuid7
 
 from bench.compare import Comparison, Figures, Measure, Metric, alternate_many
-from bench.procs import load
 from bench.run import Run, baseline_env, outlast_env
 
 _SEED = """
@@ -76,13 +75,7 @@ async def measure(run: Run) -> list[Comparison]:
 
         def side(name: str, url: str) -> Measure:
             async def one() -> Figures:
-                args = ["--ids", str(ids_file), "--concurrency", str(s.concurrency)]
-                args += ["--warmup", str(s.warmup_s), "--duration", str(s.duration_s)]
-                cpu0 = run.fleet.cpu_s(name)
-                figures = await load("get", "--url", url, *args, "--api-key", run.api_key)
-                figures["cpu_us"] = 1e6 * (run.fleet.cpu_s(name) - cpu0) / figures["served"]
-                if figures["errors"]:
-                    raise RuntimeError(f"{url} answered {figures['errors']} requests with other than 200")
+                figures = await run.http_load("get", name, url, "--ids", str(ids_file), expect=200)
                 return {m.key: figures[m.key] for m in METRICS}
 
             return one

@@ -6,8 +6,9 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.procs import Fleet
+from bench.procs import Fleet, load
 from bench.services import Services
 
 JOB_MODULES = "bench.noop_job,bench.progress_job"  # the job types Outlast's processes register
@@ -34,6 +35,18 @@ class Run:
     settings: Settings
     scratch: Path
     api_key: str  # `Authorization: Bearer` on every request to Outlast (the baselines ignore it)
+
+    async def http_load(self, command: str, name: str, url: str, *args: str, expect: int) -> dict[str, Any]:
+        """`python -m bench.load <command>` against the web process `name` at `url`, for the run's concurrency and
+        duration, with that process's CPU per request added as `cpu_us`. Any answer but `expect` stops the bench."""
+        s = self.settings
+        timing = ["--concurrency", str(s.concurrency), "--warmup", str(s.warmup_s), "--duration", str(s.duration_s)]
+        cpu0 = self.fleet.cpu_s(name)
+        figures = await load(command, "--url", url, *args, *timing, "--api-key", self.api_key)
+        figures["cpu_us"] = 1e6 * (self.fleet.cpu_s(name) - cpu0) / figures["served"]
+        if figures["errors"]:
+            raise RuntimeError(f"{url} answered {figures['errors']} requests with other than {expect}")
+        return figures
 
 
 def outlast_env(svc: Services) -> dict[str, str]:

@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 
 from bench.compare import Comparison, Figures, Measure, Metric, alternate
 from bench.noop_jobs import reset_outlast
-from bench.procs import load
 from bench.run import Run, baseline_env, outlast_env
 
 OUTLAST, BASELINE = "post-outlast", "post-raw-submit"  # process names, and their logs' names
@@ -47,19 +46,7 @@ async def measure(run: Run) -> Comparison:
                     await redis.flushdb()
                 finally:
                     await redis.aclose()
-                args = [
-                    "--concurrency",
-                    str(s.concurrency),
-                    "--warmup",
-                    str(s.warmup_s),
-                    "--duration",
-                    str(s.duration_s),
-                ]
-                cpu0 = run.fleet.cpu_s(name)
-                figures = await load("post", "--url", url, *args, "--api-key", run.api_key)
-                figures["cpu_us"] = 1e6 * (run.fleet.cpu_s(name) - cpu0) / figures["served"]
-                if figures["errors"]:
-                    raise RuntimeError(f"{url} answered {figures['errors']} submits with other than 202")
+                figures = await run.http_load("post", name, url, expect=202)
                 return {m.key: figures[m.key] for m in METRICS}
 
             return one
