@@ -32,6 +32,7 @@ from server.limits import StreamSlot
 from server.metrics import Metrics
 from server.problems import FieldError, ValidationError
 from worker import Config, Deps, Hub, events, store
+from worker.follow import Follower
 from worker.job import Links
 
 log = logging.getLogger("outlast.web")
@@ -63,7 +64,7 @@ class _Shutdown:
     it stops the stream's follower, so the stream ends with a `reconnect` event instead of being cut."""
 
     def __init__(self) -> None:
-        self._follower: events.Follower | None = None
+        self._follower: Follower | None = None
         self._set = False
 
     def set(self) -> None:
@@ -74,7 +75,7 @@ class _Shutdown:
     def is_set(self) -> bool:
         return self._set
 
-    def attach(self, follower: events.Follower) -> None:
+    def attach(self, follower: Follower) -> None:
         self._follower = follower
         if self._set:
             follower.stop()

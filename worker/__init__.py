@@ -5,7 +5,7 @@ Both processes import it; the server uses only the names below.
 
 from worker import collector, events, keys, store, webhook_store
 from worker.config import Config, from_env
-from worker.events import Hub
+from worker.follow import Hub
 from worker.job import (
     LIVE,
     NEXT,
