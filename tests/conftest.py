@@ -173,7 +173,7 @@ def make_worker(config: Config, deps: Deps) -> Callable[[], Worker]:
             allow_abort_jobs=True,
             job_serializer=serialize,
             job_deserializer=deserialize,
-            ctx={"deps": deps, "runtime": Runtime(job_types=load(config.job_modules))},
+            ctx={"deps": deps, "runtime": Runtime.of(deps, load(config.job_modules))},
         )
 
     assert run_job.__name__ == RUN_JOB

@@ -117,20 +117,20 @@ async def test_shutdown_fails_a_job_that_is_not_retry_safe_as_interrupted(
 
 
 def job_ctx(config: Config, deps: Deps) -> dict[str, object]:
-    return {"deps": deps, "runtime": run.Runtime(job_types=load(config.job_modules))}
+    return {"deps": deps, "runtime": run.Runtime.of(deps, load(config.job_modules))}
 
 
 @pytest.fixture
 def claim_commits_then_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
     """The narrowest window there is: the claim's UPDATE commits, and the cancellation reaches the task before the
     answer does. No timing can aim at it from outside, so the claim is made to end exactly there."""
-    claim = store.claim
+    claim_many = store.claim_many
 
-    async def committed_then_cancelled(*args: object, **kwargs: object) -> store.Claimed | None:
-        await claim(*args, **kwargs)  # type: ignore[arg-type]
+    async def committed_then_cancelled(*args: object, **kwargs: object) -> list[store.Claimed | None]:
+        await claim_many(*args, **kwargs)  # type: ignore[arg-type]
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(store, "claim", committed_then_cancelled)
+    monkeypatch.setattr(store, "claim_many", committed_then_cancelled)
 
 
 @pytest.mark.usefixtures("claim_commits_then_cancelled")
@@ -149,15 +149,15 @@ async def test_a_claim_that_committed_as_its_cancel_arrived_ends_cancelled_at_on
     client: httpx.AsyncClient, config: Config, deps: Deps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
-    claim = store.claim
+    claim_many = store.claim_many
 
-    async def then_cancel_requested(*args: object, **kwargs: object) -> store.Claimed | None:
+    async def then_cancel_requested(*args: object, **kwargs: object) -> list[store.Claimed | None]:
         try:
-            return await claim(*args, **kwargs)  # type: ignore[arg-type]
+            return await claim_many(*args, **kwargs)  # type: ignore[arg-type]
         finally:
             await store.request_cancel(deps.db, "default", uuid.UUID(job_id))  # what POST /cancel does
 
-    monkeypatch.setattr(store, "claim", then_cancel_requested)
+    monkeypatch.setattr(store, "claim_many", then_cancel_requested)
     with pytest.raises(asyncio.CancelledError):
         await run.run_job(job_ctx(config, deps), message(uuid.UUID(job_id), 0))
     row = await job_row(deps, job_id)
@@ -177,7 +177,7 @@ async def test_a_claim_cancelled_while_it_waits_for_the_row_leaves_the_job_queue
 
         async def claim_waits_on_the_lock() -> bool | None:
             waiting = await blocker.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%claimed AS%'"
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
             )
             return waiting == 1 or None
 

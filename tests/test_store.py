@@ -48,6 +48,41 @@ async def test_claim_starts_the_next_attempt_once(deps: Deps) -> None:
     assert row["status"] == "running" and row["lease_owner"] == OWNER and row["lease_expires_at"] is not None
 
 
+async def test_a_batch_of_claims_starts_each_claimable_job_once_and_answers_each_in_its_place(deps: Deps) -> None:
+    fresh, running, stale = await new_job(deps.db), await new_job(deps.db), await new_job(deps.db)
+    await store.claim(deps.db, running, 0, owner="other", lease_s=30)
+    wanted = [(fresh, 0), (running, 0), (stale, 5), (fresh, 0)]  # the last: the same delivery twice in one batch
+    claimed = await store.claim_many(deps.db, wanted, owner=OWNER, lease_s=30)
+    assert [c is not None and (c.id, c.attempt) for c in claimed] == [(fresh, 1), False, False, False]
+    assert (await job_row(deps, running))["lease_owner"] == "other"
+    assert (await job_row(deps, stale))["status"] == "queued"
+    assert [name for _, name, _ in await events(deps, fresh)] == ["status", "status"]  # submitted, running
+
+
+async def test_a_batch_of_finishes_moves_each_running_attempt_once_with_its_own_values(deps: Deps) -> None:
+    done, retried, superseded = await new_job(deps.db), await new_job(deps.db), await new_job(deps.db)
+    for job_id in (done, retried, superseded):
+        await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    boom = Error("boom", "it broke", True)
+    moved = await store.finish_many(
+        deps.db,
+        [
+            store.Finish(done, 1, "succeeded", result=b"[1]", progress=Progress(1.0, "all of it")),
+            store.Finish(retried, 1, "queued", error=boom, retry_in_s=60),
+            store.Finish(superseded, 2, "succeeded", result=b"0"),  # not the attempt that runs
+            store.Finish(done, 1, "failed", error=boom),  # the same attempt again: it has ended
+        ],
+    )
+    assert moved == [True, True, False, False]
+    row = await job_row(deps, done)
+    assert row["status"] == "succeeded" and row["result"] == "[1]" and row["error"] is None
+    assert msgspec.json.decode(row["progress"]) == {"fraction": 1.0, "message": "all of it"}
+    row = await job_row(deps, retried)
+    assert row["status"] == "queued" and row["error"] is None and row["dispatched_at"] is not None
+    assert (await events(deps, retried))[-1][2]["error"] == {"type": "boom", "message": "it broke", "retryable": True}
+    assert (await job_row(deps, superseded))["status"] == "running"
+
+
 async def test_terminal_job_never_changes_status(deps: Deps) -> None:
     job_id = await new_job(deps.db)
     await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)

@@ -49,7 +49,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     logging.getLogger("outlast").setLevel(logging.INFO)
     stack = contextlib.AsyncExitStack()
     ctx["deps"] = await stack.enter_async_context(connect(config, redis=ctx["redis"]))
-    ctx["runtime"] = Runtime(job_types=load(config.job_modules))
+    ctx["runtime"] = Runtime.of(ctx["deps"], load(config.job_modules))
+    stack.push_async_callback(ctx["runtime"].aclose)
     await stack.enter_async_context(webhooks.serving(ctx["deps"]))  # deliveries on their own tasks, not arq's
     await stack.enter_async_context(sweeping(ctx["deps"]))  # its own task too: it must run when every slot is taken
     ctx["stack"] = stack

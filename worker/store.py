@@ -8,6 +8,7 @@ row lock serialises. All times come from the database clock.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -247,24 +248,38 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _CLAIM = f"""
-WITH claimed AS (
+WITH wanted AS (  -- a pair given twice counts once; in id order, so that batches lock rows in one order
+    SELECT DISTINCT ON (id, attempt) id, attempt
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS w(id, attempt)
+     ORDER BY id, attempt
+), claimed AS (
     UPDATE jobs
-       SET status = 'running', attempt = attempt + 1, lease_owner = :owner,
+       SET status = 'running', attempt = jobs.attempt + 1, lease_owner = :owner,
            lease_expires_at = now() + make_interval(secs => :lease), started_at = COALESCE(started_at, now()),
            event_seq = event_seq + 1
-     WHERE id = :id AND status = 'queued' AND attempt = :attempt AND expires_at > now()
-           AND cancel_requested_at IS NULL
-    RETURNING *
+      FROM wanted
+     WHERE jobs.id = wanted.id AND jobs.status = 'queued' AND jobs.attempt = wanted.attempt
+           AND jobs.expires_at > now() AND jobs.cancel_requested_at IS NULL
+    RETURNING jobs.*
 ), event AS ({_status_event("claimed")})
 SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted FROM claimed
 """
 
 
+async def claim_many(
+    db: Database, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float
+) -> list[Claimed | None]:
+    """Start attempt `attempt + 1` of each `(job_id, attempt)`, in one statement. None: a stale or duplicate
+    delivery, so run nothing (a pair given twice is claimed for its first place only)."""
+    ids, attempts = [job_id for job_id, _ in wanted], [attempt for _, attempt in wanted]
+    records = await sql.fetch_all(db, _CLAIM, {"ids": ids, "attempts": attempts, "owner": owner, "lease": lease_s})
+    claimed = {(r["id"], r["attempt"] - 1): msgspec.convert(dict(r), Claimed) for r in records}
+    return [claimed.pop(key, None) for key in wanted]
+
+
 async def claim(db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float) -> Claimed | None:
     """Start attempt `attempt + 1`. None: a stale or duplicate delivery, so run nothing."""
-    values = {"id": job_id, "attempt": attempt, "owner": owner, "lease": lease_s}
-    record = await sql.fetch_one(db, _CLAIM, values)
-    return None if record is None else msgspec.convert(dict(record), Claimed)
+    return (await claim_many(db, [(job_id, attempt)], owner=owner, lease_s=lease_s))[0]
 
 
 _OWNED = """
@@ -310,23 +325,67 @@ async def heartbeat(
 
 
 _FINISH = f"""
-WITH moved AS (
+WITH wanted AS (  -- a pair given twice moves as its first place says; in id order, as the claims
+    SELECT DISTINCT ON (id, attempt) *
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:targets AS text[]),
+                  CAST(:allowed AS text[]), CAST(:results AS jsonb[]), CAST(:errors AS jsonb[]),
+                  CAST(:progresses AS jsonb[]), CAST(:delays AS float8[]))
+           WITH ORDINALITY AS w(id, attempt, target, allowed, result, error, progress, delay, place)
+     ORDER BY id, attempt, place
+), moved AS (
     UPDATE jobs
-       SET status = :to,
-           result = CAST(:result AS jsonb),
+       SET status = w.target,
+           result = w.result,
            -- a retry's error lives in its status event only: `error` is for jobs that ended
-           error = CASE WHEN :to = 'queued' THEN NULL ELSE CAST(:error AS jsonb) END,
-           progress = COALESCE(CAST(:progress AS jsonb), progress),
-           finished_at = CASE WHEN :to = ANY(CAST(:terminal AS text[])) THEN now() END,
-           next_run_at = now() + make_interval(secs => :delay),
-           dispatched_at = CASE WHEN :to = 'queued' THEN now() END,
+           error = CASE WHEN w.target = 'queued' THEN NULL ELSE w.error END,
+           progress = COALESCE(w.progress, jobs.progress),
+           finished_at = CASE WHEN w.target = ANY(CAST(:terminal AS text[])) THEN now() END,
+           next_run_at = now() + make_interval(secs => w.delay),
+           dispatched_at = CASE WHEN w.target = 'queued' THEN now() END,
            lease_owner = NULL, lease_expires_at = NULL,
            event_seq = event_seq + 1
-     WHERE id = :id AND attempt = :attempt AND status = ANY(CAST(:allowed AS text[]))
-    RETURNING *
-), event AS ({_status_event("moved", error="CAST(:error AS jsonb)")})
-SELECT id FROM moved
+      FROM wanted w
+     WHERE jobs.id = w.id AND jobs.attempt = w.attempt AND jobs.status = ANY(string_to_array(w.allowed, ','))
+    RETURNING jobs.*, w.error AS attempt_error
+), event AS ({_status_event("moved", error="attempt_error")})
+SELECT id, attempt FROM moved
 """
+
+
+class Finish(msgspec.Struct, frozen=True):
+    """Move running attempt `attempt` of a job to `to`: terminal, or `queued` for a retry in `retry_in_s`."""
+
+    job_id: UUID
+    attempt: int
+    to: Status
+    result: bytes | None = None
+    error: Error | None = None
+    progress: Progress | None = None
+    retry_in_s: float = 0.0
+
+
+async def finish_many(db: Database, finishes: Sequence[Finish]) -> list[bool]:
+    """Each of `finishes`, in one statement. False: someone won first (a pair given twice moves once).
+
+    A retry is marked dispatched: the caller enqueues it with a delay, and the sweep covers a lost enqueue.
+    """
+    values = {
+        "ids": [f.job_id for f in finishes],
+        "attempts": [f.attempt for f in finishes],
+        "targets": [f.to for f in finishes],
+        "allowed": [",".join(allowed_from(f.to)) for f in finishes],
+        "results": [None if f.result is None else f.result.decode() for f in finishes],
+        "errors": [None if f.error is None else _encode(f.error).decode() for f in finishes],
+        "progresses": [None if f.progress is None else _encode(f.progress).decode() for f in finishes],
+        "delays": [f.retry_in_s for f in finishes],
+        "terminal": sorted(TERMINAL),
+    }
+    moved = {(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _FINISH, values)}
+    answers = []
+    for f in finishes:
+        answers.append((f.job_id, f.attempt) in moved)
+        moved.discard((f.job_id, f.attempt))
+    return answers
 
 
 async def finish(
@@ -340,22 +399,8 @@ async def finish(
     progress: Progress | None = None,
     retry_in_s: float = 0.0,
 ) -> bool:
-    """Move a running attempt to `to` (terminal, or `queued` for a retry in `retry_in_s`). False: someone won first.
-
-    A retry is marked dispatched: the caller enqueues it with a delay, and the sweep covers a lost enqueue.
-    """
-    values = {
-        "id": job_id,
-        "attempt": attempt,
-        "to": to,
-        "allowed": allowed_from(to),
-        "terminal": sorted(TERMINAL),
-        "result": None if result is None else result.decode(),
-        "error": None if error is None else _encode(error).decode(),
-        "progress": None if progress is None else _encode(progress).decode(),
-        "delay": retry_in_s,
-    }
-    return await sql.fetch_one(db, _FINISH, values) is not None
+    """Move a running attempt to `to` (terminal, or `queued` for a retry in `retry_in_s`). False: someone won first."""
+    return (await finish_many(db, [Finish(job_id, attempt, to, result, error, progress, retry_in_s)]))[0]
 
 
 # -- cancel and shutdown ----------------------------------------------------------------------------
