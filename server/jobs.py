@@ -40,10 +40,6 @@ MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
 TOO_DEEP = "the JSON is nested too deeply"
-# A NUL in a JSON string, as msgspec encodes it (\u0000 after an even number of backslashes): PostgreSQL's jsonb and
-# text can't hold it, so it is refused up front rather than failing the INSERT.
-_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-NUL_MSG = "PostgreSQL can't store the NUL character (\\u0000) in text"
 # Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
@@ -136,8 +132,8 @@ def _decode_submit(body: bytes) -> SubmitJob:
 
 
 def _storable(encoded: bytes, loc: str) -> bytes:
-    if _NUL.search(encoded):
-        raise ValidationError(f"{NUL_MSG} at {loc}", [FieldError(loc, NUL_MSG)])
+    if store.NUL.search(encoded):  # refused up front rather than failing the INSERT
+        raise ValidationError(f"{store.NUL_MSG} at {loc}", [FieldError(loc, store.NUL_MSG)])
     return encoded
 
 
@@ -362,7 +358,7 @@ async def list_jobs(request: Request) -> Response:
         problem.errors = [FieldError(e.loc.removeprefix("$."), e.msg) for e in problem.errors]
         raise problem from None
     if query.type is not msgspec.UNSET and "\x00" in query.type:
-        raise ValidationError(NUL_MSG, [FieldError("type", NUL_MSG)])
+        raise ValidationError(store.NUL_MSG, [FieldError("type", store.NUL_MSG)])
     before = None if query.cursor is msgspec.UNSET else _parse_cursor(query.cursor)
     rows = await store.list_jobs(
         _deps(request).db,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Literal
 
 import msgspec
 
@@ -24,6 +25,22 @@ async def refuse(input: Nothing, ctx: Context) -> None:
 
 async def unencodable(input: Nothing, ctx: Context) -> object:
     return object()
+
+
+class NulIn(msgspec.Struct, forbid_unknown_fields=True):
+    where: Literal["result", "error", "progress", "log"]
+
+
+async def nul(input: NulIn, ctx: Context) -> str | None:
+    """Puts a NUL character, which PostgreSQL can't store in text or jsonb, where `where` says."""
+    text = "before\x00after"
+    if input.where == "log":
+        await ctx.log("info", text)
+    elif input.where == "progress":
+        await ctx.progress(0.5, text)
+    elif input.where == "error":
+        raise JobError(text, type="bad\x00type")
+    return text if input.where == "result" else None
 
 
 class Seconds(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,5 +75,6 @@ JOB_TYPES = (
     JobType("explode", Nothing, explode, timeout_s=10),
     JobType("refuse", Nothing, refuse, timeout_s=10),
     JobType("unencodable", Nothing, unencodable, timeout_s=10),
+    JobType("nul", NulIn, nul, timeout_s=10),
     JobType("chatty", Lines, chatty, timeout_s=10),
 )

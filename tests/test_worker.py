@@ -96,6 +96,40 @@ async def test_a_result_that_cannot_be_encoded_fails_the_job(client: httpx.Async
     assert job["status"] == "failed" and job["attempt"] == 1 and job["error"]["type"] == "invalid_result"
 
 
+async def test_a_result_holding_a_nul_fails_the_job_as_invalid_result_rather_than_losing_it(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    """PostgreSQL's jsonb can't hold a NUL: the finish would be refused, and the job left running until its lease
+    ran out, then retried into the same wall, and end `worker_lost`."""
+    job_id = await submit(client, "nul", {"where": "result"}, max_attempts=3)
+    await drain()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["attempt"] == 1 and job["error"]["type"] == "invalid_result"
+    assert "NUL" in job["error"]["message"]
+
+
+@pytest.mark.parametrize("where", ["error", "progress", "log"])
+async def test_a_nul_in_an_error_progress_or_log_line_is_stored_as_the_replacement_character(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain, where: str
+) -> None:
+    job_id = await submit(client, "nul", {"where": where}, max_attempts=1)
+    await drain()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == ("failed" if where == "error" else "succeeded"), job
+    if where == "error":
+        assert job["error"] == {"type": "bad\ufffdtype", "message": "before\ufffdafter", "retryable": False}
+    elif where == "progress":
+        rows = await deps.db.fetch_all(
+            "SELECT data FROM job_events WHERE job_id = CAST(:id AS uuid) AND name = 'progress'", {"id": job_id}
+        )
+        assert [msgspec.json.decode(r["data"])["message"] for r in rows][:1] == ["before\ufffdafter"]
+    else:
+        rows = await deps.db.fetch_all(
+            "SELECT data FROM job_events WHERE job_id = CAST(:id AS uuid) AND name = 'log'", {"id": job_id}
+        )
+        assert [msgspec.json.decode(r["data"])["message"] for r in rows] == ["before\ufffdafter"]
+
+
 async def test_job_over_its_timeout_fails_with_error_type_timeout(client: httpx.AsyncClient, drain: Drain) -> None:
     job_id = await submit(client, "sleep", {"seconds": 30, "steps": 1}, timeout_s=1, max_attempts=1)
     await drain()

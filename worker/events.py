@@ -202,14 +202,13 @@ SELECT job.id, job.event_seq - :n + line.n, 'log', line.data
   FROM job, jsonb_array_elements(CAST(:lines AS jsonb)) WITH ORDINALITY AS line(data, n)
 RETURNING seq
 """
-_encode = msgspec.json.Encoder().encode
 
 
 async def append_logs(db: Database, job_id: UUID, attempt: int, lines: Sequence[LogLine]) -> bool:
     """Append log lines to a running attempt's log, in one statement. False: the attempt is over or superseded."""
     if not lines:
         return False
-    values = {"id": job_id, "attempt": attempt, "n": len(lines), "lines": _encode(lines).decode()}
+    values = {"id": job_id, "attempt": attempt, "n": len(lines), "lines": store.storable(lines)}
     return bool(await sql.fetch_all(db, _APPEND_LOGS, values))
 
 

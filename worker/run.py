@@ -165,7 +165,11 @@ async def _run(
         except (TypeError, msgspec.EncodeError) as exc:
             await _end(deps, runtime, claimed, "failed", error=Error("invalid_result", str(exc), False))
         else:
-            await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=Progress(1.0, state.message))
+            if store.NUL.search(encoded):  # the row would refuse it, and no later attempt would do better
+                error = Error("invalid_result", f"the result holds a NUL: {store.NUL_MSG}", False)
+                await _end(deps, runtime, claimed, "failed", error=error)
+            else:
+                await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=Progress(1.0, state.message))
     finally:
         beat.cancel()
 

@@ -8,6 +8,7 @@ row lock serialises. All times come from the database clock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,18 @@ from worker import sql
 from worker.job import TERMINAL, Error, Job, Links, Progress, Status, allowed_from
 
 _encode = msgspec.json.Encoder().encode
+
+# A NUL in a JSON string, as msgspec encodes it (\u0000 after an even number of backslashes): PostgreSQL's jsonb and
+# text can't hold it, and a statement carrying one is refused whole.
+NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+NUL_MSG = "PostgreSQL can't store the NUL character (\\u0000) in text"
+
+
+def storable(value: Any) -> str:
+    """`value` as JSON for a jsonb column, each NUL in its strings made U+FFFD. For what a job reports about itself
+    (errors, progress, log lines): one character lost rather than the whole write, and the job with it."""
+    return NUL.sub(rb"\1\\ufffd", _encode(value)).decode()
+
 
 # What a lost or restarting database raises: the web answers 503, the worker retries with backoff.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -318,7 +331,7 @@ async def heartbeat(
         "id": job_id,
         "attempt": attempt,
         "lease": lease_s,
-        "progress": None if progress is None else _encode(progress).decode(),
+        "progress": None if progress is None else storable(progress),
     }
     record = await sql.fetch_one(db, _HEARTBEAT, values)
     return None if record is None else bool(record["cancel"])
@@ -375,8 +388,8 @@ async def finish_many(db: Database, finishes: Sequence[Finish]) -> list[bool]:
         "targets": [f.to for f in finishes],
         "allowed": [",".join(allowed_from(f.to)) for f in finishes],
         "results": [None if f.result is None else f.result.decode() for f in finishes],
-        "errors": [None if f.error is None else _encode(f.error).decode() for f in finishes],
-        "progresses": [None if f.progress is None else _encode(f.progress).decode() for f in finishes],
+        "errors": [None if f.error is None else storable(f.error) for f in finishes],
+        "progresses": [None if f.progress is None else storable(f.progress) for f in finishes],
         "delays": [f.retry_in_s for f in finishes],
         "terminal": sorted(TERMINAL),
     }
