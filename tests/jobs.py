@@ -43,6 +43,10 @@ async def nul(input: NulIn, ctx: Context) -> str | None:
     return text if input.where == "result" else None
 
 
+async def event_loop(input: Nothing, ctx: Context) -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
 class Seconds(msgspec.Struct, forbid_unknown_fields=True):
     seconds: float = 60.0
 
@@ -76,5 +80,6 @@ JOB_TYPES = (
     JobType("refuse", Nothing, refuse, timeout_s=10),
     JobType("unencodable", Nothing, unencodable, timeout_s=10),
     JobType("nul", NulIn, nul, timeout_s=10),
+    JobType("event_loop", Nothing, event_loop, timeout_s=10),
     JobType("chatty", Lines, chatty, timeout_s=10),
 )

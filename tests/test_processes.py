@@ -30,6 +30,13 @@ async def test_submitted_job_succeeds_through_real_web_and_worker_processes(proc
         assert (await client.get(f"/v1/jobs/{job['id']}/result")).json() == 30
 
 
+async def test_the_worker_process_runs_jobs_on_uvloop(processes: Processes) -> None:
+    async with processes.client() as client:
+        response = await client.post("/v1/jobs", json={"type": "event_loop", "input": {}})
+        job = await wait_done(client, response.json()["id"])
+    assert job["status"] == "succeeded" and job["result"].startswith("uvloop"), job
+
+
 async def test_jobs_queued_before_redis_lost_everything_all_finish(
     config: Config, deps: Deps, api_key: str, tmp_path: Path
 ) -> None:
