@@ -178,6 +178,29 @@ async def test_a_superseded_attempt_stops_at_its_next_heartbeat_and_writes_nothi
     assert row["status"] == "running" and row["attempt"] == 2 and row["finished_at"] is None
 
 
+async def test_a_job_that_never_reports_has_its_lease_extended_and_outlives_it(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain, config: Config
+) -> None:
+    """Its heartbeat starts a third of the lease in, not at its first progress report, which never comes."""
+    job_id = await submit(client, "sleep_once", {"seconds": config.lease_s * 1.5})
+    worker = asyncio.create_task(drain())
+
+    async def leased() -> datetime | None:
+        row = await job_row(deps, job_id)
+        return row["lease_expires_at"] if row["status"] == "running" else None
+
+    first = await eventually(leased)
+
+    async def extended() -> bool | None:
+        row = await job_row(deps, job_id)
+        return (row["lease_expires_at"] or first) > first or None
+
+    await eventually(extended)
+    await asyncio.wait_for(worker, 30)
+    row = await job_row(deps, job_id)
+    assert row["status"] == "succeeded" and row["attempt"] == 1
+
+
 async def test_a_job_of_a_type_this_worker_does_not_know_fails_cleanly(
     client: httpx.AsyncClient, deps: Deps, drain: Drain
 ) -> None:

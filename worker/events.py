@@ -227,10 +227,14 @@ class Journal:
         self._dropped = 0
         self._ready = asyncio.Event()
         self._writing = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None  # started by the first line: most jobs never log
+        self._over = False  # the job has returned: a line a task it left behind writes now is refused anyway
 
     def write(self, level: LogLevel, message: str) -> None:
         if level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(sorted(LOG_LEVELS))}, not {level!r}")
+        if self._over:
+            return
         if len(self._pending) >= LOG_MAX_PENDING:
             self._dropped += 1
             return
@@ -238,6 +242,8 @@ class Journal:
             message = message[: LOG_MAX_CHARS - 1] + "…"
         self._pending.append(LogLine(level, message))
         self._ready.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_while_running())
 
     async def flush(self) -> None:
         """Write what is pending. A database outage drops the batch: the job goes on, its log has a gap."""
@@ -262,20 +268,25 @@ class Journal:
     async def around(self, job: Awaitable[T]) -> T:
         """Run the job's coroutine while writing its log; the last lines are written before it returns or raises,
         so they come before the status event that ends the attempt."""
-        writer = asyncio.create_task(self._write_while_running())
         try:
             return await job
         finally:
-            try:
-                async with self._writing:
-                    pass  # a write under way ends first: cancelling it would lose its lines
-            finally:
-                writer.cancel()  # at once, before the writer can start another write
-            await asyncio.wait([writer])  # unlike `await writer`, never mistakes its cancellation for ours
-            try:
-                await self.flush()
-            except Exception:  # the job's own outcome matters more than its last log lines
-                log.exception("log of %s: the last lines were not written", self._job_id)
+            self._over = True
+            if (writer := self._writer) is not None:
+                await self._last(writer)
+
+    async def _last(self, writer: asyncio.Task[None]) -> None:
+        """Stop the writer, then write what it left."""
+        try:
+            async with self._writing:
+                pass  # a write under way ends first: cancelling it would lose its lines
+        finally:
+            writer.cancel()  # at once, before the writer can start another write
+        await asyncio.wait([writer])  # unlike `await writer`, never mistakes its cancellation for ours
+        try:
+            await self.flush()
+        except Exception:  # the job's own outcome matters more than its last log lines
+            log.exception("log of %s: the last lines were not written", self._job_id)
 
     async def _write_while_running(self) -> None:
         while True:

@@ -72,11 +72,13 @@ class _Attempt:
     written_at: float = 0.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: Literal["superseded", "cancelled"] | None = None
+    reported: Callable[[], None] = lambda: None
 
     def report(self, progress: Progress) -> None:
         self.latest = progress
         self.message = progress.message
         self.changed.set()
+        self.reported()
 
 
 async def persist(call: Callable[[], Awaitable[T]], *, what: str, give_up_after_s: float = 600.0) -> T:
@@ -138,7 +140,19 @@ async def _run(
     )
     context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report, journal.write)
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
-    beat = asyncio.create_task(_heartbeat(deps, claimed, state, task, leased_at))
+    beat: asyncio.Task[None] | None = None
+
+    def start_beat() -> None:
+        """At the first progress report, or a third of the lease in, whichever comes first: most jobs that end
+        sooner never need a heartbeat task (its task and timers were a tenth of a noop job's CPU)."""
+        nonlocal beat
+        if beat is None and not task.done():
+            beat = asyncio.create_task(_heartbeat(deps, claimed, state, task, leased_at))
+
+    state.reported = start_beat
+    first_beat = asyncio.get_running_loop().call_later(
+        max(0.0, leased_at + _beat_interval(deps) - time.monotonic()), start_beat
+    )
     try:
         result = await asyncio.wait_for(task, claimed.timeout_s)
     except TimeoutError:
@@ -171,7 +185,9 @@ async def _run(
             else:
                 await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=Progress(1.0, state.message))
     finally:
-        beat.cancel()
+        first_beat.cancel()
+        if beat is not None:
+            beat.cancel()
 
 
 async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
@@ -238,12 +254,16 @@ async def _end(
         deps.notifier.notify(claimed.id)
 
 
+def _beat_interval(deps: Deps) -> float:
+    return deps.config.lease_s / 3
+
+
 async def _heartbeat(
     deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any], leased_at: float
 ) -> None:
     """Extend the lease every lease/3, write the latest progress (spaced out), and stop a superseded attempt."""
     config = deps.config
-    interval = config.lease_s / 3
+    interval = _beat_interval(deps)
     renewed_at = leased_at  # when the request that last extended the lease was sent: no later than the database did
     next_beat = renewed_at + interval
     while not task.done():
