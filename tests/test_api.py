@@ -31,6 +31,19 @@ async def test_submit_answers_202_with_location_retry_after_and_the_queued_job(c
     assert uuid.UUID(job["id"]).version == 7
 
 
+async def test_concurrent_submits_each_get_their_own_job_and_first_event(client: httpx.AsyncClient, deps: Deps) -> None:
+    """They share INSERT statements (worker/batch.py): each answer still names its own row."""
+    responses = await asyncio.gather(
+        *(client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [n]}}) for n in range(100))
+    )
+    assert all(r.status_code == 202 for r in responses)
+    ids = [r.json()["id"] for r in responses]
+    assert len(set(ids)) == 100
+    for n, job_id in enumerate(ids):
+        row = await job_row(deps, job_id)
+        assert row["input"] == f'{{"data": [{n}]}}' and row["event_seq"] == 1
+
+
 async def test_ids_sort_by_creation(client: httpx.AsyncClient) -> None:
     ids = [(await client.post("/v1/jobs", json=SQUARES)).json()["id"] for _ in range(5)]
     assert ids == sorted(ids)

@@ -39,6 +39,30 @@ async def events(deps: Deps, job_id: UUID) -> list[tuple[int, str, dict[str, obj
     return [(r["seq"], r["name"], msgspec.json.decode(r["data"])) for r in rows]
 
 
+def new_job_of(*, key: str | None = None, tenant: str = "default") -> store.NewJob:
+    return store.NewJob(
+        id=uuid7(), tenant=tenant, type="square_sum", input=b'{"data": [1]}', max_attempts=3, timeout_s=60,
+        retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=3600, idempotency_key=key, request_hash=b"h",
+    )  # fmt: skip
+
+
+async def test_a_batch_of_submits_inserts_each_job_with_its_event_and_one_per_idempotency_key(deps: Deps) -> None:
+    plain, keyed, same_key, other_tenant = (
+        new_job_of(),
+        new_job_of(key="k"),
+        new_job_of(key="k"),
+        new_job_of(key="k", tenant="other"),
+    )
+    await deps.db.execute("INSERT INTO tenants (id) VALUES ('other')")
+    rows = await store.insert_jobs(deps.db, [plain, keyed, same_key, other_tenant])
+    assert [row and row.id for row in rows] == [plain.id, keyed.id, None, other_tenant.id]
+    assert await deps.db.fetch_val("SELECT count(*) FROM jobs WHERE id = :id", {"id": same_key.id}) == 0
+    for job in (plain, keyed, other_tenant):
+        assert [(seq, name, data["status"]) for seq, name, data in await events(deps, job.id)] == [
+            (1, "status", "queued")
+        ]
+
+
 async def test_claim_starts_the_next_attempt_once(deps: Deps) -> None:
     job_id = await new_job(deps.db)
     claimed = await store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)

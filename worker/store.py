@@ -129,14 +129,59 @@ _INSERT = f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
                       expires_at, dispatched_at, event_seq, idempotency_key, request_hash)
-    VALUES (:id, :tenant, :type, CAST(:input AS jsonb), :max_attempts, :timeout_s, :retry_safe, :callback_url,
-            CAST(:metadata AS jsonb), now() + make_interval(secs => :ttl), now(), 1, :idempotency_key, :request_hash)
-    -- an Idempotency-Key the tenant already used: no row, no event; the caller finds the existing job
+    SELECT id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
+           now() + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:tenants AS text[]), CAST(:types AS text[]), CAST(:inputs AS jsonb[]),
+                  CAST(:max_attempts AS int[]), CAST(:timeouts AS int[]), CAST(:retry_safe AS bool[]),
+                  CAST(:callback_urls AS text[]), CAST(:metadata AS jsonb[]), CAST(:ttls AS float8[]),
+                  CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]))
+           AS new(id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata, ttl_s,
+                  idempotency_key, request_hash)
+    -- an Idempotency-Key the tenant already used (or another job of the same batch uses): no row, no event;
+    -- the caller finds the existing job
     ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), event AS ({_status_event("job")})
 SELECT {_COLUMNS} FROM job
 """
+
+
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job to insert, queued and marked dispatched: the caller enqueues it next (or calls `undispatch`)."""
+
+    id: UUID
+    tenant: str
+    type: str
+    input: bytes  # JSON
+    max_attempts: int
+    timeout_s: int
+    retry_safe: bool
+    callback_url: str | None
+    metadata: bytes  # JSON
+    ttl_s: float
+    idempotency_key: str | None = None
+    request_hash: bytes | None = None
+
+
+async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | None]:
+    """Insert `jobs` in one statement. None for a job whose tenant already has one with its `idempotency_key`
+    (see `find_idempotent`), which includes an earlier job of the same batch."""
+    values = {
+        "ids": [j.id for j in jobs],
+        "tenants": [j.tenant for j in jobs],
+        "types": [j.type for j in jobs],
+        "inputs": [j.input.decode() for j in jobs],
+        "max_attempts": [j.max_attempts for j in jobs],
+        "timeouts": [j.timeout_s for j in jobs],
+        "retry_safe": [j.retry_safe for j in jobs],
+        "callback_urls": [j.callback_url for j in jobs],
+        "metadata": [j.metadata.decode() for j in jobs],
+        "ttls": [j.ttl_s for j in jobs],
+        "idempotency_keys": [j.idempotency_key for j in jobs],
+        "request_hashes": [j.request_hash for j in jobs],
+    }
+    rows = {row.id: row for row in map(_row, await sql.fetch_all(db, _INSERT, values))}
+    return [rows.pop(j.id, None) for j in jobs]
 
 
 async def insert_job(
@@ -155,25 +200,22 @@ async def insert_job(
     idempotency_key: str | None = None,
     request_hash: bytes | None = None,
 ) -> JobRow | None:
-    """Insert a queued job, marked dispatched: the caller enqueues it next (or calls `undispatch`).
-
-    None: the tenant already has a job with this `idempotency_key` (see `find_idempotent`)."""
-    values = {
-        "id": job_id,
-        "tenant": tenant,
-        "type": type,
-        "input": input.decode(),
-        "max_attempts": max_attempts,
-        "timeout_s": timeout_s,
-        "retry_safe": retry_safe,
-        "callback_url": callback_url,
-        "metadata": metadata.decode(),
-        "ttl": ttl_s,
-        "idempotency_key": idempotency_key,
-        "request_hash": request_hash,
-    }
-    record = await sql.fetch_one(db, _INSERT, values)
-    return None if record is None else _row(record)
+    """One job, as `insert_jobs`."""
+    job = NewJob(
+        id=job_id,
+        tenant=tenant,
+        type=type,
+        input=input,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        retry_safe=retry_safe,
+        callback_url=callback_url,
+        metadata=metadata,
+        ttl_s=ttl_s,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    return (await insert_jobs(db, [job]))[0]
 
 
 _FIND_IDEMPOTENT = f"""
