@@ -29,7 +29,7 @@ def create_app(config: Config | None = None) -> Starlette:
             async with hub:
                 counters.watch(hub)
                 app.state.deps, app.state.hub = deps, hub
-                app.state.inserts = jobs.inserts(deps.db)
+                app.state.inserts, app.state.enqueues = jobs.inserts(deps.db), jobs.enqueues(deps.redis)
                 app.state.guard = guard = await auth.guard(config, deps.db)
                 async with guard.keys.listening(config.database_url, timeout_s=config.db_timeout_s):
                     collector.settle()

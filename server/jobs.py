@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
+from arq.connections import ArqRedis
 from databases import Database
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -35,8 +36,9 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import MsgspecResponse
-from worker import Deps, Forbidden, Hub, Job, JobType, Status, enqueue, request_abort, store
+from worker import Deps, Forbidden, Hub, Job, JobType, Status, request_abort, store
 from worker.batch import Batcher
+from worker.queue import enqueue_many
 
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
@@ -228,7 +230,7 @@ async def submit(request: Request) -> Response:
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     # Only the request that created the row rings the doorbell: a replay never dispatches twice.
-    elif not await enqueue(deps.redis, row.id, row.attempt):
+    elif not await request.app.state.enqueues((row.id, row.attempt)):
         # The row is the outbox: the sweep dispatches it once Redis is back.
         await store.undispatch(deps.db, row.id, row.attempt)
     if not replayed:
@@ -244,6 +246,15 @@ def inserts(db: Database) -> Batcher[store.NewJob, store.JobRow | None]:
         return await store.insert_jobs(db, jobs)
 
     return Batcher(insert, shared=store.UNAVAILABLE, linger_s=0.0)
+
+
+def enqueues(redis: ArqRedis) -> Batcher[tuple[UUID, int], bool]:
+    """The web process's doorbells, batched as its INSERTs are: one script call rings for a burst of submits."""
+
+    async def ring(attempts: Sequence[tuple[UUID, int]]) -> list[bool]:
+        return [await enqueue_many(redis, attempts)] * len(attempts)
+
+    return Batcher(ring, shared=(), linger_s=0.0)
 
 
 async def _create(

@@ -15,7 +15,7 @@ from arq.jobs import deserialize_job
 from tests.conftest import job_row
 from tests.test_worker import submit
 from worker import Config, Deps
-from worker.queue import QUEUE, RUN_JOB, deserialize, enqueue, message, open_redis
+from worker.queue import QUEUE, RUN_JOB, deserialize, enqueue, enqueue_many, message, open_redis
 
 Drain = Callable[[], Awaitable[None]]
 NOW = 1_750_000_000.123  # a frozen clock (s), so both paths stamp the same enqueue time
@@ -52,6 +52,27 @@ async def test_enqueue_stores_byte_for_byte_what_arqs_enqueue_job_stores(
     expiry = int(delay_s * 1000) + expires_extra_ms
     assert expiry - 5_000 < arqs_ttl <= expiry and expiry - 5_000 < ttl <= expiry
     assert await deps.redis.zcard(QUEUE) == 1 and await deps.redis.dbsize() == 2  # the job key and the queue
+
+
+async def test_enqueue_many_stores_for_each_what_arq_stores_and_leaves_an_id_still_held_alone(
+    deps: Deps, frozen_clock: None
+) -> None:
+    held, first, second = message(uuid4(), 0), message(uuid4(), 0), message(uuid4(), 2)
+    await deps.redis.enqueue_job(RUN_JOB, held, _job_id=held, _queue_name=QUEUE, _defer_by=60)
+    held_before = await stored(deps.redis, held)
+    for text in (first, second):
+        await deps.redis.enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE)
+    arqs = {text: await stored(deps.redis, text) for text in (first, second)}
+    await deps.redis.delete(job_key_prefix + first, job_key_prefix + second)
+    await deps.redis.zrem(QUEUE, first, second)
+
+    ids = [(UUID(text.partition(":")[0]), int(text.partition(":")[2])) for text in (first, held, second)]
+    assert await enqueue_many(deps.redis, ids)
+    for text in (first, second):
+        payload, score, _ = await stored(deps.redis, text)
+        assert (payload, score) == arqs[text][:2] and payload is not None
+    assert (await stored(deps.redis, held))[:2] == held_before[:2]
+    assert await deps.redis.zcard(QUEUE) == 3
 
 
 async def test_what_enqueue_stores_decodes_with_arqs_deserialize_job_as_a_run_job_call(deps: Deps) -> None:

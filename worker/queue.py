@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -111,14 +111,17 @@ async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIter
             await arq.aclose(close_connection_pool=True)
 
 
-# arq 0.28's enqueue_job in one round trip. KEYS: job key, result key, queue. ARGV: serialized job, expiry ms,
-# score, job id. While either key exists the id is taken (queued, running or kept as a result): change nothing.
+# arq 0.28's enqueue_job for many jobs in one round trip. KEYS: the queue, then each job's job key and result key.
+# ARGV: four per job: serialized job, expiry ms, score, job id. While either key of a job exists its id is taken
+# (queued, running or kept as a result): that job changes nothing.
 ENQUEUE_LUA = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
-    return 0
+for i = 0, #ARGV / 4 - 1 do
+    local job_key, result_key = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+    if redis.call('EXISTS', job_key, result_key) == 0 then
+        redis.call('PSETEX', job_key, ARGV[4 * i + 2], ARGV[4 * i + 1])
+        redis.call('ZADD', KEYS[1], ARGV[4 * i + 3], ARGV[4 * i + 4])
+    end
 end
-redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
 _enqueue_scripts: weakref.WeakKeyDictionary[ArqRedis, AsyncScript] = weakref.WeakKeyDictionary()
@@ -138,18 +141,28 @@ async def enqueue(redis: ArqRedis, job_id: UUID, attempt: int, *, delay_s: float
     One arq job id per attempt: arq ignores a duplicate while it still holds that id, so the sweep may
     ring again freely, and a rescued job's new attempt is never blocked by the old one's keys. A duplicate
     is still True: the message Redis holds for that id rings the same doorbell.
-
-    What arq's `enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s)` stores, in one
-    round trip: the job (enqueue time from this process's clock, as arq takes it) under arq's job key, expiring
-    a day (`expires_extra_ms`) after it is due, and its id in the queue scored by when it is due.
     """
-    text = message(job_id, attempt)
+    return await enqueue_many(redis, [(job_id, attempt)], delay_s=delay_s)
+
+
+async def enqueue_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int]], *, delay_s: float = 0.0) -> bool:
+    """`enqueue` for each `(job_id, attempt)`, in one round trip: all rung, or (Redis unreachable) none.
+
+    What arq's `enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s)` stores: the job
+    (enqueue time from this process's clock, as arq takes it) under arq's job key, expiring a day
+    (`expires_extra_ms`) after it is due, and its id in the queue scored by when it is due.
+    """
     enqueued_ms = timestamp_ms()
     score = enqueued_ms + to_ms(delay_s)
-    job = serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize)
-    keys = [job_key_prefix + text, result_key_prefix + text, QUEUE]
+    expiry_ms = score - enqueued_ms + redis.expires_extra_ms
+    keys: list[str] = [QUEUE]
+    args: list[bytes | int | str] = []
+    for job_id, attempt in attempts:
+        text = message(job_id, attempt)
+        keys += [job_key_prefix + text, result_key_prefix + text]
+        args += [serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize), expiry_ms, score, text]
     try:
-        await _enqueue_script(redis)(keys, [job, score - enqueued_ms + redis.expires_extra_ms, score, text])
+        await _enqueue_script(redis)(keys, args)
     except (RedisError, OSError):
         return False
     return True
