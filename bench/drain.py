@@ -52,12 +52,12 @@ async def _preload_outlast(run: Run, jobs: int) -> None:
 
     async def one() -> None:
         async with slots:
-            row = await store.insert_job(
-                deps.db, job_id=uuid7(), tenant="default", type="noop", input=b"{}",
+            job = store.NewJob(
+                id=uuid7(), tenant="default", type="noop", input=b"{}",
                 max_attempts=config.default_max_attempts, timeout_s=60, retry_safe=True, callback_url=None,
                 metadata=b"{}", ttl_s=config.job_ttl_s,
             )  # fmt: skip
-            if not await enqueue(deps.redis, row.id, row.attempt):
+            if await store.insert_job(deps.db, job) is None or not await enqueue(deps.redis, job.id, 0):
                 raise RuntimeError("Redis refused a preloaded job")
 
     async with connect(config) as deps:

@@ -194,19 +194,21 @@ async def test_hostile_urls_already_stored_are_refused_at_delivery_and_no_canary
     for url in urls:
         row = await store.insert_job(
             hooks.deps.db,
-            job_id=uuid7(),
-            tenant="default",
-            type="square_sum",
-            input=b'{"data": [1]}',
-            max_attempts=1,
-            timeout_s=60,
-            retry_safe=True,
-            callback_url=url,
-            metadata=b"{}",
-            ttl_s=3600,
+            store.NewJob(
+                id=uuid7(),
+                tenant="default",
+                type="square_sum",
+                input=b'{"data": [1]}',
+                max_attempts=1,
+                timeout_s=60,
+                retry_safe=True,
+                callback_url=url,
+                metadata=b"{}",
+                ttl_s=3600,
+            ),
         )
         await hooks.deps.db.execute(
-            "UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = :id", {"id": row.id}
+            "UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = :id", {"id": row and row.id}
         )
     while await hooks.deliver():
         pass

@@ -16,9 +16,8 @@ OWNER = "test-owner"
 
 
 async def new_job(db: Database, *, retry_safe: bool = True, max_attempts: int = 3, ttl_s: float = 3600) -> UUID:
-    row = await store.insert_job(
-        db,
-        job_id=uuid7(),
+    job = store.NewJob(
+        id=uuid7(),
         tenant="default",
         type="square_sum",
         input=b'{"data": [1]}',
@@ -29,7 +28,8 @@ async def new_job(db: Database, *, retry_safe: bool = True, max_attempts: int = 
         metadata=b"{}",
         ttl_s=ttl_s,
     )
-    return row.id
+    assert await store.insert_job(db, job) is not None
+    return job.id
 
 
 async def events(deps: Deps, job_id: UUID) -> list[tuple[int, str, dict[str, object]]]:

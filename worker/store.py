@@ -184,37 +184,8 @@ async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | Non
     return [rows.pop(j.id, None) for j in jobs]
 
 
-async def insert_job(
-    db: Database,
-    *,
-    job_id: UUID,
-    tenant: str,
-    type: str,
-    input: bytes,
-    max_attempts: int,
-    timeout_s: int,
-    retry_safe: bool,
-    callback_url: str | None,
-    metadata: bytes,
-    ttl_s: float,
-    idempotency_key: str | None = None,
-    request_hash: bytes | None = None,
-) -> JobRow | None:
+async def insert_job(db: Database, job: NewJob) -> JobRow | None:
     """One job, as `insert_jobs`."""
-    job = NewJob(
-        id=job_id,
-        tenant=tenant,
-        type=type,
-        input=input,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        retry_safe=retry_safe,
-        callback_url=callback_url,
-        metadata=metadata,
-        ttl_s=ttl_s,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-    )
     return (await insert_jobs(db, [job]))[0]
 
 
