@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import resource
+import secrets
 import signal
 import socket
 import statistics
@@ -35,7 +36,8 @@ from uuid import UUID
 import httpx
 from uuid_utils.compat import uuid7
 
-from worker import Config, Deps, Progress, connect, events, store
+from server.auth import Guard
+from worker import Config, Deps, Progress, connect, keys, store
 from worker.migrate import create_database, migrate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +45,7 @@ DATA = ROOT / ".outlast" / "bench-streams"
 RESULTS = ROOT / "bench" / "results"
 PYTHON = sys.executable
 DEADLINE_S = 600.0
+SECRET = secrets.token_urlsafe(32)  # Outlast's OUTLAST_SECRET_KEY for this run: it signs the events links
 UVICORN = ("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--backlog", "4096")
 
 
@@ -237,31 +240,49 @@ class Side:
 
 
 class Outlast(Side):
+    """Outlast's web process, each stream opened with its job's signed events link, as a browser's EventSource
+    (which can't send an Authorization header) opens it."""
+
     name, factory = "outlast", "server.app:create_app"
+
+    def __init__(self, deps: Deps, env: dict[str, str], config: Config) -> None:
+        # The per-key limits are policies, not costs: lifted, as the main bench lifts the submit limit.
+        lifted = {"OUTLAST_SUBMIT_RATE_PER_S": "1000000", "OUTLAST_SUBMIT_BURST": "1000000"}
+        super().__init__(deps, env | lifted | {"OUTLAST_MAX_STREAMS_PER_KEY": "1000000", "OUTLAST_SECRET_KEY": SECRET})
+        self.guard = Guard(config, SECRET.encode(), may_run_open=False)
+        self.api_key = ""  # for the load's submits and reads: `await side.key()` makes it
 
     async def keys(self, count: int) -> list[str]:
         ids = []
         for _ in range(count):
-            row = await store.insert_job(
-                self.deps.db, job_id=uuid7(), tenant="default", type="sleep", input=b"{}", max_attempts=1,
-                timeout_s=3600, retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=3600,
+            job = store.NewJob(
+                id=uuid7(), tenant="default", type="sleep", input=b"{}", max_attempts=1, timeout_s=3600,
+                retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=3600,
             )  # fmt: skip
-            ids.append(str(row.id))
+            await store.insert_job(self.deps.db, job)
+            ids.append(str(job.id))
         return ids
 
     def path(self, key: str) -> str:
-        return f"/v1/jobs/{key}/events"
+        return f"/v1/jobs/{key}/events?token={self.guard.token('default', UUID(key))}"
+
+    async def key(self) -> str:
+        if not self.api_key:
+            self.api_key = await keys.create(self.deps.db, "default", "bench-streams")
+        return self.api_key
 
     async def start_events(self, keys: list[str]) -> None:
         for key in keys:  # as a worker does: claimed, then its progress
             await store.claim(self.deps.db, UUID(key), 0, owner="bench", lease_s=3600)
-            await events.publish(self.deps.redis, UUID(key))
+            self.deps.notifier.notify(UUID(key))
+        await self.deps.notifier.flush()
 
     async def publish(self, key: str, marker: int, fraction: float) -> float:
         job_id = UUID(key)
         await store.heartbeat(self.deps.db, job_id, 1, lease_s=3600, progress=Progress(fraction, f"#{marker}#"))
         published = time.monotonic()
-        await events.publish(self.deps.redis, job_id)
+        self.deps.notifier.notify(job_id)
+        await self.deps.notifier.flush()
         return published
 
 
@@ -345,8 +366,8 @@ async def fanout(side: Side, settings: Settings, log: Callable[[str], None]) -> 
     return result
 
 
-async def run_load(port: int, seconds: float, connections: int) -> dict[str, Any]:
-    argv = [PYTHON, "-m", "bench.streams.load", str(port), str(seconds), str(connections)]
+async def run_load(port: int, seconds: float, connections: int, api_key: str) -> dict[str, Any]:
+    argv = [PYTHON, "-m", "bench.streams.load", str(port), str(seconds), str(connections), api_key]
     proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     answer: dict[str, Any] = json.loads(out)
@@ -361,7 +382,8 @@ async def load(side: Outlast, settings: Settings, first: str, log: Callable[[str
     second = "with" if first == "none" else "none"
     done: dict[str, list[tuple[int, float, float]]] = {"none": [], "with": []}  # (requests, wall s, server CPU s)
     async with Server(side.name, side.factory, side.env) as server:
-        await run_load(server.port, 2.0, settings.load_connections)  # warm up
+        api_key = await side.key()
+        await run_load(server.port, 2.0, settings.load_connections, api_key)  # warm up
         for arm in (first, second, second, first):
             async with contextlib.AsyncExitStack() as stack:
                 if arm == "with":
@@ -369,7 +391,7 @@ async def load(side: Outlast, settings: Settings, first: str, log: Callable[[str
                     await clients.open(server.port, paths)
                     await asyncio.sleep(1.0)
                 cpu = cpu_s(server.pid)
-                answer = await run_load(server.port, settings.load_s, settings.load_connections)
+                answer = await run_load(server.port, settings.load_s, settings.load_connections, api_key)
                 done[arm].append((answer["requests"], answer["seconds"], cpu_s(server.pid) - cpu))
             if answer["errors"]:
                 log(f"  load   {arm}: {answer['errors']} errors")
@@ -424,7 +446,7 @@ async def main(settings: Settings) -> dict[str, Any]:
     async with services() as config, connect(config) as deps:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLAST_")}
         env.update(DATABASE_URL=config.database_url, REDIS_URL=config.redis_url)
-        outlast, bare = Outlast(deps, env), Bare(deps, env)
+        outlast, bare = Outlast(deps, env, config), Bare(deps, env)
         runs: dict[str, list[dict[str, Any]]] = {"idle": [], "fanout": [], "load": []}
         for round_ in range(settings.rounds):
             if time.monotonic() - began > DEADLINE_S:
