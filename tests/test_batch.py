@@ -145,3 +145,42 @@ async def test_writes_linger_behind_one_on_its_way_to_go_out_with_later_ones() -
     late = asyncio.create_task(batch(3))  # the first has ended; 2 lingers, so 3 joins it
     assert await asyncio.wait_for(asyncio.gather(early, late), DEADLINE_S) == [20, 30]
     assert statements.calls == [[1], [2, 3]]
+
+
+async def test_a_waiting_write_cancelled_twice_still_ends_only_once_its_batch_has_ended() -> None:
+    """An arq abort, then the shutdown's cancel, while the claim waits in a batch."""
+    statements = Statements(held=2)
+    batch = batcher(statements)
+    first, second = await queued_behind_the_first(statements, batch, 2)
+    statements.gates[0].set()
+    await statements.on_its_way(1)
+    for _ in range(2):
+        second.cancel()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not second.done()
+    statements.gates[1].set()
+    await asyncio.wait_for(asyncio.wait([first, second]), DEADLINE_S)
+    assert second.cancelled() and statements.calls == [[1], [2]]
+
+
+async def test_writes_waiting_for_a_batch_that_is_cancelled_before_it_starts_are_cancelled_not_stranded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A closing loop cancels every task, the batch's sender among them, maybe before its first step."""
+    statements = Statements(held=1)
+    batch = batcher(statements)
+    start_sender = batch._next
+
+    def and_cancel_it_at_once() -> None:
+        start_sender()
+        for sender in batch._tasks:
+            sender.cancel()
+
+    monkeypatch.setattr(batch, "_next", and_cancel_it_at_once)
+    first, second = await queued_behind_the_first(statements, batch, 2)
+    statements.gates[0].set()
+    await asyncio.wait_for(asyncio.wait([first, second]), DEADLINE_S)
+    assert first.result() == 10 and second.cancelled()
+    monkeypatch.undo()
+    assert await asyncio.wait_for(batch(3), DEADLINE_S) == 30  # and the batcher still works

@@ -11,6 +11,7 @@ so a batch changes exactly what its writes would one by one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -54,8 +55,9 @@ class Batcher(Generic[T, R]):
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            if not future.done():
-                await asyncio.wait([future])
+            while not future.done():  # a second cancel (an abort, then the shutdown) waits all the same
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
             raise
 
     def _next(self) -> None:
@@ -64,7 +66,17 @@ class Batcher(Generic[T, R]):
             return
         task = asyncio.create_task(self._send())
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._sender_done)
+
+    def _sender_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() and self._busy and not self._tasks:
+            # Cancelled before its first step (a loop closing cancels every task): it answered nobody and freed
+            # nothing, so the writes still waiting would wait forever, and every later one behind them.
+            for _, future in self._waiting:
+                future.cancel()
+            self._waiting = []
+            self._busy = False
 
     async def _send(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
