@@ -254,7 +254,8 @@ def enqueues(redis: ArqRedis) -> Batcher[tuple[UUID, int], bool]:
     async def ring(attempts: Sequence[tuple[UUID, int]]) -> list[bool]:
         return [await enqueue_many(redis, attempts)] * len(attempts)
 
-    return Batcher(ring, shared=(), linger_s=0.0)
+    # Large batches: while Redis hangs each call may take redis_timeout_s, and submits must not pile up behind it.
+    return Batcher(ring, shared=(), linger_s=0.0, limit=1_000)
 
 
 async def _create(

@@ -27,19 +27,22 @@ async def unencodable(input: Nothing, ctx: Context) -> object:
     return object()
 
 
-class NulIn(msgspec.Struct, forbid_unknown_fields=True):
+class Unstorable(msgspec.Struct, forbid_unknown_fields=True):
     where: Literal["result", "error", "progress", "log"]
+    char: Literal["nul", "surrogate"] = "nul"
 
 
-async def nul(input: NulIn, ctx: Context) -> str | None:
-    """Puts a NUL character, which PostgreSQL can't store in text or jsonb, where `where` says."""
-    text = "before\x00after"
+async def unstorable(input: Unstorable, ctx: Context) -> str | None:
+    """Puts a character PostgreSQL can't store where `where` says: a NUL (no text or jsonb holds one), or a lone
+    surrogate (as bytes decoded with surrogateescape leave: no UTF-8 at all)."""
+    bad = "\x00" if input.char == "nul" else "\udcff"
+    text = f"before{bad}after"
     if input.where == "log":
         await ctx.log("info", text)
     elif input.where == "progress":
         await ctx.progress(0.5, text)
     elif input.where == "error":
-        raise JobError(text, type="bad\x00type")
+        raise JobError(text, type=f"bad{bad}type")
     return text if input.where == "result" else None
 
 
@@ -79,7 +82,7 @@ JOB_TYPES = (
     JobType("explode", Nothing, explode, timeout_s=10),
     JobType("refuse", Nothing, refuse, timeout_s=10),
     JobType("unencodable", Nothing, unencodable, timeout_s=10),
-    JobType("nul", NulIn, nul, timeout_s=10),
+    JobType("unstorable", Unstorable, unstorable, timeout_s=10),
     JobType("event_loop", Nothing, event_loop, timeout_s=10),
     JobType("chatty", Lines, chatty, timeout_s=10),
 )

@@ -164,6 +164,24 @@ async def test_a_claim_that_committed_as_its_cancel_arrived_ends_cancelled_at_on
     assert row["status"] == "cancelled" and msgspec.json.decode(row["error"])["type"] == "cancelled"
 
 
+async def test_a_claim_that_committed_but_whose_answer_was_lost_is_handed_back_at_once_whatever_its_type(
+    client: httpx.AsyncClient, config: Config, deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """None of its code ran, so even a type that is not retry-safe goes back: not `running` with no task until its
+    lease ends, then failed as `worker_lost`."""
+    claim_many = store.claim_many
+
+    async def committed_then_lost(*args: object, **kwargs: object) -> list[store.Claimed | None]:
+        await claim_many(*args, **kwargs)  # type: ignore[arg-type]
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(store, "claim_many", committed_then_lost)
+    job_id = await submit(client, "sleep_once", {"seconds": 600})  # retry_safe=False
+    await run.run_job(job_ctx(config, deps), message(uuid.UUID(job_id), 0))
+    row = await job_row(deps, job_id)
+    assert row["status"] == "queued" and row["attempt"] == 1 and row["interrupted"] == 1
+
+
 async def test_a_claim_cancelled_while_it_waits_for_the_row_leaves_the_job_queued_for_the_next(
     client: httpx.AsyncClient, config: Config, deps: Deps
 ) -> None:

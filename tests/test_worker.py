@@ -7,13 +7,15 @@ import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import httpx
 import msgspec
 import pytest
+from databases import Database
 
 from tests.conftest import eventually, job_row
-from worker import Config, Deps
+from worker import Config, Deps, store
 from worker.job import backoff
 
 Drain = Callable[[], Awaitable[None]]
@@ -96,33 +98,31 @@ async def test_a_result_that_cannot_be_encoded_fails_the_job(client: httpx.Async
     assert job["status"] == "failed" and job["attempt"] == 1 and job["error"]["type"] == "invalid_result"
 
 
-async def test_a_result_holding_a_nul_fails_the_job_as_invalid_result_rather_than_losing_it(
-    client: httpx.AsyncClient, drain: Drain
+@pytest.mark.parametrize("char", ["nul", "surrogate"])
+async def test_a_result_postgres_cannot_store_fails_the_job_as_invalid_result_rather_than_stranding_it(
+    client: httpx.AsyncClient, drain: Drain, char: str
 ) -> None:
-    """PostgreSQL's jsonb can't hold a NUL: the finish would be refused, and the job left running until its lease
-    ran out, then retried into the same wall, and end `worker_lost`."""
-    job_id = await submit(client, "nul", {"where": "result"}, max_attempts=3)
+    """A NUL or a lone surrogate: the finish would be refused, and the job left running until its lease ran out,
+    then retried into the same wall, and end `worker_lost`."""
+    job_id = await submit(client, "unstorable", {"where": "result", "char": char}, max_attempts=3)
     await drain()
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
-    assert job["status"] == "failed" and job["attempt"] == 1 and job["error"]["type"] == "invalid_result"
-    assert "NUL" in job["error"]["message"]
+    assert job["status"] == "failed" and job["attempt"] == 1 and job["error"]["type"] == "invalid_result", job
 
 
+@pytest.mark.parametrize("char", ["nul", "surrogate"])
 @pytest.mark.parametrize("where", ["error", "progress", "log"])
-async def test_a_nul_in_an_error_progress_or_log_line_is_stored_as_the_replacement_character(
-    client: httpx.AsyncClient, deps: Deps, drain: Drain, where: str
+async def test_an_unstorable_character_in_an_error_progress_or_log_line_is_stored_as_the_replacement_character(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain, where: str, char: str
 ) -> None:
-    job_id = await submit(client, "nul", {"where": where}, max_attempts=1)
+    job_id = await submit(client, "unstorable", {"where": where, "char": char}, max_attempts=1)
     await drain()
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == ("failed" if where == "error" else "succeeded"), job
     if where == "error":
         assert job["error"] == {"type": "bad\ufffdtype", "message": "before\ufffdafter", "retryable": False}
-    elif where == "progress":
-        rows = await deps.db.fetch_all(
-            "SELECT data FROM job_events WHERE job_id = CAST(:id AS uuid) AND name = 'progress'", {"id": job_id}
-        )
-        assert [msgspec.json.decode(r["data"])["message"] for r in rows][:1] == ["before\ufffdafter"]
+    elif where == "progress":  # the finish keeps the last message reported
+        assert job["progress"] == {"fraction": 1.0, "message": "before\ufffdafter"}
     else:
         rows = await deps.db.fetch_all(
             "SELECT data FROM job_events WHERE job_id = CAST(:id AS uuid) AND name = 'log'", {"id": job_id}
@@ -199,6 +199,39 @@ async def test_a_job_that_never_reports_has_its_lease_extended_and_outlives_it(
     await asyncio.wait_for(worker, 30)
     row = await job_row(deps, job_id)
     assert row["status"] == "succeeded" and row["attempt"] == 1
+
+
+async def test_a_heartbeat_write_refused_once_does_not_end_the_heartbeat(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat alone keeps the lease: a write refused for any reason must not end it, or the sweep would
+    hand the job, still running here, to another worker."""
+    beat = store.heartbeat
+    refused: list[UUID] = []
+
+    async def refused_once(db: Database, job_id: UUID, *args: Any, **kwargs: Any) -> bool | None:
+        if not refused:
+            refused.append(job_id)
+            raise ValueError("a value the database refused")
+        return await beat(db, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "heartbeat", refused_once)
+    job_id = await submit(client, "sleep_once", {"seconds": config.lease_s * 1.5})
+    worker = asyncio.create_task(drain())
+
+    async def leased() -> datetime | None:
+        row = await job_row(deps, job_id)
+        return row["lease_expires_at"] if row["status"] == "running" else None
+
+    first = await eventually(leased)
+
+    async def extended() -> bool | None:
+        row = await job_row(deps, job_id)
+        return (row["lease_expires_at"] or first) > first or None
+
+    await eventually(extended)
+    await asyncio.wait_for(worker, 30)
+    assert refused and (await job_row(deps, job_id))["status"] == "succeeded"
 
 
 async def test_a_job_of_a_type_this_worker_does_not_know_fails_cleanly(

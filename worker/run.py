@@ -108,8 +108,10 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         claim_sent_at = time.monotonic()  # no later than the database's clock starts the lease
         claimed = await runtime.claims((job_id, attempt))
     except store.UNAVAILABLE as exc:
-        # The row is still queued and marked dispatched: the sweep rings again once the database is back.
+        # Lost with the answer on its way, the claim (and the batch it went in) may have committed: hand such a job
+        # back. Otherwise the row is still queued and marked dispatched: the sweep rings again.
         log.warning("claim %s: database unavailable (%s)", text, exc)
+        await _claim_interrupted(deps, job_id, attempt + 1)
         return
     except asyncio.CancelledError:
         # An abort or the shutdown landed while the claim was in flight: it may have committed all the same.
@@ -176,7 +178,7 @@ async def _run(
     else:
         try:
             encoded = _encode(result)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:
             await _end(deps, runtime, claimed, "failed", error=Error("invalid_result", str(exc), False))
         else:
             if store.NUL.search(encoded):  # the row would refuse it, and no later attempt would do better
@@ -191,8 +193,8 @@ async def _run(
 
 
 async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
-    """Stop attempt `attempt` now if the cancelled claim did start it, rather than leave it running, with no task,
-    until its lease runs out."""
+    """Hand attempt `attempt` back now if a claim whose answer never came did start it, rather than leave it running,
+    with no task, until its lease runs out. None of its code ran, so it goes back whatever its type."""
     try:
         claimed = await persist(
             lambda: store.owned(deps.db, job_id, attempt, owner=OWNER), what=f"claim {job_id}", give_up_after_s=10
@@ -201,17 +203,18 @@ async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
         return  # the lease ends it: the sweep rescues the job
     if claimed is not None:
         deps.notifier.notify(job_id)
-        await _stopped_from_outside(deps, claimed)
+        await _stopped_from_outside(deps, claimed, ran=False)
 
 
-async def _stopped_from_outside(deps: Deps, claimed: store.Claimed) -> None:
+async def _stopped_from_outside(deps: Deps, claimed: store.Claimed, *, ran: bool = True) -> None:
     async def stop() -> None:
         if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
             if await store.finish(deps.db, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
                 deps.notifier.notify(claimed.id)
             return
-        outcome = await store.interrupt(deps.db, claimed.id, claimed.attempt)
-        log.warning("job %s attempt %d interrupted by shutdown: now %s", claimed.id, claimed.attempt, outcome)
+        outcome = await store.interrupt(deps.db, claimed.id, claimed.attempt, ran=ran)
+        what = "interrupted" if ran else "handed back before it ran"
+        log.warning("job %s attempt %d %s: now %s", claimed.id, claimed.attempt, what, outcome)
         if outcome is not None:
             deps.notifier.notify(claimed.id)
         if outcome == "queued":
@@ -284,7 +287,7 @@ async def _heartbeat(
             verdict = await store.heartbeat(
                 deps.db, claimed.id, claimed.attempt, lease_s=config.lease_s, progress=progress
             )
-        except store.UNAVAILABLE as exc:
+        except Exception as exc:  # the task must outlive any failed write: it alone keeps the lease
             retry_in = min(interval, 1.0)
             if time.monotonic() + retry_in >= renewed_at + config.lease_s:
                 # The lease runs out before the next try: the sweep may hand the job to another worker from then
@@ -293,8 +296,11 @@ async def _heartbeat(
                 state.stopped = "superseded"
                 task.cancel()
                 return
-            log.warning("heartbeat %s: database unavailable (%s)", claimed.id, exc)
-            state.latest = state.latest or progress
+            if isinstance(exc, store.UNAVAILABLE):
+                log.warning("heartbeat %s: database unavailable (%s)", claimed.id, exc)
+                state.latest = state.latest or progress
+            else:  # refused: the progress it carried may be why, so the next beat goes without it
+                log.exception("heartbeat %s: the write was refused; its progress is dropped", claimed.id)
             next_beat = time.monotonic() + retry_in
             continue
         renewed_at = sent_at

@@ -30,9 +30,24 @@ NUL_MSG = "PostgreSQL can't store the NUL character (\\u0000) in text"
 
 
 def storable(value: Any) -> str:
-    """`value` as JSON for a jsonb column, each NUL in its strings made U+FFFD. For what a job reports about itself
-    (errors, progress, log lines): one character lost rather than the whole write, and the job with it."""
-    return NUL.sub(rb"\1\\ufffd", _encode(value)).decode()
+    """`value` as JSON for a jsonb column, each NUL or lone surrogate in its strings made U+FFFD. For what a job
+    reports about itself (errors, progress, log lines): one character lost rather than the whole write, and the
+    job with it."""
+    try:
+        encoded = _encode(value)
+    except UnicodeEncodeError:  # a lone surrogate (bytes decoded with surrogateescape) is no UTF-8 at all
+        encoded = _encode(_utf8(msgspec.to_builtins(value)))
+    return NUL.sub(rb"\1\\ufffd", encoded).decode()
+
+
+def _utf8(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, list):
+        return [_utf8(v) for v in value]
+    if isinstance(value, dict):
+        return {_utf8(k): _utf8(v) for k, v in value.items()}
+    return value
 
 
 # What a lost or restarting database raises: the web answers 503, the worker retries with backoff.
@@ -468,10 +483,10 @@ async def cancel_requested(db: Database, job_id: UUID, attempt: int) -> bool:
 _INTERRUPT = f"""
 WITH moved AS (
     UPDATE jobs
-       SET status = CASE WHEN retry_safe THEN 'queued' ELSE 'failed' END,
-           interrupted = interrupted + CASE WHEN retry_safe THEN 1 ELSE 0 END,
-           error = CASE WHEN retry_safe THEN NULL ELSE CAST(:interrupted AS jsonb) END,
-           finished_at = CASE WHEN retry_safe THEN NULL ELSE now() END,
+       SET status = CASE WHEN retry_safe OR NOT :ran THEN 'queued' ELSE 'failed' END,
+           interrupted = interrupted + CASE WHEN retry_safe OR NOT :ran THEN 1 ELSE 0 END,
+           error = CASE WHEN retry_safe OR NOT :ran THEN NULL ELSE CAST(:interrupted AS jsonb) END,
+           finished_at = CASE WHEN retry_safe OR NOT :ran THEN NULL ELSE now() END,
            next_run_at = now(), dispatched_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
            event_seq = event_seq + 1
      WHERE id = :id AND attempt = :attempt AND status = 'running'
@@ -481,12 +496,12 @@ SELECT status FROM moved
 """
 
 
-async def interrupt(db: Database, job_id: UUID, attempt: int) -> Status | None:
+async def interrupt(db: Database, job_id: UUID, attempt: int, *, ran: bool = True) -> Status | None:
     """The worker is shutting down mid-attempt: hand a retry-safe job back without counting the attempt,
-    end any other `failed` with `interrupted`. None: the attempt was no longer current."""
-    status: Status | None = await sql.fetch_val(
-        db, _INTERRUPT, {"id": job_id, "attempt": attempt, "interrupted": _INTERRUPTED}
-    )
+    end any other `failed` with `interrupted`. An attempt none of whose code `ran` goes back whatever its type.
+    None: the attempt was no longer current."""
+    values = {"id": job_id, "attempt": attempt, "interrupted": _INTERRUPTED, "ran": ran}
+    status: Status | None = await sql.fetch_val(db, _INTERRUPT, values)
     return status
 
 
