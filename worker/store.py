@@ -288,8 +288,10 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
         return self.attempt - self.interrupted < self.max_attempts
 
 
+# Batches lock their rows in about id order, not a guaranteed one: should two workers' batches deadlock, PostgreSQL
+# fails one, and worker/batch.py then sends each of its writes alone.
 _CLAIM = f"""
-WITH wanted AS (  -- a pair given twice counts once; in id order, so that batches lock rows in one order
+WITH wanted AS (  -- a pair given twice counts once; in id order, which the join mostly keeps for the row locks
     SELECT DISTINCT ON (id, attempt) id, attempt
       FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS w(id, attempt)
      ORDER BY id, attempt
@@ -366,7 +368,7 @@ async def heartbeat(
 
 
 _FINISH = f"""
-WITH wanted AS (  -- a pair given twice moves as its first place says; in id order, as the claims
+WITH wanted AS (  -- a pair given twice moves as its first place says; in id order, as the claims are
     SELECT DISTINCT ON (id, attempt) *
       FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:targets AS text[]),
                   CAST(:allowed AS text[]), CAST(:results AS jsonb[]), CAST(:errors AS jsonb[]),
