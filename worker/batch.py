@@ -58,6 +58,8 @@ class Batcher(Generic[T, R]):
             while not future.done():  # a second cancel (an abort, then the shutdown) waits all the same
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # taken, so asyncio doesn't log an answer nobody will read as lost
             raise
 
     def _next(self) -> None:
