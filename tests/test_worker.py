@@ -178,10 +178,8 @@ async def test_a_superseded_attempt_stops_at_its_next_heartbeat_and_writes_nothi
     assert row["status"] == "running" and row["attempt"] == 2 and row["finished_at"] is None
 
 
-async def test_a_job_that_never_reports_has_its_lease_extended_and_outlives_it(
-    client: httpx.AsyncClient, deps: Deps, drain: Drain, config: Config
-) -> None:
-    """Its heartbeat starts a third of the lease in, not at its first progress report, which never comes."""
+async def outlives_its_first_lease(client: httpx.AsyncClient, deps: Deps, drain: Drain, config: Config) -> str:
+    """Run a job that never reports for 1.5 leases, until its lease has been extended and the worker is done."""
     job_id = await submit(client, "sleep_once", {"seconds": config.lease_s * 1.5})
     worker = asyncio.create_task(drain())
 
@@ -197,6 +195,14 @@ async def test_a_job_that_never_reports_has_its_lease_extended_and_outlives_it(
 
     await eventually(extended)
     await asyncio.wait_for(worker, 30)
+    return job_id
+
+
+async def test_a_job_that_never_reports_has_its_lease_extended_and_outlives_it(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain, config: Config
+) -> None:
+    """Its heartbeat starts a third of the lease in, not at its first progress report, which never comes."""
+    job_id = await outlives_its_first_lease(client, deps, drain, config)
     row = await job_row(deps, job_id)
     assert row["status"] == "succeeded" and row["attempt"] == 1
 
@@ -216,21 +222,7 @@ async def test_a_heartbeat_write_refused_once_does_not_end_the_heartbeat(
         return await beat(db, job_id, *args, **kwargs)
 
     monkeypatch.setattr(store, "heartbeat", refused_once)
-    job_id = await submit(client, "sleep_once", {"seconds": config.lease_s * 1.5})
-    worker = asyncio.create_task(drain())
-
-    async def leased() -> datetime | None:
-        row = await job_row(deps, job_id)
-        return row["lease_expires_at"] if row["status"] == "running" else None
-
-    first = await eventually(leased)
-
-    async def extended() -> bool | None:
-        row = await job_row(deps, job_id)
-        return (row["lease_expires_at"] or first) > first or None
-
-    await eventually(extended)
-    await asyncio.wait_for(worker, 30)
+    job_id = await outlives_its_first_lease(client, deps, drain, config)
     assert refused and (await job_row(deps, job_id))["status"] == "succeeded"
 
 
