@@ -230,12 +230,7 @@ async def _failed(deps: Deps, runtime: Runtime, claimed: store.Claimed, error: E
         await _end(deps, runtime, claimed, "failed", error=error)
         return
     delay = backoff(claimed.attempt - claimed.interrupted, base=config.backoff_base_s, cap=config.backoff_cap_s)
-    moved = await persist(
-        lambda: runtime.finishes(store.Finish(claimed.id, claimed.attempt, "queued", error=error, retry_in_s=delay)),
-        what=f"retry {claimed.id}",
-    )
-    if moved:
-        deps.notifier.notify(claimed.id)
+    moved = await _end(deps, runtime, claimed, "queued", error=error, retry_in_s=delay)
     if moved and not await enqueue(deps.redis, claimed.id, claimed.attempt, delay_s=delay):
         log.warning("retry %s: Redis unavailable; the sweep will dispatch it", claimed.id)
 
@@ -249,12 +244,15 @@ async def _end(
     result: bytes | None = None,
     error: Error | None = None,
     progress: Progress | None = None,
-) -> None:
-    if await persist(
-        lambda: runtime.finishes(store.Finish(claimed.id, claimed.attempt, to, result, error, progress)),
-        what=f"finish {claimed.id}",
-    ):
+    retry_in_s: float = 0.0,
+) -> bool:
+    """Move the attempt to `to` (`queued`: a retry in `retry_in_s`) through the batched finishes. False: someone
+    won first."""
+    finish = store.Finish(claimed.id, claimed.attempt, to, result, error, progress, retry_in_s)
+    moved = await persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
+    if moved:
         deps.notifier.notify(claimed.id)
+    return moved
 
 
 def _beat_interval(deps: Deps) -> float:
