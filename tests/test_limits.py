@@ -54,6 +54,31 @@ async def test_submits_past_a_keys_burst_get_429_with_retry_after_and_other_keys
     assert await deps.db.fetch_val("SELECT count(*) FROM jobs") == 4
 
 
+async def test_concurrent_submits_of_a_fresh_key_get_its_whole_burst_and_not_one_more(
+    config: Config, deps: Deps, api_key: str
+) -> None:
+    """Concurrent submits that found no held token each drew from Redis, and each answer overwrote the last: 50
+    at once got 429 from about the tenth on."""
+    async with app_with(config, submit_rate_per_s=0.001, submit_burst=100) as client:
+        answers = await asyncio.gather(
+            *(client.post("/v1/jobs", json=SQUARES, headers=bearer(api_key)) for _ in range(100))
+        )
+        assert [r.status_code for r in answers] == [202] * 100
+        assert_rate_limited(await client.post("/v1/jobs", json=SQUARES, headers=bearer(api_key)))
+    assert await deps.db.fetch_val("SELECT count(*) FROM jobs") == 100
+
+
+async def test_concurrent_takes_share_one_draw_and_are_refused_together_once_the_bucket_is_empty(
+    redis: Redis, deps: Deps
+) -> None:
+    budget = SubmitBudget()
+    outcomes = await asyncio.gather(
+        *(budget.take(redis, "k", rate=0.001, burst=30) for _ in range(50)), return_exceptions=True
+    )
+    assert outcomes.count(None) == 30
+    assert all(isinstance(o, RateLimited) for o in outcomes if o is not None)
+
+
 async def test_the_bucket_refills_at_the_rate(redis: Redis, deps: Deps) -> None:
     budget = SubmitBudget()
     for _ in range(2):
