@@ -15,12 +15,13 @@ from uuid import UUID
 import msgspec
 from arq.connections import ArqRedis
 from databases import Database
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from uuid_utils.compat import uuid7
 
 from server import limits
 from server.auth import caller_of, signed_links, tenant_of
+from server.body import json_body, nesting
 from server.problems import (
     Conflict,
     FieldError,
@@ -30,8 +31,6 @@ from server.problems import (
     JobFailed,
     JobNotDone,
     NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
     UnknownJobType,
     ValidationError,
 )
@@ -43,7 +42,6 @@ from worker.queue import enqueue_many
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
-TOO_DEEP = "the JSON is nested too deeply"
 # Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 
@@ -100,53 +98,19 @@ def _job_types(request: Request) -> Mapping[str, JobType]:
     return types
 
 
-async def read_body(request: Request, limit: int, *, timeout_s: float = 30.0) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit`, whatever Content-Length claimed, and with 408
-    unless all of it arrives within `timeout_s` (a slow or stalled sender, or a Content-Length larger than the data,
-    would otherwise hold the request open for as long as it likes)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body passed the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"the whole body must arrive within {timeout_s:g} s") from None
-    except ClientDisconnect:
-        raise InvalidBody("the client went away before the body was complete") from None
-    return b"".join(chunks)
-
-
 def _decode_submit(body: bytes) -> SubmitJob:
-    if not body.strip():
-        raise InvalidBody("the body is empty; send a JSON object with `type` and `input`")
     try:
         return _submit_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise ValidationError.from_msgspec(exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidBody(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidBody(TOO_DEEP) from None
 
 
 def _storable(encoded: bytes, loc: str) -> bytes:
     if store.NUL.search(encoded):  # refused up front rather than failing the INSERT
         raise ValidationError(f"{store.NUL_MSG} at {loc}", [FieldError(loc, store.NUL_MSG)])
     return encoded
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
 
 
 def _job(request: Request, row: store.JobRow) -> Job:
@@ -175,7 +139,10 @@ async def submit(request: Request) -> Response:
         deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
     )
     idempotency_key = _idempotency_key(request)
-    body = _decode_submit(await read_body(request, config.max_body_bytes, timeout_s=config.body_timeout_s))
+    raw = await json_body(
+        request, config.max_body_bytes, timeout_s=config.body_timeout_s, what="a JSON object with `type` and `input`"
+    )
+    body = _decode_submit(raw)
     job_type = _job_types(request).get(body.type)
     if job_type is None:
         known = ", ".join(sorted(_job_types(request)))
@@ -185,8 +152,6 @@ async def submit(request: Request) -> Response:
         value = job_type.decoder.decode(body.input)
     except msgspec.ValidationError as exc:
         raise ValidationError.from_msgspec(exc, prefix="$.input") from None
-    except RecursionError:
-        raise InvalidBody(TOO_DEEP) from None
     if body.callback_url is not None:
         try:  # and again at every delivery attempt, on the address actually connected to
             await request.app.state.callback_guard.check(body.callback_url)
@@ -199,7 +164,7 @@ async def submit(request: Request) -> Response:
         raise ValidationError(msg, [FieldError("$.timeout_s", msg)])
     input = _storable(_encode(value), "$.input")
     metadata = _storable(_encode(body.metadata), "$.metadata")
-    if len(metadata) > MAX_METADATA_BYTES or _depth(body.metadata) > MAX_METADATA_DEPTH:
+    if len(metadata) > MAX_METADATA_BYTES or nesting(metadata) > MAX_METADATA_DEPTH:
         msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
         raise ValidationError(msg, [FieldError("$.metadata", msg)])
     max_attempts = body.max_attempts or job_type.max_attempts or config.default_max_attempts

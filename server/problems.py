@@ -13,6 +13,7 @@
      ├── RequestTimeout          408 request-timeout (the body did not arrive in time)
      ├── Gone                    410 gone
      ├── PayloadTooLarge         413 payload-too-large
+ ├── UnsupportedMediaType    415 unsupported-media-type (the body is not declared JSON)
      ├── RateLimited             429 rate-limited (with Retry-After)
      └── Unavailable             503 unavailable (with Retry-After)
 
@@ -169,6 +170,12 @@ class PayloadTooLarge(ProblemError):
     """The request body is too large."""
 
     status = 413
+
+
+class UnsupportedMediaType(ProblemError):
+    """The request body is not of a media type this route takes."""
+
+    status = 415
 
 
 class RateLimited(ProblemError):

@@ -382,6 +382,66 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] =
         "$.metadata",
     ),
     (
+        # ~490 deep was a 500 (a recursive depth check ran out of stack), ~500 a reset connection
+        "metadata nested 490 lists deep, 1 KB",
+        "POST",
+        "/v1/jobs",
+        {
+            "content": b'{"type": "square_sum", "input": {"data": [1]}, "metadata": {"a": '
+            + b"[" * 490
+            + b"]" * 490
+            + b"}}"
+        },
+        400,
+        "invalid-body",
+        None,
+    ),
+    (
+        "input nested 500 objects deep",
+        "POST",
+        "/v1/jobs",
+        {"content": b'{"type": "sleep", "input": ' + b'{"a": ' * 500 + b"1" + b"}" * 500 + b"}"},
+        400,
+        "invalid-body",
+        None,
+    ),
+    (
+        "a body declared text/plain",
+        "POST",
+        "/v1/jobs",
+        {"content": b'{"type": "square_sum", "input": {"data": [1]}}', "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported-media-type",
+        "Content-Type",
+    ),
+    (
+        "a form post",
+        "POST",
+        "/v1/jobs",
+        {"data": {"type": "square_sum"}},
+        415,
+        "unsupported-media-type",
+        "Content-Type",
+    ),
+    (
+        "a top-level key given twice (was last-wins)",
+        "POST",
+        "/v1/jobs",
+        {"content": b'{"type": "square_sum", "input": {"data": [1]}, "type": "sleep"}'},
+        400,
+        "invalid-body",
+        None,
+    ),
+    (
+        "a key given twice inside the input",
+        "POST",
+        "/v1/jobs",
+        {"content": b'{"type": "square_sum", "input": {"data": [1], "data": [2]}}'},
+        400,
+        "invalid-body",
+        None,
+    ),
+    (
         "NUL in metadata (PostgreSQL can't store it)",
         "POST",
         "/v1/jobs",
@@ -451,6 +511,7 @@ def test_problem_slugs_are_stable() -> None:
         "idempotency-key-reused",
         "request-timeout",
         "rate-limited",
+        "unsupported-media-type",
     }
 
 
