@@ -28,13 +28,15 @@ async def unencodable(input: Nothing, ctx: Context) -> object:
 
 
 class Unstorable(msgspec.Struct, forbid_unknown_fields=True):
-    where: Literal["result", "error", "progress", "log"]
+    where: Literal["result", "error", "progress", "log", "long_error"]
     char: Literal["nul", "surrogate"] = "nul"
 
 
 async def unstorable(input: Unstorable, ctx: Context) -> str | None:
     """Puts a character PostgreSQL can't store where `where` says: a NUL (no text or jsonb holds one), or a lone
     surrogate (as bytes decoded with surrogateescape leave: no UTF-8 at all)."""
+    if input.where == "long_error":
+        raise JobError("x" * 1_000_000)
     bad = "\x00" if input.char == "nul" else "\udcff"
     text = f"before{bad}after"
     if input.where == "log":
@@ -44,6 +46,24 @@ async def unstorable(input: Unstorable, ctx: Context) -> str | None:
     elif input.where == "error":
         raise JobError(text, type=f"bad{bad}type")
     return text if input.where == "result" else None
+
+
+class Digits(msgspec.Struct, forbid_unknown_fields=True):
+    digits: int
+
+
+async def big_int(input: Digits, ctx: Context) -> int:
+    """An integer Python refuses to turn into text past 4,300 digits: msgspec's encoder raises ValueError."""
+    return 10 ** (input.digits - 1)
+
+
+class Text(msgspec.Struct, forbid_unknown_fields=True):
+    json: str
+
+
+async def raw_result(input: Text, ctx: Context) -> msgspec.Raw:
+    """A result passed through as JSON text the encoder doesn't look at: PostgreSQL may still refuse it."""
+    return msgspec.Raw(input.json.encode())
 
 
 async def event_loop(input: Nothing, ctx: Context) -> str:
@@ -84,5 +104,7 @@ JOB_TYPES = (
     JobType("unencodable", Nothing, unencodable, timeout_s=10),
     JobType("unstorable", Unstorable, unstorable, timeout_s=10),
     JobType("event_loop", Nothing, event_loop, timeout_s=10),
+    JobType("big_int", Digits, big_int, timeout_s=10),
+    JobType("raw_result", Text, raw_result, timeout_s=10),
     JobType("chatty", Lines, chatty, timeout_s=10),
 )

@@ -98,6 +98,40 @@ async def test_a_result_that_cannot_be_encoded_fails_the_job(client: httpx.Async
     assert job["status"] == "failed" and job["attempt"] == 1 and job["error"]["type"] == "invalid_result"
 
 
+async def test_a_result_integer_too_long_to_print_fails_the_job_at_once_as_invalid_result(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    """Encoding it raised ValueError, which escaped the attempt: the row stayed running through three rescues and
+    ended `worker_lost`."""
+    job_id = await submit(client, "big_int", {"digits": 8_600}, max_attempts=3)
+    await drain()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["attempt"] == 1, job
+    assert job["error"]["type"] == "invalid_result" and "4300" in job["error"]["message"]
+
+
+async def test_a_result_postgres_refuses_to_store_fails_the_job_at_once_as_invalid_result(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    job_id = await submit(client, "raw_result", {"json": "1e1000000"}, max_attempts=3)  # past numeric's range
+    await drain()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["attempt"] == 1, job
+    assert job["error"]["type"] == "invalid_result" and "could not be stored" in job["error"]["message"]
+
+
+async def test_square_sum_refuses_integers_longer_than_it_can_square_and_print(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [10**4298]}})
+    assert response.status_code == 422 and response.json()["errors"][0]["loc"] == "$.input.data[0]"
+
+
+async def test_a_job_error_message_is_cut_to_a_bounded_length(client: httpx.AsyncClient, drain: Drain) -> None:
+    job_id = await submit(client, "unstorable", {"where": "long_error"}, max_attempts=1)
+    await drain()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and len(job["error"]["message"]) == 2_000, len(job["error"]["message"])
+
+
 @pytest.mark.parametrize("char", ["nul", "surrogate"])
 async def test_a_result_postgres_cannot_store_fails_the_job_as_invalid_result_rather_than_stranding_it(
     client: httpx.AsyncClient, drain: Drain, char: str

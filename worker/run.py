@@ -31,6 +31,7 @@ CANCELLED = Error("cancelled", "cancelled on request", False)
 # waits at all; 10 ms more per claim and finish then is nothing beside a job, and a tenth as many round trips
 # and commits drain the queue 1.4x as fast on two cores (docs/performance.md).
 WRITE_LINGER_S = 0.01
+ERROR_MAX_CHARS = 2_000  # a job's error message is cut to this: it is stored with the job and in its events
 
 
 @dataclass(frozen=True)
@@ -171,25 +172,45 @@ async def _run(
         await asyncio.shield(_stopped_from_outside(deps, claimed))
         raise
     except JobError as exc:
-        await _failed(deps, runtime, claimed, Error(exc.type, str(exc), exc.retryable))
+        await _failed(deps, runtime, claimed, Error(exc.type, _clipped(exc, ERROR_MAX_CHARS), exc.retryable))
     except Exception as exc:
         log.exception("job %s attempt %d raised", claimed.id, claimed.attempt)
-        await _failed(deps, runtime, claimed, Error(type(exc).__name__, str(exc) or type(exc).__name__, True))
+        await _failed(deps, runtime, claimed, Error(type(exc).__name__, _clipped(exc, ERROR_MAX_CHARS), True))
     else:
-        try:
-            encoded = _encode(result)
-        except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:
-            await _end(deps, runtime, claimed, "failed", error=Error("invalid_result", str(exc), False))
-        else:
-            if store.NUL.search(encoded):  # the row would refuse it, and no later attempt would do better
-                error = Error("invalid_result", f"the result holds a NUL: {store.NUL_MSG}", False)
-                await _end(deps, runtime, claimed, "failed", error=error)
-            else:
-                await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=Progress(1.0, state.message))
+        await _succeeded(deps, runtime, claimed, result, Progress(1.0, state.message))
     finally:
         first_beat.cancel()
         if beat is not None:
             beat.cancel()
+
+
+async def _succeeded(deps: Deps, runtime: Runtime, claimed: store.Claimed, result: Any, progress: Progress) -> None:
+    """Store the result, or end the attempt `failed` with `invalid_result` at once when it can't be encoded or
+    stored: no later attempt would do better, and an exception escaping here would leave the row `running` until
+    its lease ran out, to be retried into the same wall and end `worker_lost`."""
+    try:
+        encoded = _encode(result)
+    except Exception as exc:  # not JSON, a lone surrogate, an int past Python's digit limit for str()...
+        error = Error("invalid_result", f"the result can't be encoded as JSON: {_clipped(exc)}", False)
+        await _end(deps, runtime, claimed, "failed", error=error)
+        return
+    if store.NUL.search(encoded):  # the row would refuse it
+        error = Error("invalid_result", f"the result holds a NUL: {store.NUL_MSG}", False)
+        await _end(deps, runtime, claimed, "failed", error=error)
+        return
+    try:
+        await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=progress)
+    except store.UNAVAILABLE:
+        raise  # retried for minutes already: the lease runs out and the sweep decides
+    except Exception as exc:
+        log.exception("job %s attempt %d: its result could not be stored", claimed.id, claimed.attempt)
+        error = Error("invalid_result", f"the result could not be stored: {_clipped(exc)}", False)
+        await _end(deps, runtime, claimed, "failed", error=error)
+
+
+def _clipped(exc: BaseException, limit: int = 500) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
