@@ -8,7 +8,7 @@ without a line of its own; handlers read the result with `tenant_of(request)` (o
 
 Anything else answers 401 with `WWW-Authenticate: Bearer`. An API key in the query string is refused even beside a
 valid header: it is already in access logs and browser history. An address that keeps failing gets 429 for the rest
-of a minute, before any lookup (server/limits.py).
+of a minute (server/limits.py); a request without credentials never counts, and a valid key always passes.
 
 Pure ASGI, not BaseHTTPMiddleware, which would buffer and break streaming responses such as the event stream.
 """
@@ -229,14 +229,34 @@ class Authenticate:
         await self.app(scope, receive, send)
 
 
+def client_address(scope: Scope, proxy_hops: int) -> str:
+    """The address a request came from, as far as the deployment can trust it: the socket's peer, or behind
+    `proxy_hops` proxies that each append the address they were connected from to X-Forwarded-For, the entry that
+    many places from the right. Entries further left are whatever the client wrote, so they are never read."""
+    peer = str((scope.get("client") or ("unknown", 0))[0])
+    if proxy_hops <= 0:
+        return peer
+    forwarded = [
+        entry.strip()
+        for name, value in scope.get("headers", ())
+        if name == b"x-forwarded-for"
+        for entry in value.decode("latin-1").split(",")
+    ]
+    return forwarded[-proxy_hops] if len(forwarded) >= proxy_hops else peer
+
+
 async def _authenticate(scope: Scope, guard: Guard, deps: Deps) -> Caller:
-    client = (scope.get("client") or ("unknown", 0))[0]
-    if (left := guard.throttle.blocked(client)) is not None:
-        raise RateLimited(f"too many failed authentications from this address; retry in {left} s", left)
+    """The caller, or Unauthorized. Only requests that present credentials, and fail, count against their address:
+    one without any can't guess anything, and a valid key is never refused for what others sent from its address
+    (everyone behind one NAT)."""
     try:
         return await _identify(scope, guard, deps)
-    except Unauthorized:
-        if (left := await guard.throttle.failed(deps.redis, client)) is not None:
+    except Unauthorized as exc:
+        if not exc.presented:
+            raise
+        client = client_address(scope, guard.config.trusted_proxy_hops)
+        left = guard.throttle.blocked(client) or await guard.throttle.failed(deps.redis, client)
+        if left is not None:
             raise RateLimited(f"too many failed authentications from this address; retry in {left} s", left) from None
         raise
 

@@ -101,6 +101,7 @@ class Unauthorized(ProblemError):
 
     def __init__(self, detail: str, *, presented: bool = True) -> None:
         super().__init__(detail)
+        self.presented = presented  # credentials came with the request (and were refused)
         # RFC 6750: name the error only when credentials were presented, so a bare request learns nothing more.
         challenge = 'Bearer realm="outlast"' + (', error="invalid_token"' if presented else "")
         self.headers = {"WWW-Authenticate": challenge}

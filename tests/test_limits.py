@@ -89,29 +89,60 @@ async def test_the_bucket_refills_at_the_rate(redis: Redis, deps: Deps) -> None:
     await budget.take(redis, "k", rate=20.0, burst=2)
 
 
-async def test_repeated_auth_failures_from_one_address_get_429_then_even_a_valid_key_waits(
+async def test_repeated_auth_failures_from_one_address_get_429_but_a_valid_key_from_it_is_served(
     config: Config, deps: Deps, api_key: str
 ) -> None:
     async with app_with(config, auth_failures_per_min=3) as client:
         for _ in range(3):
             assert (await client.get("/v1/jobs", headers=bearer(keys.new_key()))).status_code == 401
         assert assert_rate_limited(await client.get("/v1/jobs", headers=bearer(keys.new_key()))) <= 60
-        # Blocked for the rest of the minute, before any lookup: a guesser learns nothing more meanwhile.
-        assert_rate_limited(await client.get("/v1/jobs", headers=bearer(api_key)))
+        assert_rate_limited(await client.get("/v1/jobs?token=olt_forged.forged"))  # bad read tokens count too
+        # What others sent from this address (everyone behind one NAT) never locks a valid key out.
+        assert (await client.get("/v1/jobs", headers=bearer(api_key))).status_code == 200
         assert (await client.get("/healthz")).status_code == 200  # only /v1 is guarded
     # Another address is not affected: the count is per client.
     app = create_app(msgspec.structs.replace(config, auth_failures_per_min=3))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 4000))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as elsewhere:
-            assert (await elsewhere.get("/v1/jobs", headers=bearer(api_key))).status_code == 200
+            assert (await elsewhere.get("/v1/jobs", headers=bearer(keys.new_key()))).status_code == 401
+
+
+async def test_requests_without_credentials_never_count_as_failures(config: Config, deps: Deps) -> None:
+    """31 requests without any credentials used to lock the address out, and every valid key holder behind it."""
+    async with app_with(config, auth_failures_per_min=3) as client:
+        for _ in range(10):
+            assert (await client.get("/v1/jobs")).status_code == 401
+        assert (await client.get("/v1/jobs", headers=bearer(keys.new_key()))).status_code == 401  # 1 of 3
+
+
+async def test_x_forwarded_for_is_ignored_unless_proxies_are_trusted(config: Config, deps: Deps) -> None:
+    """A client rotating X-Forwarded-For sent 600 bad keys without a 429 (and spoofing another's address could lock
+    that one out)."""
+    async with app_with(config, auth_failures_per_min=3) as client:
+        for n in range(3):
+            spoofed = {"x-forwarded-for": f"198.51.100.{n}", **bearer(keys.new_key())}
+            assert (await client.get("/v1/jobs", headers=spoofed)).status_code == 401
+        spoofed = {"x-forwarded-for": "198.51.100.99", **bearer(keys.new_key())}
+        assert_rate_limited(await client.get("/v1/jobs", headers=spoofed))
+
+
+async def test_behind_one_trusted_proxy_the_address_it_appended_is_the_one_counted(config: Config, deps: Deps) -> None:
+    async with app_with(config, auth_failures_per_min=3, trusted_proxy_hops=1) as client:
+        for n in range(3):  # what the client wrote itself (left of the proxy's entry) changes nothing
+            forwarded = {"x-forwarded-for": f"10.9.9.{n}, 203.0.113.5", **bearer(keys.new_key())}
+            assert (await client.get("/v1/jobs", headers=forwarded)).status_code == 401
+        forwarded = {"x-forwarded-for": "203.0.113.5", **bearer(keys.new_key())}
+        assert_rate_limited(await client.get("/v1/jobs", headers=forwarded))
+        other = {"x-forwarded-for": "203.0.113.5, 203.0.113.6", **bearer(keys.new_key())}  # another real client
+        assert (await client.get("/v1/jobs", headers=other)).status_code == 401
 
 
 async def test_the_failure_count_is_shared_by_web_processes(config: Config, deps: Deps) -> None:
     async with app_with(config, auth_failures_per_min=4) as one, app_with(config, auth_failures_per_min=4) as two:
         for client in (one, two, one, two):
-            assert (await client.get("/v1/jobs")).status_code == 401
-        assert_rate_limited(await two.get("/v1/jobs"))
+            assert (await client.get("/v1/jobs", headers=bearer(keys.new_key()))).status_code == 401
+        assert_rate_limited(await two.get("/v1/jobs", headers=bearer(keys.new_key())))
 
 
 async def test_stream_slots_cap_open_streams_per_key_and_come_back_on_exit(redis: Redis, deps: Deps) -> None:

@@ -68,6 +68,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     auth_failures_per_min: Annotated[int, msgspec.Meta(ge=1)] = (
         30  # per client address; past it: 429 till the minute ends
     )
+    # Proxies in front of the web that each append the address they were connected from to X-Forwarded-For (one
+    # on Heroku, Render and Fly): the client address that failed authentications count against. docs/security.md
+    trusted_proxy_hops: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
     body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
     stream_keepalive_s: Annotated[float, msgspec.Meta(gt=0, le=15)] = 10.0  # the SSE comment that keeps proxies open
     stream_max_s: Seconds = 1800.0  # an event stream then ends with a `reconnect` event, so connections rebalance
