@@ -24,6 +24,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
@@ -61,11 +62,23 @@ class Caller:
     tenant: str
     key_id: str | None  # the API key's id; None for a job read token or development's open mode
     job: UUID | None = None  # a read token's one job
+    expires_at: float | None = None  # a read token's end, in Unix time: nothing it opened outlives it
 
     @property
     def limit_key(self) -> str:
-        """What per-key limits count against."""
-        return self.key_id or f"{self.tenant}:open"
+        """What per-key limits count against: the key; for a read token, its job (a leaked link uses up that job's
+        streams, not every browser's of the tenant); in open mode, the tenant."""
+        if self.key_id is not None:
+            return self.key_id
+        return f"job:{self.job}" if self.job is not None else f"open:{self.tenant}"
+
+
+class Token(NamedTuple):
+    """What a valid job read token says."""
+
+    tenant: str
+    job: UUID
+    expires_at: int  # Unix time
 
 
 def caller_of(request: Request) -> Caller:
@@ -120,19 +133,23 @@ class Guard:
         return f"{TOKEN_PREFIX}{_b64(payload)}.{_b64(mac)}"
 
     def link_token(self, tenant: str, job_id: UUID) -> str:
-        """`token` for a Job's links, minted again at most once a minute per job: a poller reading the job every
-        50 ms gets the same token (still valid for 14 minutes or more) instead of a new HMAC each time."""
+        """`token` for a Job's links, minted again at most once a minute per job (and at least every quarter of the
+        token's life, so that a Job never carries a token far into its life, let alone an expired one): a poller
+        reading the job every 50 ms gets the same token instead of a new HMAC each time."""
         now = time.monotonic()
+        reuse_s = min(LINK_TOKEN_REUSE_S, self.config.token_ttl_s / 4)
         minted = self._link_tokens.get((tenant, job_id))
-        if minted is not None and now - minted[1] < LINK_TOKEN_REUSE_S:
+        if minted is not None and now - minted[1] < reuse_s:
             return minted[0]
-        self._link_tokens = pruned(self._link_tokens, lambda v: now - v[1] < LINK_TOKEN_REUSE_S, self.LINK_TOKENS)
+        self._link_tokens = pruned(self._link_tokens, lambda v: now - v[1] < reuse_s, self.LINK_TOKENS)
         token = self.token(tenant, job_id)
         self._link_tokens[(tenant, job_id)] = (token, now)
         return token
 
-    def read_token(self, token: str) -> tuple[str, UUID] | None:
-        """(tenant, job id) of a token this server signed and that has not expired; else None."""
+    def read_token(self, token: str) -> Token | None:
+        """What a token this server signed says, unless it has expired; else None. Only the one spelling `token`
+        mints is accepted: base64 that decodes to the same bytes (padding, unused bits, the other alphabet) is
+        refused, so a token can't be varied into another string that is just as good."""
         body, dot, mac = token.removeprefix(TOKEN_PREFIX).partition(".")
         if not token.startswith(TOKEN_PREFIX) or not dot:
             return None
@@ -140,12 +157,19 @@ class Guard:
             payload, signature = _unb64(body), _unb64(mac)
         except (binascii.Error, ValueError):
             return None
+        if _b64(payload) != body or _b64(signature) != mac:
+            return None
         expected = hmac.digest(self.secret, _TOKEN_CONTEXT + payload, "sha256")
         if not hmac.compare_digest(expected, signature) or len(payload) < 24:
             return None
-        if int.from_bytes(payload[16:24], "big") < time.time():
+        expires_at = int.from_bytes(payload[16:24], "big")
+        if expires_at < time.time():
             return None
-        return payload[24:].decode(), UUID(bytes=payload[:16])
+        try:
+            tenant = payload[24:].decode()
+        except UnicodeDecodeError:
+            return None
+        return Token(tenant, UUID(bytes=payload[:16]), expires_at)
 
     async def open_now(self, db: Database) -> bool:
         """Development's open mode: allowed at start-up, and still no usable key (creating one closes it)."""
@@ -298,7 +322,6 @@ def _token_caller(scope: Scope, guard: Guard, tokens: list[str]) -> Caller:
     claims = guard.read_token(tokens[0]) if len(tokens) == 1 else None
     if claims is None:
         raise Unauthorized("the job read token is invalid or expired: read the job again for a fresh one")
-    tenant, job_id = claims
-    if job_in_path.lower() != str(job_id):
+    if job_in_path.lower() != str(claims.job):
         raise Unauthorized("this job read token is for another job")
-    return Caller(tenant, None, job_id)
+    return Caller(claims.tenant, None, claims.job, float(claims.expires_at))

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -45,7 +46,7 @@ _encode = msgspec.json.Encoder().encode
 class Reconnect(msgspec.Struct, frozen=True):
     """A `reconnect` event's data: why the stream ended before the job did."""
 
-    reason: str  # max-lifetime, shutdown or unavailable
+    reason: str  # max-lifetime, token-expired, shutdown or unavailable
 
 
 def frame(row: store.JobRow, event: events.Event, links: Links | None = None) -> bytes:
@@ -110,17 +111,27 @@ async def follow(request: Request) -> Response:
     if row.done and not first:
         return Response(status_code=204)  # nothing after Last-Event-ID, ever
     # The 429 must go out before any byte of the stream; the body renews the slot and gives it back.
+    caller = caller_of(request)
     slot = await StreamSlot.take(
         deps.redis,
-        caller_of(request).limit_key,
-        limit=deps.config.max_streams_per_key,
+        caller.limit_key,
+        limit=deps.config.max_streams_per_token if caller.job else deps.config.max_streams_per_key,
         retry_after=deps.config.retry_after_s,
     )
     shutdown = _Shutdown()
     tenant = tenant_of(request)
     links = signed_links(request, row.to_job()).links  # a status event's Job is the one GET would show
     frames = _frames(
-        request.app.state.hub, request.app.state.metrics, deps.config, tenant, links, row, after, first, shutdown
+        request.app.state.hub,
+        request.app.state.metrics,
+        deps.config,
+        tenant,
+        links,
+        row,
+        after,
+        first,
+        shutdown,
+        caller.expires_at,
     )
     return EventStream(
         _holding(slot, frames),
@@ -154,8 +165,13 @@ async def _frames(
     after: int,
     first: list[events.Event],
     shutdown: _Shutdown,
+    expires_at: float | None,
 ) -> AsyncIterator[bytes]:
-    until = asyncio.get_running_loop().time() + config.stream_max_s
+    lifetime, ends = config.stream_max_s, "max-lifetime"
+    if expires_at is not None and expires_at - time.time() < lifetime:
+        # A stream a read token opened ends with the token: the client reads the job again for a fresh one.
+        lifetime, ends = max(0.0, expires_at - time.time()), "token-expired"
+    until = asyncio.get_running_loop().time() + lifetime
     metrics.open_streams.inc()
     try:
         for event in first:
@@ -178,7 +194,7 @@ async def _frames(
                         yield frame(row, found, links)
                         return
                     yield frame(row, found, links)
-            yield reconnect("shutdown" if follower.stopped else "max-lifetime")
+            yield reconnect("shutdown" if follower.stopped else ends)
     except store.UNAVAILABLE as exc:
         log.warning("event stream of %s: database unavailable (%s); the client will reconnect", row.id, exc)
         yield reconnect("unavailable")

@@ -119,18 +119,27 @@ class RawStream:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, url: str, job_id: str, *, key: str = "", last_event_id: int | None = None) -> RawStream:
+    async def open(
+        cls, url: str, job_id: str, *, key: str = "", last_event_id: int | None = None, path: str = ""
+    ) -> RawStream:
+        """A stream of `job_id`'s events, or of `path` (e.g. a Job's `links.events`) when given."""
+        stream, head = await cls.request(url, path or f"/v1/jobs/{job_id}/events", key=key, last_event_id=last_event_id)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"transfer-encoding: chunked" in head.lower()
+        return stream
+
+    @classmethod
+    async def request(
+        cls, url: str, path: str, *, key: str = "", last_event_id: int | None = None
+    ) -> tuple[RawStream, bytes]:
+        """GET `path`: the connection, and the head of the answer (whatever its status)."""
         host, _, port = url.removeprefix("http://").partition(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         resume = "" if last_event_id is None else f"Last-Event-ID: {last_event_id}\r\n"
         auth = f"Authorization: Bearer {key}\r\n" if key else ""
-        writer.write(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: {host}\r\n{auth}{resume}\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}{resume}\r\n".encode())
         await writer.drain()
-        stream = cls(reader, writer)
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        assert b"transfer-encoding: chunked" in head.lower()
-        return stream
+        return cls(reader, writer), await reader.readuntil(b"\r\n\r\n")
 
     async def next_frame(self) -> Frame | None:
         """The next event (comments skipped); None when the server ended the stream."""

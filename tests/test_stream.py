@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import eventually, free_port, notified
-from tests.sse import Frame, Live, live_server, read_stream
+from tests.sse import Frame, Live, RawStream, live_server, read_stream
 from worker import Config, Deps, Progress, events, store
 from worker.embedded import EmbeddedValkey
 from worker.sweep import sweep_once
@@ -244,6 +244,36 @@ async def test_a_stream_past_its_lifetime_ends_with_a_reconnect_event_and_resume
 
 # (events written before the connection, events read before disconnecting, rudely?) per connection
 PLANS = st.lists(st.tuples(st.integers(0, 4), st.integers(0, 6), st.booleans()), min_size=1, max_size=6)
+
+
+async def test_a_read_tokens_streams_are_limited_per_job_and_leave_the_keys_own_alone(
+    config: Config, deps: Deps
+) -> None:
+    """Every read-token stream of a tenant shared one pool: 10 streams on one leaked job link denied live streams to
+    every browser of that tenant."""
+    limited = msgspec.structs.replace(config, max_streams_per_key=2, max_streams_per_token=2)
+    async with live_server(limited) as live, live.client() as client:
+        leaked, other = [(await client.post("/v1/jobs", json={"type": "sleep"})).json() for _ in range(2)]
+        held = [await RawStream.open(live.url, "", path=leaked["links"]["events"]) for _ in range(2)]
+        refused, head = await RawStream.request(live.url, leaked["links"]["events"])
+        assert head.startswith(b"HTTP/1.1 429"), head
+        await refused.close()
+        held.append(await RawStream.open(live.url, "", path=other["links"]["events"]))  # another job: its own
+        held += [await live.open_stream(leaked["id"]) for _ in range(2)]  # the key's streams: its own pool
+        for stream in held:
+            await stream.close()
+
+
+async def test_a_stream_opened_with_a_read_token_ends_when_the_token_does(config: Config, deps: Deps) -> None:
+    """A stream opened with a token outlived it by up to OUTLAST_STREAM_MAX_S (30 minutes)."""
+    async with live_server(msgspec.structs.replace(config, token_ttl_s=2)) as live, live.client() as client:
+        job = (await client.post("/v1/jobs", json={"type": "sleep"})).json()  # no worker: it stays queued
+        stream = await RawStream.open(live.url, "", path=job["links"]["events"])
+        frames = await asyncio.wait_for(stream.rest(), 30)
+        assert frames[-1].event == "reconnect" and frames[-1].data == {"reason": "token-expired"}, frames
+        again, head = await RawStream.request(live.url, job["links"]["events"])
+        assert head.startswith(b"HTTP/1.1 401"), head  # the same link again: read the job for a fresh one
+        await again.close()
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
