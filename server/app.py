@@ -61,7 +61,8 @@ def create_app(config: Config | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.metrics = counters
-    app.state.submit_budget = limits.SubmitBudget()
+    app.state.submit_budget = limits.Budget("submits")
+    app.state.redeliver_budget = limits.Budget("redeliveries")
     app.state.job_types = job_types
     app.state.callback_guard = Guard.from_config(config)  # the SSRF guard for callback_url (tests swap the resolver)
     app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)

@@ -6,7 +6,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.auth import tenant_of
+from server import limits
+from server.auth import caller_of, tenant_of
 from server.jobs import _deps, _get, retry_after
 from server.problems import Conflict, JobNotDone
 from server.responses import MsgspecResponse
@@ -23,6 +24,11 @@ async def list_deliveries(request: Request) -> Response:
 
 
 async def redeliver(request: Request) -> Response:
+    """A fresh delivery, or the one already pending: asking again while one waits coalesces into it."""
+    config = _deps(request).config
+    budget: limits.Budget = request.app.state.redeliver_budget
+    per_min = config.redelivers_per_min
+    await budget.take(_deps(request).redis, caller_of(request).limit_key, rate=per_min / 60, burst=per_min)
     row = await _get(request)
     if not row.done:
         raise JobNotDone(retry_after(row))

@@ -134,7 +134,7 @@ def retry_after(row: store.JobRow, now: datetime | None = None) -> int:
 async def submit(request: Request) -> Response:
     deps = _deps(request)
     config = deps.config
-    budget: limits.SubmitBudget = request.app.state.submit_budget
+    budget: limits.Budget = request.app.state.submit_budget
     await budget.take(
         deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
     )

@@ -1,6 +1,6 @@
 """Rate limits kept in Redis, so every web process counts against the same numbers:
 
-- submits per API key: a token bucket (`SubmitBudget`);
+- submits and redeliveries per API key: a token bucket each (`Budget`);
 - failed authentications per client address: a fixed one-minute window (`AuthThrottle`);
 - open event streams per API key: leased slots (`StreamSlot`, `stream_slot`).
 
@@ -59,16 +59,16 @@ return {0, tostring((1 - tokens) / rate)}
 """
 
 
-class SubmitBudget:
-    """Submits per API key: a token bucket in Redis that every web process draws from, so the limit holds across
-    them. A process takes a key's tokens a few at a time (an eighth of the burst, at most 64, or as many as its
-    concurrent submits of that key want) and spends them itself, so a busy key costs a round trip per handful of
-    submits, not per submit; tokens it has not spent within `HOLD_S` are dropped, never given back. Every submit
-    still spends a token that came out of the shared bucket: the limit is never exceeded, and a key spread over
-    many processes may only meet it a little early. A burst under 16 is taken one token at a time, exactly as a
-    single bucket would.
+class Budget:
+    """Requests of one kind (`what`: submits, redeliveries) per API key: a token bucket in Redis that every web
+    process draws from, so the limit holds across them. A process takes a key's tokens a few at a time (an eighth
+    of the burst, at most 64, or as many as its concurrent requests of that key want) and spends them itself, so a
+    busy key costs a round trip per handful of requests, not per request; tokens it has not spent within `HOLD_S`
+    are dropped, never given back. Every request still spends a token that came out of the shared bucket: the limit
+    is never exceeded, and a key spread over many processes may only meet it a little early. A burst under 16 is
+    taken one token at a time, exactly as a single bucket would.
 
-    One draw per key is on its way at a time: submits that find no held token while it is out wait for its answer
+    One draw per key is on its way at a time: requests that find no held token while it is out wait for its answer
     and share what it took; when it took nothing, they are all refused with it. (Each drawing for itself, every
     answer but the last was thrown away, and 50 concurrent submits of a fresh key got 429 from about the tenth.)"""
 
@@ -76,7 +76,8 @@ class SubmitBudget:
     MAX_CHUNK = 64
     MEMORY = 10_000  # keys holding tokens, per process
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "submits") -> None:
+        self.what = what
         self._held: dict[str, tuple[int, float]] = {}  # key: (tokens, monotonic time they lapse)
         self._drawing: dict[str, asyncio.Task[bool]] = {}  # key: its draw on its way
         self._wanting: dict[str, int] = {}  # key: submits waiting for its draw
@@ -117,14 +118,14 @@ class SubmitBudget:
         False: Redis is unreachable."""
         wanted = min(self.MAX_CHUNK, max(1, burst // 8, self._wanting.get(key, 0)))
         try:
-            answer = await self._script(redis)(keys=[f"outlast:rate:submit:{key}"], args=[rate, burst, wanted])
+            answer = await self._script(redis)(keys=[f"outlast:rate:{self.what}:{key}"], args=[rate, burst, wanted])
         except REDIS_DOWN as exc:
-            log.warning("submit rate limit not applied: Redis unavailable (%s)", exc)
+            log.warning("%s rate limit not applied: Redis unavailable (%s)", self.what, exc)
             return False
         taken = int(answer[0])
         if taken < 1:
             wait = math.ceil(float(answer[1]))
-            raise RateLimited(f"more than {rate:g} submits per second with this API key; retry in {wait} s", wait)
+            raise RateLimited(f"more than {rate:g} {self.what} per second with this API key; retry in {wait} s", wait)
         now = time.monotonic()
         self._held = pruned(self._held, lambda held: held[1] > now, self.MEMORY)
         held, _ = self._held.get(key, (0, 0.0))

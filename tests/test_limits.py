@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from server.app import create_app
-from server.limits import StreamSlot, SubmitBudget, stream_slot
+from server.limits import Budget, StreamSlot, stream_slot
 from server.problems import RateLimited
 from tests.conftest import Processes, bearer, process_env
 from worker import Config, Deps, keys
@@ -71,7 +71,7 @@ async def test_concurrent_submits_of_a_fresh_key_get_its_whole_burst_and_not_one
 async def test_concurrent_takes_share_one_draw_and_are_refused_together_once_the_bucket_is_empty(
     redis: Redis, deps: Deps
 ) -> None:
-    budget = SubmitBudget()
+    budget = Budget()
     outcomes = await asyncio.gather(
         *(budget.take(redis, "k", rate=0.001, burst=30) for _ in range(50)), return_exceptions=True
     )
@@ -80,7 +80,7 @@ async def test_concurrent_takes_share_one_draw_and_are_refused_together_once_the
 
 
 async def test_the_bucket_refills_at_the_rate(redis: Redis, deps: Deps) -> None:
-    budget = SubmitBudget()
+    budget = Budget()
     for _ in range(2):
         await budget.take(redis, "k", rate=20.0, burst=2)
     with pytest.raises(RateLimited):
@@ -189,8 +189,8 @@ async def test_a_slot_taken_before_streaming_is_renewed_by_its_stream_or_lapses(
 async def test_limits_fail_open_when_redis_is_down(deps: Deps) -> None:
     down = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
     try:
-        await SubmitBudget().take(down, "k", rate=1.0, burst=1)
-        await SubmitBudget().take(down, "k", rate=1.0, burst=1)
+        await Budget().take(down, "k", rate=1.0, burst=1)
+        await Budget().take(down, "k", rate=1.0, burst=1)
         async with stream_slot(down, "k", limit=1, retry_after=5), stream_slot(down, "k", limit=1, retry_after=5):
             pass
     finally:
@@ -316,7 +316,7 @@ async def test_the_limit_table_answers_4xx_never_5xx_and_the_web_processs_memory
         procs.stop()
 
 
-async def takes_until_refused(budget: SubmitBudget, redis: Redis, *, burst: int) -> int:
+async def takes_until_refused(budget: Budget, redis: Redis, *, burst: int) -> int:
     """How many submits `budget` lets through before its first 429 (the bucket refills at a token per 1,000 s)."""
     taken = 0
     while True:
@@ -328,7 +328,7 @@ async def takes_until_refused(budget: SubmitBudget, redis: Redis, *, burst: int)
 
 
 async def test_processes_drawing_a_keys_tokens_in_handfuls_never_pass_its_burst(redis: Redis, deps: Deps) -> None:
-    budgets = [SubmitBudget() for _ in range(3)]  # three web processes, each taking 10 at a time
+    budgets = [Budget() for _ in range(3)]  # three web processes, each taking 10 at a time
     accepted, refused = 0, set()
     while len(refused) < len(budgets):
         for n, budget in enumerate(budgets):
@@ -345,14 +345,14 @@ async def test_a_busy_key_costs_one_round_trip_per_handful_of_submits(redis: Red
         stats = await redis.info("commandstats")
         return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
 
-    before, budget = await scripts_run(), SubmitBudget()
-    for _ in range(SubmitBudget.MAX_CHUNK):
-        await budget.take(redis, "k", rate=1000.0, burst=8 * SubmitBudget.MAX_CHUNK)
+    before, budget = await scripts_run(), Budget()
+    for _ in range(Budget.MAX_CHUNK):
+        await budget.take(redis, "k", rate=1000.0, burst=8 * Budget.MAX_CHUNK)
     assert await scripts_run() - before <= 2  # one handful (and, the first time, loading the script)
 
 
 async def test_tokens_a_process_held_too_long_are_dropped_not_spent(redis: Redis, deps: Deps) -> None:
-    budget = SubmitBudget()
+    budget = Budget()
     budget.HOLD_S = 0.05
     await budget.take(redis, "k", rate=0.001, burst=16)  # takes 2 from the bucket, holds 1
     await asyncio.sleep(0.1)

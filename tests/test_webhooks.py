@@ -274,6 +274,23 @@ async def test_deliveries_list_and_redeliver(hooks: Hooks, receiver: Receiver, d
     assert {"/v1/jobs/{id}/deliveries", "/v1/jobs/{id}/deliveries/redeliver"} <= set(doc["paths"])
 
 
+async def test_redeliver_coalesces_while_one_is_pending_and_is_rate_limited_per_key(
+    hooks: Hooks, receiver: Receiver, drain: Drain
+) -> None:
+    """40 calls in a row made 41 deliveries, each retried for 36 h."""
+    job_id = await hooks.submit("square_sum", {"data": [3]}, callback_url=receiver.url)
+    await drain()
+    await hooks.deliver()
+    answers = [await hooks.client.post(f"/v1/jobs/{job_id}/deliveries/redeliver") for _ in range(40)]
+    statuses = [a.status_code for a in answers]
+    assert statuses[:10] == [202] * 10 and set(statuses[10:]) == {429}, statuses
+    assert int(answers[-1].headers["retry-after"]) >= 1
+    assert len({a.json()["id"] for a in answers[:10]}) == 1  # one redelivery, however often it was asked for
+    assert [d["reason"] for d in await hooks.deliveries(job_id)] == ["finished", "redeliver"]
+    await hooks.deliver()
+    assert len(receiver.requests) == 2
+
+
 # -- SSRF at delivery: rebinding, redirects, the pinned address -------------------------------------
 
 

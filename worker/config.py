@@ -64,6 +64,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     idempotency_ttl_s: Seconds = 86_400  # an Idempotency-Key replays its job this long, then may be used again
     submit_rate_per_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0  # per API key, refilled continuously...
     submit_burst: Annotated[int, msgspec.Meta(ge=1)] = 100  # ...into a bucket this deep
+    redelivers_per_min: Annotated[int, msgspec.Meta(ge=1)] = 10  # POST …/redeliver per API key: then 429
     max_streams_per_key: Annotated[int, msgspec.Meta(ge=1)] = 10  # open event streams per API key
     max_streams_per_token: Annotated[int, msgspec.Meta(ge=1)] = 5  # ...and per job, opened with its read token
     auth_failures_per_min: Annotated[int, msgspec.Meta(ge=1)] = (

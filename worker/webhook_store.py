@@ -165,16 +165,25 @@ WITH d AS (
     INSERT INTO webhook_deliveries (job_id, url, reason)
     SELECT id, callback_url, 'redeliver' FROM jobs
      WHERE id = :job_id AND tenant_id = :tenant AND callback_url IS NOT NULL AND finished_at IS NOT NULL
+    ON CONFLICT (job_id) WHERE reason = 'redeliver' AND status = 'pending' DO NOTHING
     RETURNING *
 )
 SELECT {_DELIVERY_COLUMNS} FROM d
+UNION ALL
+SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries d
+ WHERE d.job_id = :job_id AND d.reason = 'redeliver' AND d.status = 'pending'
+   AND EXISTS (SELECT 1 FROM jobs WHERE id = :job_id AND tenant_id = :tenant)
 """
 
 
 async def redeliver(db: Database, tenant: str, job_id: UUID) -> Delivery | None:
-    """Queue a fresh delivery of a finished job with a callback_url; None when it has none or is not done."""
-    record = await sql.fetch_one(db, _REDELIVER, {"job_id": job_id, "tenant": tenant})
-    return None if record is None else _delivery(record)
+    """Queue a fresh delivery of a finished job with a callback_url, or return the redelivery of it still pending
+    (asking again coalesces). None when it has no callback_url or is not done."""
+    for _ in range(2):  # a pending one committed by a concurrent call after this statement began: look again
+        record = await sql.fetch_one(db, _REDELIVER, {"job_id": job_id, "tenant": tenant})
+        if record is not None:
+            return _delivery(record)
+    return None
 
 
 # -- signing secrets --------------------------------------------------------------------------------
