@@ -163,6 +163,22 @@ async def test_hostile_callback_urls_get_422_naming_callback_url_and_touch_nothi
     assert await hooks.deps.db.fetch_val("SELECT count(*) FROM jobs") == 0
 
 
+async def test_a_refusal_tells_the_caller_not_how_the_web_resolves_the_name(
+    hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "… resolves to 10.x, which is private" mapped the deployment's private network for anyone who asked."""
+    hooks.dns.table["internal.example.com"] = ["10.1.2.3"]
+    body = {"type": "square_sum", "input": {"data": [1]}, "callback_url": "https://internal.example.com/"}
+    with caplog.at_level("INFO", logger="outlast.web"):
+        response = await hooks.client.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    assert "10.1.2.3" not in response.text and "private" not in response.text
+    assert response.json()["detail"] == (
+        "callback_url refused: internal.example.com resolves to an address that is not allowed"
+    )
+    assert "internal.example.com resolves to 10.1.2.3, which is private" in caplog.text
+
+
 async def test_an_allowed_callback_url_is_accepted_and_shown_on_the_job(hooks: Hooks, receiver: Receiver) -> None:
     job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
     job = (await hooks.client.get(f"/v1/jobs/{job_id}")).json()

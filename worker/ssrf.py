@@ -40,12 +40,15 @@ class Forbidden(Exception):
     """The URL is not one Outlast will connect to.
 
     `permanent` is False when the refusal came from a DNS answer, which may change; a URL refused for its
-    own text, or for an address written in it, is refused for good.
+    own text, or for an address written in it, is refused for good. The message is what the caller may be told;
+    `detail` (for the log) may say more: how this host resolves a name is not the caller's business (it maps
+    the deployment's private network).
     """
 
-    def __init__(self, reason: str, *, permanent: bool = True) -> None:
+    def __init__(self, reason: str, *, permanent: bool = True, detail: str | None = None) -> None:
         super().__init__(reason)
         self.permanent = permanent
+        self.detail = detail or reason
 
 
 def _table(*rows: tuple[str, str]) -> tuple[tuple[Network, str], ...]:
@@ -245,15 +248,22 @@ class Guard:
         except TimeoutError:
             raise Forbidden(f"{host} did not resolve within {self.resolve_timeout_s:g} s", permanent=False) from None
         except OSError as exc:
-            raise Forbidden(f"{host} does not resolve: {exc}", permanent=False) from None
+            raise Forbidden(
+                f"{host} does not resolve", permanent=False, detail=f"{host} does not resolve: {exc}"
+            ) from None
         try:
             addresses = tuple(ip_address(a) for a in answers)
         except ValueError as exc:
-            raise Forbidden(f"{host} resolved to something that is not an address: {exc}", permanent=False) from None
+            why = f"{host} resolved to something that is not an address: {exc}"
+            raise Forbidden(f"{host} does not resolve to an address", permanent=False, detail=why) from None
         if not addresses:
             raise Forbidden(f"{host} does not resolve", permanent=False)
         for address in addresses:
             label = _label(address, self.allowed_networks)
             if label is not None:
-                raise Forbidden(f"{host} resolves to {address}, which is {label}", permanent=False)
+                raise Forbidden(
+                    f"{host} resolves to an address that is not allowed",
+                    permanent=False,
+                    detail=f"{host} resolves to {address}, which is {label}",
+                )
         return Target(url, host, addresses)

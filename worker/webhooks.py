@@ -176,6 +176,7 @@ class Sender:
                 target = await self.guard.check(url)
                 status, retry = await self._send(target, body, headers)
         except Forbidden as exc:
+            log.warning("webhook to %s refused: %s", url.partition("?")[0][:200], exc.detail)
             return Outcome(latency_ms=took(), error=f"refused: {exc}", permanent=exc.permanent)
         except (TimeoutError, httpx.TimeoutException):
             return Outcome(latency_ms=took(), error=f"no answer within {self.timeout_s:g} s")
