@@ -12,13 +12,14 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from server import auth, deliveries, jobs, limits, openapi, ops, problems, stream
+from server import accesslog, auth, deliveries, jobs, limits, openapi, ops, problems, stream
 from server.metrics import CountRequests, Metrics, metrics
 from worker import Config, Guard, Hub, collector, connect, from_env, load_job_types
 
 
 def create_app(config: Config | None = None) -> Starlette:
     config = config or from_env()
+    accesslog.install()
     job_types = load_job_types(config.job_modules)
     counters = Metrics()
 
