@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -34,11 +35,12 @@ from server.problems import (
     UnknownJobType,
     ValidationError,
 )
-from server.responses import MsgspecResponse
+from server.responses import JSONResponse, MsgspecResponse
 from worker import Deps, Forbidden, Hub, Job, JobType, Status, request_abort, store
 from worker.batch import Batcher
 from worker.queue import enqueue_many
 
+log = logging.getLogger("outlast.web")
 MAX_WAIT_S = 60
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
@@ -156,6 +158,7 @@ async def submit(request: Request) -> Response:
         try:  # and again at every delivery attempt, on the address actually connected to
             await request.app.state.callback_guard.check(body.callback_url)
         except Forbidden as exc:
+            log.info("callback_url refused: %s", exc.detail)  # what it resolved to: for the log, not the caller
             msg = f"callback_url refused: {exc}"
             raise ValidationError(msg, [FieldError("$.callback_url", msg)]) from None
     timeout_s = body.timeout_s or min(job_type.timeout_s, config.max_timeout_s)
@@ -317,7 +320,7 @@ async def result(request: Request) -> Response:
     if row.status == "succeeded":
         if row.result is None:
             raise Gone("the result was deleted after the retention period")
-        return Response(row.result, media_type="application/json")
+        return JSONResponse(row.result)
     if not row.done:
         raise JobNotDone(retry_after(row))
     raise JobFailed(row.status, row.to_job().error)

@@ -63,6 +63,25 @@ async def test_submitted_job_runs_to_its_result(
     assert (await client.get(f"/v1/jobs/{cube['id']}/result")).json() == 36
 
 
+async def test_job_and_result_json_are_never_sniffed_or_cached(
+    client: httpx.AsyncClient, drain: Callable[[], Awaitable[None]]
+) -> None:
+    """A result is whatever a job's code returned: no browser may sniff it into HTML, and no cache keep it."""
+    submitted = await client.post("/v1/jobs", json={"type": "sleep", "input": {"seconds": 0}})
+    job_id = submitted.json()["id"]
+    await drain()
+    answers = [
+        submitted,
+        await client.get(f"/v1/jobs/{job_id}"),
+        await client.get(f"/v1/jobs/{job_id}/result"),
+        await client.get("/v1/jobs"),
+        await client.get(f"/v1/jobs/{uuid.uuid4()}"),  # a problem too
+    ]
+    for response in answers:
+        assert response.headers["x-content-type-options"] == "nosniff", response.request.url
+        assert response.headers["cache-control"] == "no-store", response.request.url
+
+
 async def test_result_of_an_unfinished_job_is_409_job_not_done(client: httpx.AsyncClient) -> None:
     job = (await client.post("/v1/jobs", json=SQUARES)).json()
     response = await client.get(f"/v1/jobs/{job['id']}/result")
