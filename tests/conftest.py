@@ -128,8 +128,9 @@ async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
 @pytest.fixture
 async def deps(config: Config) -> AsyncIterator[Deps]:
     async with connect(config) as deps:
-        await deps.db.execute("TRUNCATE jobs, api_keys CASCADE")
+        await deps.db.execute("TRUNCATE jobs, api_keys, workers CASCADE")
         await deps.db.execute("DELETE FROM tenants WHERE id <> 'default'")
+        await deps.db.execute("UPDATE tenants SET max_running = NULL, running = 0")
         await deps.redis.flushdb()
         yield deps
 

@@ -1,4 +1,4 @@
-"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, submit, webhooks."""
+"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, tenants, submit, webhooks."""
 
 from __future__ import annotations
 
@@ -93,6 +93,34 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         print(f"no usable key {args.key!r} (unknown, or already revoked)", file=sys.stderr)
         return 1
     print(f"revoked {keys.key_id(args.key) or args.key}: it answers 401 from now on", file=sys.stderr)
+    return 0
+
+
+def cmd_tenants_list(args: argparse.Namespace) -> int:
+    from worker.capacity import tenants
+
+    found = asyncio.run(_with_database(tenants))
+    print(f"{'tenant':<24}  {'running':>7}  {'max running':<22}  created")
+    for t in found:
+        cap = "default share" if t.max_running is None else str(t.max_running)
+        print(f"{t.id:<24}  {t.running:>7}  {cap:<22}  {t.created_at:%Y-%m-%d %H:%M:%S}")
+    return 0
+
+
+def cmd_tenants_limit(args: argparse.Namespace) -> int:
+    from worker.capacity import set_limit
+
+    if args.max_running == "default":
+        limit = None
+    elif args.max_running.isdigit():
+        limit = int(args.max_running)
+    else:
+        raise SystemExit(f"MAX_RUNNING is a number of jobs or `default`, not {args.max_running!r}")
+    if not asyncio.run(_with_database(lambda db: set_limit(db, args.tenant, limit))):
+        print(f"no tenant {args.tenant!r}", file=sys.stderr)
+        return 1
+    what = "the deployment's default share of worker slots" if limit is None else f"{limit} running jobs at once"
+    print(f"tenant {args.tenant}: at most {what}", file=sys.stderr)
     return 0
 
 
@@ -220,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     listing.add_argument("--tenant")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (or the whole key): 401 from then on")
     revoke.add_argument("key")
+    tenants_parser = sub.add_parser("tenants", help="tenants in DATABASE_URL: list, limit how many jobs each runs")
+    tenants_sub = tenants_parser.add_subparsers(dest="tenants_command", required=True)
+    tenants_sub.add_parser("list", help="every tenant: its running jobs and its cap")
+    limit = tenants_sub.add_parser("limit", help="cap how many of TENANT's jobs run at once (`default`: the share)")
+    limit.add_argument("tenant")
+    limit.add_argument("max_running", metavar="MAX_RUNNING", help="a number of jobs (0 pauses it), or `default`")
     webhooks = sub.add_parser("webhooks", help="webhook settings").add_subparsers(dest="what", required=True)
     secret = webhooks.add_parser("secret", help="show TENANT's signing secret (created when it has none)")
     secret.add_argument("tenant")
@@ -228,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "keys":
         sys.exit({"create": cmd_keys_create, "list": cmd_keys_list, "revoke": cmd_keys_revoke}[args.keys_command](args))
+    if args.command == "tenants":
+        sys.exit({"list": cmd_tenants_list, "limit": cmd_tenants_limit}[args.tenants_command](args))
     commands = {"run": cmd_run, "migrate": cmd_migrate, "web": cmd_web, "worker": cmd_worker, "submit": cmd_submit}
     commands["webhooks"] = cmd_webhooks
     sys.exit(commands[args.command](args))

@@ -44,6 +44,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     backoff_base_s: Seconds = 1.0
     backoff_cap_s: Seconds = 300.0
     worker_max_jobs: Annotated[int, msgspec.Meta(ge=1)] = 100
+    # A tenant without a cap of its own may run at most this share of the live workers' slots, once two or more
+    # tenants hold API keys (1: no default cap). worker/capacity.py
+    tenant_max_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
     worker_poll_delay_s: Seconds = 0.05
     worker_health_check_interval_s: Annotated[int, msgspec.Meta(ge=1)] = 5
     # Names this worker's health key, so `arq --check` checks this instance, not any sibling. Empty: the

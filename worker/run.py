@@ -19,8 +19,9 @@ import msgspec
 
 from worker import events, store
 from worker.batch import Batcher
+from worker.capacity import Capacity
 from worker.job import Context, Error, JobError, JobType, Progress, Status, backoff
-from worker.queue import Deps, enqueue, parse_message
+from worker.queue import Deps, enqueue, enqueue_many, parse_message
 
 log = logging.getLogger("outlast.worker")
 T = TypeVar("T")
@@ -36,19 +37,23 @@ ERROR_MAX_CHARS = 2_000  # a job's error message is cut to this: it is stored wi
 
 @dataclass(frozen=True)
 class Runtime:
-    """What run_job needs besides connections, once per worker process: the registry of job types, and the claims
-    and finishes of the attempts it runs, batched (worker/batch.py)."""
+    """What run_job needs besides connections, once per worker process: the registry of job types, the claims and
+    finishes of the attempts it runs, batched (worker/batch.py), and the tenants' caps (worker/capacity.py)."""
 
     job_types: Mapping[str, JobType]
     claims: Batcher[tuple[UUID, int], store.Claimed | None]
     finishes: Batcher[store.Finish, bool]
+    capacity: Capacity
 
     @classmethod
-    def of(cls, deps: Deps, job_types: Mapping[str, JobType]) -> Runtime:
-        db, lease_s = deps.db, deps.config.lease_s
+    def of(cls, deps: Deps, job_types: Mapping[str, JobType], *, name: str = OWNER) -> Runtime:
+        db, config = deps.db, deps.config
+        capacity = Capacity(name, config.worker_max_jobs, config.tenant_max_share)
 
         async def claim(wanted: Sequence[tuple[UUID, int]]) -> list[store.Claimed | None]:
-            return await store.claim_many(db, wanted, owner=OWNER, lease_s=lease_s)
+            return await store.claim_many(
+                db, wanted, owner=OWNER, lease_s=config.lease_s, default_cap=capacity.default_cap
+            )
 
         async def finish(finishes: Sequence[store.Finish]) -> list[bool]:
             return await store.finish_many(db, finishes)
@@ -57,6 +62,7 @@ class Runtime:
             job_types,
             Batcher(claim, shared=store.UNAVAILABLE, linger_s=WRITE_LINGER_S),
             Batcher(finish, shared=store.UNAVAILABLE, linger_s=WRITE_LINGER_S),
+            capacity,
         )
 
     async def aclose(self) -> None:
@@ -112,11 +118,11 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         # Lost with the answer on its way, the claim (and the batch it went in) may have committed: hand such a job
         # back. Otherwise the row is still queued and marked dispatched: the sweep rings again.
         log.warning("claim %s: database unavailable (%s)", text, exc)
-        await _claim_interrupted(deps, job_id, attempt + 1)
+        await _claim_interrupted(deps, runtime, job_id, attempt + 1)
         return
     except asyncio.CancelledError:
         # An abort or the shutdown landed while the claim was in flight: it may have committed all the same.
-        await asyncio.shield(_claim_interrupted(deps, job_id, attempt + 1))
+        await asyncio.shield(_claim_interrupted(deps, runtime, job_id, attempt + 1))
         raise
     if claimed is None:
         return  # a stale or duplicate delivery: someone else has it, or it ended
@@ -169,7 +175,7 @@ async def _run(
             await _end(deps, runtime, claimed, "cancelled", error=CANCELLED)
             return
         # arq cancelled us: a cancel request (arq abort) or the worker's shutdown after its grace period.
-        await asyncio.shield(_stopped_from_outside(deps, claimed))
+        await asyncio.shield(_stopped_from_outside(deps, runtime, claimed))
         raise
     except JobError as exc:
         await _failed(deps, runtime, claimed, Error(exc.type, _clipped(exc, ERROR_MAX_CHARS), exc.retryable))
@@ -213,7 +219,7 @@ def _clipped(exc: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
+async def _claim_interrupted(deps: Deps, runtime: Runtime, job_id: UUID, attempt: int) -> None:
     """Hand attempt `attempt` back now if a claim whose answer never came did start it, rather than leave it running,
     with no task, until its lease runs out. None of its code ran, so it goes back whatever its type."""
     try:
@@ -224,24 +230,42 @@ async def _claim_interrupted(deps: Deps, job_id: UUID, attempt: int) -> None:
         return  # the lease ends it: the sweep rescues the job
     if claimed is not None:
         deps.notifier.notify(job_id)
-        await _stopped_from_outside(deps, claimed, ran=False)
+        await _stopped_from_outside(deps, runtime, claimed, ran=False)
 
 
-async def _stopped_from_outside(deps: Deps, claimed: store.Claimed, *, ran: bool = True) -> None:
+async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: store.Claimed, *, ran: bool = True) -> None:
     async def stop() -> None:
         if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
             if await store.finish(deps.db, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
                 deps.notifier.notify(claimed.id)
+                await _gave_back(deps, runtime, claimed)
             return
         outcome = await store.interrupt(deps.db, claimed.id, claimed.attempt, ran=ran)
         what = "interrupted" if ran else "handed back before it ran"
         log.warning("job %s attempt %d %s: now %s", claimed.id, claimed.attempt, what, outcome)
         if outcome is not None:
             deps.notifier.notify(claimed.id)
+            await _gave_back(deps, runtime, claimed)
         if outcome == "queued":
             await enqueue(deps.redis, claimed.id, claimed.attempt)
 
     await persist(stop, what=f"stop {claimed.id}", give_up_after_s=10)
+
+
+async def _gave_back(deps: Deps, runtime: Runtime, claimed: store.Claimed) -> None:
+    """The attempt stopped running and gave its tenant's slot back: dispatch the job that waits for it now, rather
+    than at the sweep's next pass."""
+    if not claimed.slots:
+        return
+    try:
+        woken = await store.wake(
+            deps.db, [claimed.tenant_id], default_cap=runtime.capacity.default_cap, batch=deps.config.sweep_batch
+        )
+    except store.UNAVAILABLE as exc:
+        log.warning("wake %s: database unavailable (%s); the sweep dispatches what waits", claimed.tenant_id, exc)
+        return
+    if woken and not await enqueue_many(deps.redis, woken):
+        await store.undispatch_many(deps.db, woken)
 
 
 async def _failed(deps: Deps, runtime: Runtime, claimed: store.Claimed, error: Error) -> None:
@@ -273,6 +297,7 @@ async def _end(
     moved = await persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
     if moved:
         deps.notifier.notify(claimed.id)
+        await _gave_back(deps, runtime, claimed)
     return moved
 
 

@@ -22,11 +22,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import webhooks
+from worker.capacity import refresh
 from worker.config import from_env
 from worker.job_types import load
 from worker.queue import QUEUE, RUN_JOB, connect, deserialize, redis_settings, serialize
 from worker.run import Runtime, run_job
-from worker.sweep import sweeping
+from worker.sweep import fresh_s, sweeping
 
 config = from_env()  # arq imports this module by its dotted path: this is the worker's edge
 
@@ -58,10 +59,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     logging.getLogger("outlast").setLevel(logging.INFO)
     stack = contextlib.AsyncExitStack()
     ctx["deps"] = await stack.enter_async_context(connect(config, redis=ctx["redis"]))
-    ctx["runtime"] = Runtime.of(ctx["deps"], load(config.job_modules))
-    stack.push_async_callback(ctx["runtime"].aclose)
+    ctx["runtime"] = runtime = Runtime.of(ctx["deps"], load(config.job_modules), name=instance_name())
+    stack.push_async_callback(runtime.aclose)
     await stack.enter_async_context(webhooks.serving(ctx["deps"]))  # deliveries on their own tasks, not arq's
-    await stack.enter_async_context(sweeping(ctx["deps"]))  # its own task too: it must run when every slot is taken
+    # Before the first claim, so that tenants' default cap is in force from it on.
+    await refresh(ctx["deps"].db, runtime.capacity, fresh_s=fresh_s(config))
+    # Its own task too: it must run when every slot is taken. Each pass tells the others this worker's slots.
+    await stack.enter_async_context(sweeping(ctx["deps"], runtime.capacity))
     ctx["stack"] = stack
 
 

@@ -229,12 +229,22 @@ async def release_idempotency_key(db: Database, job_id: UUID, key: str) -> None:
     await sql.execute(db, _RELEASE_IDEMPOTENT, {"id": job_id, "key": key})
 
 
-_UNDISPATCH = "UPDATE jobs SET dispatched_at = NULL WHERE id = :id AND attempt = :attempt AND status = 'queued'"
+_UNDISPATCH = """
+UPDATE jobs SET dispatched_at = NULL
+  FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS w(id, attempt)
+ WHERE jobs.id = w.id AND jobs.attempt = w.attempt AND jobs.status = 'queued'
+"""
 
 
 async def undispatch(db: Database, job_id: UUID, attempt: int) -> None:
     """Redis did not take the job: leave it to the sweep's next pass."""
-    await sql.execute(db, _UNDISPATCH, {"id": job_id, "attempt": attempt})
+    await undispatch_many(db, [(job_id, attempt)])
+
+
+async def undispatch_many(db: Database, attempts: Sequence[tuple[UUID, int]]) -> None:
+    """`undispatch` for each `(job_id, attempt)`, in one statement."""
+    values = {"ids": [job_id for job_id, _ in attempts], "attempts": [attempt for _, attempt in attempts]}
+    await sql.execute(db, _UNDISPATCH, values)
 
 
 # -- reads ------------------------------------------------------------------------------------------
@@ -275,6 +285,7 @@ async def list_jobs(
 
 class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     id: UUID
+    tenant_id: str
     type: str
     input: str
     attempt: int
@@ -282,51 +293,86 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: int
     retry_safe: bool
     interrupted: int  # attempts handed back by a graceful shutdown: they don't count
+    slots: list[str] | None = None  # held while it runs ('tenant'): given back when it stops, waking a waiting job
 
     @property
     def attempts_left(self) -> bool:
         return self.attempt - self.interrupted < self.max_attempts
 
 
+_CLAIMED_COLUMNS = "id, tenant_id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted, slots"
+# A tenant's cap on running jobs: its own, else the deployment's default (NULL: none in force).
+_CAP = "COALESCE(t.max_running, CAST(:default_cap AS int))"
+
 # Batches lock their rows in about id order, not a guaranteed one: should two workers' batches deadlock, PostgreSQL
 # fails one, and worker/batch.py then sends each of its writes alone.
 _CLAIM = f"""
-WITH wanted AS (  -- a pair given twice counts once; in id order, which the join mostly keeps for the row locks
-    SELECT DISTINCT ON (id, attempt) id, attempt
-      FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS w(id, attempt)
-     ORDER BY id, attempt
+WITH wanted AS (  -- a pair given twice counts once, at its first place; in id order, which the join mostly keeps
+    SELECT DISTINCT ON (id, attempt) id, attempt, place
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) WITH ORDINALITY AS w(id, attempt, place)
+     ORDER BY id, attempt, place
+), candidate AS (  -- what the claim may take (the UPDATE checks each row again)
+    SELECT j.id, j.attempt, j.tenant_id, w.place
+      FROM jobs j JOIN wanted w ON j.id = w.id AND j.attempt = w.attempt
+     WHERE j.status = 'queued' AND j.expires_at > now() AND j.cancel_requested_at IS NULL
+), capped AS (
+    -- The tenants under a cap, locked (NO KEY: submits' foreign-key checks go on): a claim that waited for another
+    -- here reads the running count that one left, so two claims never both take a tenant's last slot.
+    SELECT t.id, {_CAP} - t.running AS room
+      FROM tenants t
+     WHERE t.id IN (SELECT tenant_id FROM candidate) AND {_CAP} IS NOT NULL
+     ORDER BY t.id
+       FOR NO KEY UPDATE
+), admitted AS (  -- within a tenant, in the order the claims came, as many as its room
+    SELECT c.id, c.attempt, k.id IS NOT NULL AS capped
+      FROM (SELECT *, row_number() OVER (PARTITION BY tenant_id ORDER BY place) AS n FROM candidate) c
+      LEFT JOIN capped k ON k.id = c.tenant_id
+     WHERE k.id IS NULL OR c.n <= k.room
 ), claimed AS (
     UPDATE jobs
        SET status = 'running', attempt = jobs.attempt + 1, lease_owner = :owner,
            lease_expires_at = now() + make_interval(secs => :lease), started_at = COALESCE(started_at, now()),
-           event_seq = event_seq + 1
-      FROM wanted
-     WHERE jobs.id = wanted.id AND jobs.status = 'queued' AND jobs.attempt = wanted.attempt
+           slots = CASE WHEN a.capped THEN ARRAY['tenant'] END, event_seq = event_seq + 1
+      FROM admitted a
+     WHERE jobs.id = a.id AND jobs.status = 'queued' AND jobs.attempt = a.attempt
            AND jobs.expires_at > now() AND jobs.cancel_requested_at IS NULL
     RETURNING jobs.*
+), took AS (
+    UPDATE tenants t SET running = t.running + n.taken
+      FROM (SELECT tenant_id, count(*) AS taken FROM claimed WHERE slots IS NOT NULL GROUP BY tenant_id) n
+     WHERE t.id = n.tenant_id
+), turned_away AS (  -- at their tenant's cap: they wait, undispatched, holding nothing, until a slot comes back
+    UPDATE jobs SET dispatched_at = NULL
+      FROM candidate c
+     WHERE jobs.id = c.id AND jobs.attempt = c.attempt AND jobs.status = 'queued'
+           AND c.id NOT IN (SELECT id FROM admitted)
 ), event AS ({_status_event("claimed")})
-SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted FROM claimed
+SELECT {_CLAIMED_COLUMNS} FROM claimed
 """
 
 
 async def claim_many(
-    db: Database, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float
+    db: Database, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float, default_cap: int | None = None
 ) -> list[Claimed | None]:
     """Start attempt `attempt + 1` of each `(job_id, attempt)`, in one statement. None: a stale or duplicate
-    delivery, so run nothing (a pair given twice is claimed for its first place only)."""
+    delivery, so run nothing (a pair given twice is claimed for its first place only), or a job whose tenant is at
+    its cap (`max_running`, else `default_cap`): it waits undispatched until `wake` finds it a slot."""
     ids, attempts = [job_id for job_id, _ in wanted], [attempt for _, attempt in wanted]
-    records = await sql.fetch_all(db, _CLAIM, {"ids": ids, "attempts": attempts, "owner": owner, "lease": lease_s})
+    values = {"ids": ids, "attempts": attempts, "owner": owner, "lease": lease_s, "default_cap": default_cap}
+    records = await sql.fetch_all(db, _CLAIM, values)
     claimed = {(r["id"], r["attempt"] - 1): msgspec.convert(dict(r), Claimed) for r in records}
     return [claimed.pop(key, None) for key in wanted]
 
 
-async def claim(db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float) -> Claimed | None:
-    """Start attempt `attempt + 1`. None: a stale or duplicate delivery, so run nothing."""
-    return (await claim_many(db, [(job_id, attempt)], owner=owner, lease_s=lease_s))[0]
+async def claim(
+    db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float, default_cap: int | None = None
+) -> Claimed | None:
+    """Start attempt `attempt + 1`. None: a stale or duplicate delivery, so run nothing (or its tenant is full)."""
+    return (await claim_many(db, [(job_id, attempt)], owner=owner, lease_s=lease_s, default_cap=default_cap))[0]
 
 
-_OWNED = """
-SELECT id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted FROM jobs
+_OWNED = f"""
+SELECT {_CLAIMED_COLUMNS} FROM jobs
  WHERE id = :id AND attempt = :attempt AND status = 'running' AND lease_owner = :owner
 """
 
@@ -335,6 +381,29 @@ async def owned(db: Database, job_id: UUID, attempt: int, *, owner: str) -> Clai
     """Attempt `attempt` if `owner` holds it running: a claim whose answer never arrived may still have committed."""
     record = await sql.fetch_one(db, _OWNED, {"id": job_id, "attempt": attempt, "owner": owner})
     return None if record is None else msgspec.convert(dict(record), Claimed)
+
+
+_WAKE = f"""
+WITH room AS (
+    -- a tenant no longer capped wakes a batch: what a cap turned away before waits undispatched all the same
+    SELECT t.id, least(COALESCE(greatest({_CAP} - t.running, 0), :batch), :batch) AS n
+      FROM tenants t WHERE t.id = ANY(CAST(:tenants AS text[]))
+), due AS (
+    SELECT w.id FROM room, LATERAL (
+        SELECT id FROM jobs
+         WHERE status = 'queued' AND dispatched_at IS NULL AND tenant_id = room.id AND next_run_at <= now()
+         ORDER BY next_run_at LIMIT room.n FOR UPDATE SKIP LOCKED
+    ) w
+)
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
+"""
+
+
+async def wake(db: Database, tenants: Sequence[str], *, default_cap: int | None, batch: int) -> list[tuple[UUID, int]]:
+    """Jobs that wait for a slot of one of `tenants`, as many as each has room for now, marked dispatched: the
+    caller enqueues them. For the worker whose job just gave a slot back (the sweep finds the rest)."""
+    values = {"tenants": sorted(set(tenants)), "default_cap": default_cap, "batch": batch}
+    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _WAKE, values)]
 
 
 _HEARTBEAT = """
@@ -558,11 +627,13 @@ WITH moved AS (
 SELECT count(*) FROM moved
 """
 
-_DUE = """
+_DUE = f"""
 WITH due AS (
     SELECT id FROM jobs
      WHERE status = 'queued' AND next_run_at <= now()
        AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :redispatch))
+       -- not while its tenant is at its cap: the claim would only turn it away again
+       AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = jobs.tenant_id AND t.running >= {_CAP})
      ORDER BY next_run_at LIMIT :batch FOR UPDATE SKIP LOCKED
 )
 UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
@@ -599,9 +670,13 @@ async def cancel_requeued(db: Database, *, batch: int) -> int:
     return int(await sql.fetch_val(db, _CANCEL_QUEUED, {"batch": batch, "cancelled": _CANCELLED}))
 
 
-async def take_due(db: Database, *, batch: int, redispatch_after_s: float) -> list[tuple[UUID, int]]:
-    """Queued, due jobs that Redis may not hold, marked dispatched now: the caller enqueues them."""
-    records = await sql.fetch_all(db, _DUE, {"batch": batch, "redispatch": redispatch_after_s})
+async def take_due(
+    db: Database, *, batch: int, redispatch_after_s: float, default_cap: int | None = None
+) -> list[tuple[UUID, int]]:
+    """Queued, due jobs that Redis may not hold (and whose tenant has a slot free), marked dispatched now: the caller
+    enqueues them."""
+    values = {"batch": batch, "redispatch": redispatch_after_s, "default_cap": default_cap}
+    records = await sql.fetch_all(db, _DUE, values)
     return [(r["id"], r["attempt"]) for r in records]
 
 

@@ -14,19 +14,22 @@ import random
 from collections.abc import AsyncIterator
 
 from worker import store
+from worker.capacity import Capacity, forget_stale, leave, refresh
+from worker.config import Config
 from worker.queue import Deps, forget, ring_again
 
 log = logging.getLogger("outlast.sweep")
 
 
 @contextlib.asynccontextmanager
-async def sweeping(deps: Deps) -> AsyncIterator[None]:
-    """Sweep every `sweep_interval_s` (the first pass at once) while the block runs."""
+async def sweeping(deps: Deps, capacity: Capacity | None = None) -> AsyncIterator[None]:
+    """Sweep every `sweep_interval_s` (the first pass at once) while the block runs; with `capacity`, each pass also
+    says this worker is alive and recomputes the tenants' default cap."""
 
     async def loop() -> None:
         while True:
             try:
-                await sweep_once(deps)
+                await sweep_once(deps, capacity)
             except store.UNAVAILABLE as exc:
                 log.warning("sweep skipped: database unavailable (%s)", exc)
             except Exception:
@@ -40,10 +43,20 @@ async def sweeping(deps: Deps) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        if capacity is not None:
+            with contextlib.suppress(*store.UNAVAILABLE):
+                await leave(deps.db, capacity.name)
 
 
-async def sweep_once(deps: Deps) -> None:
+def fresh_s(config: Config) -> float:
+    """How recently a worker must have said it is alive for its slots to count."""
+    return 3 * config.sweep_interval_s + config.lease_s
+
+
+async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     config, db = deps.config, deps.db
+    if capacity is not None:
+        await refresh(db, capacity, fresh_s=fresh_s(config))
     lost = await store.rescue_lost(
         db, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
     )
@@ -54,7 +67,10 @@ async def sweep_once(deps: Deps) -> None:
     if rescued or expired or cancelled:
         deps.notifier.notify(None)  # the statements name no job: every follower looks
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
-    due = await store.take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s)
+    default_cap = None if capacity is None else capacity.default_cap
+    due = await store.take_due(
+        db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, default_cap=default_cap
+    )
     rung = await asyncio.gather(*(ring_again(deps.redis, job_id, attempt) for job_id, attempt in due))
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
@@ -64,5 +80,6 @@ async def sweep_once(deps: Deps) -> None:
         result_retention_s=config.result_retention_s,
         job_retention_s=config.job_retention_s,
     )
+    await forget_stale(db, older_than_s=86_400)
     if rescued or expired or cancelled or due:
         log.info("sweep: rescued %d, expired %d, cancelled %d, dispatched %d", rescued, expired, cancelled, len(due))

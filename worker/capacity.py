@@ -1,0 +1,98 @@
+"""How many jobs may run at once, per tenant: the live workers' slots, each tenant's cap, and the default share.
+
+One tenant's long jobs must never take every worker slot (fifty day-long `sleep` jobs, and another tenant's
+`square_sum` waited until they were cancelled). A claim admits a job only while its tenant runs fewer than its cap
+(worker/store.py `claim_many`, counted and locked in the claim's statement); a job turned away waits `queued`,
+undispatched, holding no worker slot, until one of the tenant's jobs stops running and gives its slot back
+(migrations/0006's trigger) and `store.wake` dispatches it, or the sweep does.
+
+A tenant's cap is its own (`outlast tenants limit TENANT N`), or else the deployment's default: a share
+(`OUTLAST_TENANT_MAX_SHARE`, half) of the slots of the workers alive now, in force once two or more tenants hold
+an API key. A deployment of one tenant is never capped by default: there is nobody to starve.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import msgspec
+from databases import Database
+
+from worker import sql
+
+
+@dataclass
+class Capacity:
+    """This worker as the `workers` table shows it, and the default cap its last sweep pass computed."""
+
+    name: str
+    slots: int
+    share: float  # OUTLAST_TENANT_MAX_SHARE
+    default_cap: int | None = None  # None: no default in force
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+
+_REFRESH = """
+WITH me AS (
+    INSERT INTO workers (name, host, pid, slots) VALUES (:name, :host, :pid, :slots)
+    ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, slots = EXCLUDED.slots,
+                                     seen_at = now(),
+                                     started_at = CASE WHEN workers.pid = EXCLUDED.pid THEN workers.started_at
+                                                       ELSE now() END
+    RETURNING slots
+)
+SELECT (SELECT slots FROM me)
+       + (SELECT COALESCE(sum(slots), 0) FROM workers
+           WHERE name <> :name AND seen_at > now() - make_interval(secs => :fresh)) AS slots,
+       (SELECT count(DISTINCT tenant_id) FROM api_keys WHERE revoked_at IS NULL) AS tenants
+"""
+
+
+async def refresh(db: Database, capacity: Capacity, *, fresh_s: float) -> None:
+    """Say this worker is alive, and recompute the default cap from the workers seen within `fresh_s`."""
+    values = {"name": capacity.name, "host": capacity.host, "pid": capacity.pid, "slots": capacity.slots}
+    row = await sql.fetch_one(db, _REFRESH, {**values, "fresh": fresh_s})
+    assert row is not None
+    capacity.default_cap = default_cap(int(row["slots"]), int(row["tenants"]), capacity.share)
+
+
+def default_cap(slots: int, tenants: int, share: float) -> int | None:
+    """A tenant's share of `slots` once `tenants` (holding keys) could starve one another; None: no cap."""
+    if tenants < 2 or share >= 1.0:
+        return None
+    return max(1, math.ceil(share * slots))
+
+
+async def leave(db: Database, name: str) -> None:
+    """This worker is stopping: its slots are no longer the deployment's."""
+    await sql.execute(db, "DELETE FROM workers WHERE name = :name", {"name": name})
+
+
+async def forget_stale(db: Database, *, older_than_s: float) -> None:
+    await sql.execute(db, "DELETE FROM workers WHERE seen_at < now() - make_interval(secs => :s)", {"s": older_than_s})
+
+
+# -- `outlast tenants` --------------------------------------------------------------------------------
+
+
+class TenantInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    max_running: int | None  # None: the deployment's default
+    running: int  # jobs running now that took one of its slots
+    created_at: datetime
+
+
+async def tenants(db: Database) -> list[TenantInfo]:
+    query = "SELECT id, max_running, running, created_at FROM tenants ORDER BY id"
+    return [msgspec.convert(dict(r), TenantInfo) for r in await sql.fetch_all(db, query)]
+
+
+async def set_limit(db: Database, tenant: str, max_running: int | None) -> bool:
+    """Set the tenant's cap (None: back to the default). False: no such tenant."""
+    query = "UPDATE tenants SET max_running = :n WHERE id = :tenant RETURNING id"
+    return await sql.fetch_val(db, query, {"n": max_running, "tenant": tenant}) is not None
