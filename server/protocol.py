@@ -55,14 +55,18 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._header_bytes != _BODY:
-            if self._header_timer is None:  # the first byte of a request after the first
-                self._header_timer = self.loop.call_later(self._header_timeout_s, self._too_slow)
-            if len(data) > self._max_header_bytes - self._header_bytes:
-                self._parse_up_to_the_cap(data)
-                return
-            self._header_bytes += len(data)
+        if self._header_bytes == _BODY:
+            super().data_received(data)
+            return
+        if len(data) > self._max_header_bytes - self._header_bytes:
+            self._parse_up_to_the_cap(data)
+            return
+        self._header_bytes += len(data)
         super().data_received(data)
+        if self._header_bytes > 0 and self._header_timer is None:
+            # A later request whose headers did not all come in its first read: its clock starts with that read.
+            # (One whose headers did, as most do, costs no timer.)
+            self._header_timer = self.loop.call_later(self._header_timeout_s, self._too_slow)
 
     def _parse_up_to_the_cap(self, data: bytes) -> None:
         """Parse what fits under the cap. If the section is still open after it, it is too large; if it ended there,
