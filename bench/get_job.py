@@ -67,7 +67,7 @@ async def measure(run: Run) -> list[Comparison]:
     try:
         # The FastAPI app creates its table as it starts, so all start before the seeding.
         outlast_url, raw_url, celery_url = await asyncio.gather(
-            run.fleet.web(OUTLAST, "server.app:create_app", env),
+            run.fleet.outlast(OUTLAST, env),
             run.fleet.web(RAW, "bench.baselines.raw_poll:create_app", baseline_env(run.svc)),
             run.fleet.web(CELERY, "bench.baselines.fastapi_celery:create_app", baseline_env(run.svc)),
         )

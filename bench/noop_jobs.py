@@ -48,7 +48,7 @@ POLL_CONNECT_XACTS = 1
 async def start_outlast(run: Run) -> str:
     env = outlast_env(run.svc)
     worker = run.fleet.worker(WORKER, "worker.settings.WorkerSettings", env, run.svc.redis_url, QUEUE)
-    url, _ = await asyncio.gather(run.fleet.web(WEB, "server.app:create_app", env), worker)
+    url, _ = await asyncio.gather(run.fleet.outlast(WEB, env), worker)
     return url
 
 

@@ -23,9 +23,12 @@ from redis.asyncio import Redis
 from bench.load import Connection
 from bench.services import ROOT, free_port
 
-# The same flags on both sides of every HTTP comparison. No access log: it would cost both sides the same
-# per request, and that shared cost would only squeeze the ratio toward 1.
+# The same loop, parser and logging on both sides of every HTTP comparison: Outlast's web as the Procfile starts it
+# (`python -m server`: uvicorn on uvloop with server/protocol.py's httptools protocol), a baseline under plain uvicorn
+# with these flags. No access log: it would cost both sides the same per request, and that shared cost would only
+# squeeze the ratio toward 1.
 UVICORN_FLAGS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
+OUTLAST_WEB = ("-m", "server", "--host", "127.0.0.1", "--no-access-log")
 READY_S = 60.0
 STOP_S = 30.0  # after SIGTERM; then SIGKILL
 LOAD_S = 600.0  # a load process that runs longer is stuck
@@ -47,14 +50,22 @@ class Fleet:
                 start_new_session=True,
             )  # fmt: skip
 
+    async def outlast(self, name: str, env: dict[str, str]) -> str:
+        """Outlast's web on a free port, started as the Procfile starts it; its URL once it answers /healthz."""
+        port = free_port()
+        await self.start(name, [sys.executable, *OUTLAST_WEB], {**env, "PORT": str(port)})
+        return await self._answering(name, port)
+
     async def web(self, name: str, app: str, env: dict[str, str]) -> str:
-        """uvicorn --factory `app` on a free port; its URL once it answers /healthz."""
+        """uvicorn --factory `app` (a baseline) on a free port; its URL once it answers /healthz."""
         port = free_port()
         argv = [sys.executable, "-m", "uvicorn", "--factory", app, "--host", "127.0.0.1", "--port", str(port)]
         await self.start(name, [*argv, *UVICORN_FLAGS], env)
-        url = f"http://127.0.0.1:{port}"
+        return await self._answering(name, port)
+
+    async def _answering(self, name: str, port: int) -> str:
         await self._until(name, lambda: _answers(port))
-        return url
+        return f"http://127.0.0.1:{port}"
 
     async def worker(self, name: str, settings: str, env: dict[str, str], redis_url: str, queue: str) -> None:
         """`arq settings`; back once it has polled its queue (its health-check key is there)."""

@@ -107,7 +107,7 @@ async def _profile(what: str, seconds: float, out: Path) -> str:
                 cpu = fleet.cpu_s(name)
             else:
                 name, unit = "profile-web", "request"
-                url = await fleet.web(name, "server.app:create_app", outlast_env(svc))
+                url = await fleet.outlast(name, outlast_env(svc))
                 args = [
                     "--concurrency",
                     "32",

@@ -30,7 +30,7 @@ async def measure(run: Run) -> Comparison:
     s = run.settings
     try:
         outlast_url, baseline_url = await asyncio.gather(
-            run.fleet.web(OUTLAST, "server.app:create_app", outlast_env(run.svc)),
+            run.fleet.outlast(OUTLAST, outlast_env(run.svc)),
             run.fleet.web(BASELINE, "bench.baselines.raw_submit:create_app", baseline_env(run.svc)),
         )
 

@@ -1,6 +1,7 @@
 """create_app(config) -> Starlette: the whole URL map, the lifespan and the error handlers.
 
-Run it with `uvicorn --factory server.app:create_app`, so importing this module reads nothing.
+Run it with `python -m server` (server/__main__.py), which names it as a factory, so importing this module reads
+nothing.
 """
 
 from __future__ import annotations

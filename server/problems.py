@@ -10,10 +10,11 @@
      ├── Conflict                409 conflict
      │    ├── JobNotDone         409 job-not-done
      │    └── JobFailed          409 job-failed (carries the job's error)
-     ├── RequestTimeout          408 request-timeout (the body did not arrive in time)
+     ├── RequestTimeout          408 request-timeout (the headers or the body did not arrive in time)
      ├── Gone                    410 gone
      ├── PayloadTooLarge         413 payload-too-large
- ├── UnsupportedMediaType    415 unsupported-media-type (the body is not declared JSON)
+     ├── UnsupportedMediaType    415 unsupported-media-type (the body is not declared JSON)
+     ├── HeaderTooLarge          431 header-too-large (the request line and headers; server/protocol.py)
      ├── RateLimited             429 rate-limited (with Retry-After)
      └── Unavailable             503 unavailable (with Retry-After)
 
@@ -151,13 +152,13 @@ class JobFailed(Conflict):
 
 
 class RequestTimeout(ProblemError):
-    """The request body did not arrive in time."""
+    """The request did not arrive in time."""
 
     status = 408
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
-        # The rest of the body may still be on its way: this connection can't carry another request.
+        # The rest of the request may still be on its way: this connection can't carry another one.
         self.headers = {"Connection": "close"}
 
 
@@ -177,6 +178,17 @@ class UnsupportedMediaType(ProblemError):
     """The request body is not of a media type this route takes."""
 
     status = 415
+
+
+class HeaderTooLarge(ProblemError):
+    """The request line and headers are too large."""
+
+    status = 431
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        # The rest of the headers are unread: this connection can't carry another request.
+        self.headers = {"Connection": "close"}
 
 
 class RateLimited(ProblemError):

@@ -244,12 +244,12 @@ def process_env(config: Config, **extra: str) -> dict[str, str]:
 
 
 class Processes:
-    """A real uvicorn web process and a real arq worker, as the Procfile runs them."""
+    """A real web process and a real arq worker, as the Procfile runs them."""
 
     def __init__(self, env: dict[str, str], logs: Path, key: str = "") -> None:
-        self.env, self.logs = env, logs
-        self.headers = bearer(key) if key else {}  # what a client of these processes sends
         self.port = free_port()
+        self.env, self.logs = {**env, "PORT": str(self.port)}, logs
+        self.headers = bearer(key) if key else {}  # what a client of these processes sends
         self.url = f"http://127.0.0.1:{self.port}"
         self.web: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None  # the first worker started
@@ -260,9 +260,8 @@ class Processes:
             return subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def start_web(self) -> None:
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "server.app:create_app"]
-        argv += ["--port", str(self.port), "--loop", "uvloop", "--http", "httptools"]
-        self.web = self._spawn("web", argv)
+        """The web as the Procfile starts it (`python -m server`, on $PORT), on the loopback address only."""
+        self.web = self._spawn("web", [sys.executable, "-m", "server", "--host", "127.0.0.1"])
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
         """A worker whose health key and log are named `name`."""
@@ -297,6 +296,12 @@ class Processes:
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """A client of the web process, authenticated with the key the processes were started for."""
         return httpx.AsyncClient(base_url=self.url, headers=self.headers, **kwargs)
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of process `pid`, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
 
 @pytest.fixture

@@ -529,6 +529,7 @@ def test_problem_slugs_are_stable() -> None:
         "unauthorized",
         "idempotency-key-reused",
         "request-timeout",
+        "header-too-large",
         "rate-limited",
         "unsupported-media-type",
     }

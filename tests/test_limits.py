@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from server.app import create_app
 from server.limits import Budget, StreamSlot, stream_slot
 from server.problems import RateLimited
-from tests.conftest import Processes, bearer, process_env
+from tests.conftest import Processes, bearer, process_env, rss_kib
 from worker import Config, Deps, keys
 
 SQUARES = {"type": "square_sum", "input": {"data": [1]}}
@@ -283,11 +283,6 @@ def request_bytes(key: str, case: Case) -> tuple[bytes, list[bytes | float]]:
         parts = case.parts
     head = f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n{framing}\r\n\r\n"
     return head.encode(), parts
-
-
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from worker.queue import open_database
 from worker.watch import follow
 
 T = TypeVar("T")
-WEB = "{python} -m uvicorn --factory server.app:create_app --host {host} --port {port} --loop uvloop --http httptools"
+WEB = "{python} -m server --host {host}"  # the Procfile's web command; it reads $PORT
 WORKER = "{python} -m arq worker.settings.WorkerSettings"
 
 
@@ -49,7 +49,7 @@ def _exec(command: str) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    return _exec(WEB.format(python=sys.executable, host=args.host, port=from_env().port))
+    return _exec(WEB.format(python=sys.executable, host=args.host))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             flush=True,
         )
         manager = Manager()
-        manager.add_process("web", WEB.format(python=sys.executable, host="127.0.0.1", port=port), env=env)
+        manager.add_process("web", WEB.format(python=sys.executable, host="127.0.0.1"), env=env)
         manager.add_process("worker", WORKER.format(python=sys.executable), env=env)
         manager.loop()
     return int(manager.returncode or 0)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("run", help="start everything for development (embedded stores when no URLs are set)")
     sub.add_parser("migrate", help="apply migrations/ to DATABASE_URL (the Procfile's release step)")
     web = sub.add_parser("web", help="run the HTTP server on $PORT")
-    web.add_argument("--host", default="0.0.0.0")
+    web.add_argument("--host", default="0.0.0.0", help="the address to listen on (default: all)")
     sub.add_parser("worker", help="run an arq worker")
     submit = sub.add_parser("submit", help="submit a job and print it")
     submit.add_argument("type")

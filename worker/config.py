@@ -77,6 +77,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # on Heroku, Render and Fly): the client address that failed authentications count against. docs/security.md
     trusted_proxy_hops: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
     body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16_384  # request line and headers, else 431
+    header_timeout_s: Seconds = 10.0  # the request line and headers must arrive within this, else 408
     stream_keepalive_s: Annotated[float, msgspec.Meta(gt=0, le=15)] = 10.0  # the SSE comment that keeps proxies open
     stream_max_s: Seconds = 1800.0  # an event stream then ends with a `reconnect` event, so connections rebalance
     events_poll_s: Seconds = 5.0  # followers re-read the event log this often without a notification (Redis down)

@@ -192,9 +192,8 @@ class Cluster:
         return proc
 
     def start_web(self) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "server.app:create_app", "--no-access-log"]
-        argv += ["--port", self.url.rpartition(":")[2], "--loop", "uvloop", "--http", "httptools"]
-        self.web = self._spawn("web", argv, self.env)
+        argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--no-access-log"]  # as the Procfile does
+        self.web = self._spawn("web", argv, {**self.env, "PORT": self.url.rpartition(":")[2]})
         return self.web
 
     def start_worker(self, name: str, **extra: str) -> subprocess.Popen[bytes]:
