@@ -380,3 +380,27 @@ def test_pruning_keeps_the_entries_still_in_use_when_few_are() -> None:
     entries = {n: n for n in range(100)}
     assert pruned(entries, lambda v: v >= 90, 100) == {n: n for n in range(90, 100)}
     assert pruned(entries, lambda v: True, 101) is entries  # not full: untouched
+
+
+@pytest.mark.slow
+async def test_a_client_rotating_x_forwarded_for_is_still_throttled_by_the_web_as_the_procfile_runs_it(
+    config: Config, deps: Deps, api_key: str, tmp_path: Path
+) -> None:
+    """Behind uvicorn's default proxy trust (127.0.0.1), rotating X-Forwarded-For sent 600 bad keys with no 429."""
+    procs = Processes(process_env(config, OUTLAST_AUTH_FAILURES_PER_MIN="5"), tmp_path, api_key)
+    procs.start_web()
+    try:
+        await procs.ready()
+        async with httpx.AsyncClient(base_url=procs.url) as client:
+            statuses = [
+                (
+                    await client.get(
+                        "/v1/jobs", headers={"x-forwarded-for": f"198.51.100.{n}", **bearer(keys.new_key())}
+                    )
+                ).status_code
+                for n in range(8)
+            ]
+            assert statuses == [401] * 5 + [429] * 3, statuses
+            assert (await client.get("/v1/jobs", headers=bearer(api_key))).status_code == 200
+    finally:
+        procs.stop()
