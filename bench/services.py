@@ -61,7 +61,7 @@ def services() -> Iterator[Services]:
     origin = "environment" if database_url and redis_url else "embedded"
     with contextlib.ExitStack() as stack:
         if not database_url or not redis_url:
-            from worker.embedded import EmbeddedPostgres, EmbeddedValkey
+            from worker.tools.embedded import EmbeddedPostgres, EmbeddedValkey
 
             DATA.mkdir(parents=True, exist_ok=True)
             print(f"bench: starting private PostgreSQL and Valkey under {DATA}", file=sys.stderr)

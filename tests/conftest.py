@@ -69,7 +69,7 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     database_url, redis_url = os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
     with contextlib.ExitStack() as stack:
         if not database_url or not redis_url:
-            from worker.embedded import EmbeddedPostgres, EmbeddedValkey
+            from worker.tools.embedded import EmbeddedPostgres, EmbeddedValkey
 
             data = tmp_path_factory.mktemp("services")
         if not database_url:

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from server.app import create_app
 from tests.conftest import bearer, free_port
 from worker import Config, Deps, Guard
-from worker.webhooks import Sender, deliver_due, secrets_in_force
+from worker.webhooks.deliver import Sender, deliver_due, secrets_in_force
 
 
 @dataclass(frozen=True)

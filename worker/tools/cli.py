@@ -22,7 +22,7 @@ from worker import keys
 from worker.config import from_env
 from worker.migrate import create_database, migrate
 from worker.queue import open_database
-from worker.watch import follow
+from worker.tools.watch import follow
 
 T = TypeVar("T")
 WEB = "{python} -m server --host {host}"  # the Procfile's web command; it reads $PORT
@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
             data.mkdir(parents=True, exist_ok=True)
-            from worker.embedded import EmbeddedPostgres, EmbeddedValkey
+            from worker.tools.embedded import EmbeddedPostgres, EmbeddedValkey
         if not env.get("DATABASE_URL"):
             postgres = stack.enter_context(EmbeddedPostgres(data / "postgres"))
             env["DATABASE_URL"] = postgres.dsn("outlast")
@@ -207,7 +207,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
     """Print the tenant's current signing secret (stdout); older ones still signing go to stderr."""
-    from worker.webhooks import tenant_secrets
+    from worker.webhooks.deliver import tenant_secrets
 
     config = from_env()
     try:

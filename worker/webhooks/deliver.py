@@ -33,13 +33,14 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import store, webhook_store
+from worker import store
 from worker.config import Config
 from worker.job import Job
 from worker.queue import Deps, open_database
 from worker.run import persist
-from worker.ssrf import Forbidden, Guard, Resolver, Target, system_resolver
-from worker.webhook_store import Claimed, DeliveryStatus
+from worker.webhooks import store as webhook_store
+from worker.webhooks.ssrf import Forbidden, Guard, Resolver, Target, system_resolver
+from worker.webhooks.store import Claimed, DeliveryStatus
 
 log = logging.getLogger("outlast.webhooks")
 USER_AGENT = "Outlast-Webhooks/0.1"
