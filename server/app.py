@@ -13,9 +13,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from server import accesslog, auth, deliveries, jobs, limits, openapi, ops, problems, stream
+from server import accesslog, auth, collector, deliveries, jobs, limits, openapi, ops, problems, stream
+from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
-from worker import Config, Guard, Hub, collector, connect, from_env, load_job_types
+from worker import Config, Guard, connect, from_env, load_job_types
 
 
 def create_app(config: Config | None = None) -> Starlette:

@@ -34,6 +34,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.keycache import KeyCache
 from server.limits import AuthThrottle, pruned
 from server.problems import ProblemError, RateLimited, Unauthorized, Unavailable, as_response
 from worker import Config, Deps, Job, Links, keys, store
@@ -121,7 +122,7 @@ class Guard:
         self.secret = secret
         self.may_run_open = may_run_open
         self.throttle = AuthThrottle(config.auth_failures_per_min)
-        self.keys = keys.KeyCache()
+        self.keys = KeyCache()
         self._touched: dict[str, float] = {}
         self._link_tokens: dict[tuple[str, UUID], tuple[str, float]] = {}  # (tenant, job): (token, minted at)
 

@@ -23,6 +23,7 @@ from uuid_utils.compat import uuid7
 from server import limits
 from server.auth import caller_of, signed_links, tenant_of
 from server.body import json_body, nesting
+from server.follow import Hub
 from server.problems import (
     Conflict,
     FieldError,
@@ -36,7 +37,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import JSONResponse, MsgspecResponse
-from worker import Deps, Forbidden, Hub, Job, JobType, Status, request_abort, store
+from worker import Deps, Forbidden, Job, JobType, Status, request_abort, store
 from worker.batch import Batcher
 from worker.queue import enqueue_many
 

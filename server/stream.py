@@ -29,11 +29,11 @@ from starlette.types import Receive, Scope, Send
 
 from server import jobs
 from server.auth import caller_of, signed_links, tenant_of
+from server.follow import Follower, Hub
 from server.limits import StreamSlot
 from server.metrics import Metrics
 from server.problems import FieldError, ValidationError
-from worker import Config, Deps, Hub, events, store
-from worker.follow import Follower
+from worker import Config, Deps, events, store
 from worker.job import Links
 
 log = logging.getLogger("outlast.web")

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from starlette.routing import Route
 
+from server import keycache
 from server.app import create_app
 from server.auth import LINK_TOKEN_REUSE_S, TOKEN_ROUTES, Guard, guard, is_local
 from tests.conftest import bearer, eventually
@@ -193,7 +194,7 @@ async def test_losing_the_listening_connection_forgets_every_key(app_client: htt
     await revoke_unheard(deps, key)
     terminated = await deps.db.fetch_val(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :name",
-        {"name": keys.LISTENER},
+        {"name": keycache.LISTENER},
     )
     assert terminated == 1
     # A change made while nobody listened can't be heard later: the cache must not outlive the connection.

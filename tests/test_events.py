@@ -11,12 +11,12 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from server.follow import FEED_CACHE, Hub
 from tests.conftest import eventually, notified
 from tests.test_store import OWNER, new_job
 from tests.test_store import events as stored_events
 from worker import Config, Deps, events, store
 from worker.events import LOG_MAX_CHARS, LOG_MAX_PENDING, Journal, LogLine
-from worker.follow import FEED_CACHE, Hub
 
 Drain = Callable[[], Awaitable[None]]
 

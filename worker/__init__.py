@@ -3,9 +3,8 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import collector, events, keys, store
+from worker import events, keys, store
 from worker.config import Config, from_env
-from worker.follow import Hub
 from worker.job import (
     LIVE,
     NEXT,
@@ -35,7 +34,6 @@ __all__ = [
     "Error",
     "Forbidden",
     "Guard",
-    "Hub",
     "Job",
     "JobError",
     "JobType",
@@ -43,7 +41,6 @@ __all__ = [
     "Progress",
     "RetryableError",
     "Status",
-    "collector",
     "connect",
     "enqueue",
     "events",

@@ -1,4 +1,4 @@
-"""A job's event log: append (log lines), read, and publish (the doorbell on Redis). worker/follow.py follows it.
+"""A job's event log: append (log lines), read, and publish (the doorbell on Redis). server/follow.py follows it.
 
 PostgreSQL is the truth here too. `job_events` holds every event, numbered by `jobs.event_seq` in the statement
 that makes the change: store.py's transitions write `status` and `progress` events, this module writes `log`
