@@ -1,6 +1,6 @@
 """Worker drain: 2,000 noop jobs preloaded with no worker running, then one worker started to run them all.
 
-- Outlast: rows inserted and enqueued exactly as `POST /v1/jobs` does (`store.insert_job`, then `enqueue`),
+- Outlast: rows inserted and enqueued exactly as `POST /v1/jobs` does (`store.insert_jobs`, then `enqueue`),
   with the web stopped; then `arq worker.settings.WorkerSettings`.
 - Baseline (bench/baselines/arq_tuned.py): a bare arq worker tuned as Outlast tunes its own (poll_delay
   0.05 s, max_jobs 100; pickle and results otherwise as arq comes), its queue preloaded with `enqueue_job`.
@@ -26,7 +26,7 @@ from bench.compare import Comparison, Figures, Metric, alternate
 from bench.noop_jobs import reset_outlast
 from bench.run import Run, baseline_env, outlast_env
 from worker import connect, enqueue, from_env, store
-from worker.queue import QUEUE
+from worker.connections import QUEUE
 
 WORKER, ARQ = "drain-outlast-worker", "drain-arq-tuned"  # process names, and their logs' names
 METRICS = [Metric("jobs_per_s", "worker drain of preloaded noop jobs/s", higher_is_better=True, goal=0.5)]
@@ -57,7 +57,7 @@ async def _preload_outlast(run: Run, jobs: int) -> None:
                 max_attempts=config.default_max_attempts, timeout_s=60, retry_safe=True, callback_url=None,
                 metadata=b"{}", ttl_s=config.job_ttl_s,
             )  # fmt: skip
-            if await store.insert_job(deps.db, job) is None or not await enqueue(deps.redis, job.id, 0):
+            if (await store.insert_jobs(deps.db, [job]))[0] is None or not await enqueue(deps.redis, job.id, 0):
                 raise RuntimeError("Redis refused a preloaded job")
 
     async with connect(config) as deps:

@@ -28,7 +28,7 @@ from bench.compare import Comparison, Figures, Measure, Metric, alternate_many
 from bench.procs import load
 from bench.run import Run, baseline_env, outlast_env
 from bench.services import DATABASE
-from worker.queue import QUEUE
+from worker.connections import QUEUE
 
 WEB, WORKER, ARQ = "jobs-outlast-web", "jobs-outlast-worker", "jobs-arq"  # process names, and their logs' names
 NAIVE_WEB, NAIVE_WORKER = "jobs-naive-web", "jobs-naive-worker"

@@ -27,7 +27,7 @@ from bench.noop_jobs import reset_outlast
 from bench.procs import Fleet, load
 from bench.run import Run, Settings, outlast_env
 from bench.services import DATA, ROOT, api_key, prepare, services
-from worker.queue import QUEUE
+from worker.connections import QUEUE
 
 _FRAME = re.compile(r"^(.*) \((.*?):(\d+)\)$")
 _SITE = re.compile(r"^.*/site-packages/")

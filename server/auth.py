@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.keycache import KeyCache
 from server.limits import AuthThrottle, pruned
 from server.problems import ProblemError, RateLimited, Unauthorized, Unavailable, as_response
-from worker import Config, Deps, Job, Links, keys, store
+from worker import Config, Deps, Job, Links, database, keys
 
 log = logging.getLogger("outlast.web")
 
@@ -244,7 +244,7 @@ class Authenticate:
         except ProblemError as exc:
             await as_response(exc)(scope, receive, send)
             return
-        except store.UNAVAILABLE as exc:
+        except database.UNAVAILABLE as exc:
             log.warning("%s %s: database unavailable during authentication: %r", scope["method"], scope["path"], exc)
             retry_after = state.deps.config.retry_after_s
             await as_response(Unavailable("the database is unreachable; retry shortly", retry_after))(

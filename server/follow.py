@@ -17,11 +17,10 @@ from uuid import UUID
 
 from databases import Database
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from worker import store
+from worker import database, retry
+from worker.connections import REDIS_DOWN
 from worker.events import EVERY_JOB, READ_BATCH, Event, channel, latest_seqs, read_after
-from worker.job import backoff
 
 log = logging.getLogger("outlast.events")
 T = TypeVar("T")
@@ -93,7 +92,7 @@ class Feed:
                 again = self._again or len(batch) == READ_BATCH
             if len(self._cache) > 2 * FEED_CACHE:
                 del self._cache[:-FEED_CACHE]
-        except store.UNAVAILABLE as exc:
+        except database.UNAVAILABLE as exc:
             log.warning("events: reading the log of %s failed (%s); its followers read it themselves", self.job_id, exc)
             self._high, self._cache = None, []
         finally:
@@ -259,7 +258,7 @@ class Hub:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=SUBSCRIBER_IDLE_S)
                     if message is not None:
                         self._poke(message["data"])
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 failures += 1
                 if failures == 1:
                     log.warning(
@@ -267,9 +266,9 @@ class Hub:
                     )
             finally:
                 self.subscribed = False
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_DOWN):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(0.1 + backoff(failures, base=0.2, cap=5.0))
+            await asyncio.sleep(0.1 + retry.reconnect(failures))
 
     async def _poll(self) -> None:
         while True:
@@ -279,7 +278,7 @@ class Hub:
                 continue
             try:
                 latest = await latest_seqs(self.db, [feed.job_id for feed in feeds])
-            except store.UNAVAILABLE as exc:
+            except database.UNAVAILABLE as exc:
                 log.warning("events: fallback poll skipped: database unavailable (%s)", exc)
                 continue
             for feed in feeds:

@@ -37,7 +37,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import JSONResponse, MsgspecResponse
-from worker import Deps, Forbidden, Job, JobType, Status, request_abort, store
+from worker import Deps, Forbidden, Job, JobType, Status, database, request_abort, store
 from worker.batch import Batcher
 from worker.queue import enqueue_many
 
@@ -111,8 +111,8 @@ def _decode_submit(body: bytes) -> SubmitJob:
 
 
 def _storable(encoded: bytes, loc: str) -> bytes:
-    if store.NUL.search(encoded):  # refused up front rather than failing the INSERT
-        raise ValidationError(f"{store.NUL_MSG} at {loc}", [FieldError(loc, store.NUL_MSG)])
+    if database.NUL.search(encoded):  # refused up front rather than failing the INSERT
+        raise ValidationError(f"{database.NUL_MSG} at {loc}", [FieldError(loc, database.NUL_MSG)])
     return encoded
 
 
@@ -214,7 +214,7 @@ def inserts(db: Database) -> Batcher[store.NewJob, store.JobRow | None]:
     async def insert(jobs: Sequence[store.NewJob]) -> list[store.JobRow | None]:
         return await store.insert_jobs(db, jobs)
 
-    return Batcher(insert, shared=store.UNAVAILABLE, linger_s=0.0)
+    return Batcher(insert, shared=database.UNAVAILABLE, linger_s=0.0)
 
 
 def enqueues(redis: ArqRedis) -> Batcher[tuple[UUID, int], bool]:
@@ -352,7 +352,7 @@ async def list_jobs(request: Request) -> Response:
         problem.errors = [FieldError(e.loc.removeprefix("$."), e.msg) for e in problem.errors]
         raise problem from None
     if query.type is not msgspec.UNSET and "\x00" in query.type:
-        raise ValidationError(store.NUL_MSG, [FieldError("type", store.NUL_MSG)])
+        raise ValidationError(database.NUL_MSG, [FieldError("type", database.NUL_MSG)])
     before = None if query.cursor is msgspec.UNSET else _parse_cursor(query.cursor)
     rows = await store.list_jobs(
         _deps(request).db,

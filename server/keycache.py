@@ -14,7 +14,7 @@ import asyncpg
 from databases import Database
 
 from worker import keys
-from worker.store import UNAVAILABLE
+from worker.database import UNAVAILABLE
 
 LISTENER = "outlast-key-listener"  # its application_name in pg_stat_activity
 CHANGED = "outlast_api_keys"  # migrations/0004's trigger names each key whose row changed on this channel

@@ -2,7 +2,7 @@
 
 - submits and redeliveries per API key: a token bucket each (`Budget`);
 - failed authentications per client address: a fixed one-minute window (`AuthThrottle`);
-- open event streams per API key: leased slots (`StreamSlot`, `stream_slot`).
+- open event streams per API key: leased slots (`StreamSlot`).
 
 Each check is one Lua script or one MULTI, so concurrent requests never race past a limit, and all time comes from
 the Redis clock. When Redis is unreachable they fail open and log it: a submit's row is durable without Redis (it
@@ -17,15 +17,13 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
-
 from server.problems import RateLimited
+from worker.connections import REDIS_DOWN, script
 
 log = logging.getLogger("outlast.web")
-REDIS_DOWN = (RedisError, OSError)
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -81,7 +79,6 @@ class Budget:
         self._held: dict[str, tuple[int, float]] = {}  # key: (tokens, monotonic time they lapse)
         self._drawing: dict[str, asyncio.Task[bool]] = {}  # key: its draw on its way
         self._wanting: dict[str, int] = {}  # key: submits waiting for its draw
-        self._scripts: dict[int, Any] = {}
 
     async def take(self, redis: Any, key: str, *, rate: float, burst: int) -> None:
         """Take one submit from `key`'s budget, or raise RateLimited with how long until the next one."""
@@ -118,7 +115,7 @@ class Budget:
         False: Redis is unreachable."""
         wanted = min(self.MAX_CHUNK, max(1, burst // 8, self._wanting.get(key, 0)))
         try:
-            answer = await self._script(redis)(keys=[f"outlast:rate:{self.what}:{key}"], args=[rate, burst, wanted])
+            answer = await script(redis, _BUCKET)(keys=[f"outlast:rate:{self.what}:{key}"], args=[rate, burst, wanted])
         except REDIS_DOWN as exc:
             log.warning("%s rate limit not applied: Redis unavailable (%s)", self.what, exc)
             return False
@@ -131,13 +128,6 @@ class Budget:
         held, _ = self._held.get(key, (0, 0.0))
         self._held[key] = (held + taken, now + self.HOLD_S)
         return True
-
-    def _script(self, redis: Any) -> Any:
-        """The bucket script registered on this client once (EVALSHA, loaded again on NOSCRIPT)."""
-        script = self._scripts.get(id(redis))
-        if script is None:
-            script = self._scripts[id(redis)] = redis.register_script(_BUCKET)
-        return script
 
 
 class AuthThrottle:
@@ -211,8 +201,7 @@ class StreamSlot:
     loses the slot when the lease runs out, so no key is locked out for good.
 
     For a streaming response, take the slot in the handler (a 429 must go out before any byte of the stream), then
-    renew it with each keep-alive and release it in the body's `finally`. `stream_slot()` does all three for code
-    that streams inside one `async with`.
+    renew it with each keep-alive and release it in the body's `finally`.
     """
 
     def __init__(self, redis: Any, key: str, lease_s: float, *, held: bool) -> None:
@@ -232,9 +221,9 @@ class StreamSlot:
             raise RateLimited(f"this API key already has {limit} event streams open", retry_after)
         return slot
 
-    async def _run(self, script: str, limit: int = 0) -> bool:
-        args = [self._id, limit, self._lease_ms]
-        return int(await self.redis.register_script(script)(keys=[self._name], args=args)) == 1
+    async def _run(self, source: str, limit: int = 0) -> bool:
+        args: list[str | int] = [self._id, limit, self._lease_ms]
+        return int(await script(self.redis, source)(keys=[self._name], args=args)) == 1
 
     async def renew(self) -> None:
         """Extend the lease by `lease_s` from now: call it more often than that while the stream runs."""
@@ -247,24 +236,3 @@ class StreamSlot:
             self.held = False
             with contextlib.suppress(*REDIS_DOWN):
                 await asyncio.shield(self.redis.zrem(self._name, self._id))
-
-
-@contextlib.asynccontextmanager
-async def stream_slot(
-    redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0
-) -> AsyncIterator[StreamSlot]:
-    """Hold one of `key`'s `limit` stream slots for the body of the `with` (renewed every lease/3), or raise
-    RateLimited."""
-    slot = await StreamSlot.take(redis, key, limit=limit, retry_after=retry_after, lease_s=lease_s)
-
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            await slot.renew()
-
-    renewing = asyncio.create_task(renew())
-    try:
-        yield slot
-    finally:
-        renewing.cancel()
-        await slot.release()

@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server.responses import ProblemResponse
-from worker import Error, store
+from worker import Error, database
 
 log = logging.getLogger("outlast.web")
 
@@ -248,6 +248,6 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 HANDLERS: Mapping[Any, Any] = {
     ProblemError: on_problem,
     HTTPException: on_http_exception,
-    **dict.fromkeys(store.UNAVAILABLE, on_database_down),
+    **dict.fromkeys(database.UNAVAILABLE, on_database_down),
     Exception: on_unexpected,
 }

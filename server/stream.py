@@ -33,7 +33,7 @@ from server.follow import Follower, Hub
 from server.limits import StreamSlot
 from server.metrics import Metrics
 from server.problems import FieldError, ValidationError
-from worker import Config, Deps, events, store
+from worker import Config, Deps, database, events, store
 from worker.job import Links
 
 log = logging.getLogger("outlast.web")
@@ -195,7 +195,7 @@ async def _frames(
                         return
                     yield frame(row, found, links)
             yield reconnect("shutdown" if follower.stopped else ends)
-    except store.UNAVAILABLE as exc:
+    except database.UNAVAILABLE as exc:
         log.warning("event stream of %s: database unavailable (%s); the client will reconnect", row.id, exc)
         yield reconnect("unavailable")
     finally:

@@ -29,9 +29,10 @@ from redis.asyncio import Redis
 
 from server.app import create_app
 from worker import Config, Deps, connect, keys
+from worker.connections import QUEUE, deserialize, redis_settings, serialize
 from worker.job_types import load
 from worker.migrate import create_database, migrate
-from worker.queue import QUEUE, RUN_JOB, deserialize, redis_settings, serialize
+from worker.queue import RUN_JOB
 from worker.run import Runtime, run_job
 
 T = TypeVar("T")

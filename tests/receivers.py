@@ -16,8 +16,9 @@ from starlette.applications import Starlette
 
 from server.app import create_app
 from tests.conftest import bearer, free_port
+from tests.engine import deliver_due
 from worker import Config, Deps, Guard
-from worker.webhooks.deliver import Sender, deliver_due, secrets_in_force
+from worker.webhooks.deliver import Sender, secrets_in_force
 
 
 @dataclass(frozen=True)

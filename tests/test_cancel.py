@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from arq.worker import Worker
 
+from tests import engine
 from tests.conftest import eventually, job_row, run_burst
 from tests.test_worker import submit
 from worker import Config, Deps, run, store
@@ -100,7 +101,7 @@ async def test_shutdown_hands_a_retry_safe_attempt_back_without_counting_it(
     row = await job_row(deps, job_id)
     assert row["status"] == "queued" and row["attempt"] == 1 and row["interrupted"] == 1
     # max_attempts=1, yet it may run again: the interrupted attempt did not count.
-    claimed = await store.claim(deps.db, uuid.UUID(job_id), 1, owner="next", lease_s=30)
+    claimed = await engine.claim(deps.db, uuid.UUID(job_id), 1, owner="next", lease_s=30)
     assert claimed is not None and claimed.attempts_left is False and claimed.attempt == 2
 
 
@@ -207,7 +208,7 @@ async def test_a_claim_cancelled_while_it_waits_for_the_row_leaves_the_job_queue
         await blocker.close()
     row = await job_row(deps, job_id)
     assert row["status"] == "queued" and row["attempt"] == 0 and row["lease_owner"] is None
-    assert await store.claim(deps.db, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None
+    assert await engine.claim(deps.db, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None
 
 
 async def test_an_attempt_that_cannot_renew_its_lease_stops_before_the_lease_runs_out(

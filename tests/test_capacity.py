@@ -16,6 +16,7 @@ import httpx
 import pytest
 from uuid_utils.compat import uuid7
 
+from tests import engine
 from tests.conftest import ROOT, Processes, bearer, eventually, process_env, wait_done
 from worker import Config, Deps, keys, store
 from worker.capacity import Capacity, default_cap, refresh
@@ -71,7 +72,7 @@ async def test_concurrent_claims_never_take_more_than_the_cap_between_them(deps:
     """Each claim locks the tenant's row and reads the count the one before it left."""
     await limit(deps, "default", 3)
     ids = await queued(deps, 12)
-    claims = await asyncio.gather(*(store.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30) for job_id in ids))
+    claims = await asyncio.gather(*(engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30) for job_id in ids))
     assert sum(c is not None for c in claims) == 3
     assert await running_count(deps) == (3, 3)
 
@@ -93,8 +94,8 @@ async def test_a_tenant_without_a_cap_of_its_own_takes_the_default_and_others_ar
 async def test_a_slot_comes_back_however_its_job_stops_running(deps: Deps, how: str) -> None:
     await limit(deps, "default", 1)
     first, second = await queued(deps, 2)
-    claimed = await store.claim(deps.db, first, 0, owner=OWNER, lease_s=30)
-    assert claimed is not None and await store.claim(deps.db, second, 0, owner=OWNER, lease_s=30) is None
+    claimed = await engine.claim(deps.db, first, 0, owner=OWNER, lease_s=30)
+    assert claimed is not None and await engine.claim(deps.db, second, 0, owner=OWNER, lease_s=30) is None
     if how in ("succeeded", "retried", "failed"):
         to = {"succeeded": "succeeded", "retried": "queued", "failed": "failed"}[how]
         assert await store.finish(deps.db, first, 1, to, result=b"1" if to == "succeeded" else None)  # type: ignore[arg-type]
@@ -110,7 +111,7 @@ async def test_a_slot_comes_back_however_its_job_stops_running(deps: Deps, how: 
         await deps.db.execute("DELETE FROM jobs WHERE id = :id", {"id": first})
     assert await running_count(deps) == (0, 0)
     assert await store.wake(deps.db, ["default"], default_cap=None, batch=10) == [(second, 0)]  # it waited
-    assert await store.claim(deps.db, second, 0, owner=OWNER, lease_s=30) is not None
+    assert await engine.claim(deps.db, second, 0, owner=OWNER, lease_s=30) is not None
 
 
 async def test_wake_dispatches_only_as_many_waiting_jobs_as_there_is_room(deps: Deps) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import bearer, job_row
 from worker import Deps, keys
-from worker.queue import QUEUE
+from worker.connections import QUEUE
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
 Drain = Callable[[], Awaitable[None]]

@@ -15,9 +15,10 @@ import pytest
 from redis.asyncio import Redis
 
 from server.app import create_app
-from server.limits import Budget, StreamSlot, stream_slot
+from server.limits import Budget, StreamSlot
 from server.problems import RateLimited
 from tests.conftest import Processes, bearer, process_env, rss_kib
+from tests.engine import stream_slot
 from worker import Config, Deps, keys
 
 SQUARES = {"type": "square_sum", "input": {"data": [1]}}

@@ -15,7 +15,8 @@ from arq.jobs import deserialize_job
 from tests.conftest import job_row
 from tests.test_worker import submit
 from worker import Config, Deps
-from worker.queue import QUEUE, RUN_JOB, deserialize, enqueue, enqueue_many, message, open_redis
+from worker.connections import QUEUE, deserialize, open_redis
+from worker.queue import RUN_JOB, enqueue, enqueue_many, message
 
 Drain = Callable[[], Awaitable[None]]
 NOW = 1_750_000_000.123  # a frozen clock (s), so both paths stamp the same enqueue time

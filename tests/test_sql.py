@@ -30,16 +30,3 @@ async def test_statements_run_inside_the_tasks_databases_transaction(deps: Deps)
             assert await deps.db.fetch_val("SELECT count(*) FROM tenants WHERE id = 'sql-probe'") == 1
             raise RuntimeError("roll back")
     assert await sql.fetch_val(deps.db, "SELECT count(*) FROM tenants WHERE id = :id", {"id": "sql-probe"}) == 0
-
-
-async def test_outside_a_transaction_statements_go_straight_to_the_pool(
-    deps: Deps, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_borrowing() -> None:
-        raise AssertionError("borrowed a connection through databases outside a transaction")
-
-    monkeypatch.setattr(deps.db, "connection", no_borrowing)
-    assert await sql.fetch_val(deps.db, "SELECT CAST(:n AS int) + 1", {"n": 1}) == 2
-    assert (await sql.fetch_one(deps.db, "SELECT 1 AS one")) is not None
-    assert len(await sql.fetch_all(deps.db, "SELECT generate_series(1, 3)")) == 3
-    await sql.execute(deps.db, "SELECT 1")

@@ -8,6 +8,7 @@ from ipaddress import ip_address
 import pytest
 from uuid_utils.compat import uuid7
 
+from tests import engine
 from tests.receivers import Hooks, Receiver
 from worker import Forbidden, Guard, store
 from worker.webhooks.ssrf import parse_networks, parse_ports, refusal
@@ -208,7 +209,7 @@ async def test_hostile_urls_already_stored_are_refused_at_delivery_and_no_canary
         f"http://mapped.example.com:{port}/",
     ]
     for url in urls:
-        row = await store.insert_job(
+        row = await engine.insert_job(
             hooks.deps.db,
             store.NewJob(
                 id=uuid7(),

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import engine
 from tests.conftest import eventually, free_port, notified
 from tests.sse import Frame, Live, RawStream, live_server, read_stream
 from worker import Config, Deps, Progress, events, store
@@ -142,7 +143,7 @@ async def _claimed_job(deps: Deps) -> UUID:
     from tests.test_store import new_job
 
     job_id = await new_job(deps.db)
-    assert await store.claim(deps.db, job_id, 0, owner="test", lease_s=60) is not None
+    assert await engine.claim(deps.db, job_id, 0, owner="test", lease_s=60) is not None
     await notified(deps, job_id)
     return job_id
 
@@ -357,7 +358,7 @@ async def test_streams_reset_closed_or_ended_give_back_every_subscription_task_a
         # The last 50 follow the two jobs that now end: the server closes those streams after the end.
         ending = streams[150:]
         for job_id in ids:
-            assert await store.claim(deps.db, UUID(job_id), 0, owner="test", lease_s=60) is not None
+            assert await engine.claim(deps.db, UUID(job_id), 0, owner="test", lease_s=60) is not None
             assert await store.finish(deps.db, UUID(job_id), 1, "succeeded", result=b"14")
             await notified(deps, UUID(job_id))
         for stream in ending:

@@ -21,10 +21,11 @@ import trustme
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests.conftest import ROOT, Processes, bearer, eventually, free_port, process_env
+from tests.engine import deliver_due
 from tests.receivers import DribblingReceiver, Hooks, Received, Receiver, answer, fail_first
 from worker import Config, Deps
 from worker.sweep import sweep_once
-from worker.webhooks.deliver import Schedule, Sender, deliver_due, serving, tenant_secrets
+from worker.webhooks.deliver import Schedule, Sender, serving, tenant_secrets
 
 Drain = Callable[[], Awaitable[None]]
 HOUR = 3600.0

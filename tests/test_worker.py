@@ -16,7 +16,7 @@ from databases import Database
 
 from tests.conftest import eventually, job_row
 from worker import Config, Deps, store
-from worker.job import backoff
+from worker.retry import backoff
 
 Drain = Callable[[], Awaitable[None]]
 

@@ -3,8 +3,9 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import events, keys, store
+from worker import database, events, keys, store
 from worker.config import Config, from_env
+from worker.deps import Deps, connect
 from worker.job import (
     LIVE,
     NEXT,
@@ -20,7 +21,7 @@ from worker.job import (
     Status,
 )
 from worker.job_types import load as load_job_types
-from worker.queue import Deps, connect, enqueue, request_abort
+from worker.queue import enqueue, request_abort
 from worker.webhooks import store as webhook_store
 from worker.webhooks.ssrf import Forbidden, Guard
 
@@ -42,6 +43,7 @@ __all__ = [
     "RetryableError",
     "Status",
     "connect",
+    "database",
     "enqueue",
     "events",
     "from_env",

@@ -22,9 +22,9 @@ from uuid import UUID
 import msgspec
 from databases import Database
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from worker import sql, store
+from worker import database, sql, store
+from worker.connections import REDIS_DOWN
 from worker.job import LOG_LEVELS, TERMINAL, Error, Job, Links, LogLevel, Progress, Status
 
 log = logging.getLogger("outlast.events")
@@ -46,7 +46,7 @@ async def _publish(redis: Redis, payload: bytes) -> None:
     followers re-read it when the subscription comes back."""
     try:
         await redis.publish(channel(redis), payload)
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         log.debug("publish %r: Redis unavailable (%s); followers will read the log", payload[:80], exc)
 
 
@@ -208,7 +208,7 @@ async def append_logs(db: Database, job_id: UUID, attempt: int, lines: Sequence[
     """Append log lines to a running attempt's log, in one statement. False: the attempt is over or superseded."""
     if not lines:
         return False
-    values = {"id": job_id, "attempt": attempt, "n": len(lines), "lines": store.storable(lines)}
+    values = {"id": job_id, "attempt": attempt, "n": len(lines), "lines": database.storable(lines)}
     return bool(await sql.fetch_all(db, _APPEND_LOGS, values))
 
 
@@ -259,7 +259,7 @@ class Journal:
             return
         try:
             written = await append_logs(self._db, self._job_id, self._attempt, lines)
-        except store.UNAVAILABLE as exc:
+        except database.UNAVAILABLE as exc:
             log.warning("log of %s: database unavailable (%s); %d lines lost", self._job_id, exc, len(lines))
             return
         if written:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -35,12 +34,6 @@ LOG_LEVELS: Final[frozenset[str]] = frozenset(get_args(LogLevel))
 def allowed_from(to: Status) -> list[Status]:
     """The states from which a job may move to `to`."""
     return sorted(status for status, nxt in NEXT.items() if to in nxt)
-
-
-def backoff(attempt: int, *, base: float, cap: float) -> float:
-    """Seconds before retrying after failed attempt `attempt` (1-based): full jitter over an envelope
-    that doubles each attempt up to `cap`, so retries of many jobs spread out instead of stampeding."""
-    return random.uniform(0, min(cap, base * 2 ** max(attempt - 1, 0)))
 
 
 class Progress(msgspec.Struct, frozen=True):

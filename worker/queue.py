@@ -1,4 +1,4 @@
-"""The connections both processes hold (Database + arq's Redis), and the doorbell: enqueue(job_id, attempt).
+"""The doorbell: enqueue(job_id, attempt), and arq's other keys the engine touches (abort, the sweep's clean-ups).
 
 The doorbell is a Lua script rather than arq's `ArqRedis.enqueue_job`: that one WATCHes the job key, checks it
 and the result key with EXISTS, then writes in MULTI/PSETEX/ZADD/EXEC, three round trips through redis-py
@@ -8,32 +8,18 @@ and stores exactly what enqueue_job would, in arq's own format, so arq's unchang
 
 from __future__ import annotations
 
-import contextlib
 import time
-import weakref
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 from uuid import UUID
 
-import msgspec
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_ms
-from databases import Database
-from redis.asyncio import BlockingConnectionPool
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
-from worker.config import Config
-from worker.events import Notifier
+from worker.connections import QUEUE, REDIS_DOWN, script, serialize
 
-QUEUE = "outlast:queue"
 RUN_JOB = "run_job"
-# Never pickle: a queue message is only "{job_id}:{attempt}", and msgpack can't execute anything.
-serialize: Any = msgspec.msgpack.encode
-deserialize: Any = msgspec.msgpack.decode
 
 
 def message(job_id: UUID, attempt: int) -> str:
@@ -43,72 +29,6 @@ def message(job_id: UUID, attempt: int) -> str:
 def parse_message(text: str) -> tuple[UUID, int]:
     job_id, _, attempt = text.partition(":")
     return UUID(job_id), int(attempt)
-
-
-@dataclass(frozen=True)
-class Deps:
-    """What every request and every job attempt needs, built once per process."""
-
-    config: Config
-    db: Database
-    redis: ArqRedis
-    notifier: Notifier  # publishes job changes on `redis`
-
-
-def redis_settings(config: Config) -> RedisSettings:
-    settings = RedisSettings.from_dsn(config.redis_url)
-    settings.conn_timeout = int(config.redis_timeout_s) or 1
-    return settings
-
-
-def open_redis(config: Config) -> ArqRedis:
-    """An ArqRedis that connects lazily: a process starts, and answers, while Redis is down. Its pool is bounded:
-    a burst of requests waits for a connection instead of opening one per request."""
-    pool = BlockingConnectionPool.from_url(
-        config.redis_url,
-        max_connections=config.redis_pool_max,
-        timeout=config.redis_timeout_s,
-        socket_connect_timeout=config.redis_timeout_s,
-        socket_timeout=config.redis_timeout_s,
-        health_check_interval=30,
-    )
-    return ArqRedis(pool, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=QUEUE)
-
-
-async def _keep_session(connection: object) -> None:
-    """asyncpg's default reset on release (unlock all, CLOSE ALL, UNLISTEN, RESET ALL) is a round trip and a
-    transaction after every query; nothing here sets session state, and asyncpg still rolls back a transaction
-    left open before calling this."""
-
-
-def open_database(config: Config) -> Database:
-    url = config.database_url
-    if url.startswith("postgres://"):  # Heroku's spelling; SQLAlchemy's URL parser wants the long one
-        url = "postgresql://" + url.removeprefix("postgres://")
-    return Database(
-        url,
-        min_size=config.db_pool_min,
-        max_size=config.db_pool_max,
-        timeout=config.db_timeout_s,
-        command_timeout=config.db_timeout_s * 6,
-        reset=_keep_session,
-    )
-
-
-@contextlib.asynccontextmanager
-async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIterator[Deps]:
-    db = open_database(config)
-    await db.connect()
-    own_redis = redis is None
-    arq = redis or open_redis(config)
-    notifier = Notifier(arq)
-    try:
-        yield Deps(config=config, db=db, redis=arq, notifier=notifier)
-    finally:
-        await notifier.flush()
-        await db.disconnect()
-        if own_redis:
-            await arq.aclose(close_connection_pool=True)
 
 
 # arq 0.28's enqueue_job for many jobs in one round trip. KEYS: the queue, then each job's job key and result key.
@@ -124,15 +44,6 @@ for i = 0, #ARGV / 4 - 1 do
 end
 return 1
 """
-_enqueue_scripts: weakref.WeakKeyDictionary[ArqRedis, AsyncScript] = weakref.WeakKeyDictionary()
-
-
-def _enqueue_script(redis: ArqRedis) -> AsyncScript:
-    """The client's registered ENQUEUE_LUA: EVALSHA, loading the script once on NOSCRIPT (e.g. a restarted Redis)."""
-    script = _enqueue_scripts.get(redis)
-    if script is None:
-        script = _enqueue_scripts[redis] = redis.register_script(ENQUEUE_LUA)
-    return script
 
 
 async def enqueue(redis: ArqRedis, job_id: UUID, attempt: int, *, delay_s: float = 0.0) -> bool:
@@ -162,8 +73,8 @@ async def enqueue_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int]], *,
         keys += [job_key_prefix + text, result_key_prefix + text]
         args += [serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize), expiry_ms, score, text]
     try:
-        await _enqueue_script(redis)(keys, args)
-    except (RedisError, OSError):
+        await script(redis, ENQUEUE_LUA)(keys, args)
+    except REDIS_DOWN:
         return False
     return True
 
@@ -175,7 +86,7 @@ async def request_abort(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
     """
     try:
         await redis.zadd(abort_jobs_ss, {message(job_id, attempt - 1): time.time() * 1000})
-    except (RedisError, OSError):
+    except REDIS_DOWN:
         return False
     return True
 
@@ -191,7 +102,7 @@ async def ring_again(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
     try:
         if await redis.exists(in_progress_key_prefix + text):
             await redis.delete(in_progress_key_prefix + text, job_key_prefix + text)
-    except (RedisError, OSError):
+    except REDIS_DOWN:
         return False
     return await enqueue(redis, job_id, attempt)
 
@@ -208,5 +119,5 @@ async def forget(redis: ArqRedis, lost: list[tuple[UUID, int]]) -> None:
             pipe.zrem(QUEUE, *texts)
             pipe.delete(*keys)
             await pipe.execute()
-    except (RedisError, OSError):
+    except REDIS_DOWN:
         pass  # Redis is down: when the sweep re-dispatches these jobs, ring_again clears a stale mark anyway

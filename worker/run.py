@@ -10,18 +10,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import msgspec
 
-from worker import events, store
+from worker import database, events, store
 from worker.batch import Batcher
 from worker.capacity import Capacity
-from worker.job import Context, Error, JobError, JobType, Progress, Status, backoff
-from worker.queue import Deps, enqueue, enqueue_many, parse_message
+from worker.deps import Deps
+from worker.job import Context, Error, JobError, JobType, Progress, Status
+from worker.queue import enqueue, enqueue_many, parse_message
+from worker.retry import backoff
 
 log = logging.getLogger("outlast.worker")
 T = TypeVar("T")
@@ -60,8 +62,8 @@ class Runtime:
 
         return cls(
             job_types,
-            Batcher(claim, shared=store.UNAVAILABLE, linger_s=WRITE_LINGER_S),
-            Batcher(finish, shared=store.UNAVAILABLE, linger_s=WRITE_LINGER_S),
+            Batcher(claim, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
+            Batcher(finish, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
             capacity,
         )
 
@@ -88,25 +90,6 @@ class _Attempt:
         self.reported()
 
 
-async def persist(call: Callable[[], Awaitable[T]], *, what: str, give_up_after_s: float = 600.0) -> T:
-    """Run a write, retrying with backoff while the database is unreachable.
-
-    Past `give_up_after_s` the error propagates; the lease then runs out and the sweep decides.
-    """
-    deadline = time.monotonic() + give_up_after_s
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except store.UNAVAILABLE as exc:
-            attempt += 1
-            if time.monotonic() > deadline:
-                raise
-            delay = backoff(attempt, base=0.2, cap=5.0)
-            log.warning("%s: database unavailable (%s); retrying in %.1fs", what, exc, delay)
-            await asyncio.sleep(delay)
-
-
 async def run_job(ctx: dict[str, Any], text: str) -> None:
     deps: Deps = ctx["deps"]
     runtime: Runtime = ctx["runtime"]
@@ -114,7 +97,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
     try:
         claim_sent_at = time.monotonic()  # no later than the database's clock starts the lease
         claimed = await runtime.claims((job_id, attempt))
-    except store.UNAVAILABLE as exc:
+    except database.UNAVAILABLE as exc:
         # Lost with the answer on its way, the claim (and the batch it went in) may have committed: hand such a job
         # back. Otherwise the row is still queued and marked dispatched: the sweep rings again.
         log.warning("claim %s: database unavailable (%s)", text, exc)
@@ -200,13 +183,13 @@ async def _succeeded(deps: Deps, runtime: Runtime, claimed: store.Claimed, resul
         error = Error("invalid_result", f"the result can't be encoded as JSON: {_clipped(exc)}", False)
         await _end(deps, runtime, claimed, "failed", error=error)
         return
-    if store.NUL.search(encoded):  # the row would refuse it
-        error = Error("invalid_result", f"the result holds a NUL: {store.NUL_MSG}", False)
+    if database.NUL.search(encoded):  # the row would refuse it
+        error = Error("invalid_result", f"the result holds a NUL: {database.NUL_MSG}", False)
         await _end(deps, runtime, claimed, "failed", error=error)
         return
     try:
         await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=progress)
-    except store.UNAVAILABLE:
+    except database.UNAVAILABLE:
         raise  # retried for minutes already: the lease runs out and the sweep decides
     except Exception as exc:
         log.exception("job %s attempt %d: its result could not be stored", claimed.id, claimed.attempt)
@@ -223,10 +206,10 @@ async def _claim_interrupted(deps: Deps, runtime: Runtime, job_id: UUID, attempt
     """Hand attempt `attempt` back now if a claim whose answer never came did start it, rather than leave it running,
     with no task, until its lease runs out. None of its code ran, so it goes back whatever its type."""
     try:
-        claimed = await persist(
+        claimed = await database.persist(
             lambda: store.owned(deps.db, job_id, attempt, owner=OWNER), what=f"claim {job_id}", give_up_after_s=10
         )
-    except store.UNAVAILABLE:
+    except database.UNAVAILABLE:
         return  # the lease ends it: the sweep rescues the job
     if claimed is not None:
         deps.notifier.notify(job_id)
@@ -249,7 +232,7 @@ async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: store.Cla
         if outcome == "queued":
             await enqueue(deps.redis, claimed.id, claimed.attempt)
 
-    await persist(stop, what=f"stop {claimed.id}", give_up_after_s=10)
+    await database.persist(stop, what=f"stop {claimed.id}", give_up_after_s=10)
 
 
 async def _gave_back(deps: Deps, runtime: Runtime, claimed: store.Claimed) -> None:
@@ -261,7 +244,7 @@ async def _gave_back(deps: Deps, runtime: Runtime, claimed: store.Claimed) -> No
         woken = await store.wake(
             deps.db, [claimed.tenant_id], default_cap=runtime.capacity.default_cap, batch=deps.config.sweep_batch
         )
-    except store.UNAVAILABLE as exc:
+    except database.UNAVAILABLE as exc:
         log.warning("wake %s: database unavailable (%s); the sweep dispatches what waits", claimed.tenant_id, exc)
         return
     if woken and not await enqueue_many(deps.redis, woken):
@@ -294,7 +277,7 @@ async def _end(
     """Move the attempt to `to` (`queued`: a retry in `retry_in_s`) through the batched finishes. False: someone
     won first."""
     finish = store.Finish(claimed.id, claimed.attempt, to, result, error, progress, retry_in_s)
-    moved = await persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
+    moved = await database.persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
     if moved:
         deps.notifier.notify(claimed.id)
         await _gave_back(deps, runtime, claimed)
@@ -340,7 +323,7 @@ async def _heartbeat(
                 state.stopped = "superseded"
                 task.cancel()
                 return
-            if isinstance(exc, store.UNAVAILABLE):
+            if isinstance(exc, database.UNAVAILABLE):
                 log.warning("heartbeat %s: database unavailable (%s)", claimed.id, exc)
                 state.latest = state.latest or progress
             else:  # refused: the progress it carried may be why, so the next beat goes without it

@@ -23,8 +23,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.capacity import refresh
 from worker.config import from_env
+from worker.connections import QUEUE, deserialize, redis_settings, serialize
+from worker.deps import connect
 from worker.job_types import load
-from worker.queue import QUEUE, RUN_JOB, connect, deserialize, redis_settings, serialize
+from worker.queue import RUN_JOB
 from worker.run import Runtime, run_job
 from worker.sweep import fresh_s, sweeping
 from worker.webhooks import deliver as webhooks

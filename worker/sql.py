@@ -1,26 +1,21 @@
 """Run the engine's statements on asyncpg itself, through the connection `databases` lends.
 
-`databases` keeps the pool, the per-task connection and transactions; but each of its `fetch_one(text, values)`
-builds a SQLAlchemy `text()` clause and compiles it again, which cost 110-240 µs of CPU per statement, more than
-asyncpg's own work (docs/performance.md). Statements here keep their `:name` parameters; each text is turned into
-asyncpg's `$1, $2…` once per process, and a call only puts the values in order.
-
-Inside `async with db.transaction()` these run on the transaction's connection, as `databases`' own calls do.
-Outside one they go straight to the asyncpg pool under `databases`: borrowing a connection through
-`db.connection()` (a `Connection` with three locks and a task-map entry, per statement) cost another ≈ 14 µs
-per status read, 7 % of it (docs/performance.md). The pool and the task map are `databases`' private attributes,
-pinned by the version range in pyproject.toml and by tests/test_sql.py.
+`databases` keeps the pool, the per-task connection and transactions, used through its public API only: each
+statement runs on `db.connection()`'s asyncpg connection (`raw_connection`), which inside `async with
+db.transaction()` is the transaction's. But `databases`' own `fetch_one(text, values)` builds a SQLAlchemy `text()`
+clause and compiles it again on every call, 110-240 µs of CPU per statement, more than asyncpg's own work
+(docs/performance.md). So statements here keep their `:name` parameters; each text is turned into asyncpg's
+`$1, $2…` once per process, and a call only puts the values in order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from asyncpg import Pool, Record
+from asyncpg import Record
 from databases import Database
 
 # `:name`, but neither a `::type` cast nor the `30` of a time literal's `12:30`.
@@ -47,20 +42,9 @@ def _args(text: str, values: Values | None) -> tuple[str, list[Any]]:
     return query, [values[name] for name in names] if values else []
 
 
-def _pool(db: Database) -> Pool | None:
-    """`databases`' pool when this task holds none of its connections (no transaction open), else None."""
-    task = asyncio.current_task()
-    if task is not None and db._global_connection is None and db._connection_map.get(task) is None:
-        pool: Pool = db._backend._pool
-        return pool
-    return None
-
-
 async def _run(db: Database, method: str, text: str, values: Values | None) -> Any:
-    """asyncpg's `method` (fetchrow, fetch, fetchval, execute) on the pool, or on the task's transaction."""
+    """asyncpg's `method` (fetchrow, fetch, fetchval, execute) on the task's connection (its transaction's, if any)."""
     query, args = _args(text, values)
-    if (pool := _pool(db)) is not None:
-        return await getattr(pool, method)(query, *args)
     async with db.connection() as connection:
         return await getattr(connection.raw_connection, method)(query, *args)
 

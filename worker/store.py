@@ -8,59 +8,20 @@ row lock serialises. All times come from the database clock.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 import msgspec
 from databases import Database
 
 from worker import sql
+from worker.database import storable
 from worker.job import TERMINAL, Error, Job, Links, Progress, Status, allowed_from
+from worker.retry import envelope_sql
 
 _encode = msgspec.json.Encoder().encode
-
-# A NUL in a JSON string, as msgspec encodes it (\u0000 after an even number of backslashes): PostgreSQL's jsonb and
-# text can't hold it, and a statement carrying one is refused whole.
-NUL = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
-NUL_MSG = "PostgreSQL can't store the NUL character (\\u0000) in text"
-
-
-def storable(value: Any) -> str:
-    """`value` as JSON for a jsonb column, each NUL or lone surrogate in its strings made U+FFFD. For what a job
-    reports about itself (errors, progress, log lines): one character lost rather than the whole write, and the
-    job with it."""
-    try:
-        encoded = _encode(value)
-    except UnicodeEncodeError:  # a lone surrogate (bytes decoded with surrogateescape) is no UTF-8 at all
-        encoded = _encode(_utf8(msgspec.to_builtins(value)))
-    return NUL.sub(rb"\1\\ufffd", encoded).decode()
-
-
-def _utf8(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    if isinstance(value, list):
-        return [_utf8(v) for v in value]
-    if isinstance(value, dict):
-        return {_utf8(k): _utf8(v) for k, v in value.items()}
-    return value
-
-
-# What a lost or restarting database raises: the web answers 503, the worker retries with backoff.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.OperatorInterventionError,
-    # A pooled connection that got the server's "terminating connection" but not yet the socket's close.
-    asyncpg.InternalClientError,
-)
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
     " callback_url, metadata, created_at, started_at, finished_at, expires_at"
@@ -197,11 +158,6 @@ async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | Non
     }
     rows = {row.id: row for row in map(_row, await sql.fetch_all(db, _INSERT, values))}
     return [rows.pop(j.id, None) for j in jobs]
-
-
-async def insert_job(db: Database, job: NewJob) -> JobRow | None:
-    """One job, as `insert_jobs`."""
-    return (await insert_jobs(db, [job]))[0]
 
 
 _FIND_IDEMPOTENT = f"""
@@ -362,13 +318,6 @@ async def claim_many(
     records = await sql.fetch_all(db, _CLAIM, values)
     claimed = {(r["id"], r["attempt"] - 1): msgspec.convert(dict(r), Claimed) for r in records}
     return [claimed.pop(key, None) for key in wanted]
-
-
-async def claim(
-    db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float, default_cap: int | None = None
-) -> Claimed | None:
-    """Start attempt `attempt + 1`. None: a stale or duplicate delivery, so run nothing (or its tenant is full)."""
-    return (await claim_many(db, [(job_id, attempt)], owner=owner, lease_s=lease_s, default_cap=default_cap))[0]
 
 
 _OWNED = f"""
@@ -592,8 +541,7 @@ WITH lost AS (
        SET status = CASE WHEN lost.again THEN 'queued' ELSE 'failed' END,
            error = CASE WHEN lost.again THEN NULL ELSE CAST(:worker_lost AS jsonb) END,
            finished_at = CASE WHEN lost.again THEN NULL ELSE now() END,
-           next_run_at = now() + make_interval(
-               secs => random() * least(:cap, :base * power(2, greatest(j.attempt - j.interrupted - 1, 0)))),
+           next_run_at = now() + make_interval(secs => random() * {envelope_sql("j.attempt - j.interrupted")}),
            dispatched_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
            event_seq = j.event_seq + 1
       FROM lost WHERE j.id = lost.id

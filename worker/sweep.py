@@ -13,10 +13,11 @@ import logging
 import random
 from collections.abc import AsyncIterator
 
-from worker import store
+from worker import database, store
 from worker.capacity import Capacity, forget_stale, leave, refresh
 from worker.config import Config
-from worker.queue import Deps, forget, ring_again
+from worker.deps import Deps
+from worker.queue import forget, ring_again
 
 log = logging.getLogger("outlast.sweep")
 
@@ -30,7 +31,7 @@ async def sweeping(deps: Deps, capacity: Capacity | None = None) -> AsyncIterato
         while True:
             try:
                 await sweep_once(deps, capacity)
-            except store.UNAVAILABLE as exc:
+            except database.UNAVAILABLE as exc:
                 log.warning("sweep skipped: database unavailable (%s)", exc)
             except Exception:
                 log.exception("sweep failed; the next pass tries again")
@@ -44,7 +45,7 @@ async def sweeping(deps: Deps, capacity: Capacity | None = None) -> AsyncIterato
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         if capacity is not None:
-            with contextlib.suppress(*store.UNAVAILABLE):
+            with contextlib.suppress(*database.UNAVAILABLE):
                 await leave(deps.db, capacity.name)
 
 

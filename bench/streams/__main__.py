@@ -259,7 +259,7 @@ class Outlast(Side):
                 id=uuid7(), tenant="default", type="sleep", input=b"{}", max_attempts=1, timeout_s=3600,
                 retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=3600,
             )  # fmt: skip
-            await store.insert_job(self.deps.db, job)
+            await store.insert_jobs(self.deps.db, [job])
             ids.append(str(job.id))
         return ids
 
@@ -273,7 +273,7 @@ class Outlast(Side):
 
     async def start_events(self, keys: list[str]) -> None:
         for key in keys:  # as a worker does: claimed, then its progress
-            await store.claim(self.deps.db, UUID(key), 0, owner="bench", lease_s=3600)
+            await store.claim_many(self.deps.db, [(UUID(key), 0)], owner="bench", lease_s=3600)
             self.deps.notifier.notify(UUID(key))
         await self.deps.notifier.flush()
 

@@ -29,9 +29,10 @@ from redis.asyncio import Redis
 
 from tests.chaos.jobs import CREATE_TABLE
 from tests.conftest import ROOT, TEST_SECRET, bearer, eventually, free_port, process_env
-from worker import TERMINAL, Config, connect, keys, store
+from worker import TERMINAL, Config, connect, database, keys
+from worker.connections import QUEUE
 from worker.migrate import create_database, migrate
-from worker.queue import QUEUE, message
+from worker.queue import message
 
 # Short enough that a whole crash-and-rescue cycle takes seconds; the bounds the tests check derive from these.
 LEASE_S = 3.0
@@ -294,7 +295,7 @@ class Cluster:
         for attempt in range(10):  # our own pool's connections die with a restarted server too
             try:
                 return await self.db.fetch(sql, *args)
-            except store.UNAVAILABLE:
+            except database.UNAVAILABLE:
                 if attempt == 9:
                     raise
                 self.db.expire_connections()

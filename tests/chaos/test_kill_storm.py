@@ -14,7 +14,7 @@ import pytest
 
 from tests.chaos.conftest import RESCUE_BOUND_S, Cluster, Event, Fault, holds, lifecycle_problems, percentile
 from tests.conftest import eventually
-from worker.queue import QUEUE
+from worker.connections import QUEUE
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ from databases import Database
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 
+from tests import engine
 from tests.test_store import new_job
 from worker import TERMINAL, Config, Error, Progress, store
 
@@ -59,7 +60,7 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(target=holders, job_id=jobs, stale=st.booleans())
     def claim(self, job_id: UUID, stale: bool) -> tuple[UUID, int]:
         expected = self.attempt_of(job_id) - (1 if stale else 0)  # a stale message is a duplicate delivery
-        claimed = self.run(store.claim(self.db, job_id, expected, owner="w", lease_s=30))
+        claimed = self.run(engine.claim(self.db, job_id, expected, owner="w", lease_s=30))
         if claimed is None:
             return (job_id, -1)  # nothing started: a holder of nothing
         key = (job_id, claimed.attempt)

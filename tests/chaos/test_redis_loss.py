@@ -12,7 +12,8 @@ import pytest
 
 from tests.chaos.conftest import Cluster, lifecycle_problems
 from tests.conftest import eventually
-from worker.queue import QUEUE, message
+from worker.connections import QUEUE
+from worker.queue import message
 
 pytestmark = pytest.mark.slow
 

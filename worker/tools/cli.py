@@ -20,8 +20,8 @@ from databases import Database
 
 from worker import keys
 from worker.config import from_env
+from worker.database import open_database
 from worker.migrate import create_database, migrate
-from worker.queue import open_database
 from worker.tools.watch import follow
 
 T = TypeVar("T")

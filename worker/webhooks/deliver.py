@@ -33,11 +33,12 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import store
+from worker import database, store
 from worker.config import Config
+from worker.database import open_database, persist
+from worker.deps import Deps
 from worker.job import Job
-from worker.queue import Deps, open_database
-from worker.run import persist
+from worker.retry import envelope
 from worker.webhooks import store as webhook_store
 from worker.webhooks.ssrf import Forbidden, Guard, Resolver, Target, system_resolver
 from worker.webhooks.store import Claimed, DeliveryStatus
@@ -67,8 +68,8 @@ class Schedule:
         up to `cap_s`: never sooner than it asks, never later than the schedule's longest gap."""
         if elapsed_s >= self.window_s:
             return None
-        envelope = min(self.cap_s, self.base_s * 2 ** min(max(attempt - 1, 0), 32))
-        delay = self.rng.uniform(envelope / 2, envelope)
+        wait = envelope(attempt, base=self.base_s, cap=self.cap_s)
+        delay = self.rng.uniform(wait / 2, wait)
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.cap_s))
         return delay
@@ -255,7 +256,7 @@ async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedu
             ),
             what=f"webhook {claimed.id}",
         )
-    except store.UNAVAILABLE as exc:
+    except database.UNAVAILABLE as exc:
         log.warning("webhook %s attempt %d: database unavailable (%s)", claimed.id, claimed.attempt, exc)
     except Exception:
         log.exception("webhook %s attempt %d failed", claimed.id, claimed.attempt)
@@ -264,15 +265,6 @@ async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedu
 def lease_s(config: Config) -> float:
     """How long a claimed attempt may take before it counts as lost and is due again."""
     return 2 * config.webhook_timeout_s + 30
-
-
-async def deliver_due(deps: Deps, sender: Sender, schedule: Schedule | None = None) -> int:
-    """One pass: claim what is due (up to `webhook_concurrency`), attempt each, wait for all. Returns how many."""
-    config = deps.config
-    schedule = schedule or Schedule(window_s=config.webhook_retry_window_s)
-    claimed = await webhook_store.claim_due(deps.db, limit=config.webhook_concurrency, lease_s=lease_s(config))
-    await asyncio.gather(*(deliver(deps, sender, c, schedule) for c in claimed))
-    return len(claimed)
 
 
 async def serve(deps: Deps, sender: Sender) -> None:
@@ -285,7 +277,7 @@ async def serve(deps: Deps, sender: Sender) -> None:
             free = config.webhook_concurrency - len(running)
             try:
                 claimed = await webhook_store.claim_due(deps.db, limit=free, lease_s=lease_s(config)) if free else []
-            except store.UNAVAILABLE as exc:
+            except database.UNAVAILABLE as exc:
                 log.warning("webhooks: database unavailable (%s)", exc)
                 claimed = []
             for one in claimed:

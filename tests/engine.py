@@ -1,0 +1,60 @@
+"""The engine driven one call at a time, as only tests (and benchmarks) do: the production code batches these."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+from databases import Database
+
+from server.limits import StreamSlot
+from worker import Deps, store
+from worker.webhooks.deliver import Schedule, Sender, deliver, lease_s
+from worker.webhooks.store import claim_due
+
+
+async def insert_job(db: Database, job: store.NewJob) -> store.JobRow | None:
+    """One job, as `store.insert_jobs`."""
+    return (await store.insert_jobs(db, [job]))[0]
+
+
+async def claim(
+    db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float, default_cap: int | None = None
+) -> store.Claimed | None:
+    """Start attempt `attempt + 1`, as `store.claim_many`. None: stale, duplicate, or its tenant is full."""
+    claimed = await store.claim_many(db, [(job_id, attempt)], owner=owner, lease_s=lease_s, default_cap=default_cap)
+    return claimed[0]
+
+
+async def deliver_due(deps: Deps, sender: Sender, schedule: Schedule | None = None) -> int:
+    """One pass of the delivery loop: claim what is due (up to `webhook_concurrency`), attempt each, wait for all.
+    Returns how many."""
+    config = deps.config
+    schedule = schedule or Schedule(window_s=config.webhook_retry_window_s)
+    claimed = await claim_due(deps.db, limit=config.webhook_concurrency, lease_s=lease_s(config))
+    await asyncio.gather(*(deliver(deps, sender, c, schedule) for c in claimed))
+    return len(claimed)
+
+
+@contextlib.asynccontextmanager
+async def stream_slot(
+    redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0
+) -> AsyncIterator[StreamSlot]:
+    """Hold one of `key`'s `limit` stream slots for the body of the `with` (renewed every lease/3), or raise
+    RateLimited: what server/stream.py does around a stream."""
+    slot = await StreamSlot.take(redis, key, limit=limit, retry_after=retry_after, lease_s=lease_s)
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            await slot.renew()
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield slot
+    finally:
+        renewing.cancel()
+        await slot.release()

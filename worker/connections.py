@@ -1,0 +1,55 @@
+"""Redis, as both processes reach it: the client (arq's, lazily connected, bounded), what it raises when Redis can't
+be reached, and the Lua scripts run on it, each registered once per client."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Final
+
+import msgspec
+from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from worker.config import Config
+
+QUEUE: Final = "outlast:queue"
+# Never pickle: a queue message is only "{job_id}:{attempt}", and msgpack can't execute anything.
+serialize = msgspec.msgpack.encode
+deserialize = msgspec.msgpack.decode
+# What an unreachable or restarting Redis raises. Redis is a doorbell: whoever meets one of these carries on without
+# it (the rows are the truth) and logs it.
+REDIS_DOWN: Final[tuple[type[BaseException], ...]] = (RedisError, OSError)
+
+
+def redis_settings(config: Config) -> RedisSettings:
+    settings = RedisSettings.from_dsn(config.redis_url)
+    settings.conn_timeout = int(config.redis_timeout_s) or 1
+    return settings
+
+
+def open_redis(config: Config) -> ArqRedis:
+    """An ArqRedis that connects lazily: a process starts, and answers, while Redis is down. Its pool is bounded:
+    a burst of requests waits for a connection instead of opening one per request."""
+    pool = BlockingConnectionPool.from_url(
+        config.redis_url,
+        max_connections=config.redis_pool_max,
+        timeout=config.redis_timeout_s,
+        socket_connect_timeout=config.redis_timeout_s,
+        socket_timeout=config.redis_timeout_s,
+        health_check_interval=30,
+    )
+    return ArqRedis(pool, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=QUEUE)
+
+
+_scripts: weakref.WeakKeyDictionary[Redis, dict[str, AsyncScript]] = weakref.WeakKeyDictionary()
+
+
+def script(redis: Redis, source: str) -> AsyncScript:
+    """`source` registered on this client once: EVALSHA, loading the script again on NOSCRIPT (a restarted Redis)."""
+    registered = _scripts.setdefault(redis, {})
+    found = registered.get(source)
+    if found is None:
+        found = registered[source] = redis.register_script(source)
+    return found
