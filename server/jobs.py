@@ -37,7 +37,7 @@ from server.problems import (
     ValidationError,
 )
 from server.responses import JSONResponse, MsgspecResponse
-from worker import Deps, Forbidden, Job, JobType, Status, database, request_abort, store
+from worker import Deps, Forbidden, Job, JobType, Status, database, request_abort, resource, store
 from worker.batch import Batcher
 from worker.queue import enqueue_many
 
@@ -117,7 +117,7 @@ def _storable(encoded: bytes, loc: str) -> bytes:
 
 
 def _job(request: Request, row: store.JobRow) -> Job:
-    return signed_links(request, row.to_job())
+    return signed_links(request, resource.as_job(row))
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -324,7 +324,7 @@ async def result(request: Request) -> Response:
         return JSONResponse(row.result)
     if not row.done:
         raise JobNotDone(retry_after(row))
-    raise JobFailed(row.status, row.to_job().error)
+    raise JobFailed(row.status, resource.as_job(row).error)
 
 
 def _cursor(before: UUID) -> str:

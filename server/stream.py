@@ -33,7 +33,7 @@ from server.follow import Follower, Hub
 from server.limits import StreamSlot
 from server.metrics import Metrics
 from server.problems import FieldError, ValidationError
-from worker import Config, Deps, database, events, store
+from worker import Config, Deps, database, events, resource, store
 from worker.job import Links
 
 log = logging.getLogger("outlast.web")
@@ -50,7 +50,7 @@ class Reconnect(msgspec.Struct, frozen=True):
 
 
 def frame(row: store.JobRow, event: events.Event, links: Links | None = None) -> bytes:
-    data = _encode(events.status_job(row, event.data, links)) if event.name == "status" else event.data
+    data = _encode(resource.status_job(row, event.data, links)) if event.name == "status" else event.data
     return b"id: %d\nevent: %b\ndata: %b\n\n" % (event.seq, event.name.encode(), data)
 
 
@@ -120,7 +120,7 @@ async def follow(request: Request) -> Response:
     )
     shutdown = _Shutdown()
     tenant = tenant_of(request)
-    links = signed_links(request, row.to_job()).links  # a status event's Job is the one GET would show
+    links = signed_links(request, resource.as_job(row)).links  # a status event's Job is the one GET would show
     frames = _frames(
         request.app.state.hub,
         request.app.state.metrics,

@@ -16,7 +16,7 @@ from tests import engine
 from tests.conftest import eventually, notified
 from tests.test_store import OWNER, new_job
 from tests.test_store import events as stored_events
-from worker import Config, Deps, events, store
+from worker import Config, Deps, events, resource, store
 from worker.events import LOG_MAX_CHARS, LOG_MAX_PENDING, Journal, LogLine
 
 Drain = Callable[[], Awaitable[None]]
@@ -31,7 +31,7 @@ async def test_a_status_event_renders_as_the_job_with_times_in_utc(deps: Deps) -
     assert row is not None
     running = (await events.read_after(deps.db, job_id, 1))[0]
     assert b"+05:30" in running.data
-    job = events.status_job(row, running.data)
+    job = resource.status_job(row, running.data)
     assert job.status == "running" and job.started_at == row.started_at
     assert row.started_at is not None
     assert f'"started_at":"{row.started_at:%Y-%m-%dT%H:%M:%S.%f}Z"'.encode() in msgspec.json.encode(job)

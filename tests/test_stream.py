@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests import engine
 from tests.conftest import eventually, free_port, notified
 from tests.sse import Frame, Live, RawStream, live_server, read_stream
-from worker import Config, Deps, Progress, events, store
+from worker import Config, Deps, Progress, events, status, store
 from worker.sweep import sweep_once
 from worker.tools.embedded import EmbeddedValkey
 
@@ -170,7 +170,7 @@ WITH moved AS (
                     error = '{{"type": "cancelled", "message": "cancelled on request", "retryable": false}}'
      WHERE id = :id AND status = 'queued'
     RETURNING *
-), event AS ({store._status_event("moved")})
+), event AS ({status.insert_sql("moved")})
 SELECT id FROM moved
 """
     assert await deps.db.fetch_one(statement, {"id": job_id}) is not None

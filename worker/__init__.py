@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import database, events, keys, store
+from worker import database, events, keys, resource, status, store
 from worker.config import Config, from_env
 from worker.deps import Deps, connect
 from worker.job import (
@@ -50,6 +50,8 @@ __all__ = [
     "keys",
     "load_job_types",
     "request_abort",
+    "resource",
+    "status",
     "store",
     "webhook_store",
 ]

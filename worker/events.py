@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
 from typing import Final, TypeVar
 from uuid import UUID
 
@@ -23,9 +22,9 @@ import msgspec
 from databases import Database
 from redis.asyncio import Redis
 
-from worker import database, sql, store
+from worker import database, sql
 from worker.connections import REDIS_DOWN
-from worker.job import LOG_LEVELS, TERMINAL, Error, Job, Links, LogLevel, Progress, Status
+from worker.job import LOG_LEVELS, TERMINAL, LogLevel
 
 log = logging.getLogger("outlast.events")
 T = TypeVar("T")
@@ -89,7 +88,7 @@ class Notifier:
 
 
 class Event(msgspec.Struct, frozen=True, gc=False):
-    """One stored event: `data` is its JSON as stored (a status event's is rendered by `status_job`)."""
+    """One stored event: `data` is its JSON as stored (a status event's is rendered by worker/resource.py)."""
 
     seq: int
     name: str  # status, progress or log
@@ -118,67 +117,6 @@ _LATEST = "SELECT id, event_seq FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))"
 async def latest_seqs(db: Database, job_ids: Sequence[UUID]) -> dict[UUID, int]:
     """The last seq of each job that still exists."""
     return {r["id"]: r["event_seq"] for r in await sql.fetch_all(db, _LATEST, {"ids": list(job_ids)})}
-
-
-class Retry(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Why a job went back to `queued`, and when it runs again."""
-
-    next_run_at: datetime
-    error: Error | None = None
-
-
-class StatusJob(Job, frozen=True, kw_only=True, omit_defaults=True):
-    """A `status` event's data: the Job as it was right after the change, and for a retry, why and when."""
-
-    retry: Retry | None = None
-
-
-class _Snapshot(msgspec.Struct, frozen=True):
-    """What store.py's status events hold. Events written before a field existed lack it (UNSET)."""
-
-    status: Status
-    attempt: int
-    error: Error | None = None
-    progress: Progress | msgspec.UnsetType = msgspec.UNSET
-    started_at: datetime | msgspec.UnsetType | None = msgspec.UNSET
-    finished_at: datetime | msgspec.UnsetType | None = msgspec.UNSET
-    next_run_at: datetime | None = None
-
-
-_snapshot = msgspec.json.Decoder(_Snapshot)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    # jsonb renders timestamps in the session's time zone; the API speaks UTC, as GET /v1/jobs/{id} does.
-    return None if value is None else value.astimezone(UTC)
-
-
-def status_job(row: store.JobRow, data: bytes, links: Links | None = None) -> StatusJob:
-    """Render a status event as the Job it describes: the change's fields from the event, the rest (which never
-    change) from the row, and `links` as the reader's GET would show them. The result belongs to the `succeeded`
-    event only: it is set by that change."""
-    snap = _snapshot.decode(data)
-    job = row.to_job()
-    fields = msgspec.structs.asdict(job)
-    if links is not None:
-        fields["links"] = links
-    fields.update(
-        status=snap.status,
-        done=snap.status in TERMINAL,
-        attempt=snap.attempt,
-        result=job.result if snap.status == "succeeded" else None,
-        error=snap.error if snap.status in TERMINAL else None,
-    )
-    if snap.progress is not msgspec.UNSET:
-        fields["progress"] = snap.progress
-    if snap.started_at is not msgspec.UNSET:
-        fields["started_at"] = _utc(snap.started_at)
-    if snap.finished_at is not msgspec.UNSET:
-        fields["finished_at"] = _utc(snap.finished_at)
-    retry = None
-    if snap.status == "queued" and snap.next_run_at is not None:
-        retry = Retry(next_run_at=snap.next_run_at.astimezone(UTC), error=snap.error)
-    return StatusJob(**fields, retry=retry)
 
 
 # -- appending log lines (the worker) ---------------------------------------------------------------

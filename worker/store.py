@@ -18,8 +18,9 @@ from databases import Database
 
 from worker import sql
 from worker.database import storable
-from worker.job import TERMINAL, Error, Job, Links, Progress, Status, allowed_from
+from worker.job import TERMINAL, Error, Progress, Status, allowed_from
 from worker.retry import envelope_sql
+from worker.status import insert_sql as status_event
 
 _encode = msgspec.json.Encoder().encode
 _COLUMNS = (
@@ -53,50 +54,9 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     def done(self) -> bool:
         return self.status in TERMINAL
 
-    def to_job(self) -> Job:
-        base = f"/v1/jobs/{self.id}"
-        return Job(
-            id=self.id,
-            type=self.type,
-            status=self.status,
-            done=self.done,
-            input=msgspec.Raw(self.input.encode()),
-            progress=msgspec.json.decode(self.progress, type=Progress),
-            attempt=self.attempt,
-            max_attempts=self.max_attempts,
-            timeout_s=self.timeout_s,
-            result=None if self.result is None else msgspec.Raw(self.result.encode()),
-            error=None if self.error is None else msgspec.json.decode(self.error, type=Error),
-            callback_url=self.callback_url,
-            metadata=msgspec.json.decode(self.metadata),
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            expires_at=self.expires_at,
-            links=Links(self=base, events=f"{base}/events", result=f"{base}/result"),
-        )
-
 
 def _row(record: Any) -> JobRow:
     return msgspec.convert(dict(record), JobRow)
-
-
-def _status_event(relation: str, *, error: str = "error") -> str:
-    """The INSERT that logs a status change of the rows in `relation` (a CTE of changed jobs).
-
-    Its data holds every field of the Job that a change can touch, as the change left them (the others never
-    change), so a replayed status event shows the job as it was then: worker.events renders it as the Job.
-    `error` may name a retried attempt's error, which the row itself does not keep.
-    """
-    return f"""
-INSERT INTO job_events (job_id, seq, name, data)
-SELECT id, event_seq, 'status',
-       jsonb_build_object('status', status, 'attempt', attempt, 'error', {error}, 'progress', progress,
-                          'started_at', started_at, 'finished_at', finished_at)
-       || CASE WHEN status = 'queued' AND attempt > 0 THEN jsonb_build_object('next_run_at', next_run_at)
-               ELSE '{{}}' END
-  FROM {relation}
-"""
 
 
 # -- submit -----------------------------------------------------------------------------------------
@@ -117,7 +77,7 @@ WITH job AS (
     -- the caller finds the existing job
     ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
-), event AS ({_status_event("job")})
+), event AS ({status_event("job")})
 SELECT {_COLUMNS} FROM job
 """
 
@@ -302,7 +262,7 @@ WITH wanted AS (  -- a pair given twice counts once, at its first place; in id o
       FROM candidate c
      WHERE jobs.id = c.id AND jobs.attempt = c.attempt AND jobs.status = 'queued'
            AND c.id NOT IN (SELECT id FROM admitted)
-), event AS ({_status_event("claimed")})
+), event AS ({status_event("claimed")})
 SELECT {_CLAIMED_COLUMNS} FROM claimed
 """
 
@@ -408,7 +368,7 @@ WITH wanted AS (  -- a pair given twice moves as its first place says; in id ord
       FROM wanted w
      WHERE jobs.id = w.id AND jobs.attempt = w.attempt AND jobs.status = ANY(string_to_array(w.allowed, ','))
     RETURNING jobs.*, w.error AS attempt_error
-), event AS ({_status_event("moved", error="attempt_error")})
+), event AS ({status_event("moved", error="attempt_error")})
 SELECT id, attempt FROM moved
 """
 
@@ -480,7 +440,7 @@ WITH moved AS (
            event_seq = event_seq + CASE WHEN status = 'queued' THEN 1 ELSE 0 END
      WHERE id = :id AND tenant_id = :tenant AND status IN ('queued', 'running')
     RETURNING *
-), event AS ({_status_event("moved WHERE status = 'cancelled'")})
+), event AS ({status_event("moved WHERE status = 'cancelled'")})
 SELECT {_COLUMNS} FROM moved
 """
 
@@ -511,7 +471,7 @@ WITH moved AS (
            event_seq = event_seq + 1
      WHERE id = :id AND attempt = :attempt AND status = 'running'
     RETURNING *
-), event AS ({_status_event("moved")})
+), event AS ({status_event("moved")})
 SELECT status FROM moved
 """
 
@@ -546,7 +506,7 @@ WITH lost AS (
            event_seq = j.event_seq + 1
       FROM lost WHERE j.id = lost.id
     RETURNING j.*
-), event AS ({_status_event("moved")})
+), event AS ({status_event("moved")})
 SELECT id, attempt FROM moved
 """
 
@@ -560,7 +520,7 @@ WITH late AS (
            lease_owner = NULL, lease_expires_at = NULL, event_seq = j.event_seq + 1
       FROM late WHERE j.id = late.id
     RETURNING j.*
-), event AS ({_status_event("moved")})
+), event AS ({status_event("moved")})
 SELECT count(*) AS n FROM moved
 """
 
@@ -571,7 +531,7 @@ WITH moved AS (
      WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NOT NULL
                    LIMIT :batch FOR UPDATE SKIP LOCKED)
     RETURNING *
-), event AS ({_status_event("moved")})
+), event AS ({status_event("moved")})
 SELECT count(*) FROM moved
 """
 

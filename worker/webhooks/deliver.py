@@ -33,7 +33,7 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import database, store
+from worker import database, resource, store
 from worker.config import Config
 from worker.database import open_database, persist
 from worker.deps import Deps
@@ -112,7 +112,7 @@ class Payload(Job, frozen=True, kw_only=True, omit_defaults=True):
 
 
 def payload(row: store.JobRow, max_result_bytes: int) -> bytes:
-    job = row.to_job()
+    job = resource.as_job(row)
     if row.result is None or len(row.result.encode()) <= max_result_bytes:
         return _encode(job)
     fields = msgspec.structs.asdict(job) | {"result": None}
