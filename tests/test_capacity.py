@@ -18,7 +18,7 @@ from uuid_utils.compat import uuid7
 
 from tests import engine
 from tests.conftest import ROOT, Processes, bearer, eventually, process_env, wait_done
-from worker import Config, Deps, keys, store
+from worker import Config, Deps, keys, store, sweep
 from worker.capacity import Capacity, default_cap, refresh
 
 OWNER = "test-owner"
@@ -65,7 +65,7 @@ async def test_a_claim_admits_no_more_than_the_tenants_cap_and_the_rest_wait_und
         {"ids": ids[2:]},
     )
     assert waiting == 3  # holding nothing: no worker slot, no arq message; the sweep skips them while full
-    assert await store.take_due(deps.db, batch=100, redispatch_after_s=0) == []
+    assert await sweep.take_due(deps.db, batch=100, redispatch_after_s=0) == []
 
 
 async def test_concurrent_claims_never_take_more_than_the_cap_between_them(deps: Deps) -> None:
@@ -103,10 +103,10 @@ async def test_a_slot_comes_back_however_its_job_stops_running(deps: Deps, how: 
         assert await store.interrupt(deps.db, first, 1) == "queued"
     elif how == "rescued":
         await deps.db.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = :id", {"id": first})
-        assert await store.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=1) == [(first, 1)]
+        assert await sweep.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=1) == [(first, 1)]
     elif how == "expired":
         await deps.db.execute("UPDATE jobs SET expires_at = now() WHERE id = :id", {"id": first})
-        assert await store.expire_late(deps.db, batch=10) == 1
+        assert await sweep.expire_late(deps.db, batch=10) == 1
     else:
         await deps.db.execute("DELETE FROM jobs WHERE id = :id", {"id": first})
     assert await running_count(deps) == (0, 0)

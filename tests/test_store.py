@@ -11,7 +11,7 @@ from uuid_utils.compat import uuid7
 
 from tests import engine
 from tests.conftest import job_row
-from worker import Deps, Error, Progress, store
+from worker import Deps, Error, Progress, store, sweep
 
 OWNER = "test-owner"
 
@@ -115,7 +115,7 @@ async def test_terminal_job_never_changes_status(deps: Deps) -> None:
     for to in ("failed", "cancelled", "expired", "queued", "succeeded"):
         assert not await store.finish(deps.db, job_id, 1, to, error=Error("x", "late", False))  # type: ignore[arg-type]
     await deps.db.execute("UPDATE jobs SET expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id})
-    assert await store.expire_late(deps.db, batch=100) == 0
+    assert await sweep.expire_late(deps.db, batch=100) == 0
     row = await job_row(deps, job_id)
     assert row["status"] == "succeeded" and row["result"] == "1" and row["error"] is None
 
@@ -127,7 +127,7 @@ async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
     await deps.db.execute(
         "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id}
     )
-    assert await store.rescue_lost(deps.db, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
+    assert await sweep.rescue_lost(deps.db, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
     assert await engine.claim(deps.db, job_id, 1, owner="other", lease_s=30) is not None
     assert await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=None) is None
     assert not await store.finish(deps.db, job_id, 1, "succeeded", result=b"0")
@@ -144,7 +144,7 @@ async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps)
     for job_id in (safe, unsafe, exhausted):
         await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
     await deps.db.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
-    assert len(await store.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=10)) == 3
+    assert len(await sweep.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=10)) == 3
     requeued = await job_row(deps, safe)
     assert requeued["status"] == "queued" and requeued["attempt"] == 1 and requeued["dispatched_at"] is None
     for job_id in (unsafe, exhausted):
@@ -163,7 +163,7 @@ async def test_expiry_and_a_finish_at_the_same_moment_end_in_exactly_one_termina
 
     outcomes = await asyncio.gather(
         *(finish(job_id) for job_id in ids[::2]),
-        store.expire_late(deps.db, batch=1_000),
+        sweep.expire_late(deps.db, batch=1_000),
         *(finish(job_id) for job_id in ids[1::2]),
     )
     finished, expired = sum(o is True for o in outcomes), outcomes[len(ids) // 2]
@@ -205,13 +205,13 @@ async def test_take_due_skips_rows_another_pass_holds(deps: Deps) -> None:
     ids = {await new_job(deps.db) for _ in range(6)}
     await deps.db.execute("UPDATE jobs SET dispatched_at = NULL")
     first, second = await asyncio.gather(
-        store.take_due(deps.db, batch=3, redispatch_after_s=60), store.take_due(deps.db, batch=3, redispatch_after_s=60)
+        sweep.take_due(deps.db, batch=3, redispatch_after_s=60), sweep.take_due(deps.db, batch=3, redispatch_after_s=60)
     )
     taken = [job_id for job_id, _ in first + second]
     assert len(taken) == len(set(taken))  # SKIP LOCKED: concurrent passes never take the same row
-    rest = [job_id for job_id, _ in await store.take_due(deps.db, batch=10, redispatch_after_s=60)]
+    rest = [job_id for job_id, _ in await sweep.take_due(deps.db, batch=10, redispatch_after_s=60)]
     assert set(rest) | set(taken) == ids and not set(rest) & set(taken)
-    assert await store.take_due(deps.db, batch=10, redispatch_after_s=60) == []  # all dispatched just now
+    assert await sweep.take_due(deps.db, batch=10, redispatch_after_s=60) == []  # all dispatched just now
 
 
 async def test_status_events_hold_every_field_a_change_touches_as_it_left_them(deps: Deps) -> None:

@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import database, events, keys, resource, status, store
+from worker import database, events, keys, resource, status, store, sweep
 from worker.config import Config, from_env
 from worker.deps import Deps, connect
 from worker.job import (
@@ -53,5 +53,6 @@ __all__ = [
     "resource",
     "status",
     "store",
+    "sweep",
     "webhook_store",
 ]

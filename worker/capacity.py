@@ -24,6 +24,9 @@ from databases import Database
 
 from worker import sql
 
+# A tenant's cap on running jobs in SQL, over `tenants t`: its own, else the deployment's default (NULL: none).
+CAP_SQL = "COALESCE(t.max_running, CAST(:default_cap AS int))"
+
 
 @dataclass
 class Capacity:

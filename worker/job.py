@@ -47,6 +47,9 @@ class Error(msgspec.Struct, frozen=True):
     retryable: bool = False
 
 
+CANCELLED: Final = Error("cancelled", "cancelled on request", False)  # a cancelled job's error
+
+
 class Links(msgspec.Struct, frozen=True):
     self: str
     events: str

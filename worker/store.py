@@ -17,9 +17,9 @@ import msgspec
 from databases import Database
 
 from worker import sql
+from worker.capacity import CAP_SQL
 from worker.database import storable
-from worker.job import TERMINAL, Error, Progress, Status, allowed_from
-from worker.retry import envelope_sql
+from worker.job import CANCELLED, TERMINAL, Error, Progress, Status, allowed_from
 from worker.status import insert_sql as status_event
 
 _encode = msgspec.json.Encoder().encode
@@ -217,8 +217,7 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _CLAIMED_COLUMNS = "id, tenant_id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted, slots"
-# A tenant's cap on running jobs: its own, else the deployment's default (NULL: none in force).
-_CAP = "COALESCE(t.max_running, CAST(:default_cap AS int))"
+_CAP = CAP_SQL
 
 # Batches lock their rows in about id order, not a guaranteed one: should two workers' batches deadlock, PostgreSQL
 # fails one, and worker/batch.py then sends each of its writes alone.
@@ -426,7 +425,7 @@ async def finish(
 
 # -- cancel and shutdown ----------------------------------------------------------------------------
 
-_CANCELLED = _encode(Error("cancelled", "cancelled on request", False)).decode()
+_CANCELLED = _encode(CANCELLED).decode()
 _INTERRUPTED = _encode(Error("interrupted", "the worker shut down before the job finished", False)).decode()
 
 _REQUEST_CANCEL = f"""
@@ -483,115 +482,6 @@ async def interrupt(db: Database, job_id: UUID, attempt: int, *, ran: bool = Tru
     values = {"id": job_id, "attempt": attempt, "interrupted": _INTERRUPTED, "ran": ran}
     status: Status | None = await sql.fetch_val(db, _INTERRUPT, values)
     return status
-
-
-# -- the sweep --------------------------------------------------------------------------------------
-
-_WORKER_LOST = _encode(Error("worker_lost", "the worker running this job stopped responding", False)).decode()
-_EXPIRED = _encode(Error("expired", "the job did not finish before its expires_at", False)).decode()
-
-_RESCUE = f"""
-WITH lost AS (
-    -- a crash counts as an attempt, so a job that kills its worker can't loop forever
-    SELECT id, retry_safe AND attempt - interrupted < max_attempts AS again
-      FROM jobs WHERE status = 'running' AND lease_expires_at < now()
-     ORDER BY lease_expires_at LIMIT :batch FOR UPDATE SKIP LOCKED
-), moved AS (
-    UPDATE jobs j
-       SET status = CASE WHEN lost.again THEN 'queued' ELSE 'failed' END,
-           error = CASE WHEN lost.again THEN NULL ELSE CAST(:worker_lost AS jsonb) END,
-           finished_at = CASE WHEN lost.again THEN NULL ELSE now() END,
-           next_run_at = now() + make_interval(secs => random() * {envelope_sql("j.attempt - j.interrupted")}),
-           dispatched_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
-           event_seq = j.event_seq + 1
-      FROM lost WHERE j.id = lost.id
-    RETURNING j.*
-), event AS ({status_event("moved")})
-SELECT id, attempt FROM moved
-"""
-
-_EXPIRE = f"""
-WITH late AS (
-    SELECT id FROM jobs WHERE status IN ('queued', 'running') AND expires_at <= now()
-     ORDER BY expires_at LIMIT :batch FOR UPDATE SKIP LOCKED
-), moved AS (
-    UPDATE jobs j
-       SET status = 'expired', error = CAST(:expired AS jsonb), finished_at = now(),
-           lease_owner = NULL, lease_expires_at = NULL, event_seq = j.event_seq + 1
-      FROM late WHERE j.id = late.id
-    RETURNING j.*
-), event AS ({status_event("moved")})
-SELECT count(*) AS n FROM moved
-"""
-
-_CANCEL_QUEUED = f"""
-WITH moved AS (
-    UPDATE jobs SET status = 'cancelled', error = CAST(:cancelled AS jsonb), finished_at = now(),
-           event_seq = event_seq + 1
-     WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NOT NULL
-                   LIMIT :batch FOR UPDATE SKIP LOCKED)
-    RETURNING *
-), event AS ({status_event("moved")})
-SELECT count(*) FROM moved
-"""
-
-_DUE = f"""
-WITH due AS (
-    SELECT id FROM jobs
-     WHERE status = 'queued' AND next_run_at <= now()
-       AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :redispatch))
-       -- not while its tenant is at its cap: the claim would only turn it away again
-       AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = jobs.tenant_id AND t.running >= {_CAP})
-     ORDER BY next_run_at LIMIT :batch FOR UPDATE SKIP LOCKED
-)
-UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
-"""
-
-_PURGE_RESULTS = """
-UPDATE jobs SET result = NULL, result_purged_at = now()
- WHERE id IN (SELECT id FROM jobs WHERE status = 'succeeded' AND result_purged_at IS NULL
-                AND finished_at < now() - make_interval(secs => :retention) LIMIT :batch)
-"""
-_DELETE_OLD = """
-DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :retention)
-                                LIMIT :batch)
-"""
-
-
-async def rescue_lost(
-    db: Database, *, batch: int, backoff_base_s: float, backoff_cap_s: float
-) -> list[tuple[UUID, int]]:
-    """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`.
-    Returns each rescued job with the attempt that was lost."""
-    values = {"batch": batch, "worker_lost": _WORKER_LOST, "base": backoff_base_s, "cap": backoff_cap_s}
-    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _RESCUE, values)]
-
-
-async def expire_late(db: Database, *, batch: int) -> int:
-    """Live jobs past `expires_at` end `expired`."""
-    return int(await sql.fetch_val(db, _EXPIRE, {"batch": batch, "expired": _EXPIRED}))
-
-
-async def cancel_requeued(db: Database, *, batch: int) -> int:
-    """A cancel accepted while the job ran, and the job went back to queued anyway (its worker died and it was
-    rescued, or a retry was booked): the claim refuses it, so it ends `cancelled` here."""
-    return int(await sql.fetch_val(db, _CANCEL_QUEUED, {"batch": batch, "cancelled": _CANCELLED}))
-
-
-async def take_due(
-    db: Database, *, batch: int, redispatch_after_s: float, default_cap: int | None = None
-) -> list[tuple[UUID, int]]:
-    """Queued, due jobs that Redis may not hold (and whose tenant has a slot free), marked dispatched now: the caller
-    enqueues them."""
-    values = {"batch": batch, "redispatch": redispatch_after_s, "default_cap": default_cap}
-    records = await sql.fetch_all(db, _DUE, values)
-    return [(r["id"], r["attempt"]) for r in records]
-
-
-async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
-    """Drop results past their retention (410 from then on), then whole jobs past theirs."""
-    await sql.execute(db, _PURGE_RESULTS, {"batch": batch, "retention": result_retention_s})
-    await sql.execute(db, _DELETE_OLD, {"batch": batch, "retention": job_retention_s})
 
 
 _PING = "SELECT 1"

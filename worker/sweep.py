@@ -1,5 +1,5 @@
-"""The sweep: a pass every few seconds on every worker: rescue, expire, cancel, dispatch, retain. Each step is a
-guarded batch with SKIP LOCKED, so concurrent passes never collide.
+"""The sweep: a pass every few seconds on every worker: rescue, expire, cancel, dispatch, retain; its statements and
+its loop. Each step is a guarded batch with SKIP LOCKED, so concurrent passes never collide.
 
 It runs as the worker's own task, not as an arq cron job: a cron job needs a free job slot, and a worker whose
 slots are all taken by long jobs would never rescue anything.
@@ -12,14 +12,129 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
+from uuid import UUID
 
-from worker import database, store
-from worker.capacity import Capacity, forget_stale, leave, refresh
+import msgspec
+from databases import Database
+
+from worker import database, sql
+from worker.capacity import CAP_SQL, Capacity, forget_stale, leave, refresh
 from worker.config import Config
 from worker.deps import Deps
+from worker.job import CANCELLED, Error
 from worker.queue import forget, ring_again
+from worker.retry import envelope_sql
+from worker.status import insert_sql as status_event
 
 log = logging.getLogger("outlast.sweep")
+_encode = msgspec.json.Encoder().encode
+_CANCELLED = _encode(CANCELLED).decode()
+
+_WORKER_LOST = _encode(Error("worker_lost", "the worker running this job stopped responding", False)).decode()
+_EXPIRED = _encode(Error("expired", "the job did not finish before its expires_at", False)).decode()
+
+_RESCUE = f"""
+WITH lost AS (
+    -- a crash counts as an attempt, so a job that kills its worker can't loop forever
+    SELECT id, retry_safe AND attempt - interrupted < max_attempts AS again
+      FROM jobs WHERE status = 'running' AND lease_expires_at < now()
+     ORDER BY lease_expires_at LIMIT :batch FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE jobs j
+       SET status = CASE WHEN lost.again THEN 'queued' ELSE 'failed' END,
+           error = CASE WHEN lost.again THEN NULL ELSE CAST(:worker_lost AS jsonb) END,
+           finished_at = CASE WHEN lost.again THEN NULL ELSE now() END,
+           next_run_at = now() + make_interval(secs => random() * {envelope_sql("j.attempt - j.interrupted")}),
+           dispatched_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
+           event_seq = j.event_seq + 1
+      FROM lost WHERE j.id = lost.id
+    RETURNING j.*
+), event AS ({status_event("moved")})
+SELECT id, attempt FROM moved
+"""
+
+_EXPIRE = f"""
+WITH late AS (
+    SELECT id FROM jobs WHERE status IN ('queued', 'running') AND expires_at <= now()
+     ORDER BY expires_at LIMIT :batch FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE jobs j
+       SET status = 'expired', error = CAST(:expired AS jsonb), finished_at = now(),
+           lease_owner = NULL, lease_expires_at = NULL, event_seq = j.event_seq + 1
+      FROM late WHERE j.id = late.id
+    RETURNING j.*
+), event AS ({status_event("moved")})
+SELECT count(*) AS n FROM moved
+"""
+
+_CANCEL_QUEUED = f"""
+WITH moved AS (
+    UPDATE jobs SET status = 'cancelled', error = CAST(:cancelled AS jsonb), finished_at = now(),
+           event_seq = event_seq + 1
+     WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NOT NULL
+                   LIMIT :batch FOR UPDATE SKIP LOCKED)
+    RETURNING *
+), event AS ({status_event("moved")})
+SELECT count(*) FROM moved
+"""
+
+_DUE = f"""
+WITH due AS (
+    SELECT id FROM jobs
+     WHERE status = 'queued' AND next_run_at <= now()
+       AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :redispatch))
+       -- not while its tenant is at its cap: the claim would only turn it away again
+       AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = jobs.tenant_id AND t.running >= {CAP_SQL})
+     ORDER BY next_run_at LIMIT :batch FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
+"""
+
+_PURGE_RESULTS = """
+UPDATE jobs SET result = NULL, result_purged_at = now()
+ WHERE id IN (SELECT id FROM jobs WHERE status = 'succeeded' AND result_purged_at IS NULL
+                AND finished_at < now() - make_interval(secs => :retention) LIMIT :batch)
+"""
+_DELETE_OLD = """
+DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :retention)
+                                LIMIT :batch)
+"""
+
+
+async def rescue_lost(
+    db: Database, *, batch: int, backoff_base_s: float, backoff_cap_s: float
+) -> list[tuple[UUID, int]]:
+    """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`.
+    Returns each rescued job with the attempt that was lost."""
+    values = {"batch": batch, "worker_lost": _WORKER_LOST, "base": backoff_base_s, "cap": backoff_cap_s}
+    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _RESCUE, values)]
+
+
+async def expire_late(db: Database, *, batch: int) -> int:
+    """Live jobs past `expires_at` end `expired`."""
+    return int(await sql.fetch_val(db, _EXPIRE, {"batch": batch, "expired": _EXPIRED}))
+
+
+async def cancel_requeued(db: Database, *, batch: int) -> int:
+    """A cancel accepted while the job ran, and the job went back to queued anyway (its worker died and it was
+    rescued, or a retry was booked): the claim refuses it, so it ends `cancelled` here."""
+    return int(await sql.fetch_val(db, _CANCEL_QUEUED, {"batch": batch, "cancelled": _CANCELLED}))
+
+
+async def take_due(
+    db: Database, *, batch: int, redispatch_after_s: float, default_cap: int | None = None
+) -> list[tuple[UUID, int]]:
+    """Queued, due jobs that Redis may not hold (and whose tenant has a slot free), marked dispatched now: the caller
+    enqueues them."""
+    values = {"batch": batch, "redispatch": redispatch_after_s, "default_cap": default_cap}
+    records = await sql.fetch_all(db, _DUE, values)
+    return [(r["id"], r["attempt"]) for r in records]
+
+
+async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
+    """Drop results past their retention (410 from then on), then whole jobs past theirs."""
+    await sql.execute(db, _PURGE_RESULTS, {"batch": batch, "retention": result_retention_s})
+    await sql.execute(db, _DELETE_OLD, {"batch": batch, "retention": job_retention_s})
 
 
 @contextlib.asynccontextmanager
@@ -58,24 +173,24 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     config, db = deps.config, deps.db
     if capacity is not None:
         await refresh(db, capacity, fresh_s=fresh_s(config))
-    lost = await store.rescue_lost(
+    lost = await rescue_lost(
         db, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
     )
     await forget(deps.redis, lost)
     rescued = len(lost)
-    expired = await store.expire_late(db, batch=config.sweep_batch)
-    cancelled = await store.cancel_requeued(db, batch=config.sweep_batch)
+    expired = await expire_late(db, batch=config.sweep_batch)
+    cancelled = await cancel_requeued(db, batch=config.sweep_batch)
     if rescued or expired or cancelled:
         deps.notifier.notify(None)  # the statements name no job: every follower looks
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
     default_cap = None if capacity is None else capacity.default_cap
-    due = await store.take_due(
+    due = await take_due(
         db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, default_cap=default_cap
     )
     rung = await asyncio.gather(*(ring_again(deps.redis, job_id, attempt) for job_id, attempt in due))
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
-    await store.retain(
+    await retain(
         db,
         batch=config.sweep_batch,
         result_retention_s=config.result_retention_s,

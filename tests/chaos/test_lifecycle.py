@@ -16,7 +16,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initial
 
 from tests import engine
 from tests.test_store import new_job
-from worker import TERMINAL, Config, Error, Progress, store
+from worker import TERMINAL, Config, Error, Progress, store, sweep
 
 T = TypeVar("T")
 pytestmark = pytest.mark.slow
@@ -88,9 +88,9 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule()
     def sweep(self) -> None:
-        self.run(store.rescue_lost(self.db, batch=100, backoff_base_s=0, backoff_cap_s=0))
-        self.run(store.expire_late(self.db, batch=100))
-        self.run(store.take_due(self.db, batch=100, redispatch_after_s=0))
+        self.run(sweep.rescue_lost(self.db, batch=100, backoff_base_s=0, backoff_cap_s=0))
+        self.run(sweep.expire_late(self.db, batch=100))
+        self.run(sweep.take_due(self.db, batch=100, redispatch_after_s=0))
 
     @rule(job_id=jobs)
     def cancel(self, job_id: UUID) -> None:
@@ -99,7 +99,7 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(job_id=jobs)
     def expire(self, job_id: UUID) -> None:
         self.run(self.db.execute("UPDATE jobs SET expires_at = now() WHERE id = :id", {"id": job_id}))
-        self.run(store.expire_late(self.db, batch=100))
+        self.run(sweep.expire_late(self.db, batch=100))
 
     @rule(holder=consumes(holders), to=st.sampled_from(["succeeded", "failed", "queued", "cancelled"]))
     def finish(self, holder: tuple[UUID, int], to: Any) -> None:
