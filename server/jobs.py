@@ -305,14 +305,12 @@ async def cancel(request: Request) -> Response:
     and the job ends `cancelled`, unless it finishes first. Done: 409."""
     deps = _deps(request)
     job_id = _job_id(request)
-    row = await store.request_cancel(deps.db, tenant_of(request), job_id)
+    row = await store.request_cancel(deps.jobs, tenant_of(request), job_id)
     if row is None:
         done = await _get(request)  # 404 when unknown
         raise Conflict(f"the job is already {done.status}")
     if row.status == "running":
         await request_abort(deps.redis, row.id, row.attempt)
-    else:
-        deps.notifier.notify(row.id)  # cancelled at once: followers see the end now
     return MsgspecResponse(_job(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 

@@ -22,10 +22,10 @@ async def insert_job(db: Database, job: store.NewJob) -> store.JobRow | None:
 
 
 async def claim(
-    db: Database, job_id: UUID, attempt: int, *, owner: str, lease_s: float, default_cap: int | None = None
+    jobs: store.Jobs, job_id: UUID, attempt: int, *, owner: str, lease_s: float, default_cap: int | None = None
 ) -> store.Claimed | None:
     """Start attempt `attempt + 1`, as `store.claim_many`. None: stale, duplicate, or its tenant is full."""
-    claimed = await store.claim_many(db, [(job_id, attempt)], owner=owner, lease_s=lease_s, default_cap=default_cap)
+    claimed = await store.claim_many(jobs, [(job_id, attempt)], owner=owner, lease_s=lease_s, default_cap=default_cap)
     return claimed[0]
 
 

@@ -4,6 +4,7 @@ connection and request and answers what the test scripts, and a fake DNS an atta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,7 +197,7 @@ async def hooks(hooks_config: Config, deps: Deps, api_key: str) -> AsyncIterator
         async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
             try:
                 yield Hooks(
-                    Deps(config=hooks_config, db=deps.db, redis=deps.redis, notifier=deps.notifier),
+                    dataclasses.replace(deps, config=hooks_config),
                     client,
                     app,
                     sender,

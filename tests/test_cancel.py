@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -62,7 +63,7 @@ async def test_a_running_job_sees_a_cancel_at_its_heartbeat_without_arq_abort(
     job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
     worker = asyncio.create_task(drain())
     await running(deps, job_id)
-    assert await store.request_cancel(deps.db, "default", uuid.UUID(job_id)) is not None  # no abort message sent
+    assert await store.request_cancel(deps.jobs, "default", uuid.UUID(job_id)) is not None  # no abort message sent
     await asyncio.wait_for(worker, 15)
     assert (await job_row(deps, job_id))["status"] == "cancelled"
 
@@ -101,7 +102,7 @@ async def test_shutdown_hands_a_retry_safe_attempt_back_without_counting_it(
     row = await job_row(deps, job_id)
     assert row["status"] == "queued" and row["attempt"] == 1 and row["interrupted"] == 1
     # max_attempts=1, yet it may run again: the interrupted attempt did not count.
-    claimed = await engine.claim(deps.db, uuid.UUID(job_id), 1, owner="next", lease_s=30)
+    claimed = await engine.claim(deps.jobs, uuid.UUID(job_id), 1, owner="next", lease_s=30)
     assert claimed is not None and claimed.attempts_left is False and claimed.attempt == 2
 
 
@@ -156,7 +157,7 @@ async def test_a_claim_that_committed_as_its_cancel_arrived_ends_cancelled_at_on
         try:
             return await claim_many(*args, **kwargs)  # type: ignore[arg-type]
         finally:
-            await store.request_cancel(deps.db, "default", uuid.UUID(job_id))  # what POST /cancel does
+            await store.request_cancel(deps.jobs, "default", uuid.UUID(job_id))  # what POST /cancel does
 
     monkeypatch.setattr(store, "claim_many", then_cancel_requested)
     with pytest.raises(asyncio.CancelledError):
@@ -208,7 +209,7 @@ async def test_a_claim_cancelled_while_it_waits_for_the_row_leaves_the_job_queue
         await blocker.close()
     row = await job_row(deps, job_id)
     assert row["status"] == "queued" and row["attempt"] == 0 and row["lease_owner"] is None
-    assert await engine.claim(deps.db, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None
+    assert await engine.claim(deps.jobs, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None
 
 
 async def test_an_attempt_that_cannot_renew_its_lease_stops_before_the_lease_runs_out(
@@ -218,7 +219,7 @@ async def test_an_attempt_that_cannot_renew_its_lease_stops_before_the_lease_run
     over), so its attempt must be gone by then, not run beside the next one until it finishes."""
     lease_s = 3.0
     job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
-    short = Deps(msgspec.structs.replace(config, lease_s=lease_s), deps.db, deps.redis, deps.notifier)
+    short = dataclasses.replace(deps, config=msgspec.structs.replace(config, lease_s=lease_s))
 
     async def unreachable(*args: object, **kwargs: object) -> bool | None:
         raise OSError("connection refused")

@@ -66,18 +66,18 @@ async def test_a_batch_of_submits_inserts_each_job_with_its_event_and_one_per_id
 
 async def test_claim_starts_the_next_attempt_once(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    claimed = await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    claimed = await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     assert claimed is not None and claimed.attempt == 1
-    assert await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30) is None  # duplicate delivery
+    assert await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30) is None  # duplicate delivery
     row = await job_row(deps, job_id)
     assert row["status"] == "running" and row["lease_owner"] == OWNER and row["lease_expires_at"] is not None
 
 
 async def test_a_batch_of_claims_starts_each_claimable_job_once_and_answers_each_in_its_place(deps: Deps) -> None:
     fresh, running, stale = await new_job(deps.db), await new_job(deps.db), await new_job(deps.db)
-    await engine.claim(deps.db, running, 0, owner="other", lease_s=30)
+    await engine.claim(deps.jobs, running, 0, owner="other", lease_s=30)
     wanted = [(fresh, 0), (running, 0), (stale, 5), (fresh, 0)]  # the last: the same delivery twice in one batch
-    claimed = await store.claim_many(deps.db, wanted, owner=OWNER, lease_s=30)
+    claimed = await store.claim_many(deps.jobs, wanted, owner=OWNER, lease_s=30)
     assert [c is not None and (c.id, c.attempt) for c in claimed] == [(fresh, 1), False, False, False]
     assert (await job_row(deps, running))["lease_owner"] == "other"
     assert (await job_row(deps, stale))["status"] == "queued"
@@ -87,10 +87,10 @@ async def test_a_batch_of_claims_starts_each_claimable_job_once_and_answers_each
 async def test_a_batch_of_finishes_moves_each_running_attempt_once_with_its_own_values(deps: Deps) -> None:
     done, retried, superseded = await new_job(deps.db), await new_job(deps.db), await new_job(deps.db)
     for job_id in (done, retried, superseded):
-        await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+        await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     boom = Error("boom", "it broke", True)
     moved = await store.finish_many(
-        deps.db,
+        deps.jobs,
         [
             store.Finish(done, 1, "succeeded", result=b"[1]", progress=Progress(1.0, "all of it")),
             store.Finish(retried, 1, "queued", error=boom, retry_in_s=60),
@@ -110,28 +110,28 @@ async def test_a_batch_of_finishes_moves_each_running_attempt_once_with_its_own_
 
 async def test_terminal_job_never_changes_status(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
-    assert await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    assert await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"1")
     for to in ("failed", "cancelled", "expired", "queued", "succeeded"):
-        assert not await store.finish(deps.db, job_id, 1, to, error=Error("x", "late", False))  # type: ignore[arg-type]
+        assert not await store.finish(deps.jobs, job_id, 1, to, error=Error("x", "late", False))  # type: ignore[arg-type]
     await deps.db.execute("UPDATE jobs SET expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id})
-    assert await sweep.expire_late(deps.db, batch=100) == 0
+    assert await sweep.expire_late(deps.jobs, batch=100) == 0
     row = await job_row(deps, job_id)
     assert row["status"] == "succeeded" and row["result"] == "1" and row["error"] is None
 
 
 async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     # The lease ran out and the sweep gave the job a new attempt.
     await deps.db.execute(
         "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id}
     )
-    assert await sweep.rescue_lost(deps.db, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
-    assert await engine.claim(deps.db, job_id, 1, owner="other", lease_s=30) is not None
-    assert await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=None) is None
-    assert not await store.finish(deps.db, job_id, 1, "succeeded", result=b"0")
-    assert await store.finish(deps.db, job_id, 2, "succeeded", result=b"1")
+    assert await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
+    assert await engine.claim(deps.jobs, job_id, 1, owner="other", lease_s=30) is not None
+    assert await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=None) is None
+    assert not await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"0")
+    assert await store.finish(deps.jobs, job_id, 2, "succeeded", result=b"1")
     assert (await job_row(deps, job_id))["result"] == "1"
 
 
@@ -142,9 +142,9 @@ async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps)
         await new_job(deps.db, max_attempts=1),
     )
     for job_id in (safe, unsafe, exhausted):
-        await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+        await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     await deps.db.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
-    assert len(await sweep.rescue_lost(deps.db, batch=10, backoff_base_s=1, backoff_cap_s=10)) == 3
+    assert len(await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=1, backoff_cap_s=10)) == 3
     requeued = await job_row(deps, safe)
     assert requeued["status"] == "queued" and requeued["attempt"] == 1 and requeued["dispatched_at"] is None
     for job_id in (unsafe, exhausted):
@@ -155,15 +155,15 @@ async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps)
 async def test_expiry_and_a_finish_at_the_same_moment_end_in_exactly_one_terminal_state(deps: Deps) -> None:
     ids = [await new_job(deps.db) for _ in range(40)]
     for job_id in ids:
-        await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
+        await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     await deps.db.execute("UPDATE jobs SET expires_at = now()")
 
     async def finish(job_id: UUID) -> bool:
-        return await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+        return await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"1")
 
     outcomes = await asyncio.gather(
         *(finish(job_id) for job_id in ids[::2]),
-        sweep.expire_late(deps.db, batch=1_000),
+        sweep.expire_late(deps.jobs, batch=1_000),
         *(finish(job_id) for job_id in ids[1::2]),
     )
     finished, expired = sum(o is True for o in outcomes), outcomes[len(ids) // 2]
@@ -179,12 +179,12 @@ async def test_every_change_appends_an_event_with_the_next_seq(deps: Deps) -> No
     from worker import Progress
 
     job_id = await new_job(deps.db)
-    await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
-    await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
-    await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=None)  # a bare heartbeat logs nothing
-    await store.finish(deps.db, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=0)
-    await engine.claim(deps.db, job_id, 1, owner=OWNER, lease_s=30)
-    await store.finish(deps.db, job_id, 2, "succeeded", result=b"1")
+    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
+    await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=None)  # a bare heartbeat logs nothing
+    await store.finish(deps.jobs, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=0)
+    await engine.claim(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
+    await store.finish(deps.jobs, job_id, 2, "succeeded", result=b"1")
     log = await events(deps, job_id)
     assert [seq for seq, _, _ in log] == [1, 2, 3, 4, 5, 6]
     assert [(name, data.get("status")) for _, name, data in log] == [
@@ -216,11 +216,11 @@ async def test_take_due_skips_rows_another_pass_holds(deps: Deps) -> None:
 
 async def test_status_events_hold_every_field_a_change_touches_as_it_left_them(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.db, job_id, 0, owner=OWNER, lease_s=30)
-    await store.heartbeat(deps.db, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
-    await store.finish(deps.db, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=5)
-    await engine.claim(deps.db, job_id, 1, owner=OWNER, lease_s=30)
-    await store.finish(deps.db, job_id, 2, "failed", error=Error("bad", "no", False))
+    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
+    await store.finish(deps.jobs, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=5)
+    await engine.claim(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
+    await store.finish(deps.jobs, job_id, 2, "failed", error=Error("bad", "no", False))
     statuses = [data for _, name, data in await events(deps, job_id) if name == "status"]
     queued, running, retry, again, failed = statuses
     assert queued["started_at"] is None and queued["progress"] == {"fraction": 0.0, "message": None}

@@ -143,7 +143,7 @@ async def _claimed_job(deps: Deps) -> UUID:
     from tests.test_store import new_job
 
     job_id = await new_job(deps.db)
-    assert await engine.claim(deps.db, job_id, 0, owner="test", lease_s=60) is not None
+    assert await engine.claim(deps.jobs, job_id, 0, owner="test", lease_s=60) is not None
     await notified(deps, job_id)
     return job_id
 
@@ -152,7 +152,7 @@ async def _append(deps: Deps, job_id: UUID, n: int, *, start: int = 0) -> None:
     """n more events, progress and log lines mixed, each published as the worker does."""
     for i in range(start, start + n):
         if i % 2:
-            await store.heartbeat(deps.db, job_id, 1, lease_s=60, progress=Progress(i / 1000, f"step {i}"))
+            await store.heartbeat(deps.jobs, job_id, 1, lease_s=60, progress=Progress(i / 1000, f"step {i}"))
         else:
             await events.append_logs(deps.db, job_id, 1, [events.LogLine("info", f"line {i}")])
         await notified(deps, job_id)
@@ -237,7 +237,7 @@ async def test_a_stream_past_its_lifetime_ends_with_a_reconnect_event_and_resume
             if reconnects == 2:
                 await _append(deps, job_id, 3)
             if reconnects == 4:
-                await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+                await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"1")
         assert [f.id for f in seen] == [seq for seq, _ in await _whole_log(deps, job_id)]
 
 
@@ -294,7 +294,7 @@ async def test_reconnecting_anywhere_with_last_event_id_sees_the_whole_log_once(
             assert frame is not None
             seen.append(frame)
         stream.reset() if rude else await stream.close()
-    await store.finish(deps.db, job_id, 1, "succeeded", result=b"1")
+    await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"1")
     await notified(deps, job_id)
     stream = await live.open_stream(str(job_id), last_event_id=seen[-1].id if seen else None)
     seen += await stream.rest()
@@ -358,8 +358,8 @@ async def test_streams_reset_closed_or_ended_give_back_every_subscription_task_a
         # The last 50 follow the two jobs that now end: the server closes those streams after the end.
         ending = streams[150:]
         for job_id in ids:
-            assert await engine.claim(deps.db, UUID(job_id), 0, owner="test", lease_s=60) is not None
-            assert await store.finish(deps.db, UUID(job_id), 1, "succeeded", result=b"14")
+            assert await engine.claim(deps.jobs, UUID(job_id), 0, owner="test", lease_s=60) is not None
+            assert await store.finish(deps.jobs, UUID(job_id), 1, "succeeded", result=b"14")
             await notified(deps, UUID(job_id))
         for stream in ending:
             rest = await stream.rest()
@@ -414,7 +414,7 @@ async def test_followers_miss_nothing_across_a_redis_restart(
         private_valkey.start()
         await eventually(lambda: _subscribed(hub))
         await _append(writer, job_id, 2, start=5)
-        assert await store.finish(writer.db, job_id, 1, "succeeded", result=b"1")
+        assert await store.finish(writer.jobs, job_id, 1, "succeeded", result=b"1")
         await notified(writer, job_id)
         kept += await staying.rest()
         back = await live.open_stream(str(job_id), last_event_id=left[-1].id)  # type: ignore[union-attr]

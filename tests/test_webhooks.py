@@ -4,6 +4,7 @@ redelivery, rebinding and redirects, and a hostile receiver that never holds up 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import random
@@ -23,7 +24,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from tests.conftest import ROOT, Processes, bearer, eventually, free_port, process_env
 from tests.engine import deliver_due
 from tests.receivers import DribblingReceiver, Hooks, Received, Receiver, answer, fail_first
-from worker import Config, Deps
+from worker import Config
 from worker.sweep import sweep_once
 from worker.webhooks.deliver import Schedule, Sender, serving, tenant_secrets
 
@@ -153,11 +154,8 @@ async def test_a_deployment_wide_secret_signs_for_tenants_without_their_own(
     hooks: Hooks, receiver: Receiver, drain: Drain
 ) -> None:
     shared = "whsec_" + "c2hhcmVkIHNlY3JldCBvZiB0aGUgZGVwbG95bWVudCE="
-    hooks.deps = Deps(
-        msgspec.structs.replace(hooks.deps.config, webhook_secret=shared),
-        hooks.deps.db,
-        hooks.deps.redis,
-        hooks.deps.notifier,
+    hooks.deps = dataclasses.replace(
+        hooks.deps, config=msgspec.structs.replace(hooks.deps.config, webhook_secret=shared)
     )
     job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
     await drain()
@@ -170,11 +168,8 @@ async def test_a_deployment_wide_secret_signs_for_tenants_without_their_own(
 
 
 async def test_a_large_result_travels_as_a_link(hooks: Hooks, receiver: Receiver, drain: Drain) -> None:
-    hooks.deps = Deps(
-        msgspec.structs.replace(hooks.deps.config, webhook_max_result_bytes=1),
-        hooks.deps.db,
-        hooks.deps.redis,
-        hooks.deps.notifier,
+    hooks.deps = dataclasses.replace(
+        hooks.deps, config=msgspec.structs.replace(hooks.deps.config, webhook_max_result_bytes=1)
     )
     job_id = await hooks.submit("square_sum", {"data": [1, 2, 3]}, callback_url=receiver.url)
     await drain()

@@ -14,6 +14,7 @@ from worker.config import Config
 from worker.connections import open_redis
 from worker.database import open_database
 from worker.events import Notifier
+from worker.store import Jobs
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Deps:
     db: Database
     redis: ArqRedis
     notifier: Notifier  # publishes job changes on `redis`
+    jobs: Jobs  # every change to the jobs table goes through it: db, then notifier
 
 
 @contextlib.asynccontextmanager
@@ -34,7 +36,7 @@ async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIter
     arq = redis or open_redis(config)
     notifier = Notifier(arq)
     try:
-        yield Deps(config=config, db=db, redis=arq, notifier=notifier)
+        yield Deps(config=config, db=db, redis=arq, notifier=notifier, jobs=Jobs(db, notifier))
     finally:
         await notifier.flush()
         await db.disconnect()

@@ -48,16 +48,16 @@ class Runtime:
 
     @classmethod
     def of(cls, deps: Deps, job_types: Mapping[str, JobType], *, name: str = OWNER) -> Runtime:
-        db, config = deps.db, deps.config
+        jobs, config = deps.jobs, deps.config
         capacity = Capacity(name, config.worker_max_jobs, config.tenant_max_share)
 
         async def claim(wanted: Sequence[tuple[UUID, int]]) -> list[store.Claimed | None]:
             return await store.claim_many(
-                db, wanted, owner=OWNER, lease_s=config.lease_s, default_cap=capacity.default_cap
+                jobs, wanted, owner=OWNER, lease_s=config.lease_s, default_cap=capacity.default_cap
             )
 
         async def finish(finishes: Sequence[store.Finish]) -> list[bool]:
-            return await store.finish_many(db, finishes)
+            return await store.finish_many(jobs, finishes)
 
         return cls(
             job_types,
@@ -108,7 +108,6 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         raise
     if claimed is None:
         return  # a stale or duplicate delivery: someone else has it, or it ended
-    deps.notifier.notify(claimed.id)
     job_type = runtime.job_types.get(claimed.type)
     if job_type is None:
         error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)
@@ -211,22 +210,19 @@ async def _claim_interrupted(deps: Deps, runtime: Runtime, job_id: UUID, attempt
     except database.UNAVAILABLE:
         return  # the lease ends it: the sweep rescues the job
     if claimed is not None:
-        deps.notifier.notify(job_id)
         await _stopped_from_outside(deps, runtime, claimed, ran=False)
 
 
 async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: store.Claimed, *, ran: bool = True) -> None:
     async def stop() -> None:
         if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
-            if await store.finish(deps.db, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
-                deps.notifier.notify(claimed.id)
+            if await store.finish(deps.jobs, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
                 await _gave_back(deps, runtime, claimed)
             return
-        outcome = await store.interrupt(deps.db, claimed.id, claimed.attempt, ran=ran)
+        outcome = await store.interrupt(deps.jobs, claimed.id, claimed.attempt, ran=ran)
         what = "interrupted" if ran else "handed back before it ran"
         log.warning("job %s attempt %d %s: now %s", claimed.id, claimed.attempt, what, outcome)
         if outcome is not None:
-            deps.notifier.notify(claimed.id)
             await _gave_back(deps, runtime, claimed)
         if outcome == "queued":
             await enqueue(deps.redis, claimed.id, claimed.attempt)
@@ -278,7 +274,6 @@ async def _end(
     finish = store.Finish(claimed.id, claimed.attempt, to, result, error, progress, retry_in_s)
     moved = await database.persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
     if moved:
-        deps.notifier.notify(claimed.id)
         await _gave_back(deps, runtime, claimed)
     return moved
 
@@ -311,7 +306,7 @@ async def _heartbeat(
         sent_at = time.monotonic()
         try:
             verdict = await store.heartbeat(
-                deps.db, claimed.id, claimed.attempt, lease_s=config.lease_s, progress=progress
+                deps.jobs, claimed.id, claimed.attempt, lease_s=config.lease_s, progress=progress
             )
         except Exception as exc:  # the task must outlive any failed write: it alone keeps the lease
             retry_in = min(interval, 1.0)
@@ -332,8 +327,6 @@ async def _heartbeat(
         renewed_at = sent_at
         state.written_at = time.monotonic()
         next_beat = state.written_at + interval
-        if progress is not None and verdict is not None:
-            deps.notifier.notify(claimed.id)
         if verdict is None or verdict:
             state.stopped = "superseded" if verdict is None else "cancelled"
             task.cancel()

@@ -1,14 +1,18 @@
-"""Every SQL statement on jobs and their events. Each state change is one guarded UPDATE.
+"""Every SQL statement on jobs and their events but the sweep's. Each state change is one guarded UPDATE.
 
 A statement's WHERE clause, not hope, keeps a terminal job terminal; the attempt number is a
 fencing token, so a late write from a superseded attempt changes nothing. Every change appends
 its event in the same statement (a data-modifying CTE), numbered by `jobs.event_seq`, which the
 row lock serialises. All times come from the database clock.
+
+A change goes through `Jobs`, which rings the followers' doorbell (worker/events.py's Notifier) for the jobs the
+statement changed once it has committed: a change nobody announces is found only by the followers' next poll.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -19,10 +23,26 @@ from databases import Database
 from worker import sql
 from worker.capacity import CAP_SQL
 from worker.database import storable
+from worker.events import Notifier
 from worker.job import CANCELLED, TERMINAL, Error, Progress, Status, allowed_from
 from worker.status import insert_sql as status_event
 
 _encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class Jobs:
+    """The jobs table as every change to it goes: a statement on PostgreSQL, then the doorbell for the jobs it
+    changed. Reads take the Database alone."""
+
+    db: Database
+    notifier: Notifier
+
+    def changed(self, job_ids: Iterable[UUID]) -> None:
+        for job_id in job_ids:
+            self.notifier.notify(job_id)
+
+
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
     " callback_url, metadata, created_at, started_at, finished_at, expires_at"
@@ -267,15 +287,16 @@ SELECT {_CLAIMED_COLUMNS} FROM claimed
 
 
 async def claim_many(
-    db: Database, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float, default_cap: int | None = None
+    jobs: Jobs, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float, default_cap: int | None = None
 ) -> list[Claimed | None]:
     """Start attempt `attempt + 1` of each `(job_id, attempt)`, in one statement. None: a stale or duplicate
     delivery, so run nothing (a pair given twice is claimed for its first place only), or a job whose tenant is at
     its cap (`max_running`, else `default_cap`): it waits undispatched until `wake` finds it a slot."""
     ids, attempts = [job_id for job_id, _ in wanted], [attempt for _, attempt in wanted]
     values = {"ids": ids, "attempts": attempts, "owner": owner, "lease": lease_s, "default_cap": default_cap}
-    records = await sql.fetch_all(db, _CLAIM, values)
+    records = await sql.fetch_all(jobs.db, _CLAIM, values)
     claimed = {(r["id"], r["attempt"] - 1): msgspec.convert(dict(r), Claimed) for r in records}
+    jobs.changed(r["id"] for r in records)
     return [claimed.pop(key, None) for key in wanted]
 
 
@@ -331,7 +352,7 @@ SELECT cancel_requested_at IS NOT NULL AS cancel FROM beat
 
 
 async def heartbeat(
-    db: Database, job_id: UUID, attempt: int, *, lease_s: float, progress: Progress | None
+    jobs: Jobs, job_id: UUID, attempt: int, *, lease_s: float, progress: Progress | None
 ) -> bool | None:
     """Extend the lease and write the latest progress. None: this attempt was superseded; else: cancel asked?"""
     values = {
@@ -340,7 +361,9 @@ async def heartbeat(
         "lease": lease_s,
         "progress": None if progress is None else storable(progress),
     }
-    record = await sql.fetch_one(db, _HEARTBEAT, values)
+    record = await sql.fetch_one(jobs.db, _HEARTBEAT, values)
+    if record is not None and progress is not None:
+        jobs.changed([job_id])
     return None if record is None else bool(record["cancel"])
 
 
@@ -384,7 +407,7 @@ class Finish(msgspec.Struct, frozen=True):
     retry_in_s: float = 0.0
 
 
-async def finish_many(db: Database, finishes: Sequence[Finish]) -> list[bool]:
+async def finish_many(jobs: Jobs, finishes: Sequence[Finish]) -> list[bool]:
     """Each of `finishes`, in one statement. False: someone won first (a pair given twice moves once).
 
     A retry is marked dispatched: the caller enqueues it with a delay, and the sweep covers a lost enqueue.
@@ -400,7 +423,8 @@ async def finish_many(db: Database, finishes: Sequence[Finish]) -> list[bool]:
         "delays": [f.retry_in_s for f in finishes],
         "terminal": sorted(TERMINAL),
     }
-    moved = {(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _FINISH, values)}
+    moved = {(r["id"], r["attempt"]) for r in await sql.fetch_all(jobs.db, _FINISH, values)}
+    jobs.changed(job_id for job_id, _ in moved)
     answers = []
     for f in finishes:
         answers.append((f.job_id, f.attempt) in moved)
@@ -409,7 +433,7 @@ async def finish_many(db: Database, finishes: Sequence[Finish]) -> list[bool]:
 
 
 async def finish(
-    db: Database,
+    jobs: Jobs,
     job_id: UUID,
     attempt: int,
     to: Status,
@@ -420,7 +444,7 @@ async def finish(
     retry_in_s: float = 0.0,
 ) -> bool:
     """Move a running attempt to `to` (terminal, or `queued` for a retry in `retry_in_s`). False: someone won first."""
-    return (await finish_many(db, [Finish(job_id, attempt, to, result, error, progress, retry_in_s)]))[0]
+    return (await finish_many(jobs, [Finish(job_id, attempt, to, result, error, progress, retry_in_s)]))[0]
 
 
 # -- cancel and shutdown ----------------------------------------------------------------------------
@@ -444,10 +468,15 @@ SELECT {_COLUMNS} FROM moved
 """
 
 
-async def request_cancel(db: Database, tenant: str, job_id: UUID) -> JobRow | None:
+async def request_cancel(jobs: Jobs, tenant: str, job_id: UUID) -> JobRow | None:
     """Cancel a queued job at once, or ask a running one to stop. None: unknown, or already done."""
-    record = await sql.fetch_one(db, _REQUEST_CANCEL, {"id": job_id, "tenant": tenant, "cancelled": _CANCELLED})
-    return None if record is None else _row(record)
+    record = await sql.fetch_one(jobs.db, _REQUEST_CANCEL, {"id": job_id, "tenant": tenant, "cancelled": _CANCELLED})
+    if record is None:
+        return None
+    row = _row(record)
+    if row.status == "cancelled":  # ended here; a running one is told by its abort or heartbeat, then ends itself
+        jobs.changed([row.id])
+    return row
 
 
 _CANCEL_ASKED = """
@@ -475,12 +504,14 @@ SELECT status FROM moved
 """
 
 
-async def interrupt(db: Database, job_id: UUID, attempt: int, *, ran: bool = True) -> Status | None:
+async def interrupt(jobs: Jobs, job_id: UUID, attempt: int, *, ran: bool = True) -> Status | None:
     """The worker is shutting down mid-attempt: hand a retry-safe job back without counting the attempt,
     end any other `failed` with `interrupted`. An attempt none of whose code `ran` goes back whatever its type.
     None: the attempt was no longer current."""
     values = {"id": job_id, "attempt": attempt, "interrupted": _INTERRUPTED, "ran": ran}
-    status: Status | None = await sql.fetch_val(db, _INTERRUPT, values)
+    status: Status | None = await sql.fetch_val(jobs.db, _INTERRUPT, values)
+    if status is not None:
+        jobs.changed([job_id])
     return status
 
 

@@ -25,6 +25,7 @@ from worker.job import CANCELLED, Error
 from worker.queue import forget, ring_again
 from worker.retry import envelope_sql
 from worker.status import insert_sql as status_event
+from worker.store import Jobs
 
 log = logging.getLogger("outlast.sweep")
 _encode = msgspec.json.Encoder().encode
@@ -64,7 +65,7 @@ WITH late AS (
       FROM late WHERE j.id = late.id
     RETURNING j.*
 ), event AS ({status_event("moved")})
-SELECT count(*) AS n FROM moved
+SELECT id FROM moved
 """
 
 _CANCEL_QUEUED = f"""
@@ -75,7 +76,7 @@ WITH moved AS (
                    LIMIT :batch FOR UPDATE SKIP LOCKED)
     RETURNING *
 ), event AS ({status_event("moved")})
-SELECT count(*) FROM moved
+SELECT id FROM moved
 """
 
 _DUE = f"""
@@ -101,24 +102,29 @@ DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - ma
 """
 
 
-async def rescue_lost(
-    db: Database, *, batch: int, backoff_base_s: float, backoff_cap_s: float
-) -> list[tuple[UUID, int]]:
+async def rescue_lost(jobs: Jobs, *, batch: int, backoff_base_s: float, backoff_cap_s: float) -> list[tuple[UUID, int]]:
     """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`.
     Returns each rescued job with the attempt that was lost."""
     values = {"batch": batch, "worker_lost": _WORKER_LOST, "base": backoff_base_s, "cap": backoff_cap_s}
-    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _RESCUE, values)]
+    lost = [(r["id"], r["attempt"]) for r in await sql.fetch_all(jobs.db, _RESCUE, values)]
+    jobs.changed(job_id for job_id, _ in lost)
+    return lost
 
 
-async def expire_late(db: Database, *, batch: int) -> int:
+async def expire_late(jobs: Jobs, *, batch: int) -> int:
     """Live jobs past `expires_at` end `expired`."""
-    return int(await sql.fetch_val(db, _EXPIRE, {"batch": batch, "expired": _EXPIRED}))
+    expired = [r["id"] for r in await sql.fetch_all(jobs.db, _EXPIRE, {"batch": batch, "expired": _EXPIRED})]
+    jobs.changed(expired)
+    return len(expired)
 
 
-async def cancel_requeued(db: Database, *, batch: int) -> int:
+async def cancel_requeued(jobs: Jobs, *, batch: int) -> int:
     """A cancel accepted while the job ran, and the job went back to queued anyway (its worker died and it was
     rescued, or a retry was booked): the claim refuses it, so it ends `cancelled` here."""
-    return int(await sql.fetch_val(db, _CANCEL_QUEUED, {"batch": batch, "cancelled": _CANCELLED}))
+    values = {"batch": batch, "cancelled": _CANCELLED}
+    cancelled = [r["id"] for r in await sql.fetch_all(jobs.db, _CANCEL_QUEUED, values)]
+    jobs.changed(cancelled)
+    return len(cancelled)
 
 
 async def take_due(
@@ -174,14 +180,12 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     if capacity is not None:
         await refresh(db, capacity, fresh_s=fresh_s(config))
     lost = await rescue_lost(
-        db, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
+        deps.jobs, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
     )
     await forget(deps.redis, lost)
     rescued = len(lost)
-    expired = await expire_late(db, batch=config.sweep_batch)
-    cancelled = await cancel_requeued(db, batch=config.sweep_batch)
-    if rescued or expired or cancelled:
-        deps.notifier.notify(None)  # the statements name no job: every follower looks
+    expired = await expire_late(deps.jobs, batch=config.sweep_batch)
+    cancelled = await cancel_requeued(deps.jobs, batch=config.sweep_batch)
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
     default_cap = None if capacity is None else capacity.default_cap
     due = await take_due(

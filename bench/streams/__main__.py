@@ -273,15 +273,13 @@ class Outlast(Side):
 
     async def start_events(self, keys: list[str]) -> None:
         for key in keys:  # as a worker does: claimed, then its progress
-            await store.claim_many(self.deps.db, [(UUID(key), 0)], owner="bench", lease_s=3600)
-            self.deps.notifier.notify(UUID(key))
+            await store.claim_many(self.deps.jobs, [(UUID(key), 0)], owner="bench", lease_s=3600)
         await self.deps.notifier.flush()
 
     async def publish(self, key: str, marker: int, fraction: float) -> float:
         job_id = UUID(key)
-        await store.heartbeat(self.deps.db, job_id, 1, lease_s=3600, progress=Progress(fraction, f"#{marker}#"))
+        await store.heartbeat(self.deps.jobs, job_id, 1, lease_s=3600, progress=Progress(fraction, f"#{marker}#"))
         published = time.monotonic()
-        self.deps.notifier.notify(job_id)
         await self.deps.notifier.flush()
         return published
 

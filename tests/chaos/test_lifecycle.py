@@ -13,10 +13,12 @@ import pytest
 from databases import Database
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
+from redis.asyncio import Redis
 
 from tests import engine
 from tests.test_store import new_job
 from worker import TERMINAL, Config, Error, Progress, store, sweep
+from worker.events import Notifier
 
 T = TypeVar("T")
 pytestmark = pytest.mark.slow
@@ -34,6 +36,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.db = Database(self.config.database_url, min_size=1, max_size=2)
         self.run(self.db.connect())
+        self.redis = Redis.from_url(self.config.redis_url)
+        self.jobs = store.Jobs(self.db, Notifier(self.redis))
         self.run(self.db.execute("TRUNCATE jobs CASCADE"))
         self.first_terminal: dict[UUID, str] = {}
         self.last_attempt: dict[UUID, int] = {}
@@ -43,6 +47,8 @@ class Lifecycle(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
+        self.run(self.jobs.notifier.flush())
+        self.run(self.redis.aclose())
         self.run(self.db.disconnect())
         self.loop.close()
 
@@ -60,7 +66,7 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(target=holders, job_id=jobs, stale=st.booleans())
     def claim(self, job_id: UUID, stale: bool) -> tuple[UUID, int]:
         expected = self.attempt_of(job_id) - (1 if stale else 0)  # a stale message is a duplicate delivery
-        claimed = self.run(engine.claim(self.db, job_id, expected, owner="w", lease_s=30))
+        claimed = self.run(engine.claim(self.jobs, job_id, expected, owner="w", lease_s=30))
         if claimed is None:
             return (job_id, -1)  # nothing started: a holder of nothing
         key = (job_id, claimed.attempt)
@@ -70,7 +76,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(holder=holders, fraction=st.floats(0, 1))
     def heartbeat(self, holder: tuple[UUID, int], fraction: float) -> None:
-        verdict = self.run(store.heartbeat(self.db, *holder, lease_s=30, progress=Progress(fraction)))
+        verdict = self.run(store.heartbeat(self.jobs, *holder, lease_s=30, progress=Progress(fraction)))
         if verdict is not None:
             assert self.held.get(holder), "a heartbeat succeeded for an attempt nobody holds"
 
@@ -88,28 +94,28 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule()
     def sweep(self) -> None:
-        self.run(sweep.rescue_lost(self.db, batch=100, backoff_base_s=0, backoff_cap_s=0))
-        self.run(sweep.expire_late(self.db, batch=100))
+        self.run(sweep.rescue_lost(self.jobs, batch=100, backoff_base_s=0, backoff_cap_s=0))
+        self.run(sweep.expire_late(self.jobs, batch=100))
         self.run(sweep.take_due(self.db, batch=100, redispatch_after_s=0))
 
     @rule(job_id=jobs)
     def cancel(self, job_id: UUID) -> None:
-        self.run(store.request_cancel(self.db, "default", job_id))
+        self.run(store.request_cancel(self.jobs, "default", job_id))
 
     @rule(job_id=jobs)
     def expire(self, job_id: UUID) -> None:
         self.run(self.db.execute("UPDATE jobs SET expires_at = now() WHERE id = :id", {"id": job_id}))
-        self.run(sweep.expire_late(self.db, batch=100))
+        self.run(sweep.expire_late(self.jobs, batch=100))
 
     @rule(holder=consumes(holders), to=st.sampled_from(["succeeded", "failed", "queued", "cancelled"]))
     def finish(self, holder: tuple[UUID, int], to: Any) -> None:
-        moved = self.run(store.finish(self.db, *holder, to, result=b"1", error=Error("e", "m", True)))
+        moved = self.run(store.finish(self.jobs, *holder, to, result=b"1", error=Error("e", "m", True)))
         assert not moved or self.held.get(holder), "a finish landed for an attempt nobody holds"
         self.held.pop(holder, None)
 
     @rule(holder=consumes(holders))
     def shutdown(self, holder: tuple[UUID, int]) -> None:
-        self.run(store.interrupt(self.db, *holder))
+        self.run(store.interrupt(self.jobs, *holder))
         self.held.pop(holder, None)
 
     @invariant()
