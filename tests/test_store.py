@@ -129,7 +129,7 @@ async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
     )
     assert await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
     assert await engine.claim(deps.jobs, job_id, 1, owner="other", lease_s=30) is not None
-    assert await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=None) is None
+    assert await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=None) == "superseded"
     assert not await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"0")
     assert await store.finish(deps.jobs, job_id, 2, "succeeded", result=b"1")
     assert (await job_row(deps, job_id))["result"] == "1"

@@ -12,7 +12,6 @@ from uuid import UUID
 import httpx
 import msgspec
 import pytest
-from databases import Database
 
 from tests.conftest import eventually, job_row
 from worker import Config, Deps, store
@@ -249,11 +248,11 @@ async def test_a_heartbeat_write_refused_once_does_not_end_the_heartbeat(
     beat = store.heartbeat
     refused: list[UUID] = []
 
-    async def refused_once(db: Database, job_id: UUID, *args: Any, **kwargs: Any) -> bool | None:
+    async def refused_once(jobs: store.Jobs, job_id: UUID, *args: Any, **kwargs: Any) -> store.Beat:
         if not refused:
             refused.append(job_id)
             raise ValueError("a value the database refused")
-        return await beat(db, job_id, *args, **kwargs)
+        return await beat(jobs, job_id, *args, **kwargs)
 
     monkeypatch.setattr(store, "heartbeat", refused_once)
     job_id = await outlives_its_first_lease(client, deps, drain, config)

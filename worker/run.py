@@ -10,9 +10,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -21,6 +21,7 @@ from worker import database, events, store
 from worker.batch import Batcher
 from worker.capacity import Capacity
 from worker.deps import Deps
+from worker.heartbeat import Heartbeat
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status
 from worker.queue import enqueue, enqueue_many, parse_message
 from worker.retry import backoff
@@ -71,24 +72,6 @@ class Runtime:
         await self.finishes.aclose()
 
 
-@dataclass
-class _Attempt:
-    """The shared state of a running attempt, between the job's task and its heartbeat."""
-
-    latest: Progress | None = None  # reported and not yet written
-    message: str | None = None  # the last message reported, kept for the final progress
-    written_at: float = 0.0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    stopped: Literal["superseded", "cancelled"] | None = None
-    reported: Callable[[], None] = lambda: None
-
-    def report(self, progress: Progress) -> None:
-        self.latest = progress
-        self.message = progress.message
-        self.changed.set()
-        self.reported()
-
-
 async def run_job(ctx: dict[str, Any], text: str) -> None:
     deps: Deps = ctx["deps"]
     runtime: Runtime = ctx["runtime"]
@@ -124,25 +107,19 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
 async def _run(
     deps: Deps, runtime: Runtime, job_type: JobType, claimed: store.Claimed, value: Any, *, leased_at: float
 ) -> None:
-    state = _Attempt()
     journal = events.Journal(
         deps.db, deps.notifier, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
     )
-    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, state.report, journal.write)
+    beat: Heartbeat | None = None
+
+    def report(progress: Progress) -> None:
+        assert beat is not None
+        beat.report(progress)
+
+    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write)
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
-    beat: asyncio.Task[None] | None = None
-
-    def start_beat() -> None:
-        """At the first progress report, or a third of the lease in, whichever comes first: most jobs that end
-        sooner never need a heartbeat task (its task and timers were a tenth of a noop job's CPU)."""
-        nonlocal beat
-        if beat is None and not task.done():
-            beat = asyncio.create_task(_heartbeat(deps, claimed, state, task, leased_at))
-
-    state.reported = start_beat
-    first_beat = asyncio.get_running_loop().call_later(
-        max(0.0, leased_at + _beat_interval(deps) - time.monotonic()), start_beat
-    )
+    beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
+    beat.start()
     try:
         result = await asyncio.wait_for(task, claimed.timeout_s)
     except TimeoutError:
@@ -150,9 +127,9 @@ async def _run(
             deps, runtime, claimed, Error("timeout", f"the job ran past its timeout_s of {claimed.timeout_s}", True)
         )
     except asyncio.CancelledError:
-        if state.stopped == "superseded":
+        if beat.stopped == "superseded":
             return  # a newer attempt owns the row: this one writes nothing
-        if state.stopped == "cancelled":
+        if beat.stopped == "cancelled":
             await _end(deps, runtime, claimed, "cancelled", error=CANCELLED)
             return
         # arq cancelled us: a cancel request (arq abort) or the worker's shutdown after its grace period.
@@ -164,11 +141,9 @@ async def _run(
         log.exception("job %s attempt %d raised", claimed.id, claimed.attempt)
         await _failed(deps, runtime, claimed, Error(type(exc).__name__, _clipped(exc, ERROR_MAX_CHARS), True))
     else:
-        await _succeeded(deps, runtime, claimed, result, Progress(1.0, state.message))
+        await _succeeded(deps, runtime, claimed, result, Progress(1.0, beat.message))
     finally:
-        first_beat.cancel()
-        if beat is not None:
-            beat.cancel()
+        beat.stop()
 
 
 async def _succeeded(deps: Deps, runtime: Runtime, claimed: store.Claimed, result: Any, progress: Progress) -> None:
@@ -276,58 +251,3 @@ async def _end(
     if moved:
         await _gave_back(deps, runtime, claimed)
     return moved
-
-
-def _beat_interval(deps: Deps) -> float:
-    return deps.config.lease_s / 3
-
-
-async def _heartbeat(
-    deps: Deps, claimed: store.Claimed, state: _Attempt, task: asyncio.Future[Any], leased_at: float
-) -> None:
-    """Extend the lease every lease/3, write the latest progress (spaced out), and stop a superseded attempt."""
-    config = deps.config
-    interval = _beat_interval(deps)
-    renewed_at = leased_at  # when the request that last extended the lease was sent: no later than the database did
-    next_beat = renewed_at + interval
-    while not task.done():
-        now = time.monotonic()
-        wake = next_beat
-        if state.latest is not None:
-            wake = min(wake, state.written_at + config.progress_interval_s)
-        if wake > now:
-            state.changed.clear()
-            try:
-                await asyncio.wait_for(state.changed.wait(), wake - now)
-            except TimeoutError:
-                pass
-            continue
-        progress, state.latest = state.latest, None
-        sent_at = time.monotonic()
-        try:
-            verdict = await store.heartbeat(
-                deps.jobs, claimed.id, claimed.attempt, lease_s=config.lease_s, progress=progress
-            )
-        except Exception as exc:  # the task must outlive any failed write: it alone keeps the lease
-            retry_in = min(interval, 1.0)
-            if time.monotonic() + retry_in >= renewed_at + config.lease_s:
-                # The lease runs out before the next try: the sweep may hand the job to another worker from then
-                # on, so this attempt stops now rather than run beside the next (its writes would be refused).
-                log.warning("job %s attempt %d: lease lost (%s); stopping it", claimed.id, claimed.attempt, exc)
-                state.stopped = "superseded"
-                task.cancel()
-                return
-            if isinstance(exc, database.UNAVAILABLE):
-                log.warning("heartbeat %s: database unavailable (%s)", claimed.id, exc)
-                state.latest = state.latest or progress
-            else:  # refused: the progress it carried may be why, so the next beat goes without it
-                log.exception("heartbeat %s: the write was refused; its progress is dropped", claimed.id)
-            next_beat = time.monotonic() + retry_in
-            continue
-        renewed_at = sent_at
-        state.written_at = time.monotonic()
-        next_beat = state.written_at + interval
-        if verdict is None or verdict:
-            state.stopped = "superseded" if verdict is None else "cancelled"
-            task.cancel()
-            return

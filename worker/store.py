@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
@@ -351,10 +351,12 @@ SELECT cancel_requested_at IS NOT NULL AS cancel FROM beat
 """
 
 
-async def heartbeat(
-    jobs: Jobs, job_id: UUID, attempt: int, *, lease_s: float, progress: Progress | None
-) -> bool | None:
-    """Extend the lease and write the latest progress. None: this attempt was superseded; else: cancel asked?"""
+Beat = Literal["renewed", "cancel", "superseded"]
+
+
+async def heartbeat(jobs: Jobs, job_id: UUID, attempt: int, *, lease_s: float, progress: Progress | None) -> Beat:
+    """Extend the lease and write the latest progress: `renewed`; `cancel`: renewed, but a cancel was asked for;
+    `superseded`: this attempt is no longer the job's running one (a newer attempt owns it, or it ended)."""
     values = {
         "id": job_id,
         "attempt": attempt,
@@ -362,9 +364,11 @@ async def heartbeat(
         "progress": None if progress is None else storable(progress),
     }
     record = await sql.fetch_one(jobs.db, _HEARTBEAT, values)
-    if record is not None and progress is not None:
+    if record is None:
+        return "superseded"
+    if progress is not None:
         jobs.changed([job_id])
-    return None if record is None else bool(record["cancel"])
+    return "cancel" if record["cancel"] else "renewed"
 
 
 _FINISH = f"""
