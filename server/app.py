@@ -13,13 +13,17 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from server import accesslog, auth, collector, deliveries, jobs, limits, openapi, ops, problems, stream
+from server import accesslog, auth, collector, deliveries, jobs, limits, openapi, ops, problems, stream, submit
 from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
-from worker import Config, Guard, connect, from_env, load_job_types
+from server.state import Web
+from worker import Config, UrlGuard, connect, from_env, load_job_types
+from worker.webhooks.ssrf import Resolver, system_resolver
 
 
-def create_app(config: Config | None = None) -> Starlette:
+def create_app(config: Config | None = None, *, resolver: Resolver = system_resolver) -> Starlette:
+    """The web app. `resolver` answers the callback_url guard's DNS lookups (tests give one that answers what an
+    attacker would)."""
     config = config or from_env()
     accesslog.install()
     job_types = load_job_types(config.job_modules)
@@ -31,10 +35,22 @@ def create_app(config: Config | None = None) -> Starlette:
             hub = Hub(deps.db, config.redis_url, poll_s=config.events_poll_s, timeout_s=config.redis_timeout_s)
             async with hub:
                 counters.watch(hub)
-                app.state.deps, app.state.hub = deps, hub
-                app.state.inserts, app.state.enqueues = jobs.inserts(deps.db), jobs.enqueues(deps.redis)
-                app.state.guard = guard = await auth.guard(config, deps.db)
-                async with guard.keys.listening(config.database_url, timeout_s=config.db_timeout_s):
+                app.state.web = web = Web(
+                    config=config,
+                    deps=deps,
+                    hub=hub,
+                    auth=await auth.setup(config, deps.db),
+                    callbacks=UrlGuard.from_config(config, resolver),  # and again at each delivery (the worker's)
+                    inserts=submit.inserts(deps.db),
+                    enqueues=submit.enqueues(deps.redis),
+                    submits=limits.Budget("submits"),
+                    redeliveries=limits.Budget("redeliveries"),
+                    metrics=counters,
+                    job_types=job_types,
+                    job_type_list=jobs.job_type_list(job_types, config.default_max_attempts),
+                    openapi=openapi.build(job_types),
+                )
+                async with web.auth.keys.listening(config.database_url, timeout_s=config.db_timeout_s):
                     collector.settle()
                     yield
 
@@ -42,7 +58,7 @@ def create_app(config: Config | None = None) -> Starlette:
         routes=[
             # Matched in order: the two routes every client hits most come first.
             Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
-            Route("/v1/jobs", jobs.submit, methods=["POST"]),
+            Route("/v1/jobs", submit.submit, methods=["POST"]),
             Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),
@@ -63,11 +79,4 @@ def create_app(config: Config | None = None) -> Starlette:
         exception_handlers=problems.HANDLERS,
         lifespan=lifespan,
     )
-    app.state.metrics = counters
-    app.state.submit_budget = limits.Budget("submits")
-    app.state.redeliver_budget = limits.Budget("redeliveries")
-    app.state.job_types = job_types
-    app.state.callback_guard = Guard.from_config(config)  # the SSRF guard for callback_url (tests swap the resolver)
-    app.state.job_type_list = jobs.job_type_list(job_types, config.default_max_attempts)
-    app.state.openapi = openapi.build(job_types)
     return app

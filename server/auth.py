@@ -15,8 +15,6 @@ Pure ASGI, not BaseHTTPMiddleware, which would buffer and break streaming respon
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import ipaddress
 import logging
@@ -34,9 +32,11 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server import b64
 from server.keycache import KeyCache
 from server.limits import AuthThrottle, pruned
 from server.problems import ProblemError, RateLimited, Unauthorized, Unavailable, as_response
+from server.state import Web, web_of
 from worker import Config, Deps, Job, Links, database, keys
 
 log = logging.getLogger("outlast.web")
@@ -103,17 +103,9 @@ def is_local(database_url: str) -> bool:
         return False
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class Guard:
+class AuthState:
     """What authentication keeps between requests: the token secret, the failure throttle, and whether
-    development's open mode is allowed at all. Built once at start-up by `guard()`; kept on `app.state.guard`."""
+    development's open mode is allowed at all. Built once at start-up by `setup()`."""
 
     LINK_TOKENS = 10_000  # jobs whose link token is kept for reuse, per process
 
@@ -131,7 +123,7 @@ class Guard:
         expires = int(time.time()) + (self.config.token_ttl_s if ttl_s is None else ttl_s)
         payload = job_id.bytes + expires.to_bytes(8, "big") + tenant.encode()
         mac = hmac.digest(self.secret, _TOKEN_CONTEXT + payload, "sha256")
-        return f"{TOKEN_PREFIX}{_b64(payload)}.{_b64(mac)}"
+        return f"{TOKEN_PREFIX}{b64.encode(payload)}.{b64.encode(mac)}"
 
     def link_token(self, tenant: str, job_id: UUID) -> str:
         """`token` for a Job's links, minted again at most once a minute per job (and at least every quarter of the
@@ -155,10 +147,8 @@ class Guard:
         if not token.startswith(TOKEN_PREFIX) or not dot:
             return None
         try:
-            payload, signature = _unb64(body), _unb64(mac)
-        except (binascii.Error, ValueError):
-            return None
-        if _b64(payload) != body or _b64(signature) != mac:
+            payload, signature = b64.decode(body), b64.decode(mac)
+        except ValueError:
             return None
         expected = hmac.digest(self.secret, _TOKEN_CONTEXT + payload, "sha256")
         if not hmac.compare_digest(expected, signature) or len(payload) < 24:
@@ -183,7 +173,7 @@ class Guard:
             await keys.touch(db, key_id)
 
 
-async def guard(config: Config, db: Database) -> Guard:
+async def setup(config: Config, db: Database) -> AuthState:
     """Decide, at start-up, how this web process authenticates, and say so. Production never runs open by accident:
     open mode needs OUTLAST_DEV_OPEN (set by `outlast run` with its embedded database) *and* a database on this
     machine, and ends as soon as a key exists."""
@@ -207,7 +197,7 @@ async def guard(config: Config, db: Database) -> Guard:
             "!" * 100,
             "!" * 100,
         )
-    return Guard(config, secret.encode(), may_run_open=may_run_open)
+    return AuthState(config, secret.encode(), may_run_open=may_run_open)
 
 
 def signed_links(request: Request, job: Job) -> Job:
@@ -217,7 +207,7 @@ def signed_links(request: Request, job: Job) -> Job:
     caller = caller_of(request)
     if caller.job is not None:
         return job
-    token = request.app.state.guard.link_token(caller.tenant, job.id)
+    token = web_of(request).auth.link_token(caller.tenant, job.id)
     links = Links(
         self=f"{job.links.self}?token={token}", events=f"{job.links.events}?token={token}", result=job.links.result
     )
@@ -238,15 +228,15 @@ class Authenticate:
         if scope["type"] != "http" or not _is_v1(scope["path"]):
             await self.app(scope, receive, send)
             return
-        state = scope["app"].state
+        web: Web = scope["app"].state.web
         try:
-            scope[SCOPE_KEY] = await _authenticate(scope, state.guard, state.deps)
+            scope[SCOPE_KEY] = await _authenticate(scope, web.auth, web.deps)
         except ProblemError as exc:
             await as_response(exc)(scope, receive, send)
             return
         except database.UNAVAILABLE as exc:
             log.warning("%s %s: database unavailable during authentication: %r", scope["method"], scope["path"], exc)
-            retry_after = state.deps.config.retry_after_s
+            retry_after = web.config.retry_after_s
             await as_response(Unavailable("the database is unreachable; retry shortly", retry_after))(
                 scope, receive, send
             )
@@ -270,7 +260,7 @@ def client_address(scope: Scope, proxy_hops: int) -> str:
     return forwarded[-proxy_hops] if len(forwarded) >= proxy_hops else peer
 
 
-async def _authenticate(scope: Scope, guard: Guard, deps: Deps) -> Caller:
+async def _authenticate(scope: Scope, guard: AuthState, deps: Deps) -> Caller:
     """The caller, or Unauthorized. Only requests that present credentials, and fail, count against their address:
     one without any can't guess anything, and a valid key is never refused for what others sent from its address
     (everyone behind one NAT)."""
@@ -286,7 +276,7 @@ async def _authenticate(scope: Scope, guard: Guard, deps: Deps) -> Caller:
         raise
 
 
-async def _identify(scope: Scope, guard: Guard, deps: Deps) -> Caller:
+async def _identify(scope: Scope, guard: AuthState, deps: Deps) -> Caller:
     raw_query = scope.get("query_string", b"")
     query = parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True) if raw_query else []
     if any(name.lower() in KEY_PARAMS or keys.looks_like_key(value) for name, value in query):
@@ -314,7 +304,7 @@ async def _identify(scope: Scope, guard: Guard, deps: Deps) -> Caller:
     raise Unauthorized("this route needs an API key: send `Authorization: Bearer <key>`", presented=False)
 
 
-def _token_caller(scope: Scope, guard: Guard, tokens: list[str]) -> Caller:
+def _token_caller(scope: Scope, guard: AuthState, tokens: list[str]) -> Caller:
     if scope["method"] not in ("GET", "HEAD"):
         raise Unauthorized("a job read token only reads: this needs an API key")
     job_in_path = next((m["id"] for route in TOKEN_ROUTES if (m := route.fullmatch(scope["path"]))), None)

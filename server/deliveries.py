@@ -6,11 +6,11 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import limits
 from server.auth import caller_of, tenant_of
-from server.jobs import _deps, _get, retry_after
+from server.jobs import job_or_404, retry_after
 from server.problems import Conflict, JobNotDone
 from server.responses import MsgspecResponse
+from server.state import web_of
 from worker import webhook_store
 
 
@@ -19,22 +19,22 @@ class DeliveryList(msgspec.Struct, frozen=True):
 
 
 async def list_deliveries(request: Request) -> Response:
-    row = await _get(request)
-    return MsgspecResponse(DeliveryList(await webhook_store.list_deliveries(_deps(request).db, row.id)))
+    row = await job_or_404(request)
+    return MsgspecResponse(DeliveryList(await webhook_store.list_deliveries(web_of(request).deps.db, row.id)))
 
 
 async def redeliver(request: Request) -> Response:
     """A fresh delivery, or the one already pending: asking again while one waits coalesces into it."""
-    config = _deps(request).config
-    budget: limits.Budget = request.app.state.redeliver_budget
+    config = web_of(request).deps.config
+    budget = web_of(request).redeliveries
     per_min = config.redelivers_per_min
-    await budget.take(_deps(request).redis, caller_of(request).limit_key, rate=per_min / 60, burst=per_min)
-    row = await _get(request)
+    await budget.take(web_of(request).deps.redis, caller_of(request).limit_key, rate=per_min / 60, burst=per_min)
+    row = await job_or_404(request)
     if not row.done:
         raise JobNotDone(retry_after(row))
     if row.callback_url is None:
         raise Conflict("the job has no callback_url to deliver to")
-    delivery = await webhook_store.redeliver(_deps(request).db, tenant_of(request), row.id)
+    delivery = await webhook_store.redeliver(web_of(request).deps.db, tenant_of(request), row.id)
     if delivery is None:  # deleted by retention between the two statements
         raise Conflict("the job can no longer be delivered")
     headers = {"Location": f"/v1/jobs/{row.id}/deliveries"}

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.follow import Hub
+from server.state import web_of
 
 
 class Metrics:
@@ -83,5 +84,5 @@ class CountRequests:
 
 
 async def metrics(request: Request) -> Response:
-    registry: CollectorRegistry = request.app.state.metrics.registry
+    registry: CollectorRegistry = web_of(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,10 +10,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from server.deliveries import DeliveryList
-from server.jobs import JobList, JobTypeList, SubmitJob
+from server.jobs import JobList, JobTypeList
 from server.ops import Health, Readiness
 from server.problems import Problem
 from server.responses import MsgspecResponse
+from server.state import web_of
+from server.submit import SubmitJob
 from worker import Job, JobType, webhook_store
 
 _REF = "#/components/schemas/{name}"
@@ -287,7 +289,7 @@ def build(
 
 
 async def openapi(request: Request) -> Response:
-    return MsgspecResponse(request.app.state.openapi)
+    return MsgspecResponse(web_of(request).openapi)
 
 
 _DOCS = """<!doctype html>

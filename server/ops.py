@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server.responses import MsgspecResponse, ProblemResponse
-from worker import Deps, store
+from server.state import web_of
+from worker import store
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -40,7 +41,7 @@ async def _check(probe: asyncio.Future[object] | asyncio.Task[object] | object) 
 
 
 async def readyz(request: Request) -> Response:
-    deps: Deps = request.app.state.deps
+    deps = web_of(request).deps
     database, redis = await asyncio.gather(_check(store.ping(deps.db)), _check(deps.redis.ping()))
     if database == redis == "ok":
         return MsgspecResponse(Readiness("ok", database, redis))

@@ -33,7 +33,8 @@ from server.follow import Follower, Hub
 from server.limits import StreamSlot
 from server.metrics import Metrics
 from server.problems import FieldError, ValidationError
-from worker import Config, Deps, database, events, resource, store
+from server.state import web_of
+from worker import Config, database, events, resource, store
 from worker.job import Links
 
 log = logging.getLogger("outlast.web")
@@ -102,9 +103,10 @@ def _last_event_id(request: Request) -> int:
 
 
 async def follow(request: Request) -> Response:
-    deps: Deps = request.app.state.deps
+    web = web_of(request)
+    deps = web.deps
     after = _last_event_id(request)
-    row = await jobs._get(request)  # 404 before any stream: an unknown id never hangs
+    row = await jobs.job_or_404(request)  # 404 before any stream: an unknown id never hangs
     # A finished job's stream is its replay alone: read it now, to answer 204 if nothing is left. A live job's
     # stream reads once it has registered for notifications, so nothing committed in between is missed.
     first = await events.read_after(deps.db, row.id, after) if row.done else []
@@ -122,8 +124,8 @@ async def follow(request: Request) -> Response:
     tenant = tenant_of(request)
     links = signed_links(request, resource.as_job(row)).links  # a status event's Job is the one GET would show
     frames = _frames(
-        request.app.state.hub,
-        request.app.state.metrics,
+        web.hub,
+        web.metrics,
         deps.config,
         tenant,
         links,

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from server.app import create_app
 from tests.conftest import bearer, free_port
 from tests.engine import deliver_due
-from worker import Config, Deps, Guard
+from worker import Config, Deps, UrlGuard
 from worker.webhooks.deliver import Sender, secrets_in_force
 
 
@@ -188,9 +188,8 @@ def hooks_config(config: Config) -> Config:
 async def hooks(hooks_config: Config, deps: Deps, api_key: str) -> AsyncIterator[Hooks]:
     await deps.db.execute("DELETE FROM webhook_secrets")  # not under jobs: TRUNCATE jobs CASCADE keeps them
     dns = FakeDNS()
-    guard = Guard.from_config(hooks_config, resolver=dns)
-    app = create_app(hooks_config)
-    app.state.callback_guard = guard
+    guard = UrlGuard.from_config(hooks_config, resolver=dns)
+    app = create_app(hooks_config, resolver=dns)
     sender = Sender(guard, timeout_s=hooks_config.webhook_timeout_s)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

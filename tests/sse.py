@@ -67,7 +67,7 @@ async def live_server(config: Config) -> AsyncIterator[Live]:
 
     await eventually(started)
     try:
-        yield Live(app, f"http://127.0.0.1:{port}", server, await keys.create(app.state.deps.db, "default", "live"))
+        yield Live(app, f"http://127.0.0.1:{port}", server, await keys.create(app.state.web.deps.db, "default", "live"))
     finally:
         server.should_exit = True
         await serving

@@ -570,7 +570,7 @@ async def test_prefer_wait_wakes_on_the_jobs_notification_not_on_a_timer(config:
             waiting = asyncio.create_task(client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=60"}))
 
             async def held() -> bool | None:
-                return app.state.hub.following(job_id) == 1 or None
+                return app.state.web.hub.following(job_id) == 1 or None
 
             await eventually(held)
             assert await engine.claim(deps.jobs, job_id, 0, owner="test", lease_s=60) is not None
@@ -578,7 +578,7 @@ async def test_prefer_wait_wakes_on_the_jobs_notification_not_on_a_timer(config:
             await notified(deps, job_id)
             answer = await asyncio.wait_for(waiting, 15)
             assert answer.json()["status"] == "succeeded" and answer.json()["result"] == 14
-            assert app.state.hub.followed == 0  # the long poll let go of the job
+            assert app.state.web.hub.followed == 0  # the long poll let go of the job
 
 
 async def test_metrics_count_requests_by_route_and_submits_by_type(client: httpx.AsyncClient) -> None:

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from server import keycache
 from server.app import create_app
-from server.auth import LINK_TOKEN_REUSE_S, TOKEN_ROUTES, Guard, guard, is_local
+from server.auth import LINK_TOKEN_REUSE_S, TOKEN_ROUTES, AuthState, is_local, setup
 from tests.conftest import bearer, eventually
 from worker import Config, Deps, keys
 
@@ -222,7 +222,7 @@ async def test_links_carry_a_read_token_for_that_job_only(app_client: httpx.Asyn
 
 
 def test_a_jobs_link_token_is_minted_again_at_most_once_a_minute(config: Config) -> None:
-    guard = Guard(config, config.secret_key.encode(), may_run_open=False)
+    guard = AuthState(config, config.secret_key.encode(), may_run_open=False)
     job, other = uuid.uuid4(), uuid.uuid4()
     first = guard.link_token("default", job)
     assert guard.link_token("default", job) == first  # a poller's next read: no new signature
@@ -257,11 +257,11 @@ async def test_a_read_token_opens_nothing_but_reading_its_job(
 async def test_an_expired_or_tampered_token_is_401(
     app_client: httpx.AsyncClient, config: Config, api_key: str, job_id: str
 ) -> None:
-    guard = Guard(config, config.secret_key.encode(), may_run_open=False)
+    guard = AuthState(config, config.secret_key.encode(), may_run_open=False)
     good = guard.token("default", uuid.UUID(job_id))
     assert (await app_client.get(f"/v1/jobs/{job_id}?token={good}")).status_code == 200
     expired = guard.token("default", uuid.UUID(job_id), ttl_s=-1)
-    foreign = Guard(config, b"another-deployment-secret-0123456789", may_run_open=False).token(
+    foreign = AuthState(config, b"another-deployment-secret-0123456789", may_run_open=False).token(
         "default", uuid.UUID(job_id)
     )
     body, _, mac = good.partition(".")
@@ -286,7 +286,7 @@ async def test_a_token_spelled_any_other_way_than_it_was_minted_is_401(
 ) -> None:
     """base64 that decodes to the same bytes (padding, unused low bits, characters the decoder skips) made one token
     into many strings that were all as good: not forgeable, but malleable."""
-    good = Guard(config, config.secret_key.encode(), may_run_open=False).token("default", uuid.UUID(job_id))
+    good = AuthState(config, config.secret_key.encode(), may_run_open=False).token("default", uuid.UUID(job_id))
     assert (await app_client.get(f"/v1/jobs/{job_id}", params={"token": good})).status_code == 200
     body, _, mac = good.partition(".")
     alphabet = string.ascii_letters + string.digits + "-_"
@@ -307,7 +307,7 @@ async def test_a_token_spelled_any_other_way_than_it_was_minted_is_401(
 
 def test_a_link_token_is_never_reused_past_a_quarter_of_its_life(config: Config) -> None:
     """Reused for a minute whatever OUTLAST_TOKEN_TTL_S said, a fresh Job could carry a token that had expired."""
-    guard = Guard(msgspec.structs.replace(config, token_ttl_s=8), config.secret_key.encode(), may_run_open=False)
+    guard = AuthState(msgspec.structs.replace(config, token_ttl_s=8), config.secret_key.encode(), may_run_open=False)
     job = uuid.uuid4()
     first = guard.link_token("default", job)
     assert guard.link_token("default", job) == first
@@ -351,7 +351,7 @@ async def test_dev_mode_runs_open_until_a_key_exists_and_says_so(
 async def test_production_never_runs_open(config: Config, deps: Deps) -> None:
     # The flag with a database that is not on this machine is ignored (and logged).
     remote = msgspec.structs.replace(config, dev_open=True, database_url="postgresql://db.example.com/outlast")
-    assert not (await guard(remote, deps.db)).may_run_open
+    assert not (await setup(remote, deps.db)).may_run_open
     # Without the flag, no key means no access at all.
     async with open_app(config) as client:
         assert_unauthorized(await client.get("/v1/jobs"))
@@ -359,6 +359,6 @@ async def test_production_never_runs_open(config: Config, deps: Deps) -> None:
 
 async def test_without_a_secret_key_the_web_refuses_to_start_unless_open(config: Config, deps: Deps) -> None:
     with pytest.raises(RuntimeError, match="OUTLAST_SECRET_KEY"):
-        await guard(msgspec.structs.replace(config, secret_key=""), deps.db)
+        await setup(msgspec.structs.replace(config, secret_key=""), deps.db)
     with pytest.raises(RuntimeError, match="too short"):
-        await guard(msgspec.structs.replace(config, secret_key="short"), deps.db)
+        await setup(msgspec.structs.replace(config, secret_key="short"), deps.db)

@@ -10,7 +10,7 @@ from uuid_utils.compat import uuid7
 
 from tests import engine
 from tests.receivers import Hooks, Receiver
-from worker import Forbidden, Guard, store
+from worker import Forbidden, UrlGuard, store
 from worker.webhooks.ssrf import parse_networks, parse_ports, refusal
 
 PUBLIC = "93.184.215.14"  # answered by the fake DNS only: no test ever connects to it
@@ -84,13 +84,13 @@ def hostile(port: int, allowed_port: int) -> list[str]:
     ]
 
 
-def guard_for_tests() -> Guard:
+def guard_for_tests() -> UrlGuard:
     async def resolve(host: str, port: int) -> list[str]:
         if host not in DNS:
             raise OSError(f"no such name: {host}")
         return DNS[host]
 
-    return Guard(parse_networks("127.0.0.1/32"), parse_ports("443,1024-65535"), allow_http=True, resolver=resolve)
+    return UrlGuard(parse_networks("127.0.0.1/32"), parse_ports("443,1024-65535"), allow_http=True, resolver=resolve)
 
 
 @pytest.mark.parametrize("url", hostile(CANARY, 8080))
@@ -110,7 +110,7 @@ async def test_the_table_is_long_enough_and_allowed_urls_pass() -> None:
 
 
 async def test_the_defaults_want_https_on_the_usual_ports_and_global_addresses_only() -> None:
-    guard = Guard(resolver=guard_for_tests().resolver)
+    guard = UrlGuard(resolver=guard_for_tests().resolver)
     assert (await guard.check("https://hooks.example.com/")).addresses == (ip_address(PUBLIC),)
     for url in ("http://hooks.example.com/", "https://hooks.example.com:9000/", "https://127.0.0.1/"):
         with pytest.raises(Forbidden):
@@ -144,9 +144,9 @@ def test_bad_allowance_settings_stop_the_process_naming_the_variable() -> None:
     from worker import Config
 
     with pytest.raises(SystemExit, match="OUTLAST_ALLOWED_CALLBACK_NETWORKS"):
-        Guard.from_config(Config(allowed_callback_networks="10.0.0.0/33"))
+        UrlGuard.from_config(Config(allowed_callback_networks="10.0.0.0/33"))
     with pytest.raises(SystemExit, match="OUTLAST_CALLBACK_PORTS"):
-        Guard.from_config(Config(callback_ports="443,70000"))
+        UrlGuard.from_config(Config(callback_ports="443,70000"))
 
 
 async def test_hostile_callback_urls_get_422_naming_callback_url_and_touch_nothing(

@@ -23,7 +23,7 @@ from worker.job import (
 from worker.job_types import load as load_job_types
 from worker.queue import enqueue, request_abort
 from worker.webhooks import store as webhook_store
-from worker.webhooks.ssrf import Forbidden, Guard
+from worker.webhooks.ssrf import Forbidden, UrlGuard
 
 __all__ = [
     "LIVE",
@@ -34,7 +34,6 @@ __all__ = [
     "Deps",
     "Error",
     "Forbidden",
-    "Guard",
     "Job",
     "JobError",
     "JobType",
@@ -42,6 +41,7 @@ __all__ = [
     "Progress",
     "RetryableError",
     "Status",
+    "UrlGuard",
     "connect",
     "database",
     "enqueue",

@@ -36,7 +36,7 @@ from uuid import UUID
 import httpx
 from uuid_utils.compat import uuid7
 
-from server.auth import Guard
+from server.auth import AuthState
 from worker import Config, Deps, Progress, connect, keys, store
 from worker.migrate import create_database, migrate
 
@@ -249,7 +249,7 @@ class Outlast(Side):
         # The per-key limits are policies, not costs: lifted, as the main bench lifts the submit limit.
         lifted = {"OUTLAST_SUBMIT_RATE_PER_S": "1000000", "OUTLAST_SUBMIT_BURST": "1000000"}
         super().__init__(deps, env | lifted | {"OUTLAST_MAX_STREAMS_PER_KEY": "1000000", "OUTLAST_SECRET_KEY": SECRET})
-        self.guard = Guard(config, SECRET.encode(), may_run_open=False)
+        self.guard = AuthState(config, SECRET.encode(), may_run_open=False)
         self.api_key = ""  # for the load's submits and reads: `await side.key()` makes it
 
     async def keys(self, count: int) -> list[str]:

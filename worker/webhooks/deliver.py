@@ -40,7 +40,7 @@ from worker.deps import Deps
 from worker.job import Job
 from worker.retry import envelope
 from worker.webhooks import store as webhook_store
-from worker.webhooks.ssrf import Forbidden, Guard, Resolver, Target, system_resolver
+from worker.webhooks.ssrf import Forbidden, Resolver, Target, UrlGuard, system_resolver
 from worker.webhooks.store import Claimed, DeliveryStatus
 
 log = logging.getLogger("outlast.webhooks")
@@ -153,7 +153,7 @@ class Sender:
     are not followed, proxies from the environment are ignored, and no response body is read.
     """
 
-    def __init__(self, guard: Guard, *, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
+    def __init__(self, guard: UrlGuard, *, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
         self.guard, self.timeout_s = guard, timeout_s
         self.client = httpx.AsyncClient(
             timeout=timeout_s,
@@ -297,7 +297,7 @@ async def serve(deps: Deps, sender: Sender) -> None:
 @contextlib.asynccontextmanager
 async def serving(deps: Deps, *, resolver: Resolver = system_resolver) -> AsyncIterator[Sender]:
     """Run the delivery loop in the background for as long as the context lasts (the worker's lifetime)."""
-    sender = Sender(Guard.from_config(deps.config, resolver), timeout_s=deps.config.webhook_timeout_s)
+    sender = Sender(UrlGuard.from_config(deps.config, resolver), timeout_s=deps.config.webhook_timeout_s)
     task = asyncio.create_task(serve(deps, sender))
     try:
         yield sender

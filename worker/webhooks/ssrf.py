@@ -1,6 +1,6 @@
 """The URL guard for every outbound request a user names: webhooks today, any job type that fetches URLs later.
 
-`Guard.check(url)` answers a `Target` (the host to name in `Host` and SNI, and the addresses it may connect
+`UrlGuard.check(url)` answers a `Target` (the host to name in `Host` and SNI, and the addresses it may connect
 to) or raises `Forbidden`. A URL passes when:
 - it parses the way the sender will parse it (httpx's own parser), with no userinfo, backslash, space or
   control character, and its scheme is https (or http where the deployment allows it);
@@ -185,7 +185,7 @@ def _literal(host: str) -> Address | None:
 
 
 @dataclass(frozen=True)
-class Guard:
+class UrlGuard:
     """The deployment's policy and a resolver (injectable, so tests can answer what an attacker would)."""
 
     allowed_networks: tuple[Network, ...] = ()
@@ -195,7 +195,7 @@ class Guard:
     resolver: Resolver = field(default=system_resolver, compare=False)
 
     @classmethod
-    def from_config(cls, config: Config, resolver: Resolver = system_resolver) -> Guard:
+    def from_config(cls, config: Config, resolver: Resolver = system_resolver) -> UrlGuard:
         """The deployment's guard; a bad network or port list stops the process, naming its variable."""
         try:
             networks = parse_networks(config.allowed_callback_networks)

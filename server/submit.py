@@ -1,0 +1,188 @@
+"""POST /v1/jobs: a submit body made into the job to insert (validation, limits, its fingerprint), then created
+once per Idempotency-Key, and its doorbell rung. Submits that come together share one INSERT and one doorbell."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any
+from uuid import UUID
+
+import msgspec
+from arq.connections import ArqRedis
+from databases import Database
+from starlette.requests import Request
+from starlette.responses import Response
+from uuid_utils.compat import uuid7
+
+from server.auth import caller_of, tenant_of
+from server.body import json_body, nesting
+from server.jobs import present
+from server.problems import Conflict, FieldError, IdempotencyKeyReused, InvalidBody, UnknownJobType, ValidationError
+from server.responses import MsgspecResponse
+from server.state import Web, web_of
+from worker import Forbidden, database, store
+from worker.batch import Batcher
+from worker.queue import enqueue_many
+
+log = logging.getLogger("outlast.web")
+MAX_METADATA_BYTES = 16_384
+MAX_METADATA_DEPTH = 16
+# Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
+IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
+
+
+class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of `POST /v1/jobs`. Unknown fields (`id`, `status`, `result`...) are refused by name."""
+
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    # Raw: decoded by the job type's own Input afterwards. Absent: `{}`, for types whose fields all have defaults.
+    input: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"{}"))
+    callback_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
+    timeout_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    metadata: dict[str, Any] = {}
+
+
+_decoder = msgspec.json.Decoder(SubmitJob)
+_encode = msgspec.json.Encoder().encode
+
+
+async def submit(request: Request) -> Response:
+    web = web_of(request)
+    config = web.config
+    await web.submits.take(
+        web.deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
+    )
+    key = idempotency_key(request)
+    body = await json_body(
+        request, config.max_body_bytes, timeout_s=config.body_timeout_s, what="a JSON object with `type` and `input`"
+    )
+    job = await new_job(web, tenant_of(request), decode(body), key)
+    row, replayed = await create(web, job)
+    headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:  # only the request that created the row rings the doorbell: a replay never dispatches twice
+        if not await web.enqueues((row.id, row.attempt)):
+            await store.undispatch(web.deps.db, row.id, row.attempt)  # the row is the outbox: the sweep rings
+        web.metrics.submitted.labels(row.type).inc()
+    return MsgspecResponse(present(request, row), status_code=202, headers=headers)
+
+
+def decode(body: bytes) -> SubmitJob:
+    try:
+        return _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValidationError.from_msgspec(exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidBody(f"the body is not valid JSON: {exc}") from None
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        msg = "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID"
+        raise ValidationError(msg, [FieldError("Idempotency-Key", msg)])
+    return key
+
+
+async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None) -> store.NewJob:
+    """The job `body` asks for, checked against its type's schema and the deployment's limits, or a 422 naming the
+    field. Its fingerprint (`request_hash`) is what makes two submits "the same request" for an Idempotency-Key:
+    the job they describe, not their bytes."""
+    config = web.config
+    job_type = web.job_types.get(body.type)
+    if job_type is None:
+        msg = f"unknown job type {body.type!r}; known types: {', '.join(sorted(web.job_types))}"
+        raise UnknownJobType(msg, [FieldError("$.type", msg)])
+    try:
+        value = job_type.decoder.decode(body.input)
+    except msgspec.ValidationError as exc:
+        raise ValidationError.from_msgspec(exc, prefix="$.input") from None
+    if body.callback_url is not None:
+        try:  # and again at every delivery attempt, on the address actually connected to
+            await web.callbacks.check(body.callback_url)
+        except Forbidden as exc:
+            log.info("callback_url refused: %s", exc.detail)  # what it resolved to: for the log, not the caller
+            msg = f"callback_url refused: {exc}"
+            raise ValidationError(msg, [FieldError("$.callback_url", msg)]) from None
+    timeout_s = body.timeout_s or min(job_type.timeout_s, config.max_timeout_s)
+    if timeout_s > config.max_timeout_s:
+        msg = f"timeout_s must be at most {config.max_timeout_s}"
+        raise ValidationError(msg, [FieldError("$.timeout_s", msg)])
+    input = _storable(_encode(value), "$.input")
+    metadata = _storable(_encode(body.metadata), "$.metadata")
+    if len(metadata) > MAX_METADATA_BYTES or nesting(metadata) > MAX_METADATA_DEPTH:
+        msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
+        raise ValidationError(msg, [FieldError("$.metadata", msg)])
+    max_attempts = body.max_attempts or job_type.max_attempts or config.default_max_attempts
+    canonical = [job_type.name, value, max_attempts, timeout_s, body.metadata, body.callback_url]
+    return store.NewJob(
+        id=uuid7(),
+        tenant=tenant,
+        type=job_type.name,
+        input=input,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        retry_safe=job_type.retry_safe,
+        callback_url=body.callback_url,
+        metadata=metadata,
+        ttl_s=config.job_ttl_s,
+        idempotency_key=key,
+        request_hash=hashlib.sha256(msgspec.json.encode(canonical, order="sorted")).digest(),
+    )
+
+
+def _storable(encoded: bytes, loc: str) -> bytes:
+    if database.NUL.search(encoded):  # refused up front rather than failing the INSERT
+        raise ValidationError(f"{database.NUL_MSG} at {loc}", [FieldError(loc, database.NUL_MSG)])
+    return encoded
+
+
+async def create(web: Web, job: store.NewJob) -> tuple[store.JobRow, bool]:
+    """Insert the job or, when its Idempotency-Key is taken, find the job that key made: (row, replayed).
+
+    The unique index decides who creates (INSERT ... ON CONFLICT DO NOTHING, never check-then-insert): a concurrent
+    duplicate waits for the winner's commit, then finds the winner's row here. Past `idempotency_ttl_s` a key is
+    released and makes a new job."""
+    db, key = web.deps.db, job.idempotency_key
+    for _ in range(3):
+        row = await web.inserts(job)
+        if row is not None:
+            return row, False
+        assert key is not None  # nothing else can conflict
+        found = await store.find_idempotent(db, job.tenant, key, window_s=web.config.idempotency_ttl_s)
+        if found is None:
+            continue  # the job was deleted meanwhile: the key is free again
+        row, request_hash, expired = found
+        if expired:
+            await store.release_idempotency_key(db, row.id, key)
+            continue
+        if request_hash != job.request_hash:
+            msg = "this Idempotency-Key was already used with a different request; use a new key for a new job"
+            raise IdempotencyKeyReused(msg, [FieldError("Idempotency-Key", msg)])
+        return row, True
+    raise Conflict("this Idempotency-Key keeps changing hands; retry")
+
+
+def inserts(db: Database) -> Batcher[store.NewJob, store.JobRow | None]:
+    """The web process's submits, batched (worker/batch.py): those that come while one INSERT is on its way go
+    together in the next, one statement and one commit for a burst of submits, with no added wait."""
+
+    async def insert(jobs: Sequence[store.NewJob]) -> list[store.JobRow | None]:
+        return await store.insert_jobs(db, jobs)
+
+    return Batcher(insert, shared=database.UNAVAILABLE, linger_s=0.0)
+
+
+def enqueues(redis: ArqRedis) -> Batcher[tuple[UUID, int], bool]:
+    """The web process's doorbells, batched as its INSERTs are: one script call rings for a burst of submits."""
+
+    async def ring(attempts: Sequence[tuple[UUID, int]]) -> list[bool]:
+        return [await enqueue_many(redis, attempts)] * len(attempts)
+
+    # Large batches: while Redis hangs each call may take redis_timeout_s, and submits must not pile up behind it.
+    return Batcher(ring, shared=(), linger_s=0.0, limit=1_000)
