@@ -1,4 +1,8 @@
-"""The doorbell: enqueue(job_id, attempt), and arq's other keys the engine touches (abort, the sweep's clean-ups).
+"""The doorbell: enqueue(job_id, started), and arq's other keys the engine touches (abort, the sweep's clean-ups).
+
+A message names a job and `started`, how many of its attempts had started when it was rung (jobs.attempt then):
+the claim it leads to starts attempt `started + 1`, and only while the row still says `started`. Everywhere else
+`attempt` is an attempt's own number, 1 for the first.
 
 The doorbell is a Lua script rather than arq's `ArqRedis.enqueue_job`: that one WATCHes the job key, checks it
 and the result key with EXISTS, then writes in MULTI/PSETEX/ZADD/EXEC, three round trips through redis-py
@@ -22,13 +26,13 @@ from worker.connections import QUEUE, REDIS_DOWN, script, serialize
 RUN_JOB = "run_job"
 
 
-def message(job_id: UUID, attempt: int) -> str:
-    return f"{job_id}:{attempt}"
+def message(job_id: UUID, started: int) -> str:
+    return f"{job_id}:{started}"
 
 
 def parse_message(text: str) -> tuple[UUID, int]:
-    job_id, _, attempt = text.partition(":")
-    return UUID(job_id), int(attempt)
+    job_id, _, started = text.partition(":")
+    return UUID(job_id), int(started)
 
 
 # arq 0.28's enqueue_job for many jobs in one round trip. KEYS: the queue, then each job's job key and result key.
@@ -46,18 +50,18 @@ return 1
 """
 
 
-async def enqueue(redis: ArqRedis, job_id: UUID, attempt: int, *, delay_s: float = 0.0) -> bool:
-    """Ring the doorbell for attempt `attempt + 1`. False when Redis is unreachable (the row stays the truth).
+async def enqueue(redis: ArqRedis, job_id: UUID, started: int, *, delay_s: float = 0.0) -> bool:
+    """Ring the doorbell for attempt `started + 1`. False when Redis is unreachable (the row stays the truth).
 
     One arq job id per attempt: arq ignores a duplicate while it still holds that id, so the sweep may
     ring again freely, and a rescued job's new attempt is never blocked by the old one's keys. A duplicate
     is still True: the message Redis holds for that id rings the same doorbell.
     """
-    return await enqueue_many(redis, [(job_id, attempt)], delay_s=delay_s)
+    return await enqueue_many(redis, [(job_id, started)], delay_s=delay_s)
 
 
-async def enqueue_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int]], *, delay_s: float = 0.0) -> bool:
-    """`enqueue` for each `(job_id, attempt)`, in one round trip: all rung, or (Redis unreachable) none.
+async def enqueue_many(redis: ArqRedis, messages: Sequence[tuple[UUID, int]], *, delay_s: float = 0.0) -> bool:
+    """`enqueue` for each `(job_id, started)`, in one round trip: all rung, or (Redis unreachable) none.
 
     What arq's `enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s)` stores: the job
     (enqueue time from this process's clock, as arq takes it) under arq's job key, expiring a day
@@ -68,8 +72,8 @@ async def enqueue_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int]], *,
     expiry_ms = score - enqueued_ms + redis.expires_extra_ms
     keys: list[str] = [QUEUE]
     args: list[bytes | int | str] = []
-    for job_id, attempt in attempts:
-        text = message(job_id, attempt)
+    for job_id, started in messages:
+        text = message(job_id, started)
         keys += [job_key_prefix + text, result_key_prefix + text]
         args += [serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize), expiry_ms, score, text]
     try:
@@ -82,7 +86,7 @@ async def enqueue_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int]], *,
 async def request_abort(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
     """Ask the worker running attempt `attempt` to cancel its task now, rather than at its next heartbeat.
 
-    The running attempt was started by message `attempt - 1` (a claim moves attempt n to n + 1).
+    The running attempt was started by message `attempt - 1`.
     """
     try:
         await redis.zadd(abort_jobs_ss, {message(job_id, attempt - 1): time.time() * 1000})
@@ -91,20 +95,20 @@ async def request_abort(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
     return True
 
 
-async def ring_again(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
+async def ring_again(redis: ArqRedis, job_id: UUID, started: int) -> bool:
     """The sweep's enqueue, for a row still queued long after its last dispatch.
 
     A message arq marked in progress for such a row was taken by a worker that died before its claim: arq
     keeps that mark for a day and ignores a re-enqueue of the same id meanwhile, so it is cleared first. Should
     the worker be alive after all, the duplicate it competes with loses at the guarded claim.
     """
-    text = message(job_id, attempt)
+    text = message(job_id, started)
     try:
         if await redis.exists(in_progress_key_prefix + text):
             await redis.delete(in_progress_key_prefix + text, job_key_prefix + text)
     except REDIS_DOWN:
         return False
-    return await enqueue(redis, job_id, attempt)
+    return await enqueue(redis, job_id, started)
 
 
 async def forget(redis: ArqRedis, lost: list[tuple[UUID, int]]) -> None:

@@ -75,19 +75,19 @@ class Runtime:
 async def run_job(ctx: dict[str, Any], text: str) -> None:
     deps: Deps = ctx["deps"]
     runtime: Runtime = ctx["runtime"]
-    job_id, attempt = parse_message(text)
+    job_id, started = parse_message(text)
     try:
         claim_sent_at = time.monotonic()  # no later than the database's clock starts the lease
-        claimed = await runtime.claims((job_id, attempt))
+        claimed = await runtime.claims((job_id, started))
     except database.UNAVAILABLE as exc:
         # Lost with the answer on its way, the claim (and the batch it went in) may have committed: hand such a job
         # back. Otherwise the row is still queued and marked dispatched: the sweep rings again.
         log.warning("claim %s: database unavailable (%s)", text, exc)
-        await _claim_interrupted(deps, runtime, job_id, attempt + 1)
+        await _claim_interrupted(deps, runtime, job_id, started + 1)
         return
     except asyncio.CancelledError:
         # An abort or the shutdown landed while the claim was in flight: it may have committed all the same.
-        await asyncio.shield(_claim_interrupted(deps, runtime, job_id, attempt + 1))
+        await asyncio.shield(_claim_interrupted(deps, runtime, job_id, started + 1))
         raise
     if claimed is None:
         return  # a stale or duplicate delivery: someone else has it, or it ended

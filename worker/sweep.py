@@ -131,7 +131,7 @@ async def take_due(
     db: Database, *, batch: int, redispatch_after_s: float, default_cap: int | None = None
 ) -> list[tuple[UUID, int]]:
     """Queued, due jobs that Redis may not hold (and whose tenant has a slot free), marked dispatched now: the caller
-    enqueues them."""
+    enqueues each `(job_id, started)`."""
     values = {"batch": batch, "redispatch": redispatch_after_s, "default_cap": default_cap}
     records = await sql.fetch_all(db, _DUE, values)
     return [(r["id"], r["attempt"]) for r in records]
@@ -191,7 +191,7 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     due = await take_due(
         db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, default_cap=default_cap
     )
-    rung = await asyncio.gather(*(ring_again(deps.redis, job_id, attempt) for job_id, attempt in due))
+    rung = await asyncio.gather(*(ring_again(deps.redis, job_id, started) for job_id, started in due))
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
     await retain(
