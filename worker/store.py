@@ -289,9 +289,10 @@ SELECT {_CLAIMED_COLUMNS} FROM claimed
 async def claim_many(
     jobs: Jobs, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float, default_cap: int | None = None
 ) -> list[Claimed | None]:
-    """Start attempt `started + 1` of each `(job_id, started)` (a message's pair, worker/queue.py), in one statement. None: a stale or duplicate
-    delivery, so run nothing (a pair given twice is claimed for its first place only), or a job whose tenant is at
-    its cap (`max_running`, else `default_cap`): it waits undispatched until `wake` finds it a slot."""
+    """Start attempt `started + 1` of each `(job_id, started)` (a message's pair, worker/queue.py), in one
+    statement. None: a stale or duplicate delivery, so run nothing (a pair given twice is claimed for its first
+    place only), or a job whose tenant is at its cap (`max_running`, else `default_cap`): it waits undispatched
+    until `wake` finds it a slot."""
     ids, attempts = [job_id for job_id, _ in wanted], [attempt for _, attempt in wanted]
     values = {"ids": ids, "attempts": attempts, "owner": owner, "lease": lease_s, "default_cap": default_cap}
     records = await sql.fetch_all(jobs.db, _CLAIM, values)
