@@ -29,9 +29,10 @@ from redis.asyncio import Redis
 
 from server.app import create_app
 from worker import Config, Deps, connect, keys
-from worker.connections import QUEUE, deserialize, redis_settings, serialize
+from worker.connections import redis_settings
 from worker.job_types import load
 from worker.migrate import create_database, migrate
+from worker.options import worker_options
 from worker.queue import RUN_JOB
 from worker.run import Runtime, run_job
 
@@ -161,22 +162,18 @@ def make_worker(config: Config, deps: Deps) -> Callable[[], Worker]:
     """An in-process arq worker in burst mode (it returns once the queue is empty, deferred retries included)."""
 
     def make() -> Worker:
-        return Worker(
-            functions=[run_job],
-            queue_name=QUEUE,
-            redis_settings=redis_settings(config),
+        options = worker_options(config)  # the deployment's, but for what an in-process burst worker needs
+        options.update(
             burst=True,
             handle_signals=False,
             poll_delay=0.01,
             max_jobs=20,
-            keep_result=0,
-            max_tries=1_000,
-            retry_jobs=False,
-            allow_abort_jobs=True,
-            job_serializer=serialize,
-            job_deserializer=deserialize,
+            redis_settings=redis_settings(config),  # no retries through an outage: a test's outage is on purpose
+            on_startup=None,
+            on_shutdown=None,
             ctx={"deps": deps, "runtime": Runtime.of(deps, load(config.job_modules))},
         )
+        return Worker(**options)
 
     assert run_job.__name__ == RUN_JOB
     return make

@@ -115,6 +115,14 @@ async def in_process_pool(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
+def shut_process_pool() -> None:
+    """Stop the pool's processes (the worker's shutdown): they would otherwise outlive a worker that exits."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+
+
 @dataclass(frozen=True)
 class Context:
     """What a job's coroutine gets besides its input."""

@@ -1,97 +1,24 @@
-"""WorkerSettings for `arq worker.settings.WorkerSettings`: arq's defaults pinned to ones that don't lie.
+"""`arq worker.settings.WorkerSettings`: the worker process's edge, where the environment is read once.
 
-arq reads the class `__dict__`, so a subclass silently loses settings: never subclass it.
+arq imports this module by its dotted path, so this is where the worker's Config is built and its event loop made:
+arq's Worker takes the current loop. On uvloop the worker spends about a sixth less CPU per job, most of it arq's
+own socket and task work (docs/performance.md); the web runs on uvloop too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import os
-import socket
 import sys
-from collections.abc import Mapping
 from typing import Any
 
-from arq import func
-from arq.connections import RedisSettings
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from worker.capacity import refresh
 from worker.config import from_env
-from worker.connections import QUEUE, deserialize, redis_settings, serialize
-from worker.deps import connect
-from worker.job_types import load
-from worker.queue import RUN_JOB
-from worker.run import Runtime, run_job
-from worker.sweep import fresh_s, sweeping
-from worker.webhooks import deliver as webhooks
+from worker.options import worker_options
 
-config = from_env()  # arq imports this module by its dotted path: this is the worker's edge
+config = from_env()
 
 if sys.platform != "win32":
-    # arq makes its Worker's loop from the policy: on uvloop the worker spends about a sixth less CPU per job, most of
-    # it arq's own socket and task work (docs/performance.md). The web runs on uvloop too (uvicorn --loop uvloop).
     import uvloop
 
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop(uvloop.new_event_loop())
 
-
-def instance_name(environ: Mapping[str, str] = os.environ) -> str:
-    for name in (config.worker_name, *(environ.get(v, "") for v in ("DYNO", "FLY_MACHINE_ID", "RENDER_INSTANCE_ID"))):
-        if name:
-            return name
-    return socket.gethostname()
-
-
-def _redis_settings() -> RedisSettings:
-    """Commands retry through a Redis outage of about `redis_outage_s`, so running jobs (which need only
-    PostgreSQL) finish instead of dying with the process; past it, arq raises and the worker exits non-zero."""
-    settings = redis_settings(config)
-    settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=max(1, int(config.redis_outage_s / 2)))
-    settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
-    return settings
-
-
-async def startup(ctx: dict[str, Any]) -> None:
-    logging.getLogger("outlast").setLevel(logging.INFO)
-    stack = contextlib.AsyncExitStack()
-    ctx["deps"] = await stack.enter_async_context(connect(config, redis=ctx["redis"]))
-    ctx["runtime"] = runtime = Runtime.of(ctx["deps"], load(config.job_modules), name=instance_name())
-    stack.push_async_callback(runtime.aclose)
-    await stack.enter_async_context(webhooks.serving(ctx["deps"]))  # deliveries on their own tasks, not arq's
-    # Before the first claim, so that tenants' default cap is in force from it on.
-    await refresh(ctx["deps"].db, runtime.capacity, fresh_s=fresh_s(config))
-    # Its own task too: it must run when every slot is taken. Each pass tells the others this worker's slots.
-    await stack.enter_async_context(sweeping(ctx["deps"], runtime.capacity))
-    ctx["stack"] = stack
-
-
-async def shutdown(ctx: dict[str, Any]) -> None:
-    if "stack" in ctx:
-        await ctx["stack"].aclose()
-
-
-class WorkerSettings:
-    functions = (func(run_job, name=RUN_JOB, timeout=config.max_timeout_s + 60, max_tries=1_000),)
-    on_startup = startup
-    on_shutdown = shutdown
-    queue_name = QUEUE
-    redis_settings = _redis_settings()
-    health_check_key = f"{QUEUE}:health-check:{instance_name()}"  # per instance: a sibling's stop can't hide us
-    max_jobs = config.worker_max_jobs
-    poll_delay = config.worker_poll_delay_s  # the 0.5 s default is the floor of idle pickup latency
-    health_check_interval = config.worker_health_check_interval_s  # the default says healthy an hour after kill -9
-    job_timeout = config.max_timeout_s + 60  # never None: the per-job timeout_s is enforced inside run_job
-    allow_abort_jobs = True  # cancelling a running job needs it
-    job_serializer = serialize  # never pickle
-    job_deserializer = deserialize
-    keep_result = 0  # results live in Postgres, not in arq:result:* keys
-    max_tries = 1_000  # Postgres counts attempts, not arq
-    retry_jobs = False  # an interrupted attempt is handed back through Postgres, never re-run by arq
-    # SIGTERM: stop claiming, give running jobs this long, then cancel them (run.py hands them back).
-    job_completion_wait = config.shutdown_grace_s
+WorkerSettings: dict[str, Any] = worker_options(config)
