@@ -46,7 +46,7 @@ async def _until(count: Callable[[], Awaitable[int]], jobs: int) -> None:
         await asyncio.sleep(POLL_S)
 
 
-async def _preload_outlast(run: Run, jobs: int) -> None:
+async def preload_outlast(run: Run, jobs: int) -> None:
     config = from_env(outlast_env(run.svc))
     slots = asyncio.Semaphore(PRELOADERS)
 
@@ -75,7 +75,7 @@ async def measure(run: Run) -> Comparison:
 
     async def outlast() -> Figures:
         await reset_outlast(run)
-        await _preload_outlast(run, jobs)
+        await preload_outlast(run, jobs)
         await run.fleet.worker(WORKER, "worker.settings.WorkerSettings", outlast_env(run.svc), run.svc.redis_url, QUEUE)
         try:
             await _until(succeeded, jobs)

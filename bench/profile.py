@@ -94,10 +94,10 @@ async def _profile(what: str, seconds: float, out: Path) -> str:
         run = Run(svc, fleet, SETTINGS, scratch, await api_key(svc))
         try:
             if what == "drain":
-                from bench.drain import _preload_outlast
+                from bench.drain import preload_outlast
 
                 await reset_outlast(run)
-                await _preload_outlast(run, SETTINGS.drain_jobs)
+                await preload_outlast(run, SETTINGS.drain_jobs)
                 name, unit = "profile-worker", "job"
                 await fleet.worker(name, "worker.settings.WorkerSettings", outlast_env(svc), svc.redis_url, QUEUE)
                 cpu0, spy = fleet.cpu_s(name), await _spy(fleet.pid(name), out, seconds)

@@ -23,12 +23,14 @@ from uuid import UUID
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 from arq.worker import Worker
 from redis.asyncio import Redis
 
 from server.app import create_app
 from worker import Config, Deps, connect, keys
+from worker.config import env_name
 from worker.connections import redis_settings
 from worker.job_types import load
 from worker.migrate import create_database, migrate
@@ -107,34 +109,44 @@ async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
     await create_database(dsn)
     await migrate(dsn)
     index = 1 + int(worker_id.removeprefix("gw") or 0)
-    return Config(
-        database_url=dsn,
-        redis_url=urlsplit(redis_url)._replace(path=f"/{index}").geturl(),
-        job_modules="tests.jobs",
-        sweep_interval_s=1,
-        redispatch_after_s=1.0,
-        backoff_base_s=0.05,
-        backoff_cap_s=0.5,
-        lease_s=3.0,
-        worker_health_check_interval_s=1,
-        db_timeout_s=2.0,
-        retry_after_s=2,
-        secret_key=TEST_SECRET,
-        # Generous, so tests that fire many requests measure what they mean to; limits' own tests tighten them.
-        submit_rate_per_s=100_000.0,
-        submit_burst=100_000,
-        auth_failures_per_min=100_000,
-    )
+    return deployment_config(dsn, urlsplit(redis_url)._replace(path=f"/{index}").geturl())
+
+
+def deployment_config(database_url: str, redis_url: str, **changes: Any) -> Config:
+    """The Config every test deployment starts from: intervals short enough that tests finish fast, and limits
+    generous enough that tests firing many requests measure what they mean to (limits' own tests tighten them)."""
+    settings: dict[str, Any] = {
+        "job_modules": "tests.jobs",
+        "sweep_interval_s": 1,
+        "redispatch_after_s": 1.0,
+        "backoff_base_s": 0.05,
+        "backoff_cap_s": 0.5,
+        "lease_s": 3.0,
+        "worker_health_check_interval_s": 1,
+        "db_timeout_s": 2.0,
+        "retry_after_s": 2,
+        "secret_key": TEST_SECRET,
+        "submit_rate_per_s": 100_000.0,
+        "submit_burst": 100_000,
+        "auth_failures_per_min": 100_000,
+    }
+    return Config(database_url=database_url, redis_url=redis_url, **{**settings, **changes})
 
 
 @pytest.fixture
 async def deps(config: Config) -> AsyncIterator[Deps]:
     async with connect(config) as deps:
-        await deps.db.execute("TRUNCATE jobs, api_keys, workers CASCADE")
-        await deps.db.execute("DELETE FROM tenants WHERE id <> 'default'")
-        await deps.db.execute("UPDATE tenants SET max_running = NULL, running = 0")
-        await deps.redis.flushdb()
+        await reset(deps)
         yield deps
+
+
+async def reset(deps: Deps) -> None:
+    """What every test starts from: no job, key, worker, secret or tenant but `default` (uncapped), and an empty Redis
+    index (FLUSHDB, never FLUSHALL: other runs may share the server)."""
+    await deps.db.execute("TRUNCATE jobs, api_keys, workers, webhook_secrets CASCADE")
+    await deps.db.execute("DELETE FROM tenants WHERE id <> 'default'")
+    await deps.db.execute("UPDATE tenants SET max_running = NULL, running = 0")
+    await deps.redis.flushdb()
 
 
 @pytest.fixture
@@ -219,24 +231,15 @@ async def wait_ready(url: str, *, within: float = 30.0) -> None:
 
 
 def process_env(config: Config, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLAST_")}
-    env.update(
-        DATABASE_URL=config.database_url,
-        REDIS_URL=config.redis_url,
-        OUTLAST_JOB_MODULES=config.job_modules,
-        OUTLAST_SWEEP_INTERVAL_S=str(config.sweep_interval_s),
-        OUTLAST_REDISPATCH_AFTER_S=str(config.redispatch_after_s),
-        OUTLAST_BACKOFF_BASE_S=str(config.backoff_base_s),
-        OUTLAST_BACKOFF_CAP_S=str(config.backoff_cap_s),
-        OUTLAST_LEASE_S=str(config.lease_s),
-        OUTLAST_WORKER_HEALTH_CHECK_INTERVAL_S=str(config.worker_health_check_interval_s),
-        OUTLAST_DB_TIMEOUT_S=str(config.db_timeout_s),
-        OUTLAST_RETRY_AFTER_S=str(config.retry_after_s),
-        OUTLAST_SECRET_KEY=config.secret_key,
-        OUTLAST_SUBMIT_RATE_PER_S=str(config.submit_rate_per_s),
-        OUTLAST_SUBMIT_BURST=str(config.submit_burst),
-        OUTLAST_AUTH_FAILURES_PER_MIN=str(config.auth_failures_per_min),
-    )
+    """The environment that makes a process build `config`: every setting it changes from the defaults, by the name
+    its process reads (worker/config.py), so a test's process runs with exactly the test's Config."""
+    ours = {env_name(f.name) for f in msgspec.structs.fields(Config)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLAST_") and k not in ours}
+    defaults = Config()
+    for f in msgspec.structs.fields(Config):
+        value = getattr(config, f.name)
+        if value != getattr(defaults, f.name):
+            env[env_name(f.name)] = str(value).lower() if isinstance(value, bool) else str(value)
     env.update(extra)
     return env
 

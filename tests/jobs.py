@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Literal
 
 import msgspec
 
-from worker import Context, JobError, JobType
+from worker import Context, JobError, JobType, in_process_pool
 
 
 class Nothing(msgspec.Struct, forbid_unknown_fields=True):
@@ -66,6 +67,11 @@ async def raw_result(input: Text, ctx: Context) -> msgspec.Raw:
     return msgspec.Raw(input.json.encode())
 
 
+async def pool_pid(input: Nothing, ctx: Context) -> int:
+    """The pid of the process in_process_pool ran its function in."""
+    return await in_process_pool(os.getpid)
+
+
 async def event_loop(input: Nothing, ctx: Context) -> str:
     return type(asyncio.get_running_loop()).__module__
 
@@ -104,6 +110,7 @@ JOB_TYPES = (
     JobType("unencodable", Nothing, unencodable, timeout_s=10),
     JobType("unstorable", Unstorable, unstorable, timeout_s=10),
     JobType("event_loop", Nothing, event_loop, timeout_s=10),
+    JobType("pool_pid", Nothing, pool_pid, timeout_s=60),
     JobType("big_int", Digits, big_int, timeout_s=10),
     JobType("raw_result", Text, raw_result, timeout_s=10),
     JobType("chatty", Lines, chatty, timeout_s=10),

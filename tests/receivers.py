@@ -186,7 +186,6 @@ def hooks_config(config: Config) -> Config:
 
 @pytest.fixture
 async def hooks(hooks_config: Config, deps: Deps, api_key: str) -> AsyncIterator[Hooks]:
-    await deps.db.execute("DELETE FROM webhook_secrets")  # not under jobs: TRUNCATE jobs CASCADE keeps them
     dns = FakeDNS()
     guard = UrlGuard.from_config(hooks_config, resolver=dns)
     app = create_app(hooks_config, resolver=dns)

@@ -19,7 +19,7 @@ from uuid_utils.compat import uuid7
 from tests import engine
 from tests.conftest import ROOT, Processes, bearer, eventually, process_env, wait_done
 from worker import Config, Deps, keys, store, sweep
-from worker.capacity import Capacity, default_cap, refresh
+from worker.capacity import Capacity, default_cap, refresh, wake
 
 OWNER = "test-owner"
 
@@ -110,7 +110,7 @@ async def test_a_slot_comes_back_however_its_job_stops_running(deps: Deps, how: 
     else:
         await deps.db.execute("DELETE FROM jobs WHERE id = :id", {"id": first})
     assert await running_count(deps) == (0, 0)
-    assert await store.wake(deps.db, ["default"], default_cap=None, batch=10) == [(second, 0)]  # it waited
+    assert await wake(deps.db, ["default"], default_cap=None, batch=10) == [(second, 0)]  # it waited
     assert await engine.claim(deps.jobs, second, 0, owner=OWNER, lease_s=30) is not None
 
 
@@ -118,9 +118,9 @@ async def test_wake_dispatches_only_as_many_waiting_jobs_as_there_is_room(deps: 
     await limit(deps, "default", 2)
     ids = await queued(deps, 6)
     await store.claim_many(deps.jobs, [(i, 0) for i in ids], owner=OWNER, lease_s=30)
-    assert await store.wake(deps.db, ["default"], default_cap=None, batch=10) == []  # full
+    assert await wake(deps.db, ["default"], default_cap=None, batch=10) == []  # full
     await store.finish(deps.jobs, ids[0], 1, "succeeded", result=b"1")
-    assert await store.wake(deps.db, ["default"], default_cap=None, batch=10) == [(ids[2], 0)]  # the oldest waiting
+    assert await wake(deps.db, ["default"], default_cap=None, batch=10) == [(ids[2], 0)]  # the oldest waiting
 
 
 def test_the_default_cap_is_a_share_of_the_live_slots_once_tenants_could_starve_each_other() -> None:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from server.app import create_app
 from server.limits import Budget, StreamSlot
 from server.problems import RateLimited
-from tests.conftest import Processes, bearer, process_env, rss_kib
+from tests.conftest import Processes, bearer, eventually, process_env, rss_kib
 from tests.engine import stream_slot
 from worker import Config, Deps, keys
 
@@ -164,9 +164,26 @@ async def test_a_dead_processs_stream_slots_expire_with_their_lease(redis: Redis
         assert await redis.zcard("outlast:streams:k") == 1
 
 
+async def lease_end_ms(redis: Redis, key: str = "k") -> float:
+    """The lease end of the one slot `key` holds, in Redis time (ms)."""
+    [(_, end)] = await redis.zrange(f"outlast:streams:{key}", 0, -1, withscores=True)
+    return float(end)
+
+
+async def redis_now_ms(redis: Redis) -> float:
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros / 1000
+
+
 async def test_a_held_slot_is_renewed_past_its_lease(redis: Redis, deps: Deps) -> None:
     async with stream_slot(redis, "k", limit=1, retry_after=5, lease_s=0.3):
-        await asyncio.sleep(0.6)  # two leases: only renewal keeps the slot
+        first = await lease_end_ms(redis)
+
+        async def first_lease_over() -> bool | None:
+            return await redis_now_ms(redis) > first or None
+
+        await eventually(first_lease_over)
+        assert await lease_end_ms(redis) > first  # renewed in the background, so still held
         with pytest.raises(RateLimited):
             async with stream_slot(redis, "k", limit=1, retry_after=5, lease_s=0.3):
                 pass
@@ -174,16 +191,21 @@ async def test_a_held_slot_is_renewed_past_its_lease(redis: Redis, deps: Deps) -
 
 async def test_a_slot_taken_before_streaming_is_renewed_by_its_stream_or_lapses(redis: Redis, deps: Deps) -> None:
     """The pattern for a streaming response: take in the handler, renew with each keep-alive, release at the end."""
-    slot = await StreamSlot.take(redis, "k", limit=1, retry_after=5, lease_s=0.3)
-    for _ in range(3):  # 0.45 s, longer than the lease: held because renewed
-        await asyncio.sleep(0.15)
-        await slot.renew()
-        with pytest.raises(RateLimited):
-            await StreamSlot.take(redis, "k", limit=1, retry_after=5)
+    slot = await StreamSlot.take(redis, "k", limit=1, retry_after=5, lease_s=30)
+    taken = await lease_end_ms(redis)
+    await slot.renew()
+    assert await lease_end_ms(redis) >= taken  # the lease now runs from the renewal
+    with pytest.raises(RateLimited):
+        await StreamSlot.take(redis, "k", limit=1, retry_after=5)
     await slot.release()
     again = await StreamSlot.take(redis, "k", limit=1, retry_after=5, lease_s=0.3)
-    await asyncio.sleep(0.4)  # a stream that never ran: nobody renews, the lease lapses, the slot comes back
-    await (await StreamSlot.take(redis, "k", limit=1, retry_after=5)).release()
+    lapses = await lease_end_ms(redis)
+
+    async def lapsed() -> bool | None:  # a stream that never ran: nobody renews it
+        return await redis_now_ms(redis) > lapses or None
+
+    await eventually(lapsed)
+    await (await StreamSlot.take(redis, "k", limit=1, retry_after=5)).release()  # the slot came back
     await again.release()
 
 

@@ -12,6 +12,7 @@ from uuid_utils.compat import uuid7
 from tests import engine
 from tests.conftest import job_row
 from worker import Deps, Error, Progress, store, sweep
+from worker.heartbeat import heartbeat as beat
 
 OWNER = "test-owner"
 
@@ -129,7 +130,7 @@ async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
     )
     assert await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
     assert await engine.claim(deps.jobs, job_id, 1, owner="other", lease_s=30) is not None
-    assert await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=None) == "superseded"
+    assert await beat(deps.jobs, job_id, 1, lease_s=30, progress=None) == "superseded"
     assert not await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"0")
     assert await store.finish(deps.jobs, job_id, 2, "succeeded", result=b"1")
     assert (await job_row(deps, job_id))["result"] == "1"
@@ -180,8 +181,8 @@ async def test_every_change_appends_an_event_with_the_next_seq(deps: Deps) -> No
 
     job_id = await new_job(deps.db)
     await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
-    await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
-    await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=None)  # a bare heartbeat logs nothing
+    await beat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
+    await beat(deps.jobs, job_id, 1, lease_s=30, progress=None)  # a bare heartbeat logs nothing
     await store.finish(deps.jobs, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=0)
     await engine.claim(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
     await store.finish(deps.jobs, job_id, 2, "succeeded", result=b"1")
@@ -217,7 +218,7 @@ async def test_take_due_skips_rows_another_pass_holds(deps: Deps) -> None:
 async def test_status_events_hold_every_field_a_change_touches_as_it_left_them(deps: Deps) -> None:
     job_id = await new_job(deps.db)
     await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
-    await store.heartbeat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
+    await beat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
     await store.finish(deps.jobs, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=5)
     await engine.claim(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
     await store.finish(deps.jobs, job_id, 2, "failed", error=Error("bad", "no", False))

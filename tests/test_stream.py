@@ -19,6 +19,7 @@ from tests import engine
 from tests.conftest import eventually, free_port, notified
 from tests.sse import Frame, Live, RawStream, live_server, read_stream
 from worker import Config, Deps, Progress, events, status, store
+from worker.heartbeat import heartbeat as beat
 from worker.sweep import sweep_once
 from worker.tools.embedded import EmbeddedValkey
 
@@ -153,7 +154,7 @@ async def _append(deps: Deps, job_id: UUID, n: int, *, start: int = 0) -> None:
     """n more events, progress and log lines mixed, each published as the worker does."""
     for i in range(start, start + n):
         if i % 2:
-            await store.heartbeat(deps.jobs, job_id, 1, lease_s=60, progress=Progress(i / 1000, f"step {i}"))
+            await beat(deps.jobs, job_id, 1, lease_s=60, progress=Progress(i / 1000, f"step {i}"))
         else:
             await events.append_logs(deps.db, job_id, 1, [events.LogLine("info", f"line {i}")])
         await notified(deps, job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -14,7 +15,7 @@ import msgspec
 import pytest
 
 from tests.conftest import eventually, job_row
-from worker import Config, Deps, store
+from worker import Config, Deps, heartbeat, store
 from worker.retry import backoff
 
 Drain = Callable[[], Awaitable[None]]
@@ -245,16 +246,16 @@ async def test_a_heartbeat_write_refused_once_does_not_end_the_heartbeat(
 ) -> None:
     """The heartbeat alone keeps the lease: a write refused for any reason must not end it, or the sweep would
     hand the job, still running here, to another worker."""
-    beat = store.heartbeat
+    beat = heartbeat.heartbeat
     refused: list[UUID] = []
 
-    async def refused_once(jobs: store.Jobs, job_id: UUID, *args: Any, **kwargs: Any) -> store.Beat:
+    async def refused_once(jobs: store.Jobs, job_id: UUID, *args: Any, **kwargs: Any) -> heartbeat.Beat:
         if not refused:
             refused.append(job_id)
             raise ValueError("a value the database refused")
         return await beat(jobs, job_id, *args, **kwargs)
 
-    monkeypatch.setattr(store, "heartbeat", refused_once)
+    monkeypatch.setattr(heartbeat, "heartbeat", refused_once)
     job_id = await outlives_its_first_lease(client, deps, drain, config)
     assert refused and (await job_row(deps, job_id))["status"] == "succeeded"
 
@@ -269,8 +270,8 @@ async def test_a_job_of_a_type_this_worker_does_not_know_fails_cleanly(
     assert job["status"] == "failed" and job["error"]["type"] == "unknown_job_type"
 
 
-@pytest.mark.parametrize("count", [20])
-async def test_many_jobs_each_run_exactly_once(client: httpx.AsyncClient, deps: Deps, drain: Drain, count: int) -> None:
+async def test_many_jobs_each_run_exactly_once(client: httpx.AsyncClient, deps: Deps, drain: Drain) -> None:
+    count = 20
     ids = [await submit(client, "square_sum", {"data": [i, 1]}) for i in range(count)]
     await drain()
     jobs = [(await client.get(f"/v1/jobs/{job_id}")).json() for job_id in ids]
@@ -279,13 +280,20 @@ async def test_many_jobs_each_run_exactly_once(client: httpx.AsyncClient, deps: 
 
 
 async def test_a_long_input_is_summed_in_a_process_pool_with_the_same_answer(
-    client: httpx.AsyncClient, drain: Drain
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
 ) -> None:
     from worker.job_types import sums
 
     data = list(range(-sums.OFF_LOOP_ABOVE, sums.OFF_LOOP_ABOVE))
     job_id = await submit(client, "square_sum", {"data": data})
     cube_id = await submit(client, "cube_sum", {"data": data[:50_000]})
+    pid_id = await submit(client, "pool_pid")
     await drain()
     assert (await client.get(f"/v1/jobs/{job_id}")).json()["result"] == sum(x * x for x in data)
     assert (await client.get(f"/v1/jobs/{cube_id}")).json()["result"] == sum(x**3 for x in data[:50_000])
+    rows = await deps.db.fetch_all(
+        "SELECT data FROM job_events WHERE job_id = CAST(:id AS uuid) AND name = 'progress'", {"id": job_id}
+    )
+    assert any(msgspec.json.decode(r["data"])["message"] == "summing in a worker process" for r in rows)
+    # in_process_pool does run its work in another process, not in this one's threads.
+    assert (await client.get(f"/v1/jobs/{pid_id}")).json()["result"] not in (os.getpid(), None)

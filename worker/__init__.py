@@ -19,6 +19,7 @@ from worker.job import (
     Progress,
     RetryableError,
     Status,
+    in_process_pool,
 )
 from worker.job_types import load as load_job_types
 from worker.queue import enqueue, request_abort
@@ -47,6 +48,7 @@ __all__ = [
     "enqueue",
     "events",
     "from_env",
+    "in_process_pool",
     "keys",
     "load_job_types",
     "request_abort",

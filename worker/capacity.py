@@ -4,7 +4,7 @@ One tenant's long jobs must never take every worker slot (fifty day-long `sleep`
 `square_sum` waited until they were cancelled). A claim admits a job only while its tenant runs fewer than its cap
 (worker/store.py `claim_many`, counted and locked in the claim's statement); a job turned away waits `queued`,
 undispatched, holding no worker slot, until one of the tenant's jobs stops running and gives its slot back
-(migrations/0006's trigger) and `store.wake` dispatches it, or the sweep does.
+(migrations/0006's trigger) and `wake` dispatches it, or the sweep does.
 
 A tenant's cap is its own (`outlast tenants limit TENANT N`), or else the deployment's default: a share
 (`OUTLAST_TENANT_MAX_SHARE`, half) of the slots of the workers alive now, in force once two or more tenants hold
@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from uuid import UUID
 
 import msgspec
 from databases import Database
@@ -78,6 +80,31 @@ async def leave(db: Database, name: str) -> None:
 
 async def forget_stale(db: Database, *, older_than_s: float) -> None:
     await sql.execute(db, "DELETE FROM workers WHERE seen_at < now() - make_interval(secs => :s)", {"s": older_than_s})
+
+
+# -- jobs waiting for a slot ------------------------------------------------------------------------
+
+_WAKE = f"""
+WITH room AS (
+    -- a tenant no longer capped wakes a batch: what a cap turned away before waits undispatched all the same
+    SELECT t.id, least(COALESCE(greatest({CAP_SQL} - t.running, 0), :batch), :batch) AS n
+      FROM tenants t WHERE t.id = ANY(CAST(:tenants AS text[]))
+), due AS (
+    SELECT w.id FROM room, LATERAL (
+        SELECT id FROM jobs
+         WHERE status = 'queued' AND dispatched_at IS NULL AND tenant_id = room.id AND next_run_at <= now()
+         ORDER BY next_run_at LIMIT room.n FOR UPDATE SKIP LOCKED
+    ) w
+)
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
+"""
+
+
+async def wake(db: Database, tenants: Sequence[str], *, default_cap: int | None, batch: int) -> list[tuple[UUID, int]]:
+    """Jobs that wait for a slot of one of `tenants`, as many as each has room for now, marked dispatched: the
+    caller enqueues them. For the worker whose job just gave a slot back (the sweep finds the rest)."""
+    values = {"tenants": sorted(set(tenants)), "default_cap": default_cap, "batch": batch}
+    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _WAKE, values)]
 
 
 # -- `outlast tenants` --------------------------------------------------------------------------------

@@ -17,12 +17,49 @@ import asyncio
 import logging
 import time
 from typing import Any, Literal
+from uuid import UUID
 
-from worker import database, store
+from worker import database, sql, store
+from worker.database import storable
 from worker.deps import Deps
 from worker.job import Progress
 
 log = logging.getLogger("outlast.worker")
+
+_HEARTBEAT = """
+WITH beat AS (
+    UPDATE jobs
+       SET lease_expires_at = now() + make_interval(secs => :lease),
+           progress = COALESCE(CAST(:progress AS jsonb), progress),
+           event_seq = event_seq + CASE WHEN CAST(:progress AS jsonb) IS NULL THEN 0 ELSE 1 END
+     WHERE id = :id AND attempt = :attempt AND status = 'running'
+    RETURNING id, event_seq, progress, cancel_requested_at
+), event AS (
+    INSERT INTO job_events (job_id, seq, name, data)
+    SELECT id, event_seq, 'progress', progress FROM beat WHERE CAST(:progress AS jsonb) IS NOT NULL
+)
+SELECT cancel_requested_at IS NOT NULL AS cancel FROM beat
+"""
+
+
+Beat = Literal["renewed", "cancel", "superseded"]
+
+
+async def heartbeat(jobs: store.Jobs, job_id: UUID, attempt: int, *, lease_s: float, progress: Progress | None) -> Beat:
+    """Extend the lease and write the latest progress: `renewed`; `cancel`: renewed, but a cancel was asked for;
+    `superseded`: this attempt is no longer the job's running one (a newer attempt owns it, or it ended)."""
+    values = {
+        "id": job_id,
+        "attempt": attempt,
+        "lease": lease_s,
+        "progress": None if progress is None else storable(progress),
+    }
+    record = await sql.fetch_one(jobs.db, _HEARTBEAT, values)
+    if record is None:
+        return "superseded"
+    if progress is not None:
+        jobs.changed([job_id])
+    return "cancel" if record["cancel"] else "renewed"
 
 
 class Heartbeat:
@@ -81,7 +118,7 @@ class Heartbeat:
             progress, self._latest = self._latest, None
             sent_at = time.monotonic()
             try:
-                verdict = await store.heartbeat(
+                verdict = await heartbeat(
                     self._deps.jobs, claimed.id, claimed.attempt, lease_s=config.lease_s, progress=progress
                 )
             except Exception as exc:  # the task must outlive any failed write: it alone keeps the lease

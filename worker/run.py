@@ -19,7 +19,7 @@ import msgspec
 
 from worker import database, events, store
 from worker.batch import Batcher
-from worker.capacity import Capacity
+from worker.capacity import Capacity, wake
 from worker.deps import Deps
 from worker.heartbeat import Heartbeat
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status
@@ -211,7 +211,7 @@ async def _gave_back(deps: Deps, runtime: Runtime, claimed: store.Claimed) -> No
     if not claimed.slots:
         return
     try:
-        woken = await store.wake(
+        woken = await wake(
             deps.db, [claimed.tenant_id], default_cap=runtime.capacity.default_cap, batch=deps.config.sweep_batch
         )
     except database.UNAVAILABLE as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -311,65 +311,6 @@ async def owned(db: Database, job_id: UUID, attempt: int, *, owner: str) -> Clai
     """Attempt `attempt` if `owner` holds it running: a claim whose answer never arrived may still have committed."""
     record = await sql.fetch_one(db, _OWNED, {"id": job_id, "attempt": attempt, "owner": owner})
     return None if record is None else msgspec.convert(dict(record), Claimed)
-
-
-_WAKE = f"""
-WITH room AS (
-    -- a tenant no longer capped wakes a batch: what a cap turned away before waits undispatched all the same
-    SELECT t.id, least(COALESCE(greatest({_CAP} - t.running, 0), :batch), :batch) AS n
-      FROM tenants t WHERE t.id = ANY(CAST(:tenants AS text[]))
-), due AS (
-    SELECT w.id FROM room, LATERAL (
-        SELECT id FROM jobs
-         WHERE status = 'queued' AND dispatched_at IS NULL AND tenant_id = room.id AND next_run_at <= now()
-         ORDER BY next_run_at LIMIT room.n FOR UPDATE SKIP LOCKED
-    ) w
-)
-UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
-"""
-
-
-async def wake(db: Database, tenants: Sequence[str], *, default_cap: int | None, batch: int) -> list[tuple[UUID, int]]:
-    """Jobs that wait for a slot of one of `tenants`, as many as each has room for now, marked dispatched: the
-    caller enqueues them. For the worker whose job just gave a slot back (the sweep finds the rest)."""
-    values = {"tenants": sorted(set(tenants)), "default_cap": default_cap, "batch": batch}
-    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _WAKE, values)]
-
-
-_HEARTBEAT = """
-WITH beat AS (
-    UPDATE jobs
-       SET lease_expires_at = now() + make_interval(secs => :lease),
-           progress = COALESCE(CAST(:progress AS jsonb), progress),
-           event_seq = event_seq + CASE WHEN CAST(:progress AS jsonb) IS NULL THEN 0 ELSE 1 END
-     WHERE id = :id AND attempt = :attempt AND status = 'running'
-    RETURNING id, event_seq, progress, cancel_requested_at
-), event AS (
-    INSERT INTO job_events (job_id, seq, name, data)
-    SELECT id, event_seq, 'progress', progress FROM beat WHERE CAST(:progress AS jsonb) IS NOT NULL
-)
-SELECT cancel_requested_at IS NOT NULL AS cancel FROM beat
-"""
-
-
-Beat = Literal["renewed", "cancel", "superseded"]
-
-
-async def heartbeat(jobs: Jobs, job_id: UUID, attempt: int, *, lease_s: float, progress: Progress | None) -> Beat:
-    """Extend the lease and write the latest progress: `renewed`; `cancel`: renewed, but a cancel was asked for;
-    `superseded`: this attempt is no longer the job's running one (a newer attempt owns it, or it ended)."""
-    values = {
-        "id": job_id,
-        "attempt": attempt,
-        "lease": lease_s,
-        "progress": None if progress is None else storable(progress),
-    }
-    record = await sql.fetch_one(jobs.db, _HEARTBEAT, values)
-    if record is None:
-        return "superseded"
-    if progress is not None:
-        jobs.changed([job_id])
-    return "cancel" if record["cancel"] else "renewed"
 
 
 _FINISH = f"""

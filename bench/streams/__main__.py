@@ -38,6 +38,7 @@ from uuid_utils.compat import uuid7
 
 from server.auth import AuthState
 from worker import Config, Deps, Progress, connect, keys, store
+from worker.heartbeat import heartbeat as beat
 from worker.migrate import create_database, migrate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -278,7 +279,7 @@ class Outlast(Side):
 
     async def publish(self, key: str, marker: int, fraction: float) -> float:
         job_id = UUID(key)
-        await store.heartbeat(self.deps.jobs, job_id, 1, lease_s=3600, progress=Progress(fraction, f"#{marker}#"))
+        await beat(self.deps.jobs, job_id, 1, lease_s=3600, progress=Progress(fraction, f"#{marker}#"))
         published = time.monotonic()
         await self.deps.notifier.flush()
         return published

@@ -28,7 +28,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.chaos.jobs import CREATE_TABLE
-from tests.conftest import ROOT, TEST_SECRET, bearer, eventually, free_port, process_env
+from tests.conftest import ROOT, bearer, deployment_config, eventually, free_port, process_env
 from worker import TERMINAL, Config, connect, database, keys
 from worker.connections import QUEUE
 from worker.migrate import create_database, migrate
@@ -111,23 +111,10 @@ async def chaos_stores(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
 
 
 def chaos_config(stores: Stores) -> Config:
-    return Config(
-        database_url=stores.dsn,
-        redis_url=stores.redis_url,
-        job_modules="tests.jobs,tests.chaos.jobs",
-        sweep_interval_s=SWEEP_INTERVAL_S,
-        redispatch_after_s=1.0,
-        backoff_base_s=0.05,
-        backoff_cap_s=0.5,
+    return deployment_config(
+        stores.dsn, stores.redis_url, job_modules="tests.jobs,tests.chaos.jobs", sweep_interval_s=SWEEP_INTERVAL_S,
         lease_s=LEASE_S,
-        worker_health_check_interval_s=1,
-        db_timeout_s=2.0,
-        retry_after_s=2,
-        secret_key=TEST_SECRET,
-        submit_rate_per_s=100_000.0,  # the chaos clients submit in bursts; rate limits have their own tests
-        submit_burst=100_000,
-        auth_failures_per_min=100_000,
-    )
+    )  # fmt: skip
 
 
 # -- the cluster --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tests import engine
 from tests.test_store import new_job
 from worker import TERMINAL, Config, Error, Progress, store, sweep
 from worker.events import Notifier
+from worker.heartbeat import heartbeat as beat
 
 T = TypeVar("T")
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(holder=holders, fraction=st.floats(0, 1))
     def heartbeat(self, holder: tuple[UUID, int], fraction: float) -> None:
-        verdict = self.run(store.heartbeat(self.jobs, *holder, lease_s=30, progress=Progress(fraction)))
+        verdict = self.run(beat(self.jobs, *holder, lease_s=30, progress=Progress(fraction)))
         if verdict != "superseded":
             assert self.held.get(holder), "a heartbeat succeeded for an attempt nobody holds"
 

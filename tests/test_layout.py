@@ -1,0 +1,42 @@
+"""The house's layout holds: the engine's public names, no private name imported across modules, files of one
+idea and a readable size. (ruff's banned-api keeps worker/ from importing server/ and worker/tools/.)"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import worker
+from tests.conftest import ROOT
+
+PACKAGES = ("server", "worker", "tests", "bench")
+MAX_LINES = 500  # server/ and worker/: past it a module holds more than one idea; split it
+
+
+def python_files(*packages: str) -> list[Path]:
+    return sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
+
+
+def test_the_engine_exports_exactly_its_public_names() -> None:
+    """What server/ and a user's job module may use; a change here is a change of the engine's interface."""
+    assert sorted(worker.__all__) == [
+        "Config", "Context", "Deps", "Error", "Forbidden", "Job", "JobError", "JobType", "LIVE", "Links", "NEXT",
+        "Progress", "RetryableError", "Status", "TERMINAL", "UrlGuard", "connect", "database", "enqueue", "events",
+        "from_env", "in_process_pool", "keys", "load_job_types", "request_abort", "resource", "status", "store",
+        "sweep", "webhook_store",
+    ]  # fmt: skip
+    assert all(hasattr(worker, name) for name in worker.__all__)
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    found = []
+    for path in python_files(*PACKAGES):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                found += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []
+
+
+def test_engine_and_web_modules_stay_under_the_size_of_one_idea() -> None:
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in python_files("server", "worker")}
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
