@@ -2,7 +2,9 @@
 
 A live progress bar and the job's log lines go to stderr; the finished Job goes to stdout. The stream is
 resumed with Last-Event-ID whenever it ends early (a `reconnect` event, a dropped connection), so nothing is
-missed or shown twice. Standard library only: the CLI must not need the server's dependencies.
+missed or shown twice. It reads the stream with the standard library's HTTP client, but it is no lighter than the
+rest of the `outlast` command: importing any module of `worker` runs worker/__init__.py, which loads the engine's
+dependencies (databases, asyncpg, arq, redis, msgspec, httpx).
 """
 
 from __future__ import annotations
