@@ -2,7 +2,7 @@
 
 - submits and redeliveries per API key: a token bucket each (`Budget`);
 - failed authentications per client address: a fixed one-minute window (`AuthThrottle`);
-- open event streams per API key: leased slots (`StreamSlot`).
+- open event streams per API key, and per job for its read token's: leased slots (`StreamSlot`).
 
 Each check is one Lua script or one MULTI, so concurrent requests never race past a limit, and all time comes from
 the Redis clock. When Redis is unreachable they fail open and log it: a submit's row is durable without Redis (it

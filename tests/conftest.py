@@ -1,7 +1,7 @@
 """Real services, isolated: a migrated `outlast_test` database and its own Redis index.
 
 With TEST_DATABASE_URL / TEST_REDIS_URL unset, the tests start their own embedded PostgreSQL and
-Valkey under .outlast/test (so destructive tests harm nothing else). Before each test: TRUNCATE and
+Valkey in a temporary directory of pytest's (so destructive tests harm nothing else). Before each test: TRUNCATE and
 FLUSHDB, never FLUSHALL and never force_rollback (other processes must see the rows).
 """
 

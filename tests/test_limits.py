@@ -1,4 +1,4 @@
-"""Rate limits and request limits (server/limits.py, server/jobs.py): 429 with Retry-After, 408 for a slow body,
+"""Rate limits and request limits (server/limits.py, server/body.py): 429 with Retry-After, 408 for a slow body,
 and a table of hostile requests against a real web process, whose memory must stay bounded."""
 
 from __future__ import annotations

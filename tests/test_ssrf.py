@@ -1,4 +1,4 @@
-"""The SSRF guard (worker/ssrf.py): hostile callback URLs are refused at submit and again at delivery,
+"""The SSRF guard (worker/webhooks/ssrf.py): hostile callback URLs are refused at submit and again at delivery,
 and nothing ever reaches the canary listeners on 127.0.0.2-5."""
 
 from __future__ import annotations

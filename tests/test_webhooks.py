@@ -1,4 +1,4 @@
-"""Webhook delivery (worker/webhooks.py): the outbox, signatures, the retry schedule, the delivery log,
+"""Webhook delivery (worker/webhooks/deliver.py): the outbox, signatures, the retry schedule, the delivery log,
 redelivery, rebinding and redirects, and a hostile receiver that never holds up a job."""
 
 from __future__ import annotations

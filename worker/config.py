@@ -20,7 +20,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     # Extra modules whose JOB_TYPE / JOB_TYPES are registered next to the built-in ones.
     job_modules: str = ""
-    # Webhooks (worker/webhooks.py, worker/ssrf.py): see docs/webhooks.md.
+    # Webhooks (worker/webhooks/): see docs/webhooks.md.
     webhook_secret: Annotated[str, msgspec.Meta(pattern=r"^(whsec_[A-Za-z0-9+/]+={0,2})?$")] = ""
     allowed_callback_networks: str = ""  # comma-separated CIDRs a callback_url may reach besides global addresses
     callback_ports: str = "80,443,8080,8443"  # comma-separated ports and ranges (`8000-8999`)

@@ -1,10 +1,11 @@
 """A job's event log: append (log lines), read, and publish (the doorbell on Redis). server/follow.py follows it.
 
 PostgreSQL is the truth here too. `job_events` holds every event, numbered by `jobs.event_seq` in the statement
-that makes the change: store.py's transitions write `status` and `progress` events, this module writes `log`
-lines. After the commit the writer publishes the job's id on Redis. A notification only says "look": a follower
-reads the log after the last seq it delivered, so a lost notification can delay an event but never lose or
-repeat one. Followers also re-read the log when the subscription (re)connects, and every `events_poll_s`.
+that makes the change: the transitions (store.py, sweep.py) write `status` events, the heartbeat (heartbeat.py)
+`progress` events, and this module `log` lines. After the commit the writer publishes the job's id on Redis. A
+notification only says "look": a follower reads the log after the last seq it delivered, so a lost notification
+can delay an event but never lose or repeat one. Followers also re-read the log when the subscription
+(re)connects, and every `events_poll_s`.
 
     Notifier  publishes after commits, many jobs per message (every process that changes jobs has one)
     Journal   a running attempt's `ctx.log` lines, buffered and written in batches (the worker)

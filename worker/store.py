@@ -1,4 +1,6 @@
-"""Every SQL statement on jobs and their events but the sweep's. Each state change is one guarded UPDATE.
+"""Every SQL statement on jobs and their events but the sweep's (worker/sweep.py), the heartbeat's
+(worker/heartbeat.py) and the wake of jobs waiting for a slot (worker/capacity.py). Each state change is one guarded
+UPDATE.
 
 A statement's WHERE clause, not hope, keeps a terminal job terminal; the attempt number is a
 fencing token, so a late write from a superseded attempt changes nothing. Every change appends
