@@ -25,16 +25,15 @@ async def list_deliveries(request: Request) -> Response:
 
 async def redeliver(request: Request) -> Response:
     """A fresh delivery, or the one already pending: asking again while one waits coalesces into it."""
-    config = web_of(request).deps.config
-    budget = web_of(request).redeliveries
-    per_min = config.redelivers_per_min
-    await budget.take(web_of(request).deps.redis, caller_of(request).limit_key, rate=per_min / 60, burst=per_min)
-    row = await job_or_404(request)
+    web = web_of(request)
+    row = await job_or_404(request)  # an unknown job costs no redelivery
+    per_min = web.config.redelivers_per_min
+    await web.redeliveries.take(web.deps.redis, caller_of(request).limit_key, rate=per_min / 60, burst=per_min)
     if not row.done:
         raise JobNotDone(retry_after(row))
     if row.callback_url is None:
         raise Conflict("the job has no callback_url to deliver to")
-    delivery = await webhook_store.redeliver(web_of(request).deps.db, tenant_of(request), row.id)
+    delivery = await webhook_store.redeliver(web.deps.db, tenant_of(request), row.id)
     if delivery is None:  # deleted by retention between the two statements
         raise Conflict("the job can no longer be delivered")
     headers = {"Location": f"/v1/jobs/{row.id}/deliveries"}

@@ -122,7 +122,8 @@ class Budget:
         taken = int(answer[0])
         if taken < 1:
             wait = math.ceil(float(answer[1]))
-            raise RateLimited(f"more than {rate:g} {self.what} per second with this API key; retry in {wait} s", wait)
+            pace = f"{rate:g} {self.what} a second" if rate >= 1 else f"{rate * 60:g} {self.what} a minute"
+            raise RateLimited(f"more than {pace} with this API key; retry in {wait} s", wait)
         now = time.monotonic()
         self._held = pruned(self._held, lambda held: held[1] > now, self.MEMORY)
         held, _ = self._held.get(key, (0, 0.0))
@@ -209,8 +210,11 @@ class StreamSlot:
         self._name, self._id, self._lease_ms = f"outlast:streams:{key}", uuid.uuid4().hex, int(lease_s * 1000)
 
     @classmethod
-    async def take(cls, redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0) -> StreamSlot:
-        """One of `key`'s `limit` slots, or RateLimited. Redis down: an unheld slot (the limit fails open)."""
+    async def take(
+        cls, redis: Any, key: str, *, limit: int, retry_after: int, lease_s: float = 60.0, holder: str = "this API key"
+    ) -> StreamSlot:
+        """One of `key`'s `limit` slots, or RateLimited (naming `holder`). Redis down: an unheld slot (the limit fails
+        open)."""
         slot = cls(redis, key, lease_s, held=True)
         try:
             taken = await slot._run(_ACQUIRE, limit)
@@ -218,7 +222,7 @@ class StreamSlot:
             log.warning("stream limit not applied: Redis unavailable (%s)", exc)
             return cls(redis, key, lease_s, held=False)
         if not taken:
-            raise RateLimited(f"this API key already has {limit} event streams open", retry_after)
+            raise RateLimited(f"{holder} already has {limit} event streams open", retry_after)
         return slot
 
     async def _run(self, source: str, limit: int = 0) -> bool:

@@ -119,6 +119,7 @@ async def follow(request: Request) -> Response:
         caller.limit_key,
         limit=deps.config.max_streams_per_token if caller.job else deps.config.max_streams_per_key,
         retry_after=deps.config.retry_after_s,
+        holder="this job's read token" if caller.job else "this API key",
     )
     shutdown = _Shutdown()
     tenant = tenant_of(request)

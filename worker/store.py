@@ -2,8 +2,10 @@
 (worker/heartbeat.py) and the wake of jobs waiting for a slot (worker/capacity.py). Each state change is one guarded
 UPDATE.
 
-A statement's WHERE clause, not hope, keeps a terminal job terminal; the attempt number is a
-fencing token, so a late write from a superseded attempt changes nothing. Every change appends
+A statement's WHERE clause, not hope, keeps a terminal job terminal; an attempt's writes (heartbeat, finish,
+interrupt, log lines) are fenced by its attempt number as well, so a late write from a superseded attempt changes
+nothing. A cancel asked through the API is guarded by status and tenant: it ends a queued job, and only marks a
+running one, whose own attempt then ends it. Every change appends
 its event in the same statement (a data-modifying CTE), numbered by `jobs.event_seq`, which the
 row lock serialises. All times come from the database clock.
 

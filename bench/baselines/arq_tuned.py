@@ -14,7 +14,7 @@ from arq.connections import RedisSettings
 
 from bench.baselines.arq_defaults import noop
 
-asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # Outlast's worker runs on uvloop; arq's loop comes from this
+asyncio.set_event_loop(uvloop.new_event_loop())  # as worker/settings.py does: arq takes the current loop
 
 
 class WorkerSettings:
