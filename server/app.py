@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from server import accesslog, auth, collector, deliveries, jobs, limits, openapi, ops, problems, stream, submit
@@ -74,6 +75,15 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
         ],
         middleware=[
             Middleware(CountRequests, counter=counters.requests),  # outermost: 401s and 429s are counted too
+            # Before authentication: a browser's preflight carries no credentials, and is answered here.
+            Middleware(
+                CORSMiddleware,
+                allow_origins=[o.strip() for o in config.cors_origins.split(",") if o.strip()],
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer"],
+                expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied"],
+                max_age=3600,
+            ),
             Middleware(auth.Authenticate),  # every /v1 route, present or future, is authenticated here
         ],
         exception_handlers=problems.HANDLERS,

@@ -49,6 +49,7 @@ TOKEN_PREFIX = "olt_"
 TOKEN_ROUTES: tuple[re.Pattern[str], ...] = (
     re.compile(r"/v1/jobs/(?P<id>[^/]+)"),
     re.compile(r"/v1/jobs/(?P<id>[^/]+)/events"),
+    re.compile(r"/v1/jobs/(?P<id>[^/]+)/result"),
 )
 # Query parameters that would carry an API key: refused whatever they hold (a value shaped like a key is refused
 # under any name, `token` included).
@@ -209,7 +210,9 @@ def signed_links(request: Request, job: Job) -> Job:
         return job
     token = web_of(request).auth.link_token(caller.tenant, job.id)
     links = Links(
-        self=f"{job.links.self}?token={token}", events=f"{job.links.events}?token={token}", result=job.links.result
+        self=f"{job.links.self}?token={token}",
+        events=f"{job.links.events}?token={token}",
+        result=f"{job.links.result}?token={token}",
     )
     return msgspec.structs.replace(job, links=links)
 
@@ -309,7 +312,7 @@ def _token_caller(scope: Scope, guard: AuthState, tokens: list[str]) -> Caller:
         raise Unauthorized("a job read token only reads: this needs an API key")
     job_in_path = next((m["id"] for route in TOKEN_ROUTES if (m := route.fullmatch(scope["path"]))), None)
     if job_in_path is None:
-        raise Unauthorized("a job read token is accepted only on GET /v1/jobs/{id} and its /events")
+        raise Unauthorized("a job read token is accepted only on GET /v1/jobs/{id}, its /events and its /result")
     claims = guard.read_token(tokens[0]) if len(tokens) == 1 else None
     if claims is None:
         raise Unauthorized("the job read token is invalid or expired: read the job again for a fresh one")

@@ -82,7 +82,7 @@ async def job_or_404(request: Request) -> store.JobRow:
     return row
 
 
-def _wait_preference(request: Request) -> int:
+def wait_preference(request: Request) -> int:
     """`Prefer: wait=N` (RFC 7240), capped; anything unparsable is ignored, as preferences may be."""
     for pref in request.headers.get("prefer", "").split(","):
         name, _, value = pref.strip().partition("=")
@@ -91,18 +91,27 @@ def _wait_preference(request: Request) -> int:
     return 0
 
 
+async def until_done(request: Request, row: store.JobRow, wait_s: int) -> store.JobRow:
+    """The job once it is done, or as it is after `wait_s` seconds: woken by the job's own events (the
+    notification streams get), not by a polling loop."""
+    if row.done or not wait_s:
+        return row
+    web = web_of(request)
+    until = asyncio.get_running_loop().time() + wait_s
+    with web.hub.follow(row.id) as follower:
+        while True:
+            follower.clear()
+            found = await store.get_job(web.deps.db, tenant_of(request), row.id)
+            if found is None:  # deleted meanwhile (retention): show it as last seen
+                return row
+            row = found
+            if row.done or not await follower.wait(until):
+                return row
+
+
 async def show(request: Request) -> Response:
-    row = await job_or_404(request)
-    wait = _wait_preference(request)
-    if wait and not row.done:
-        # Woken by the job's own events (the same notification streams get), not by a polling loop.
-        until = asyncio.get_running_loop().time() + wait
-        with web_of(request).hub.follow(row.id) as follower:
-            while True:
-                follower.clear()
-                row = await job_or_404(request)
-                if row.done or not await follower.wait(until):
-                    break
+    wait = wait_preference(request)
+    row = await until_done(request, await job_or_404(request), wait)
     headers = {} if row.done else {"Retry-After": str(retry_after(row))}
     if wait:
         headers["Preference-Applied"] = f"wait={wait}"

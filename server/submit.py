@@ -19,7 +19,7 @@ from uuid_utils.compat import uuid7
 
 from server.auth import caller_of, tenant_of
 from server.body import json_body, nesting
-from server.jobs import present
+from server.jobs import present, until_done, wait_preference
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, InvalidBody, UnknownJobType, ValidationError
 from server.responses import MsgspecResponse
 from server.state import Web, web_of
@@ -62,14 +62,19 @@ async def submit(request: Request) -> Response:
     )
     job = await new_job(web, tenant_of(request), decode(body), key)
     row, replayed = await create(web, job)
-    headers = {"Location": f"/v1/jobs/{row.id}", "Retry-After": "1"}
+    headers = {"Location": f"/v1/jobs/{row.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     else:  # only the request that created the row rings the doorbell: a replay never dispatches twice
         if not await web.enqueues((row.id, row.attempt)):
             await store.undispatch(web.deps.db, row.id, row.attempt)  # the row is the outbox: the sweep rings
         web.metrics.submitted.labels(row.type).inc()
-    return MsgspecResponse(present(request, row), status_code=202, headers=headers)
+    # Prefer: wait=N: a short job's answer in one round trip; a longer one gets the usual 202.
+    wait = wait_preference(request)
+    row = await until_done(request, row, wait)
+    if row.done and wait:
+        return MsgspecResponse(present(request, row), headers={**headers, "Preference-Applied": f"wait={wait}"})
+    return MsgspecResponse(present(request, row), status_code=202, headers={**headers, "Retry-After": "1"})
 
 
 def decode(body: bytes) -> SubmitJob:

@@ -9,6 +9,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+import pytest
 
 from tests import engine
 from tests.conftest import bearer, eventually, job_row, notified
@@ -26,7 +27,7 @@ async def test_submit_answers_202_with_location_retry_after_and_the_queued_job(c
     assert job["status"] == "queued" and job["done"] is False and job["attempt"] == 0
     assert job["input"] == {"data": [1, 2, 3]}
     assert job["progress"] == {"fraction": 0.0, "message": None}
-    assert job["links"]["result"] == f"/v1/jobs/{job['id']}/result"
+    assert job["links"]["result"].startswith(f"/v1/jobs/{job['id']}/result?token=olt_")
     assert uuid.UUID(job["id"]).version == 7
 
 
@@ -265,3 +266,61 @@ async def test_metrics_count_requests_by_route_and_submits_by_type(client: httpx
     assert 'outlast_http_requests_total{method="GET",route="/v1/jobs/{id}",status="200"} 1.0' in text
     assert 'outlast_http_requests_total{method="GET",route="/v1/jobs/{id}",status="404"} 1.0' in text
     assert "outlast_open_streams 0.0" in text and "outlast_events_subscribed 1.0" in text
+
+
+@pytest.mark.slow
+async def test_prefer_wait_on_submit_answers_200_with_the_finished_job_or_202_as_usual(processes: Any) -> None:
+    """Short jobs then need one round trip (RFC 7240): the answer is held until the job is done or N seconds pass."""
+    async with processes.client() as client:
+        quick = await client.post("/v1/jobs", json=SQUARES, headers={"Prefer": "wait=30"})
+        assert quick.status_code == 200, quick.text
+        assert quick.json()["status"] == "succeeded" and quick.json()["result"] == 14
+        assert quick.headers["preference-applied"] == "wait=30" and "location" in quick.headers
+        slow = await client.post(
+            "/v1/jobs", json={"type": "sleep", "input": {"seconds": 30}}, headers={"Prefer": "wait=1"}
+        )
+        assert slow.status_code == 202 and not slow.json()["done"] and "preference-applied" not in slow.headers
+
+
+async def test_cors_answers_a_listed_origins_preflight_and_exposes_the_headers_a_client_reads(
+    config: Any, deps: Deps, api_key: str
+) -> None:
+    """A page on another origin could not follow a job: no route sent CORS headers."""
+    import msgspec
+
+    from server.app import create_app
+
+    app = create_app(msgspec.structs.replace(config, cors_origins="https://app.example.com, http://localhost:5173"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            preflight = await client.options(
+                "/v1/jobs",
+                headers={
+                    "Origin": "https://app.example.com",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+                },
+            )
+            assert preflight.status_code == 200  # answered before authentication: it carries no key
+            assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+            allowed = preflight.headers["access-control-allow-headers"].lower()
+            assert {"authorization", "content-type", "idempotency-key"} <= set(allowed.replace(" ", "").split(","))
+            submitted = await client.post(
+                "/v1/jobs", json=SQUARES, headers={"Origin": "https://app.example.com", **bearer(api_key)}
+            )
+            assert submitted.headers["access-control-allow-origin"] == "https://app.example.com"
+            exposed = submitted.headers["access-control-expose-headers"].lower()
+            assert {"location", "retry-after", "idempotent-replayed"} <= set(exposed.replace(" ", "").split(","))
+            # An origin not listed gets nothing a browser would accept.
+            other = await client.options(
+                "/v1/jobs", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+            )
+            assert "access-control-allow-origin" not in other.headers
+            plain = await client.get("/v1/jobs", headers={"Origin": "https://evil.example", **bearer(api_key)})
+            assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+async def test_without_cors_origins_no_origin_gets_cors_headers(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/v1/jobs", headers={"Origin": "https://app.example.com"})
+    assert "access-control-allow-origin" not in answer.headers

@@ -214,7 +214,7 @@ async def test_links_carry_a_read_token_for_that_job_only(app_client: httpx.Asyn
     assert token.startswith("olt_")
     assert job["links"]["self"] == f"/v1/jobs/{job['id']}?token={token}"
     assert job["links"]["events"] == f"/v1/jobs/{job['id']}/events?token={token}"
-    assert "token" not in job["links"]["result"]
+    assert job["links"]["result"] == f"/v1/jobs/{job['id']}/result?token={token}"  # what it made, too
     followed = await app_client.get(job["links"]["self"])  # no API key: the token alone
     assert followed.status_code == 200 and followed.json()["id"] == job["id"]
     # A token holder gets no fresh token: reading the job does not stretch its 15 minutes.
@@ -244,7 +244,7 @@ async def test_a_read_token_opens_nothing_but_reading_its_job(
     token = token_of(shown)
     refused = [
         ("GET", f"/v1/jobs/{other}"),  # another job
-        ("GET", f"/v1/jobs/{job_id}/result"),  # not a token route
+        ("GET", f"/v1/jobs/{job_id}/deliveries"),  # not a token route
         ("POST", f"/v1/jobs/{job_id}/cancel"),  # writes
         ("GET", "/v1/jobs"),
         ("POST", "/v1/jobs"),
@@ -317,12 +317,23 @@ def test_a_link_token_is_never_reused_past_a_quarter_of_its_life(config: Config)
     assert renewed is not None and renewed.expires_at >= time.time() + 7
 
 
-def test_token_routes_are_the_job_and_its_events_only() -> None:
+def test_token_routes_are_the_jobs_read_routes_only() -> None:
     job = str(uuid.uuid4())
-    assert [bool(r.fullmatch(f"/v1/jobs/{job}")) for r in TOKEN_ROUTES] == [True, False]
-    assert [bool(r.fullmatch(f"/v1/jobs/{job}/events")) for r in TOKEN_ROUTES] == [False, True]
-    for path in (f"/v1/jobs/{job}/result", f"/v1/jobs/{job}/cancel", "/v1/jobs", f"/v1/jobs/{job}/deliveries"):
+    assert [bool(r.fullmatch(f"/v1/jobs/{job}")) for r in TOKEN_ROUTES] == [True, False, False]
+    assert [bool(r.fullmatch(f"/v1/jobs/{job}/events")) for r in TOKEN_ROUTES] == [False, True, False]
+    assert [bool(r.fullmatch(f"/v1/jobs/{job}/result")) for r in TOKEN_ROUTES] == [False, False, True]
+    for path in (f"/v1/jobs/{job}/cancel", "/v1/jobs", f"/v1/jobs/{job}/deliveries", f"/v1/jobs/{job}/retry"):
         assert not any(r.fullmatch(path) for r in TOKEN_ROUTES), path
+
+
+async def test_a_read_token_fetches_the_result_its_job_made(
+    app_client: httpx.AsyncClient, api_key: str, deps: Deps, drain: Callable[[], Awaitable[None]]
+) -> None:
+    """A browser that followed a job with its links could not fetch what the job made: /result refused the token."""
+    job = (await app_client.post("/v1/jobs", json=SQUARES, headers=bearer(api_key))).json()
+    await drain()
+    answer = await app_client.get(job["links"]["result"])  # no API key: the link alone
+    assert answer.status_code == 200 and answer.json() == 14
 
 
 # -- development's open mode --------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     )
     # Proxies in front of the web that each append the address they were connected from to X-Forwarded-For (one
     # on Heroku, Render and Fly): the client address that failed authentications count against. docs/security.md
+    # Origins (comma-separated, e.g. `https://app.example.com`) whose pages may call /v1 from a browser (CORS).
+    cors_origins: str = ""
     trusted_proxy_hops: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
     body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16_384  # request line and headers, else 431
