@@ -60,9 +60,11 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             # Matched in order: the two routes every client hits most come first.
             Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs", submit.submit, methods=["POST"]),
+            Route("/v1/jobs/batch", submit.submit_batch, methods=["POST"]),
             Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),
+            Route("/v1/jobs/{id}/retry", submit.retry, methods=["POST"]),
             Route("/v1/jobs/{id}/deliveries", deliveries.list_deliveries, methods=["GET"]),
             Route("/v1/jobs/{id}/deliveries/redeliver", deliveries.redeliver, methods=["POST"]),
             Route("/v1/jobs/{id}/events", stream.follow, methods=["GET"]),

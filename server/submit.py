@@ -1,5 +1,6 @@
-"""POST /v1/jobs: a submit body made into the job to insert (validation, limits, its fingerprint), then created
-once per Idempotency-Key, and its doorbell rung. Submits that come together share one INSERT and one doorbell."""
+"""Making jobs: POST /v1/jobs, /v1/jobs/batch and /v1/jobs/{id}/retry. A submit body is made into the job to insert
+(validation, limits, its fingerprint), created once per Idempotency-Key, and its doorbell rung. Submits that come
+together share one INSERT and one doorbell; a batch is one transaction."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from uuid_utils.compat import uuid7
 
 from server.auth import caller_of, tenant_of
 from server.body import json_body, nesting
-from server.jobs import present, until_done, wait_preference
+from server.jobs import job_or_404, present, until_done, wait_preference
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, InvalidBody, UnknownJobType, ValidationError
 from server.responses import MsgspecResponse
 from server.state import Web, web_of
-from worker import Forbidden, database, store
+from worker import Forbidden, Job, database, store
 from worker.batch import Batcher
 from worker.queue import enqueue_many
 
@@ -46,7 +47,22 @@ class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metadata: dict[str, Any] = {}
 
 
+class BatchItem(SubmitJob, forbid_unknown_fields=True, kw_only=True):
+    """A job of `POST /v1/jobs/batch`, with its own Idempotency-Key."""
+
+    idempotency_key: Annotated[str, msgspec.Meta(pattern=r"^[!-~]{1,255}$")] | None = None
+
+
+class SubmitBatch(msgspec.Struct, forbid_unknown_fields=True):
+    jobs: Annotated[list[BatchItem], msgspec.Meta(min_length=1)]
+
+
+class JobItems(msgspec.Struct, frozen=True):
+    items: list[Job]
+
+
 _decoder = msgspec.json.Decoder(SubmitJob)
+_batch_decoder = msgspec.json.Decoder(SubmitBatch)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -77,9 +93,9 @@ async def submit(request: Request) -> Response:
     return MsgspecResponse(present(request, row), status_code=202, headers={**headers, "Retry-After": "1"})
 
 
-def decode(body: bytes) -> SubmitJob:
+def decode(body: bytes, decoder: msgspec.json.Decoder[Any] = _decoder) -> Any:
     try:
-        return _decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise ValidationError.from_msgspec(exc) from None
     except msgspec.DecodeError as exc:
@@ -94,7 +110,7 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None) -> store.NewJob:
+async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None, *, at: str = "$") -> store.NewJob:
     """The job `body` asks for, checked against its type's schema and the deployment's limits, or a 422 naming the
     field. Its fingerprint (`request_hash`) is what makes two submits "the same request" for an Idempotency-Key:
     the job they describe, not their bytes."""
@@ -102,27 +118,27 @@ async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None) -> st
     job_type = web.job_types.get(body.type)
     if job_type is None:
         msg = f"unknown job type {body.type!r}; known types: {', '.join(sorted(web.job_types))}"
-        raise UnknownJobType(msg, [FieldError("$.type", msg)])
+        raise UnknownJobType(msg, [FieldError(f"{at}.type", msg)])
     try:
         value = job_type.decoder.decode(body.input)
     except msgspec.ValidationError as exc:
-        raise ValidationError.from_msgspec(exc, prefix="$.input") from None
+        raise ValidationError.from_msgspec(exc, prefix=f"{at}.input") from None
     if body.callback_url is not None:
         try:  # and again at every delivery attempt, on the address actually connected to
             await web.callbacks.check(body.callback_url)
         except Forbidden as exc:
             log.info("callback_url refused: %s", exc.detail)  # what it resolved to: for the log, not the caller
             msg = f"callback_url refused: {exc}"
-            raise ValidationError(msg, [FieldError("$.callback_url", msg)]) from None
+            raise ValidationError(msg, [FieldError(f"{at}.callback_url", msg)]) from None
     timeout_s = body.timeout_s or min(job_type.timeout_s, config.max_timeout_s)
     if timeout_s > config.max_timeout_s:
         msg = f"timeout_s must be at most {config.max_timeout_s}"
-        raise ValidationError(msg, [FieldError("$.timeout_s", msg)])
-    input = _storable(_encode(value), "$.input")
-    metadata = _storable(_encode(body.metadata), "$.metadata")
+        raise ValidationError(msg, [FieldError(f"{at}.timeout_s", msg)])
+    input = _storable(_encode(value), f"{at}.input")
+    metadata = _storable(_encode(body.metadata), f"{at}.metadata")
     if len(metadata) > MAX_METADATA_BYTES or nesting(metadata) > MAX_METADATA_DEPTH:
         msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
-        raise ValidationError(msg, [FieldError("$.metadata", msg)])
+        raise ValidationError(msg, [FieldError(f"{at}.metadata", msg)])
     max_attempts = body.max_attempts or job_type.max_attempts or config.default_max_attempts
     canonical = [job_type.name, value, max_attempts, timeout_s, body.metadata, body.callback_url]
     return store.NewJob(
@@ -147,30 +163,118 @@ def _storable(encoded: bytes, loc: str) -> bytes:
     return encoded
 
 
+async def submit_batch(request: Request) -> Response:
+    """Up to OUTLAST_MAX_BATCH_JOBS jobs in one transaction: all are created, or (one bad item: 422 naming it as
+    `$.jobs[17]…`) none. Each item may carry its own `idempotency_key`; one doorbell call rings for them all."""
+    web = web_of(request)
+    config = web.config
+    body = await json_body(
+        request, config.max_body_bytes, timeout_s=config.body_timeout_s, what='a JSON object `{"jobs": [...]}`'
+    )
+    batch: SubmitBatch = decode(body, _batch_decoder)
+    if len(batch.jobs) > config.max_batch_jobs:
+        msg = f"a batch holds at most {config.max_batch_jobs} jobs, not {len(batch.jobs)}"
+        raise ValidationError(msg, [FieldError("$.jobs", msg)])
+    await web.submits.take(  # one request, one token: a batch's size is capped by max_batch_jobs instead
+        web.deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
+    )
+    tenant = tenant_of(request)
+    jobs = [
+        await new_job(web, tenant, item, item.idempotency_key, at=f"$.jobs[{n}]") for n, item in enumerate(batch.jobs)
+    ]
+    created = await create_all(web, jobs)
+    fresh = [(row.id, row.attempt) for row, replayed in created if not replayed]
+    if fresh and not await enqueue_many(web.deps.redis, fresh):
+        await store.undispatch_many(web.deps.db, fresh)  # the rows are the outbox: the sweep rings
+    for row, replayed in created:
+        if not replayed:
+            web.metrics.submitted.labels(row.type).inc()
+    return MsgspecResponse(JobItems([present(request, row) for row, _ in created]), status_code=202)
+
+
+async def create_all(web: Web, jobs: list[store.NewJob]) -> list[tuple[store.JobRow, bool]]:
+    """`create` for each of `jobs`, all in one transaction: a key reused with another request rolls back them all."""
+    db = web.deps.db
+    created: list[tuple[store.JobRow, bool]] = []
+    async with db.transaction():
+        rows = await store.insert_jobs(db, jobs)
+        for n, (job, row) in enumerate(zip(jobs, rows, strict=True)):
+            if row is not None:
+                created.append((row, False))
+                continue
+            try:
+                created.append(await _replay_or_reinsert(web, job))
+            except IdempotencyKeyReused as exc:
+                exc.errors = [FieldError(f"$.jobs[{n}].idempotency_key", e.msg) for e in exc.errors]
+                raise
+    return created
+
+
+async def _replay_or_reinsert(web: Web, job: store.NewJob) -> tuple[store.JobRow, bool]:
+    """For a job whose Idempotency-Key was taken: the job that key made (replayed), or, once the key is past its
+    window, a new job. Conflict when the key keeps changing hands."""
+    db, key = web.deps.db, job.idempotency_key
+    assert key is not None  # nothing else can conflict
+    found = await store.find_idempotent(db, job.tenant, key, window_s=web.config.idempotency_ttl_s)
+    if found is not None:
+        row, request_hash, expired = found
+        if not expired:
+            if request_hash != job.request_hash:
+                msg = "this Idempotency-Key was already used with a different request; use a new key for a new job"
+                raise IdempotencyKeyReused(msg, [FieldError("Idempotency-Key", msg)])
+            return row, True
+        await store.release_idempotency_key(db, row.id, key)
+    [again] = await store.insert_jobs(db, [job])
+    if again is None:
+        raise Conflict("this Idempotency-Key keeps changing hands; retry")
+    return again, False
+
+
+async def retry(request: Request) -> Response:
+    """A new job from a failed, cancelled or expired one: its type, input, limits, metadata and callback, with
+    `retry_of` naming it. 409 for a job in any other state."""
+    web = web_of(request)
+    original = await job_or_404(request)
+    if original.status not in ("failed", "cancelled", "expired"):
+        raise Conflict(f"only a failed, cancelled or expired job can be retried; this one is {original.status}")
+    job_type = web.job_types.get(original.type)
+    if job_type is None:
+        msg = f"no job type {original.type!r} is registered any more"
+        raise UnknownJobType(msg, [FieldError("type", msg)])
+    await web.submits.take(
+        web.deps.redis, caller_of(request).limit_key, rate=web.config.submit_rate_per_s, burst=web.config.submit_burst
+    )
+    job = store.NewJob(
+        id=uuid7(),
+        tenant=tenant_of(request),
+        type=original.type,
+        input=original.input.encode(),
+        max_attempts=original.max_attempts,
+        timeout_s=original.timeout_s,
+        retry_safe=job_type.retry_safe,
+        callback_url=original.callback_url,
+        metadata=original.metadata.encode(),
+        ttl_s=web.config.job_ttl_s,
+        retry_of=original.id,
+    )
+    row = await web.inserts(job)
+    assert row is not None  # no Idempotency-Key: nothing to conflict with
+    if not await web.enqueues((row.id, row.attempt)):
+        await store.undispatch(web.deps.db, row.id, row.attempt)
+    web.metrics.submitted.labels(row.type).inc()
+    return MsgspecResponse(present(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
+
+
 async def create(web: Web, job: store.NewJob) -> tuple[store.JobRow, bool]:
     """Insert the job or, when its Idempotency-Key is taken, find the job that key made: (row, replayed).
 
     The unique index decides who creates (INSERT ... ON CONFLICT DO NOTHING, never check-then-insert): a concurrent
-    duplicate waits for the winner's commit, then finds the winner's row here. Past `idempotency_ttl_s` a key is
+    duplicate waits for the winner's commit, then finds the winner's row. Past `idempotency_ttl_s` a key is
     released and makes a new job."""
-    db, key = web.deps.db, job.idempotency_key
-    for _ in range(3):
-        row = await web.inserts(job)
-        if row is not None:
-            return row, False
-        assert key is not None  # nothing else can conflict
-        found = await store.find_idempotent(db, job.tenant, key, window_s=web.config.idempotency_ttl_s)
-        if found is None:
-            continue  # the job was deleted meanwhile: the key is free again
-        row, request_hash, expired = found
-        if expired:
-            await store.release_idempotency_key(db, row.id, key)
-            continue
-        if request_hash != job.request_hash:
-            msg = "this Idempotency-Key was already used with a different request; use a new key for a new job"
-            raise IdempotencyKeyReused(msg, [FieldError("Idempotency-Key", msg)])
-        return row, True
-    raise Conflict("this Idempotency-Key keeps changing hands; retry")
+    row = await web.inserts(job)
+    if row is not None:
+        return row, False
+    return await _replay_or_reinsert(web, job)
 
 
 def inserts(db: Database) -> Batcher[store.NewJob, store.JobRow | None]:

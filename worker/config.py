@@ -31,6 +31,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     webhook_max_result_bytes: Annotated[int, msgspec.Meta(ge=0)] = 262_144  # larger results go as a link
     webhook_poll_s: Seconds = 1.0  # how often an idle worker looks for due deliveries
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    max_batch_jobs: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1_000  # jobs in one POST /v1/jobs/batch
     max_timeout_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
     default_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     job_ttl_s: Seconds = 7 * 86_400  # expires_at = created_at + this: past it, a live job ends `expired`

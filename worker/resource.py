@@ -37,6 +37,7 @@ def as_job(row: JobRow) -> Job:
         started_at=row.started_at,
         finished_at=row.finished_at,
         expires_at=row.expires_at,
+        retry_of=row.retry_of,
         links=links(row.id),
     )
 

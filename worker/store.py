@@ -49,7 +49,7 @@ class Jobs:
 
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
-    " callback_url, metadata, created_at, started_at, finished_at, expires_at"
+    " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of"
 )
 
 
@@ -73,6 +73,7 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     finished_at: datetime | None
     expires_at: datetime
+    retry_of: UUID | None = None
 
     @property
     def done(self) -> bool:
@@ -88,15 +89,15 @@ def _row(record: Any) -> JobRow:
 _INSERT = f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
-                      expires_at, dispatched_at, event_seq, idempotency_key, request_hash)
+                      expires_at, dispatched_at, event_seq, idempotency_key, request_hash, retry_of)
     SELECT id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
-           now() + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash
+           now() + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash, retry_of
       FROM unnest(CAST(:ids AS uuid[]), CAST(:tenants AS text[]), CAST(:types AS text[]), CAST(:inputs AS jsonb[]),
                   CAST(:max_attempts AS int[]), CAST(:timeouts AS int[]), CAST(:retry_safe AS bool[]),
                   CAST(:callback_urls AS text[]), CAST(:metadata AS jsonb[]), CAST(:ttls AS float8[]),
-                  CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]))
+                  CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]), CAST(:retry_of AS uuid[]))
            AS new(id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata, ttl_s,
-                  idempotency_key, request_hash)
+                  idempotency_key, request_hash, retry_of)
     -- an Idempotency-Key the tenant already used (or another job of the same batch uses): no row, no event;
     -- the caller finds the existing job
     ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -121,6 +122,7 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     ttl_s: float
     idempotency_key: str | None = None
     request_hash: bytes | None = None
+    retry_of: UUID | None = None  # the failed, cancelled or expired job this one retries
 
 
 async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | None]:
@@ -139,6 +141,7 @@ async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | Non
         "ttls": [j.ttl_s for j in jobs],
         "idempotency_keys": [j.idempotency_key for j in jobs],
         "request_hashes": [j.request_hash for j in jobs],
+        "retry_of": [j.retry_of for j in jobs],
     }
     rows = {row.id: row for row in map(_row, await sql.fetch_all(db, _INSERT, values))}
     return [rows.pop(j.id, None) for j in jobs]
