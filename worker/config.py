@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Final
 
 import msgspec
 
@@ -91,13 +92,38 @@ def env_name(field: str) -> str:
     return _PLATFORM_NAMES.get(field, f"OUTLAST_{field.upper()}")
 
 
+STORES_FILE: Final = "stores.env"  # under OUTLAST_DATA_DIR (.outlast): the stores a running `make run` uses
+
+
+def data_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where `make run` keeps its embedded stores and says which stores it runs on."""
+    return Path(environ.get("OUTLAST_DATA_DIR") or ".outlast").resolve()
+
+
+def running_stores(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """DATABASE_URL, REDIS_URL and OUTLAST_URL of the `make run` up in this checkout, if one is: what `outlast run`
+    wrote to .outlast/stores.env, so that a command in another terminal finds them without copied URLs."""
+    try:
+        text = (data_dir(environ) / STORES_FILE).read_text()
+    except OSError:
+        return {}
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
 def from_env(environ: Mapping[str, str] = os.environ) -> Config:
-    """Build the Config from environment strings; a bad value raises naming its variable."""
-    raw = {
-        f.name: environ[env_name(f.name)]
-        for f in msgspec.structs.fields(Config)
-        if environ.get(env_name(f.name), "") != ""
-    }
+    """Build the Config from environment strings; a bad value raises naming its variable.
+
+    DATABASE_URL and REDIS_URL come from the environment or, unset there, from a `make run` up in this checkout;
+    with neither, one line says what to set: never a silent connection to whatever answers on 5432 and 6379."""
+    stores = {name: value for name, value in running_stores(environ).items() if name in ("DATABASE_URL", "REDIS_URL")}
+    environ = {**stores, **{name: value for name, value in environ.items() if value != ""}}
+    missing = [name for name in ("DATABASE_URL", "REDIS_URL") if name not in environ]
+    if missing:
+        raise SystemExit(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, and no `make run` is up in this"
+            f" directory ({data_dir(environ) / STORES_FILE}): set {' and '.join(missing)}, or start `make run` here"
+        )
+    raw = {f.name: environ[env_name(f.name)] for f in msgspec.structs.fields(Config) if env_name(f.name) in environ}
     try:
         return msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:

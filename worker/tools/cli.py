@@ -12,14 +12,14 @@ import shlex
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from databases import Database
 
 from worker import keys
-from worker.config import from_env
+from worker.config import STORES_FILE, Config, data_dir, from_env, running_stores
 from worker.database import open_database
 from worker.migrate import create_database, migrate
 from worker.tools.watch import follow
@@ -56,8 +56,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _exec(WORKER.format(python=sys.executable))
 
 
-async def _with_database(call: Callable[[Database], Awaitable[T]]) -> T:
-    db = open_database(from_env())
+async def _with_database(call: Callable[[Database], Awaitable[T]], database_url: str | None = None) -> T:
+    config = from_env() if database_url is None else Config(database_url=database_url)
+    db = open_database(config)
     await db.connect()
     try:
         return await call(db)
@@ -134,11 +135,12 @@ def _dev_secret(data: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Web + worker together; an embedded PostgreSQL / Valkey for whichever URL is not set."""
+    """Web + worker together; an embedded PostgreSQL / Valkey for whichever URL is not set. Ctrl-C stops everything
+    and exits 0: stopping is what it was asked to do."""
     from honcho.manager import Manager
 
     env = dict(os.environ)
-    data = Path(env.get("OUTLAST_DATA_DIR", ".outlast")).resolve()
+    data = data_dir(env)
     with contextlib.ExitStack() as stack:
         if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
             data.mkdir(parents=True, exist_ok=True)
@@ -157,23 +159,53 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not env.get("OUTLAST_SECRET_KEY"):
             data.mkdir(parents=True, exist_ok=True)
             env["OUTLAST_SECRET_KEY"] = _dev_secret(data)
+        # A job module in the directory `make run` was started from is importable (OUTLAST_JOB_MODULES=myjobs).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH", "")]))
         port = env.setdefault("PORT", "8000")
         url = f"http://127.0.0.1:{port}"
-        print(
-            f"\nOutlast on {url}  (API docs: {url}/docs; Ctrl-C stops everything)\n"
-            f"  curl -si -X POST {url}/v1/jobs -H 'content-type: application/json' "
-            """-d '{"type": "square_sum", "input": {"data": [1, 2, 3]}}'\n"""
-            f"  outlast submit sleep '{{\"seconds\": 5}}' --wait --url {url}\n"
-            f"  API keys (the first one ends open development mode; send it as Authorization: Bearer <key>):\n"
-            f"  DATABASE_URL={env['DATABASE_URL']} outlast keys create default\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        stack.callback(_announce_stores(data, env, url))
+        print(_banner(url, keyed=asyncio.run(_with_database(keys.any_active, env["DATABASE_URL"]))), file=sys.stderr)
         manager = Manager()
         manager.add_process("web", WEB.format(python=sys.executable, host="127.0.0.1"), env=env)
         manager.add_process("worker", WORKER.format(python=sys.executable), env=env)
         manager.loop()
+    if manager.returncode in (130, 143):  # SIGINT (Ctrl-C) or SIGTERM: asked to stop, and stopped
+        return 0
     return int(manager.returncode or 0)
+
+
+def _announce_stores(data: Path, env: dict[str, str], url: str) -> Callable[[], None]:
+    """Write .outlast/stores.env, so that every command run in this checkout meanwhile (`outlast keys`, `outlast
+    jobs`, `arq --check`) finds these stores; the returned function removes it again."""
+    path = data / STORES_FILE
+    data.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(
+        f"# written by `outlast run` while it runs (pid {os.getpid()}); removed when it stops\n"
+        f"DATABASE_URL={env['DATABASE_URL']}\nREDIS_URL={env['REDIS_URL']}\nOUTLAST_URL={url}\n"
+    )
+    return lambda: path.unlink(missing_ok=True)
+
+
+def _banner(url: str, *, keyed: bool) -> str:
+    submit = """-d '{"type": "square_sum", "input": {"data": [1, 2, 3]}}'"""
+    if keyed:
+        auth = '-H "Authorization: Bearer $OUTLAST_API_KEY"'
+        curl = f"  curl -si -X POST {url}/v1/jobs {auth} -H 'content-type: application/json' {submit}"
+        keys_line = "  API keys exist: export OUTLAST_API_KEY=<yours> (or make one: outlast keys create default)"
+    else:
+        curl = f"  curl -si -X POST {url}/v1/jobs -H 'content-type: application/json' {submit}"
+        keys_line = "  Running open (no API key yet). The first key closes it: outlast keys create default"
+    return (
+        f"\nOutlast on {url}  (API docs: {url}/docs; Ctrl-C stops everything)\n{curl}\n"
+        f"  outlast submit sleep '{{\"seconds\": 5}}' --wait\n{keys_line}\n"
+        f"  (every `outlast` command and `arq --check` in this directory finds these stores by itself)\n"
+    )
+
+
+def server_url(environ: Mapping[str, str] = os.environ) -> str:
+    """$OUTLAST_URL, else the web of the `make run` up in this checkout, else the default port on this machine."""
+    return environ.get("OUTLAST_URL") or running_stores(environ).get("OUTLAST_URL") or "http://127.0.0.1:8000"
 
 
 def _request(url: str, *, key: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
@@ -235,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("type")
     submit.add_argument("input", help="the job's input as JSON")
     submit.add_argument("--wait", action="store_true", help="follow its progress and log until the job is done")
-    submit.add_argument("--url", default=os.environ.get("OUTLAST_URL", "http://127.0.0.1:8000"))
+    submit.add_argument(
+        "--url", default=server_url(), help="the web (default: $OUTLAST_URL, else a `make run` up here)"
+    )
     submit.add_argument(
         "--key", default=os.environ.get("OUTLAST_API_KEY", ""), help="API key (default: $OUTLAST_API_KEY)"
     )
