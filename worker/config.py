@@ -110,14 +110,17 @@ def running_stores(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
 
 
-def from_env(environ: Mapping[str, str] = os.environ) -> Config:
+def from_env(
+    environ: Mapping[str, str] = os.environ, *, needs: tuple[str, ...] = ("DATABASE_URL", "REDIS_URL")
+) -> Config:
     """Build the Config from environment strings; a bad value raises naming its variable.
 
     DATABASE_URL and REDIS_URL come from the environment or, unset there, from a `make run` up in this checkout;
-    with neither, one line says what to set: never a silent connection to whatever answers on 5432 and 6379."""
+    with neither, one line says what to set (of the stores this process `needs`): never a silent connection to
+    whatever answers on 5432 and 6379."""
     stores = {name: value for name, value in running_stores(environ).items() if name in ("DATABASE_URL", "REDIS_URL")}
     environ = {**stores, **{name: value for name, value in environ.items() if value != ""}}
-    missing = [name for name in ("DATABASE_URL", "REDIS_URL") if name not in environ]
+    missing = [name for name in needs if name not in environ]
     if missing:
         raise SystemExit(
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, and no `make run` is up in this"

@@ -64,7 +64,7 @@ async def create_database(dsn: str) -> None:
 
 
 def main() -> None:
-    applied = asyncio.run(migrate(from_env().database_url))
+    applied = asyncio.run(migrate(from_env(needs=("DATABASE_URL",)).database_url))
     print("applied: " + ", ".join(applied) if applied else "migrations: up to date", file=sys.stderr)
 
 

@@ -25,6 +25,7 @@ from worker.migrate import create_database, migrate
 from worker.tools.watch import follow
 
 T = TypeVar("T")
+DATABASE = ("DATABASE_URL",)  # what a command that only reads or writes the database needs
 WEB = "{python} -m server --host {host}"  # the Procfile's web command; it reads $PORT
 WORKER = "{python} -m arq worker.settings.WorkerSettings"
 
@@ -39,7 +40,7 @@ def _migrate(dsn: str) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    _migrate(from_env().database_url)
+    _migrate(from_env(needs=DATABASE).database_url)
     return 0
 
 
@@ -57,7 +58,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 async def _with_database(call: Callable[[Database], Awaitable[T]], database_url: str | None = None) -> T:
-    config = from_env() if database_url is None else Config(database_url=database_url)
+    config = from_env(needs=DATABASE) if database_url is None else Config(database_url=database_url)
     db = open_database(config)
     await db.connect()
     try:
@@ -241,7 +242,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     """Print the tenant's current signing secret (stdout); older ones still signing go to stderr."""
     from worker.webhooks.deliver import tenant_secrets
 
-    config = from_env()
+    config = from_env(needs=DATABASE)
     try:
         found = asyncio.run(tenant_secrets(config, args.tenant, rotate=args.rotate, overlap_s=args.overlap))
     except LookupError as exc:
