@@ -76,7 +76,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     finished_at: datetime | None
     expires_at: datetime
-    retry_of: UUID | None = None  # POST /v1/jobs/{id}/retry made this job from that one
+    retry_of: UUID | None  # POST /v1/jobs/{id}/retry made this job from that one
     links: Links
 
 
