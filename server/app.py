@@ -43,7 +43,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
                     auth=await auth.setup(config, deps.db),
                     callbacks=UrlGuard.from_config(config, resolver),  # and again at each delivery (the worker's)
                     inserts=submit.inserts(deps.db),
-                    enqueues=submit.enqueues(deps.redis),
+                    enqueues=submit.enqueues(deps.redis, step_s=config.priority_step_s),
                     submits=limits.Budget("submits"),
                     redeliveries=limits.Budget("redeliveries"),
                     metrics=counters,

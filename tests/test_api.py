@@ -246,7 +246,7 @@ async def test_prefer_wait_wakes_on_the_jobs_notification_not_on_a_timer(config:
                 return app.state.web.hub.following(job_id) == 1 or None
 
             await eventually(held)
-            assert await engine.claim(deps.jobs, job_id, 0, owner="test", lease_s=60) is not None
+            assert await engine.claim_one(deps.jobs, job_id, 0, owner="test", lease_s=60) is not None
             assert await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"14")
             await notified(deps, job_id)
             answer = await asyncio.wait_for(waiting, 15)

@@ -49,6 +49,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # A tenant without a cap of its own may run at most this share of the live workers' slots, once two or more
     # tenants hold API keys (1: no default cap). worker/capacity.py
     tenant_max_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    # Each priority level is worth this much waiting: a job at -10 behind a steady stream at 10 starts within 20
+    # of these. worker/queue.py
+    priority_step_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
     worker_poll_delay_s: Seconds = 0.05
     worker_health_check_interval_s: Annotated[int, msgspec.Meta(ge=1)] = 5
     # Names this worker's health key, so `arq --check` checks this instance, not any sibling. Empty: the
