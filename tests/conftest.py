@@ -40,7 +40,8 @@ from worker.run import Runtime, run_job
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.receivers"]  # webhook receivers, canaries and the `hooks` deployment
+# webhook receivers, canaries and the `hooks` deployment; a headless browser and an origin for its pages
+pytest_plugins = ["tests.receivers", "tests.browser"]
 TEST_SECRET = "test-secret-that-signs-job-read-tokens-0123456789"
 
 
