@@ -1,14 +1,15 @@
 """Who is calling. Every `/v1` request is authenticated here, once, before routing, so a route added later is covered
 without a line of its own; handlers read the result with `tenant_of(request)` (or `caller_of`).
 
-    Authorization: Bearer olk_…   an API key: its tenant, on every /v1 route
+    Authorization: Bearer olk_…   an API key: its tenant, on every /v1 route (a read-only key: GET, HEAD, OPTIONS)
     ?token=olt_…                  a job read token (from a Job's `links`): one job, read-only, on TOKEN_ROUTES only
     neither                       development's open mode, as tenant `default`, only while `may_run_open` and no
                                   usable key exists; else 401
 
-Anything else answers 401 with `WWW-Authenticate: Bearer`. An API key in the query string is refused even beside a
-valid header: it is already in access logs and browser history. An address that keeps failing gets 429 for the rest
-of a minute (server/limits.py); a request without credentials never counts, and a valid key always passes.
+Anything else answers 401 with `WWW-Authenticate: Bearer`, and a read-only credential's write (any method but READS)
+403. An API key in the query string is refused even beside a valid header: it is already in access logs and browser
+history. An address that keeps failing gets 429 for the rest of a minute
+(server/limits.py); a request without credentials never counts, and a valid credential always passes.
 
 Pure ASGI, not BaseHTTPMiddleware, which would buffer and break streaming responses such as the event stream.
 """
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server import b64
 from server.keycache import KeyCache
 from server.limits import AuthThrottle, pruned
-from server.problems import ProblemError, RateLimited, Unauthorized, Unavailable, as_response
+from server.problems import Forbidden, ProblemError, RateLimited, Unauthorized, Unavailable, as_response
 from server.state import Web, web_of
 from worker import Config, Deps, Job, Links, database, keys
 
@@ -57,6 +58,7 @@ KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "access_token", "
 TOUCH_EVERY_S = 300.0  # api_keys.last_used_at is written at most this often per key and process
 _TOKEN_CONTEXT = b"outlast job read token v1\0"
 LINK_TOKEN_REUSE_S = 60.0
+READS = frozenset({"GET", "HEAD", "OPTIONS"})  # what a read-only credential may send; anything else is a write
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Caller:
     key_id: str | None  # the API key's id; None for a job read token or development's open mode
     job: UUID | None = None  # a read token's one job
     expires_at: float | None = None  # a read token's end, in Unix time: nothing it opened outlives it
+    read_only: bool = False  # a read-only key: every write answers 403
 
     @property
     def limit_key(self) -> str:
@@ -233,7 +236,9 @@ class Authenticate:
             return
         web: Web = scope["app"].state.web
         try:
-            scope[SCOPE_KEY] = await _authenticate(scope, web.auth, web.deps)
+            scope[SCOPE_KEY] = caller = await _authenticate(scope, web.auth, web.deps)
+            if caller.read_only and scope["method"] not in READS:
+                raise Forbidden(f"this key is read-only: it may read (GET) but not {scope['method']}")
         except ProblemError as exc:
             await as_response(exc)(scope, receive, send)
             return
@@ -289,22 +294,25 @@ async def _identify(scope: Scope, guard: AuthState, deps: Deps) -> Caller:
         )
     authorization = Headers(scope=scope).get("authorization")
     if authorization is not None:
-        scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        scheme, _, credential = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
             raise Unauthorized("malformed Authorization header: send `Authorization: Bearer <key>`")
-        key = key.strip()
-        tenant = await guard.keys.verify(deps.db, key)
-        key_id = keys.key_id(key)
-        if tenant is None or key_id is None:
-            raise Unauthorized("unknown or revoked API key")
-        await guard.used(deps.db, key_id)
-        return Caller(tenant, key_id)
+        return await _key_caller(guard, deps, credential.strip())
     tokens = [value for name, value in query if name == "token"]
     if tokens:
         return _token_caller(scope, guard, tokens)
     if await guard.open_now(deps.db):
         return Caller(DEFAULT_TENANT, None)
     raise Unauthorized("this route needs an API key: send `Authorization: Bearer <key>`", presented=False)
+
+
+async def _key_caller(guard: AuthState, deps: Deps, key: str) -> Caller:
+    grant = await guard.keys.verify(deps.db, key)
+    key_id = keys.key_id(key)
+    if grant is None or key_id is None:
+        raise Unauthorized("unknown or revoked API key")
+    await guard.used(deps.db, key_id)
+    return Caller(grant.tenant, key_id, read_only=grant.read_only)
 
 
 def _token_caller(scope: Scope, guard: AuthState, tokens: list[str]) -> Caller:
