@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +25,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from server.app import create_app
 from server.auth import setup
-from tests.conftest import bearer
+from tests.conftest import Processes, bearer, process_env, wait_done
 from worker import Config, Deps, keys
 
 ISSUER = "https://idp.example.com/"
@@ -295,3 +296,26 @@ async def test_the_web_refuses_to_start_with_a_provider_half_configured(
     ]:
         with pytest.raises(RuntimeError, match=message):
             await setup(with_idp(config, provider, **changes), deps.db)
+
+
+@pytest.mark.slow
+async def test_a_web_process_fetches_the_jwks_at_start_up_and_runs_a_jobs_whole_life_on_a_token(
+    config: Config, deps: Deps, provider: Provider, tmp_path: Path
+) -> None:
+    token = provider.es256(tenant="initech")
+    processes = Processes(process_env(with_idp(config, provider)), tmp_path, key=token)
+    try:
+        processes.start_web()
+        processes.start_worker()
+        await processes.ready()
+        assert provider.fetches == 1
+        async with processes.client() as client:
+            job = (await client.post("/v1/jobs", json=SQUARES)).json()
+            assert (await wait_done(client, job["id"]))["status"] == "succeeded"
+            assert (await client.get(f"/v1/jobs/{job['id']}/result")).json() == 14
+            assert_refused(await client.get("/v1/jobs", headers=bearer(expired(provider))), "expired")
+    finally:
+        processes.stop()
+    assert await deps.db.fetch_val("SELECT tenant_id FROM jobs") == "initech"
+    logs = processes.log("web") + processes.log("worker")
+    assert token not in logs and token.split(".")[2] not in logs  # nor its signature alone
