@@ -420,6 +420,7 @@ def test_problem_slugs_are_stable() -> None:
         "payload-too-large",
         "unavailable",
         "unauthorized",
+        "forbidden",
         "idempotency-key-reused",
         "request-timeout",
         "header-too-large",

@@ -83,6 +83,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Origins (comma-separated, e.g. `https://app.example.com`) whose pages may call /v1 from a browser (CORS).
     cors_origins: str = ""
     trusted_proxy_hops: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+    # Bearer JWTs from an identity provider, beside API keys, once the JWKS URL is set (then issuer and audience
+    # must be too): docs/security.md "Tokens from an identity provider".
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""  # the `iss` every token must carry
+    jwt_audience: str = ""  # an `aud` every token must carry
+    jwt_tenant_claim: Annotated[str, msgspec.Meta(min_length=1)] = "tenant"  # the claim naming the token's tenant
+    jwt_write_scope: str = ""  # set: only a token granted this scope writes; the rest read only
     body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16_384  # request line and headers, else 431
     header_timeout_s: Seconds = 10.0  # the request line and headers must arrive within this, else 408
