@@ -1,4 +1,4 @@
-"""/openapi.json, generated from the msgspec types (never written by hand), and /docs, a page that renders it."""
+"""/openapi.json, generated from the msgspec types (never written by hand); /docs renders it (server/docs.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 
 from server.deliveries import DeliveryList
 from server.jobs import JobList, JobTypeList
@@ -290,14 +290,3 @@ def build(
 
 async def openapi(request: Request) -> Response:
     return MsgspecResponse(web_of(request).openapi)
-
-
-_DOCS = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Outlast API</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script></body></html>
-"""
-
-
-async def docs(request: Request) -> Response:
-    return HTMLResponse(_DOCS)
