@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from server import accesslog, auth, collector, deliveries, jobs, limits, openapi, ops, problems, stream, submit
+from server import accesslog, auth, collector, deliveries, docs, jobs, limits, openapi, ops, problems, stream, submit
 from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
 from server.state import Web
@@ -73,7 +73,8 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi.openapi, methods=["GET"]),
-            Route("/docs", openapi.docs, methods=["GET"]),
+            Route("/docs", docs.page, methods=["GET"]),
+            Route("/docs/assets/{name}", docs.asset, methods=["GET"]),
         ],
         middleware=[
             Middleware(CountRequests, counter=counters.requests),  # outermost: 401s and 429s are counted too

@@ -100,7 +100,7 @@ def _keys_once(body: bytes) -> None:
     is wrong, in its own words."""
     try:
         json.loads(body, object_pairs_hook=_unique)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):  # the second is a ValueError too: not the digit limit
         pass
     except ValueError:  # an integer past Python's digit limit for int(): read the numbers as text instead
         with contextlib.suppress(json.JSONDecodeError):

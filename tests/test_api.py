@@ -196,8 +196,7 @@ async def test_openapi_is_3_1_and_describes_the_routes_from_the_types(client: ht
                 assert operation["security"] == [], path
     submit = doc["paths"]["/v1/jobs"]["post"]
     assert set(submit["responses"]["202"]["links"]) == {"GetJob", "GetJobResult", "CancelJob"}
-    variants = submit["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
-    assert {v["properties"]["type"]["const"] for v in variants} >= {"square_sum", "cube_sum", "sleep", "flaky"}
+    # The submit body, one variant per job type: tests/test_openapi.py
 
 
 async def test_healthz_and_readyz_answer_200_when_both_stores_are_up(client: httpx.AsyncClient) -> None:
