@@ -272,7 +272,7 @@ async def _replay_or_reinsert(web: Web, job: store.NewJob) -> tuple[store.JobRow
 
 async def retry(request: Request) -> Response:
     """A new job from a failed, cancelled or expired one: its type, input, limits, metadata and callback, with
-    `retry_of` naming it. 409 for a job in any other state."""
+    `retry_of` naming it. 409 for a job in any other state. An Idempotency-Key makes it once, as for a submit."""
     web = web_of(request)
     original = await job_or_404(request)
     if original.status not in ("failed", "cancelled", "expired"):
@@ -284,6 +284,7 @@ async def retry(request: Request) -> Response:
     await web.submits.take(
         web.deps.redis, caller_of(request).limit_key, rate=web.config.submit_rate_per_s, burst=web.config.submit_burst
     )
+    key = idempotency_key(request)
     job = store.NewJob(
         id=uuid7(),
         tenant=tenant_of(request),
@@ -296,13 +297,19 @@ async def retry(request: Request) -> Response:
         metadata=original.metadata.encode(),
         ttl_s=web.config.job_ttl_s,
         retry_of=original.id,
+        idempotency_key=key,
+        # "The same request" is a retry of the same job, so a client that sends it again gets the job it made.
+        request_hash=None if key is None else hashlib.sha256(b"retry\0" + original.id.bytes).digest(),
     )
-    row = await web.inserts(job)
-    assert row is not None  # no Idempotency-Key: nothing to conflict with
-    if not await web.enqueues(bell(job, row)):
-        await store.undispatch(web.deps.db, row.id, row.attempt)
-    web.metrics.submitted.labels(row.type).inc()
-    return MsgspecResponse(present(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
+    row, replayed = await create(web, job)
+    headers = {"Location": f"/v1/jobs/{row.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        if not await web.enqueues(bell(job, row)):
+            await store.undispatch(web.deps.db, row.id, row.attempt)
+        web.metrics.submitted.labels(row.type).inc()
+    return MsgspecResponse(present(request, row), status_code=202, headers=headers)
 
 
 async def create(web: Web, job: store.NewJob) -> tuple[store.JobRow, bool]:
