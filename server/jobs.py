@@ -25,7 +25,7 @@ from server.problems import (
 )
 from server.responses import JSONResponse, MsgspecResponse
 from server.state import web_of
-from worker import Job, JobType, Status, database, request_abort, resource, store
+from worker import Job, JobType, Status, control, database, resource, store
 
 MAX_WAIT_S = 60
 
@@ -119,16 +119,11 @@ async def show(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
-    """Queued: cancelled at once. Running: its task is interrupted (arq abort, and the heartbeat as a fallback)
-    and the job ends `cancelled`, unless it finishes first. Done: 409."""
-    deps = web_of(request).deps
-    job_id = _job_id(request)
-    row = await store.request_cancel(deps.jobs, tenant_of(request), job_id)
+    """worker/control.py's cancel; a job already done: 409."""
+    row = await control.cancel(web_of(request).deps, tenant_of(request), _job_id(request))
     if row is None:
         done = await job_or_404(request)  # 404 when unknown
         raise Conflict(f"the job is already {done.status}")
-    if row.status == "running":
-        await request_abort(deps.redis, row.id, row.attempt)
     return MsgspecResponse(present(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 
