@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 import msgspec
@@ -26,6 +26,7 @@ from server.problems import (
 from server.responses import JSONResponse, MsgspecResponse
 from server.state import web_of
 from worker import Job, JobType, Status, control, database, resource, store
+from worker.job_types import JobTypeInfo, describe
 
 MAX_WAIT_S = 60
 
@@ -41,15 +42,6 @@ class ListQuery(msgspec.Struct, frozen=True, kw_only=True):
     type: str | msgspec.UnsetType = msgspec.UNSET
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
     cursor: str | msgspec.UnsetType = msgspec.UNSET
-
-
-class JobTypeInfo(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    description: str
-    retry_safe: bool
-    timeout_s: int
-    max_attempts: int
-    input_schema: dict[str, Any]
 
 
 class JobTypeList(msgspec.Struct, frozen=True):
@@ -179,19 +171,7 @@ async def list_jobs(request: Request) -> Response:
 
 
 def job_type_list(types: Mapping[str, JobType], default_max_attempts: int) -> JobTypeList:
-    return JobTypeList(
-        [
-            JobTypeInfo(
-                name=t.name,
-                description=t.description,
-                retry_safe=t.retry_safe,
-                timeout_s=t.timeout_s,
-                max_attempts=t.max_attempts or default_max_attempts,
-                input_schema=msgspec.json.schema(t.input),
-            )
-            for t in types.values()
-        ]
-    )
+    return JobTypeList(describe(types, default_max_attempts))
 
 
 async def job_types(request: Request) -> Response:
