@@ -65,8 +65,18 @@ def took(job: Job, now: datetime | None = None) -> str:
     return f"{minutes} min {seconds} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
+def duration(seconds: int) -> str:
+    """A limit in the largest unit that states it exactly: 60 s, 10 min, 24 h."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
 def bar(fraction: float, width: int = 20) -> ProgressBar:
-    return ProgressBar(total=1.0, completed=fraction, width=width)
+    # rich's default colour for a bar under way is its red-pink, which reads as an error beside a status
+    return ProgressBar(total=1.0, completed=fraction, width=width, complete_style="cyan", finished_style="green")
 
 
 def progress_line(fraction: float, message: str | None, width: int = 30) -> Table:
@@ -100,7 +110,7 @@ def jobs_table(jobs: Iterable[Job], *, bars: bool = True) -> Table:
 def job_panel(job: Job) -> Table:
     """One job, field by field."""
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(no_wrap=True)
     grid.add_column()
     progress = job["progress"]
     fraction = float(progress["fraction"])
@@ -110,7 +120,7 @@ def job_panel(job: Job) -> Table:
         ("type", job["type"]),
         ("status", status_text(job["status"])),
         ("progress", progress_line(fraction, progress.get("message"))),
-        ("attempt", f"{job['attempt']} of {job['max_attempts']} (each at most {job['timeout_s']} s)"),
+        ("attempt", f"{job['attempt']} of {job['max_attempts']} (each at most {duration(job['timeout_s'])})"),
         ("created", _when(job["created_at"])),
         ("started", _when(job["started_at"])),
         ("finished", _when(job["finished_at"])),
@@ -130,7 +140,7 @@ def job_panel(job: Job) -> Table:
     if job["status"] == "succeeded":
         rows.append(("result", "deleted (past its retention)" if job["result"] is None else short(job["result"])))
     for name, value in rows:
-        grid.add_row(name, value)
+        grid.add_row(Text(name, style="bold"), value)
     return grid
 
 
@@ -141,7 +151,7 @@ def types_table(types: Iterable[Mapping[str, Any]]) -> Table:
     for t in types:
         fields = ", ".join(t["input_schema"].get("$defs", {}).get(_ref(t["input_schema"]), {}).get("properties", {}))
         table.add_row(
-            t["name"], "yes" if t["retry_safe"] else "no", f"{t['timeout_s']} s", str(t["max_attempts"]),
+            t["name"], "yes" if t["retry_safe"] else "no", duration(t["timeout_s"]), str(t["max_attempts"]),
             fields or "-", t["description"],
         )  # fmt: skip
     return table
@@ -200,7 +210,8 @@ class JobScreen:
         if retry:
             error = retry.get("error") or {}
             why = f"{error.get('type')}: {error.get('message')}" if error else "its worker was lost"
-            self.line(Text(f"attempt {job['attempt']} failed ({why}); retrying at {retry['next_run_at']}", "yellow"))
+            at = datetime.fromisoformat(retry["next_run_at"]).astimezone(UTC)
+            self.line(Text(f"attempt {job['attempt']} failed ({why}); retrying at {at:%H:%M:%S} UTC", "yellow"))
         elif job["status"] == "running" and before.get("attempt") != job["attempt"] and job["attempt"] > 1:
             self.line(f"attempt {job['attempt']} of {job['max_attempts']} started")
         self._redraw()
