@@ -366,6 +366,9 @@ def run(args: argparse.Namespace) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 0 if args.command == "jobs" and args.jobs_command == "watch" else INTERRUPTED
+    except BrokenPipeError:  # `... --json | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush has nowhere to fail
+        return 0
     except asyncpg.UndefinedTableError:
         raise SystemExit("the database has no Outlast tables yet: run `outlast migrate`") from None
     except database.UNAVAILABLE as exc:
