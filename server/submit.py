@@ -24,7 +24,7 @@ from server.jobs import job_or_404, present, until_done, wait_preference
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, InvalidBody, UnknownJobType, ValidationError
 from server.responses import MsgspecResponse
 from server.state import Web, web_of
-from worker import Forbidden, Job, database, store
+from worker import Forbidden, Job, control, database, store
 from worker.batch import Batcher
 from worker.queue import Bell, enqueue_many
 
@@ -271,36 +271,24 @@ async def _replay_or_reinsert(web: Web, job: store.NewJob) -> tuple[store.JobRow
 
 
 async def retry(request: Request) -> Response:
-    """A new job from a failed, cancelled or expired one: its type, input, limits, metadata and callback, with
-    `retry_of` naming it. 409 for a job in any other state. An Idempotency-Key makes it once, as for a submit."""
+    """worker/control.py's retry_job: a new job from a failed, cancelled or expired one; 409 for any other. An
+    Idempotency-Key makes it once, as for a submit."""
     web = web_of(request)
     original = await job_or_404(request)
-    if original.status not in ("failed", "cancelled", "expired"):
-        raise Conflict(f"only a failed, cancelled or expired job can be retried; this one is {original.status}")
-    job_type = web.job_types.get(original.type)
-    if job_type is None:
-        msg = f"no job type {original.type!r} is registered any more"
-        raise UnknownJobType(msg, [FieldError("type", msg)])
+    try:
+        job = control.retry_job(original, tenant_of(request), web.job_types, ttl_s=web.config.job_ttl_s)
+    except control.NotRetryable as exc:
+        raise Conflict(str(exc)) from None
+    except control.TypeGone as exc:
+        raise UnknownJobType(str(exc), [FieldError("type", str(exc))]) from None
     await web.submits.take(
         web.deps.redis, caller_of(request).limit_key, rate=web.config.submit_rate_per_s, burst=web.config.submit_burst
     )
     key = idempotency_key(request)
-    job = store.NewJob(
-        id=uuid7(),
-        tenant=tenant_of(request),
-        type=original.type,
-        input=original.input.encode(),
-        max_attempts=original.max_attempts,
-        timeout_s=original.timeout_s,
-        retry_safe=job_type.retry_safe,
-        callback_url=original.callback_url,
-        metadata=original.metadata.encode(),
-        ttl_s=web.config.job_ttl_s,
-        retry_of=original.id,
-        idempotency_key=key,
+    if key is not None:
         # "The same request" is a retry of the same job, so a client that sends it again gets the job it made.
-        request_hash=None if key is None else hashlib.sha256(b"retry\0" + original.id.bytes).digest(),
-    )
+        fingerprint = hashlib.sha256(b"retry\0" + original.id.bytes).digest()
+        job = msgspec.structs.replace(job, idempotency_key=key, request_hash=fingerprint)
     row, replayed = await create(web, job)
     headers = {"Location": f"/v1/jobs/{row.id}"}
     if replayed:

@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import database, events, keys, resource, status, store, sweep
+from worker import control, database, events, keys, resource, status, store, sweep
 from worker.config import Config, from_env
 from worker.deps import Deps, connect
 from worker.job import (
@@ -44,6 +44,7 @@ __all__ = [
     "Status",
     "UrlGuard",
     "connect",
+    "control",
     "database",
     "enqueue",
     "events",

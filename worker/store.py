@@ -49,7 +49,7 @@ class Jobs:
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
     " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of, run_at, priority,"
-    " concurrency_key"
+    " concurrency_key, tenant_id"
 )
 
 
@@ -77,6 +77,7 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     run_at: datetime | None = None
     priority: int = 0
     concurrency_key: str | None = None
+    tenant_id: str = ""  # not part of the Job: the API answers within one tenant, an operator across them
 
     @property
     def done(self) -> bool:
@@ -210,26 +211,32 @@ async def undispatch_many(db: Database, attempts: Sequence[tuple[UUID, int]]) ->
 # -- reads ------------------------------------------------------------------------------------------
 
 _GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = :id AND tenant_id = :tenant"
+_GET_ANY = f"SELECT {_COLUMNS} FROM jobs WHERE id = :id"
 
 
-async def get_job(db: Database, tenant: str, job_id: UUID) -> JobRow | None:
-    record = await sql.fetch_one(db, _GET, {"id": job_id, "tenant": tenant})
+async def get_job(db: Database, tenant: str | None, job_id: UUID) -> JobRow | None:
+    """The job of `tenant`; with None (an operator's `outlast jobs`), of whichever tenant it belongs to."""
+    if tenant is None:
+        record = await sql.fetch_one(db, _GET_ANY, {"id": job_id})
+    else:
+        record = await sql.fetch_one(db, _GET, {"id": job_id, "tenant": tenant})
     return None if record is None else _row(record)
 
 
 async def list_jobs(
     db: Database,
-    tenant: str,
+    tenant: str | None,
     *,
     limit: int,
     status: Status | None = None,
     type: str | None = None,
     before: UUID | None = None,
 ) -> list[JobRow]:
-    """The tenant's jobs, newest first (v7 ids sort by creation), `before` an id for the next page."""
-    where = ["tenant_id = :tenant"]
-    values: dict[str, Any] = {"tenant": tenant, "limit": limit}
-    for column, value in (("status", status), ("type", type)):
+    """The tenant's jobs (None: every tenant's), newest first (v7 ids sort by creation), `before` an id for the
+    next page."""
+    where = ["TRUE"]
+    values: dict[str, Any] = {"limit": limit}
+    for column, value in (("tenant_id", tenant), ("status", status), ("type", type)):
         if value is not None:
             where.append(f"{column} = :{column}")
             values[column] = value
