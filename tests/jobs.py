@@ -9,7 +9,7 @@ from typing import Literal
 
 import msgspec
 
-from worker import Context, JobError, JobType, in_process_pool
+from worker import Context, JobError, JobType, Rate, in_process_pool
 
 
 class Nothing(msgspec.Struct, forbid_unknown_fields=True):
@@ -116,4 +116,6 @@ JOB_TYPES = (
     JobType("chatty", Lines, chatty, timeout_s=10),
     # at most two of one concurrency_key at once: tests/test_scheduling.py
     JobType("keyed", Seconds, sleep_once, timeout_s=60, concurrency=2),
+    # at most five starts a second, bursts of five
+    JobType("rated", Seconds, sleep_once, timeout_s=60, rate=Rate(5, 1.0)),
 )

@@ -19,8 +19,8 @@ from uuid_utils.compat import uuid7
 from server.app import create_app
 from tests import engine
 from tests.conftest import bearer, eventually, redis_settings
-from worker import Config, Deps, claim, keys, store, sweep
-from worker.capacity import Capacity, wake_key
+from worker import Config, Deps, Rate, claim, keys, store, sweep
+from worker.capacity import Capacity, ensure_buckets, wake_key
 from worker.claim import EARLY_S, Claimed
 from worker.connections import QUEUE
 from worker.job_types import load
@@ -32,7 +32,7 @@ OWNER = "test-owner"
 KEYED = Capacity("test", 10, 0.5, limits={"keyed": 2})
 
 
-async def claim_keyed(deps: Deps, wanted: list[tuple[UUID, int]], capacity: Capacity) -> list[Claimed | None]:
+async def claim_keyed(deps: Deps, wanted: list[tuple[UUID, int]], capacity: Capacity) -> list[Claimed | Bell | None]:
     return await claim.claim_many(deps.jobs, wanted, owner=OWNER, lease_s=30, capacity=capacity)
 
 
@@ -279,3 +279,49 @@ async def test_three_workers_run_at_most_two_jobs_of_a_key_at_once_and_all_200_s
     assert peak == 2  # reached, never passed
     slots = await deps.db.fetch_val("SELECT sum(running) FROM concurrency_slots WHERE type = 'keyed'")
     assert slots == 0  # every slot came back
+
+
+# -- rate limits ----------------------------------------------------------------------------------------
+
+RATED = Capacity("test", 10, 0.5, rates={"rated": Rate(5, 1.0)})
+
+
+async def test_a_types_starts_never_pass_its_rate_and_those_over_it_wait_then_all_run(
+    client: httpx.AsyncClient, deps: Deps
+) -> None:
+    await ensure_buckets(deps.db, RATED)  # as each worker's sweep does
+    body = [{"type": "rated", "input": {"seconds": 0}} for _ in range(20)]
+    ids = [UUID(j["id"]) for j in (await client.post("/v1/jobs/batch", json={"jobs": body})).json()["items"]]
+    async with working(deps, max_jobs=10), working(deps, max_jobs=10):
+        await eventually(lambda: all_done(deps, ids), within=60)
+    rows = await deps.db.fetch_all("SELECT started_at FROM jobs WHERE id = ANY(:ids) ORDER BY started_at", {"ids": ids})
+    starts = [r["started_at"] for r in rows]
+    # A bucket of five refilled at five a second: between any two starts, at most 5 + 5 per second between them.
+    # Every started_at is the database's clock in the claim that spent the token, so the bound is exact.
+    for i in range(len(starts)):
+        for j in range(i + 1, len(starts)):
+            assert j - i + 1 <= 5 + 5 * (starts[j] - starts[i]).total_seconds() + 1e-6, (i, j)
+    events = await deps.db.fetch_val(
+        "SELECT count(*) FROM job_events WHERE job_id = ANY(:ids) AND name = 'status'", {"ids": ids}
+    )
+    assert events == 3 * len(ids)  # queued, running, succeeded: waiting for the rate failed nothing, retried nothing
+
+
+async def test_a_rate_limited_job_waits_undispatched_until_its_bucket_exists(deps: Deps) -> None:
+    job = new_job("rated")
+    await store.insert_jobs(deps.db, [job])
+    assert await claim_keyed(deps, [(job.id, 0)], RATED) == [None]  # no bucket yet: turned away
+    assert await deps.db.fetch_val("SELECT dispatched_at FROM jobs WHERE id = :id", {"id": job.id}) is None
+    await ensure_buckets(deps.db, RATED)
+    assert isinstance((await claim_keyed(deps, [(job.id, 0)], RATED))[0], Claimed)
+
+
+async def test_a_claim_over_the_rate_answers_a_bell_for_when_a_token_will_be_there(deps: Deps) -> None:
+    await ensure_buckets(deps.db, RATED)
+    jobs = [new_job("rated") for _ in range(7)]
+    await store.insert_jobs(deps.db, jobs)
+    answers = await claim_keyed(deps, [(j.id, 0) for j in jobs], RATED)
+    assert [type(a).__name__ for a in answers] == ["Claimed"] * 5 + ["Bell"] * 2
+    later = [a for a in answers if isinstance(a, Bell)]
+    assert 0 < later[0].delay_s < later[1].delay_s <= 2 / 5 + 0.05  # a fifth of a second per token, in turn
+    assert [b.started for b in later] == [0, 0]  # not started: the same message, rung later

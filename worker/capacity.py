@@ -25,6 +25,7 @@ import msgspec
 from databases import Database
 
 from worker import sql
+from worker.job import Rate
 from worker.queue import Bell
 
 # A tenant's cap on running jobs in SQL, over `tenants t`: its own, else the deployment's default (NULL: none).
@@ -44,6 +45,33 @@ def limit_values(limits: Mapping[str, int]) -> dict[str, list[Any]]:
     return {"limit_types": list(limits), "limits": list(limits.values())}
 
 
+# The job types' `rate` limits, as a relation `r(type, count, per)` from the `rate_values` parameters.
+RATES_SQL = (
+    "unnest(CAST(:rate_types AS text[]), CAST(:rate_counts AS float8[]), CAST(:rate_pers AS float8[]))"
+    " AS r(type, count, per)"
+)
+
+
+def rate_values(rates: Mapping[str, Rate]) -> dict[str, list[Any]]:
+    """The parameters RATES_SQL reads: each type's `rate`."""
+    return {
+        "rate_types": list(rates),
+        "rate_counts": [float(r.count) for r in rates.values()],
+        "rate_pers": [float(r.per_s) for r in rates.values()],
+    }
+
+
+_BUCKETS = f"""
+INSERT INTO rate_buckets (type, tokens) SELECT r.type, r.count FROM {RATES_SQL} ON CONFLICT (type) DO NOTHING
+"""
+
+
+async def ensure_buckets(db: Database, capacity: Capacity) -> None:
+    """The rate buckets of the types this worker knows, full when new (each sweep pass: the claim needs them)."""
+    if capacity.rates:
+        await sql.execute(db, _BUCKETS, rate_values(capacity.rates))
+
+
 @dataclass
 class Capacity:
     """This worker as the `workers` table shows it, and the default cap its last sweep pass computed."""
@@ -53,6 +81,7 @@ class Capacity:
     share: float  # OUTLAST_TENANT_MAX_SHARE
     default_cap: int | None = None  # None: no default in force
     limits: Mapping[str, int] = field(default_factory=dict)  # each job type's `concurrency`, those that declare one
+    rates: Mapping[str, Rate] = field(default_factory=dict)  # each job type's `rate`, those that declare one
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
 

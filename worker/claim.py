@@ -1,6 +1,7 @@
 """The claim: a message's attempt starts, in one statement, when the job may run now: it is due, its tenant is
-under its cap (worker/capacity.py), and its concurrency key has a slot free. A job turned away waits `queued`,
-undispatched, holding nothing, until a slot comes back (`wake`, `wake_key`) or it is due (the sweep)."""
+under its cap (worker/capacity.py), its concurrency key has a slot free, and its type's rate bucket a token. A job
+turned away waits `queued`, undispatched, holding nothing, until a slot comes back (`wake`, `wake_key`) or it is due
+(the sweep); one over its type's rate is due again when a token will be there, and rung for then."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import msgspec
 from databases import Database
 
 from worker import sql
-from worker.capacity import CAP_SQL, LIMITS_SQL, Capacity, limit_values
+from worker.capacity import CAP_SQL, LIMITS_SQL, RATES_SQL, Capacity, limit_values, rate_values
+from worker.queue import Bell
 from worker.status import insert_sql as status_event
 from worker.store import Jobs
 
@@ -53,9 +55,10 @@ WITH wanted AS (  -- a pair given twice counts once, at its first place; in id o
      ORDER BY id, attempt, place
 ), candidate AS (  -- what the claim may take (the UPDATE checks each row again)
     SELECT j.id, j.attempt, j.tenant_id, j.type, j.concurrency_key AS key, w.place,
-           j.concurrency_key IS NOT NULL AND l.n IS NOT NULL AS limited
+           j.concurrency_key IS NOT NULL AND l.n IS NOT NULL AS limited, r.type IS NOT NULL AS rated
       FROM jobs j JOIN wanted w ON j.id = w.id AND j.attempt = w.attempt
       LEFT JOIN {LIMITS_SQL} ON l.type = j.type
+      LEFT JOIN {RATES_SQL} ON r.type = j.type
      WHERE j.status = 'queued' AND j.expires_at > now() AND j.cancel_requested_at IS NULL
            AND j.next_run_at <= now() + make_interval(secs => :early)
 ), keyed AS (
@@ -66,7 +69,7 @@ WITH wanted AS (  -- a pair given twice counts once, at its first place; in id o
      ORDER BY s.type, s.key
        FOR NO KEY UPDATE OF s
 ), key_admitted AS (  -- within a key, in the order the claims came, as many as its room
-    SELECT c.id, c.attempt, c.tenant_id, c.place, k.type IS NOT NULL AS keyed
+    SELECT c.id, c.attempt, c.tenant_id, c.type, c.place, c.rated, k.type IS NOT NULL AS keyed
       FROM (SELECT *, row_number() OVER (PARTITION BY type, key ORDER BY place) AS n FROM candidate) c
       LEFT JOIN keyed k ON c.limited AND k.type = c.type AND k.key = c.key
      WHERE k.type IS NULL OR c.n <= k.room
@@ -78,11 +81,24 @@ WITH wanted AS (  -- a pair given twice counts once, at its first place; in id o
      WHERE t.id IN (SELECT tenant_id FROM key_admitted) AND {CAP_SQL} IS NOT NULL
      ORDER BY t.id
        FOR NO KEY UPDATE
-), admitted AS (  -- within a tenant, in the order the claims came, as many as its room
-    SELECT c.id, c.attempt, c.keyed, k.id IS NOT NULL AS capped
+), tenant_admitted AS (  -- within a tenant, in the order the claims came, as many as its room
+    SELECT c.id, c.attempt, c.type, c.place, c.rated, c.keyed, k.id IS NOT NULL AS capped
       FROM (SELECT *, row_number() OVER (PARTITION BY tenant_id ORDER BY place) AS n FROM key_admitted) c
       LEFT JOIN capped k ON k.id = c.tenant_id
      WHERE k.id IS NULL OR c.n <= k.room
+), rated AS (  -- the rate-limited types' buckets, locked, refilled to now
+    SELECT b.type, least(r.count, b.tokens + extract(epoch FROM now() - b.updated_at) * r.count / r.per) AS tokens,
+           r.count / r.per AS per_s
+      FROM rate_buckets b JOIN {RATES_SQL} ON r.type = b.type
+     WHERE b.type IN (SELECT type FROM tenant_admitted WHERE rated)
+     ORDER BY b.type
+       FOR NO KEY UPDATE OF b
+), ranked AS (  -- within a rate-limited type, in the order the claims came, as many as it has tokens
+    SELECT c.*, b.type IS NOT NULL AS bucket, b.tokens, b.per_s,
+           row_number() OVER (PARTITION BY c.type ORDER BY c.place) AS n
+      FROM tenant_admitted c LEFT JOIN rated b ON c.rated AND b.type = c.type
+), admitted AS (
+    SELECT id, attempt, keyed, capped FROM ranked WHERE NOT rated OR (bucket AND n <= floor(tokens))
 ), claimed AS (
     UPDATE jobs
        SET status = 'running', attempt = jobs.attempt + 1, lease_owner = :owner,
@@ -103,24 +119,39 @@ WITH wanted AS (  -- a pair given twice counts once, at its first place; in id o
       FROM (SELECT type, concurrency_key, count(*) AS taken FROM claimed WHERE 'key' = ANY(slots)
              GROUP BY type, concurrency_key) n
      WHERE s.type = n.type AND s.key = n.concurrency_key
+), took_tokens AS (
+    UPDATE rate_buckets b SET tokens = r.tokens - COALESCE(n.taken, 0), updated_at = now()
+      FROM rated r LEFT JOIN (SELECT type, count(*) AS taken FROM claimed GROUP BY type) n ON n.type = r.type
+     WHERE b.type = r.type
+), deferred AS (
+    -- over its type's rate: due again when the bucket holds its token, each later than the one before, and rung
+    -- by the caller with that delay. No event: it was queued and stays queued.
+    UPDATE jobs SET next_run_at = now() + make_interval(secs => (d.n - d.tokens) / d.per_s), dispatched_at = now()
+      FROM ranked d
+     WHERE d.rated AND d.bucket AND d.n > floor(d.tokens)
+           AND jobs.id = d.id AND jobs.attempt = d.attempt AND jobs.status = 'queued'
+    RETURNING jobs.*, (d.n - d.tokens) / d.per_s AS deferred_s
 ), turned_away AS (
     -- at a cap or a key's limit, or rung before its time: it waits, undispatched, holding nothing, until a slot
     -- comes back or (the sweep) it is due
     UPDATE jobs SET dispatched_at = NULL
       FROM wanted w
      WHERE jobs.id = w.id AND jobs.attempt = w.attempt AND jobs.status = 'queued'
-           AND w.id NOT IN (SELECT id FROM admitted)
+           AND w.id NOT IN (SELECT id FROM admitted) AND w.id NOT IN (SELECT id FROM ranked WHERE rated AND bucket)
 ), event AS ({status_event("claimed")})
-SELECT {_CLAIMED_COLUMNS} FROM claimed
+SELECT {_CLAIMED_COLUMNS}, CAST(NULL AS float8) AS deferred_s FROM claimed
+UNION ALL
+SELECT {_CLAIMED_COLUMNS}, deferred_s FROM deferred
 """
 
 
 async def claim_many(
     jobs: Jobs, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float, capacity: Capacity | None = None
-) -> list[Claimed | None]:
+) -> list[Claimed | Bell | None]:
     """Start attempt `started + 1` of each `(job_id, started)` (a message's pair, worker/queue.py), in one
     statement. None: a stale or duplicate delivery, so run nothing (a pair given twice is claimed for its first
-    place only), or a job that may not run now (see the module's doc): it waits undispatched."""
+    place only), or a job that may not run now (see the module's doc): it waits undispatched. A Bell: a job over
+    its type's rate, due again later: the caller rings it."""
     ids, attempts = [job_id for job_id, _ in wanted], [attempt for _, attempt in wanted]
     values = {
         "ids": ids,
@@ -130,11 +161,17 @@ async def claim_many(
         "early": EARLY_S,
         "default_cap": None if capacity is None else capacity.default_cap,
         **limit_values({} if capacity is None else capacity.limits),
+        **rate_values({} if capacity is None else capacity.rates),
     }
     records = await sql.fetch_all(jobs.db, _CLAIM, values)
-    claimed = {(r["id"], r["attempt"] - 1): msgspec.convert(dict(r), Claimed) for r in records}
-    jobs.changed(r["id"] for r in records)
-    return [claimed.pop(key, None) for key in wanted]
+    answers: dict[tuple[UUID, int], Claimed | Bell] = {}
+    for r in records:
+        if r["deferred_s"] is None:
+            answers[r["id"], r["attempt"] - 1] = msgspec.convert(dict(r), Claimed)
+        else:
+            answers[r["id"], r["attempt"]] = Bell(r["id"], r["attempt"], r["priority"], delay_s=r["deferred_s"])
+    jobs.changed(r["id"] for r in records if r["deferred_s"] is None)
+    return [answers.pop(key, None) for key in wanted]
 
 
 _OWNED = f"""

@@ -150,6 +150,14 @@ class Context:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """At most `count` starts every `per_s` seconds, across every worker (a token bucket: bursts up to `count`)."""
+
+    count: int
+    per_s: float
+
+
+@dataclass(frozen=True)
 class JobType:
     """A registered kind of job: a msgspec Input type and one coroutine."""
 
@@ -162,9 +170,12 @@ class JobType:
     description: str = ""
     # At most this many jobs of one `concurrency_key` run at once, across every worker. None: the type takes no key.
     concurrency: int | None = None
+    rate: Rate | None = None  # starts beyond it wait queued (worker/claim.py); None: as fast as workers take them
     decoder: msgspec.json.Decoder[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"job type {self.name!r}: concurrency must be at least 1")
+        if self.rate is not None and (self.rate.count < 1 or self.rate.per_s <= 0):
+            raise ValueError(f"job type {self.name!r}: a rate needs a count of at least 1 per a positive per_s")
         object.__setattr__(self, "decoder", msgspec.json.Decoder(self.input))

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -24,7 +24,7 @@ from worker.claim import Claimed
 from worker.deps import Deps
 from worker.heartbeat import Heartbeat
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status
-from worker.queue import enqueue, enqueue_many, parse_message
+from worker.queue import Bell, enqueue, enqueue_many, parse_message
 from worker.retry import backoff
 
 log = logging.getLogger("outlast.worker")
@@ -35,6 +35,8 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 # waits at all; 10 ms more per claim and finish then is nothing beside a job, and a tenth as many round trips
 # and commits drain the queue 1.4x as fast on two cores (docs/performance.md).
 WRITE_LINGER_S = 0.01
+# A job over its type's rate due later than this is rung by the sweep, not by a task held in this worker meanwhile.
+RING_LATER_MAX_S = 60.0
 ERROR_MAX_CHARS = 2_000  # a job's error message is cut to this: it is stored with the job and in its events
 
 
@@ -44,17 +46,19 @@ class Runtime:
     finishes of the attempts it runs, batched (worker/batch.py), and the tenants' caps (worker/capacity.py)."""
 
     job_types: Mapping[str, JobType]
-    claims: Batcher[tuple[UUID, int], Claimed | None]
+    claims: Batcher[tuple[UUID, int], Claimed | Bell | None]
     finishes: Batcher[store.Finish, bool]
     capacity: Capacity
+    later: set[asyncio.Task[None]] = field(default_factory=set)  # rings waiting for their time (ring_later)
 
     @classmethod
     def of(cls, deps: Deps, job_types: Mapping[str, JobType], *, name: str = OWNER) -> Runtime:
         jobs, config = deps.jobs, deps.config
         limits = {t.name: t.concurrency for t in job_types.values() if t.concurrency is not None}
-        capacity = Capacity(name, config.worker_max_jobs, config.tenant_max_share, limits=limits)
+        rates = {t.name: t.rate for t in job_types.values() if t.rate is not None}
+        capacity = Capacity(name, config.worker_max_jobs, config.tenant_max_share, limits=limits, rates=rates)
 
-        async def claims(wanted: Sequence[tuple[UUID, int]]) -> list[Claimed | None]:
+        async def claims(wanted: Sequence[tuple[UUID, int]]) -> list[Claimed | Bell | None]:
             return await claim.claim_many(jobs, wanted, owner=OWNER, lease_s=config.lease_s, capacity=capacity)
 
         async def finish(finishes: Sequence[store.Finish]) -> list[bool]:
@@ -67,7 +71,25 @@ class Runtime:
             capacity,
         )
 
+    def ring_later(self, deps: Deps, bell: Bell) -> None:
+        """Ring `bell` once its delay is over. Not now: arq still holds this message's id until run_job returns,
+        and would drop a ring for it. A long wait, or one this worker does not live to see, is the sweep's: the row
+        says when the job is due, and that it was rung before."""
+        if bell.delay_s > RING_LATER_MAX_S:
+            return
+
+        async def ring() -> None:
+            await asyncio.sleep(bell.delay_s)
+            if not await enqueue_many(deps.redis, [bell._replace(delay_s=0.0)], step_s=deps.config.priority_step_s):
+                log.warning("ring %s: Redis unavailable; the sweep will dispatch it", bell.job_id)
+
+        task = asyncio.create_task(ring())
+        self.later.add(task)
+        task.add_done_callback(self.later.discard)
+
     async def aclose(self) -> None:
+        for task in list(self.later):
+            task.cancel()
         await self.claims.aclose()
         await self.finishes.aclose()
 
@@ -90,7 +112,10 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         await asyncio.shield(_claim_interrupted(deps, runtime, job_id, started + 1))
         raise
     if claimed is None:
-        return  # a stale or duplicate delivery: someone else has it, or it ended
+        return  # a stale or duplicate delivery (someone else has it, or it ended), or it waits for a slot
+    if isinstance(claimed, Bell):  # over its type's rate: rung again for when the bucket holds its token
+        runtime.ring_later(deps, claimed)
+        return
     job_type = runtime.job_types.get(claimed.type)
     if job_type is None:
         error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)

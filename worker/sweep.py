@@ -18,7 +18,7 @@ import msgspec
 from databases import Database
 
 from worker import database, sql
-from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, forget_stale, leave, limit_values, refresh
+from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, forget_stale, leave, limit_values, refresh
 from worker.config import Config
 from worker.deps import Deps
 from worker.job import CANCELLED, Error
@@ -187,6 +187,7 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     config, db = deps.config, deps.db
     if capacity is not None:
         await refresh(db, capacity, fresh_s=fresh_s(config))
+        await ensure_buckets(db, capacity)
     lost = await rescue_lost(
         deps.jobs, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
     )

@@ -61,6 +61,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None
     expires_at: datetime
     retry_of: UUID | None = None  # made by retry() from that job
+    run_at: datetime | None = None  # not started before then, as asked on submit
+    priority: int = 0
+    concurrency_key: str | None = None
     links: Links
 
 
