@@ -14,7 +14,20 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from server import accesslog, auth, collector, deliveries, jobs, limits, openapi, ops, problems, stream, submit
+from server import (
+    accesslog,
+    auth,
+    collector,
+    deliveries,
+    jobs,
+    limits,
+    openapi,
+    ops,
+    problems,
+    schedules,
+    stream,
+    submit,
+)
 from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
 from server.state import Web
@@ -69,6 +82,12 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/jobs/{id}/deliveries/redeliver", deliveries.redeliver, methods=["POST"]),
             Route("/v1/jobs/{id}/events", stream.follow, methods=["GET"]),
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),
+            Route("/v1/schedules", schedules.list_schedules, methods=["GET"]),
+            Route("/v1/schedules", schedules.create, methods=["POST"]),
+            Route("/v1/schedules/{id}", schedules.show, methods=["GET"]),
+            Route("/v1/schedules/{id}", schedules.change, methods=["PATCH"]),
+            Route("/v1/schedules/{id}", schedules.delete, methods=["DELETE"]),
+            Route("/v1/schedules/{id}/trigger", schedules.trigger, methods=["POST"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

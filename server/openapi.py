@@ -14,9 +14,10 @@ from server.jobs import JobList, JobTypeList
 from server.ops import Health, Readiness
 from server.problems import Problem
 from server.responses import MsgspecResponse
+from server.schedules import NewSchedule, ScheduleChange, ScheduleList
 from server.state import web_of
 from server.submit import SubmitJob
-from worker import Job, JobType, webhook_store
+from worker import Job, JobType, schedules, webhook_store
 
 _REF = "#/components/schemas/{name}"
 
@@ -109,11 +110,104 @@ def _submit_schema(job_types: Mapping[str, JobType], components: dict[str, Any])
     return {"oneOf": variants}
 
 
+_SCHEDULE_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": f"^{schedules.ID_PATTERN}$"},
+}
+_SCHEDULE_422 = _problem("a bad cron or timezone, an unknown type, or a field that fails the schema (named in errors)")
+
+
+def _schedule_paths() -> dict[str, Any]:
+    """/v1/schedules: server/schedules.py."""
+    one = {"description": "the schedule", "content": _json("ScheduleResource")}
+    missing = _problem("no such schedule")
+    return {
+        "/v1/schedules": {
+            "get": {
+                "operationId": "listSchedules",
+                "summary": "The tenant's cron schedules, by id",
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "a page", "content": _json("ScheduleList")},
+                    "422": _problem("bad query"),
+                },
+            },
+            "post": {
+                "operationId": "createSchedule",
+                "summary": "A cron schedule: each tick of `cron` in `timezone` makes one job",
+                "requestBody": {"required": True, "content": _json("NewSchedule")},
+                "responses": {
+                    "201": {**one, "headers": {"Location": {"schema": {"type": "string"}}}},
+                    "400": _problem("the body is not JSON"),
+                    "409": _problem("a schedule of that id exists"),
+                    "413": _problem("the body is too large"),
+                    "422": _SCHEDULE_422,
+                },
+            },
+        },
+        "/v1/schedules/{id}": {
+            "get": {
+                "operationId": "getSchedule",
+                "parameters": [_SCHEDULE_ID],
+                "responses": {"200": one, "404": missing},
+            },
+            "patch": {
+                "operationId": "changeSchedule",
+                "summary": "Change the given fields; `paused` pauses and resumes",
+                "parameters": [_SCHEDULE_ID],
+                "requestBody": {"required": True, "content": _json("ScheduleChange")},
+                "responses": {
+                    "200": one,
+                    "400": _problem("the body is not JSON"),
+                    "404": missing,
+                    "409": _problem("declared in code: only `paused` may change"),
+                    "413": _problem("the body is too large"),
+                    "422": _SCHEDULE_422,
+                },
+            },
+            "delete": {
+                "operationId": "deleteSchedule",
+                "parameters": [_SCHEDULE_ID],
+                "responses": {
+                    "204": {"description": "deleted"},
+                    "404": missing,
+                    "409": _problem("declared in code: remove it there"),
+                },
+            },
+        },
+        "/v1/schedules/{id}/trigger": {
+            "post": {
+                "operationId": "triggerSchedule",
+                "summary": "A job of the schedule now; its next tick stays",
+                "parameters": [_SCHEDULE_ID],
+                "responses": {
+                    "202": {
+                        "description": "the job",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": _json("Job"),
+                        "links": _JOB_LINKS,
+                    },
+                    "404": missing,
+                    "422": _problem("the schedule's type is no longer registered"),
+                },
+            }
+        },
+    }
+
+
 def build(
     job_types: Mapping[str, JobType] | None = None, title: str = "Outlast", version: str = "0.1.0"
 ) -> dict[str, Any]:
     (_, components) = msgspec.json.schema_components(
-        [SubmitJob, Job, JobList, JobTypeList, DeliveryList, webhook_store.Delivery, Problem, Health, Readiness],
+        [
+            *(SubmitJob, Job, JobList, JobTypeList, DeliveryList, webhook_store.Delivery, Problem, Health, Readiness),
+            *(NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList),
+        ],
         ref_template=_REF,
         schema_hook=_schema_hook,
     )
@@ -248,6 +342,7 @@ def build(
                 },
             }
         },
+        **_schedule_paths(),
         "/healthz": {
             "get": {
                 "operationId": "healthz",
