@@ -1,4 +1,5 @@
-"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, tenants, submit, webhooks."""
+"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, tenants, submit, webhooks,
+schedules."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from worker import keys
 from worker.config import STORES_FILE, Config, data_dir, from_env, running_stores
 from worker.database import open_database
 from worker.migrate import create_database, migrate
+from worker.tools import schedules as schedules_cli
 from worker.tools.watch import follow
 
 T = TypeVar("T")
@@ -294,7 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     secret.add_argument("tenant")
     secret.add_argument("--rotate", action="store_true", help="make a new secret current")
     secret.add_argument("--overlap", type=float, default=86_400.0, help="seconds the old one keeps signing")
+    schedules_cli.register(sub)
     args = parser.parse_args(argv)
+    if args.command == "schedules":
+        sys.exit(schedules_cli.main(args))
     if args.command == "keys":
         sys.exit({"create": cmd_keys_create, "list": cmd_keys_list, "revoke": cmd_keys_revoke}[args.keys_command](args))
     if args.command == "tenants":
