@@ -38,16 +38,24 @@ def _local(moment: datetime | None, timezone: str) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = asyncio.run(_with_database(lambda db: schedules.list_schedules(db, args.tenant, limit=LIST_LIMIT)))
-    print(f"{'tenant':<12}  {'id':<24}  {'cron':<16}  {'timezone':<16}  {'type':<14}  {'state':<8}  "
-          f"{'next run':<22}  {'last run':<22}  last job")  # fmt: skip
+    table = [("tenant", "id", "cron", "timezone", "type", "state", "next run", "last run", "last job")]
     for row in rows:
-        state = "paused" if row.paused else "active"
-        source = " (code)" if row.declared else ""
-        print(
-            f"{row.tenant_id:<12}  {row.id + source:<24}  {row.cron:<16}  {row.timezone:<16}  {row.type:<14}  "
-            f"{state:<8}  {_local(row.next_run_at, row.timezone):<22}  {_local(row.last_run_at, row.timezone):<22}  "
-            f"{row.last_job_id or '-'}"
+        table.append(
+            (
+                row.tenant_id,
+                row.id + (" (code)" if row.declared else ""),
+                row.cron,
+                row.timezone,
+                row.type,
+                "paused" if row.paused else "active",
+                _local(row.next_run_at, row.timezone),
+                _local(row.last_run_at, row.timezone),
+                str(row.last_job_id or "-"),
+            )
         )
+    widths = [max(len(line[n]) for line in table) for n in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     if not rows:
         print("(no schedules)", file=sys.stderr)
     return 0
