@@ -17,6 +17,7 @@ from starlette.routing import Route
 from server import (
     accesslog,
     auth,
+    bulk,
     collector,
     deliveries,
     jobs,
@@ -74,6 +75,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs", submit.submit, methods=["POST"]),
             Route("/v1/jobs/batch", submit.submit_batch, methods=["POST"]),
+            Route("/v1/jobs/cancel", bulk.cancel_many, methods=["POST"]),
             Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),

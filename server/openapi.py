@@ -9,6 +9,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from server.bulk import CancelFilter, Cancelled
 from server.deliveries import DeliveryList
 from server.jobs import JobList, JobTypeList
 from server.ops import Health, Readiness
@@ -206,7 +207,7 @@ def build(
     (_, components) = msgspec.json.schema_components(
         [
             *(SubmitJob, Job, JobList, JobTypeList, DeliveryList, webhook_store.Delivery, Problem, Health, Readiness),
-            *(NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList),
+            *(NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList, CancelFilter, Cancelled),
         ],
         ref_template=_REF,
         schema_hook=_schema_hook,
@@ -254,6 +255,19 @@ def build(
                     "422": _problem("bad query"),
                 },
             },
+        },
+        "/v1/jobs/cancel": {
+            "post": {
+                "operationId": "cancelJobs",
+                "summary": "Cancel the tenant's live jobs matching every filter given, at most 10,000 a call",
+                "requestBody": {"required": True, "content": _json("CancelFilter")},
+                "responses": {
+                    "202": {"description": "how many were cancelled or asked to stop", "content": _json("Cancelled")},
+                    "400": _problem("the body is not JSON"),
+                    "413": _problem("the body is too large"),
+                    "422": _problem("a filter fails the schema"),
+                },
+            }
         },
         "/v1/jobs/{id}": {
             "get": {
