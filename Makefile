@@ -1,5 +1,5 @@
 # The two commands: `make run` starts everything, `make test` runs every check.
-# Each creates .venv when it is missing and installs the project into it.
+# Each creates .venv when it is missing and installs the project into it, and the client (client/) beside it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,10 +7,10 @@ STAMP := $(VENV)/.outlast-installed
 
 .PHONY: run test test-fast bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Outlast needs Python 3.11 or newer; set PYTHON=python3.X" if sys.version_info < (3, 11) else 0)'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./client
 	@touch $(STAMP)
 
 run: $(STAMP)

@@ -20,6 +20,7 @@ from server import (
     bulk,
     collector,
     deliveries,
+    docs,
     jobs,
     limits,
     openapi,
@@ -57,7 +58,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
                     auth=await auth.setup(config, deps.db),
                     callbacks=UrlGuard.from_config(config, resolver),  # and again at each delivery (the worker's)
                     inserts=submit.inserts(deps.db),
-                    enqueues=submit.enqueues(deps.redis),
+                    enqueues=submit.enqueues(deps.redis, step_s=config.priority_step_s),
                     submits=limits.Budget("submits"),
                     redeliveries=limits.Budget("redeliveries"),
                     metrics=counters,
@@ -94,7 +95,8 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi.openapi, methods=["GET"]),
-            Route("/docs", openapi.docs, methods=["GET"]),
+            Route("/docs", docs.page, methods=["GET"]),
+            Route("/docs/assets/{name}", docs.asset, methods=["GET"]),
         ],
         middleware=[
             Middleware(CountRequests, counter=counters.requests),  # outermost: 401s and 429s are counted too

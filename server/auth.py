@@ -1,14 +1,17 @@
 """Who is calling. Every `/v1` request is authenticated here, once, before routing, so a route added later is covered
 without a line of its own; handlers read the result with `tenant_of(request)` (or `caller_of`).
 
-    Authorization: Bearer olk_…   an API key: its tenant, on every /v1 route
+    Authorization: Bearer olk_…   an API key: its tenant, on every /v1 route (a read-only key: GET, HEAD, OPTIONS)
+    Authorization: Bearer a.b.c   a JWT from the identity provider, when one is configured (server/idp.py): the
+                                  tenant it names, on every /v1 route (read-only without the write scope)
     ?token=olt_…                  a job read token (from a Job's `links`): one job, read-only, on TOKEN_ROUTES only
     neither                       development's open mode, as tenant `default`, only while `may_run_open` and no
                                   usable key exists; else 401
 
-Anything else answers 401 with `WWW-Authenticate: Bearer`. An API key in the query string is refused even beside a
-valid header: it is already in access logs and browser history. An address that keeps failing gets 429 for the rest
-of a minute (server/limits.py); a request without credentials never counts, and a valid key always passes.
+Anything else answers 401 with `WWW-Authenticate: Bearer`, and a read-only credential's write (any method but READS)
+403. An API key in the query string is refused even beside a valid header: it is already in access logs and browser
+history. An address that keeps failing (a bad key or JWT alike) gets 429 for the rest of a minute
+(server/limits.py); a request without credentials never counts, and a valid credential always passes.
 
 Pure ASGI, not BaseHTTPMiddleware, which would buffer and break streaming responses such as the event stream.
 """
@@ -33,9 +36,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import b64
+from server.idp import IdentityProvider, InvalidToken
 from server.keycache import KeyCache
 from server.limits import AuthThrottle, pruned
-from server.problems import ProblemError, RateLimited, Unauthorized, Unavailable, as_response
+from server.problems import Forbidden, ProblemError, RateLimited, Unauthorized, Unavailable, as_response
 from server.state import Web, web_of
 from worker import Config, Deps, Job, Links, database, keys
 
@@ -57,21 +61,27 @@ KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "access_token", "
 TOUCH_EVERY_S = 300.0  # api_keys.last_used_at is written at most this often per key and process
 _TOKEN_CONTEXT = b"outlast job read token v1\0"
 LINK_TOKEN_REUSE_S = 60.0
+READS = frozenset({"GET", "HEAD", "OPTIONS"})  # what a read-only credential may send; anything else is a write
 
 
 @dataclass(frozen=True)
 class Caller:
     tenant: str
-    key_id: str | None  # the API key's id; None for a job read token or development's open mode
+    key_id: str | None  # the API key's id; None for a JWT, a job read token or development's open mode
     job: UUID | None = None  # a read token's one job
     expires_at: float | None = None  # a read token's end, in Unix time: nothing it opened outlives it
+    read_only: bool = False  # a read-only key or JWT: every write answers 403
+    subject: str | None = None  # a JWT's `sub` ("" when it has none)
 
     @property
     def limit_key(self) -> str:
-        """What per-key limits count against: the key; for a read token, its job (a leaked link uses up that job's
-        streams, not every browser's of the tenant); in open mode, the tenant."""
+        """What per-key limits count against: the key; for a JWT, its subject within its tenant; for a read token,
+        its job (a leaked link uses up that job's streams, not every browser's of the tenant); in open mode, the
+        tenant."""
         if self.key_id is not None:
             return self.key_id
+        if self.subject is not None:
+            return f"jwt:{self.tenant}:{self.subject}"
         return f"job:{self.job}" if self.job is not None else f"open:{self.tenant}"
 
 
@@ -110,10 +120,13 @@ class AuthState:
 
     LINK_TOKENS = 10_000  # jobs whose link token is kept for reuse, per process
 
-    def __init__(self, config: Config, secret: bytes, *, may_run_open: bool) -> None:
+    def __init__(
+        self, config: Config, secret: bytes, *, may_run_open: bool, idp: IdentityProvider | None = None
+    ) -> None:
         self.config = config
         self.secret = secret
         self.may_run_open = may_run_open
+        self.idp = idp  # None: bearer JWTs are not accepted
         self.throttle = AuthThrottle(config.auth_failures_per_min)
         self.keys = KeyCache()
         self._touched: dict[str, float] = {}
@@ -198,7 +211,13 @@ async def setup(config: Config, db: Database) -> AuthState:
             "!" * 100,
             "!" * 100,
         )
-    return AuthState(config, secret.encode(), may_run_open=may_run_open)
+    idp = None
+    if config.jwt_jwks_url:
+        idp = IdentityProvider(config)
+        # Fetched now, so the first token is answered at once. A provider down at start-up is no reason to refuse API
+        # keys: it is logged, and its JWKS is tried again when a token arrives.
+        await idp.jwks.fetch()
+    return AuthState(config, secret.encode(), may_run_open=may_run_open, idp=idp)
 
 
 def signed_links(request: Request, job: Job) -> Job:
@@ -233,7 +252,10 @@ class Authenticate:
             return
         web: Web = scope["app"].state.web
         try:
-            scope[SCOPE_KEY] = await _authenticate(scope, web.auth, web.deps)
+            scope[SCOPE_KEY] = caller = await _authenticate(scope, web.auth, web.deps)
+            if caller.read_only and scope["method"] not in READS:
+                what = "key" if caller.key_id is not None else "token"
+                raise Forbidden(f"this {what} is read-only: it may read (GET) but not {scope['method']}")
         except ProblemError as exc:
             await as_response(exc)(scope, receive, send)
             return
@@ -289,22 +311,38 @@ async def _identify(scope: Scope, guard: AuthState, deps: Deps) -> Caller:
         )
     authorization = Headers(scope=scope).get("authorization")
     if authorization is not None:
-        scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        scheme, _, credential = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
             raise Unauthorized("malformed Authorization header: send `Authorization: Bearer <key>`")
-        key = key.strip()
-        tenant = await guard.keys.verify(deps.db, key)
-        key_id = keys.key_id(key)
-        if tenant is None or key_id is None:
-            raise Unauthorized("unknown or revoked API key")
-        await guard.used(deps.db, key_id)
-        return Caller(tenant, key_id)
+        credential = credential.strip()
+        if credential.count(".") == 2 and not keys.looks_like_key(credential):
+            return await _jwt_caller(guard, deps, credential)
+        return await _key_caller(guard, deps, credential)
     tokens = [value for name, value in query if name == "token"]
     if tokens:
         return _token_caller(scope, guard, tokens)
     if await guard.open_now(deps.db):
         return Caller(DEFAULT_TENANT, None)
     raise Unauthorized("this route needs an API key: send `Authorization: Bearer <key>`", presented=False)
+
+
+async def _key_caller(guard: AuthState, deps: Deps, key: str) -> Caller:
+    grant = await guard.keys.verify(deps.db, key)
+    key_id = keys.key_id(key)
+    if grant is None or key_id is None:
+        raise Unauthorized("unknown or revoked API key")
+    await guard.used(deps.db, key_id)
+    return Caller(grant.tenant, key_id, read_only=grant.read_only)
+
+
+async def _jwt_caller(guard: AuthState, deps: Deps, token: str) -> Caller:
+    if guard.idp is None:
+        raise Unauthorized("this server takes no JWTs (no identity provider is configured): send an API key")
+    try:
+        identity = await guard.idp.identify(deps.db, token)
+    except InvalidToken as exc:
+        raise Unauthorized(f"invalid JWT: {exc}") from None
+    return Caller(identity.tenant, None, read_only=identity.read_only, subject=identity.subject)
 
 
 def _token_caller(scope: Scope, guard: AuthState, tokens: list[str]) -> Caller:

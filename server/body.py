@@ -99,15 +99,9 @@ def _keys_once(body: bytes) -> None:
     """Raise _Duplicate for a key given twice in one object. Invalid JSON passes: the typed decoder says where it
     is wrong, in its own words."""
     try:
-        # Decoded here, not by json.loads: that one guesses UTF-16 or UTF-32 from leading NULs and raises what a
-        # caller would not expect. Bytes that are not UTF-8 are not JSON the typed decoder takes either.
-        text = body.decode()
-    except UnicodeDecodeError:
-        return
-    try:
-        json.loads(text, object_pairs_hook=_unique)
-    except json.JSONDecodeError:
+        json.loads(body, object_pairs_hook=_unique)
+    except (json.JSONDecodeError, UnicodeDecodeError):  # the second is a ValueError too: not the digit limit
         pass
     except ValueError:  # an integer past Python's digit limit for int(): read the numbers as text instead
         with contextlib.suppress(json.JSONDecodeError):
-            json.loads(text, object_pairs_hook=_unique, parse_int=str)
+            json.loads(body, object_pairs_hook=_unique, parse_int=str)

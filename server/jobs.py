@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 import msgspec
@@ -25,7 +25,8 @@ from server.problems import (
 )
 from server.responses import JSONResponse, MsgspecResponse
 from server.state import web_of
-from worker import Job, JobType, Status, database, request_abort, resource, store
+from worker import Job, JobType, Status, control, database, resource, store
+from worker.job_types import JobTypeInfo, describe
 
 MAX_WAIT_S = 60
 
@@ -41,15 +42,6 @@ class ListQuery(msgspec.Struct, frozen=True, kw_only=True):
     type: str | msgspec.UnsetType = msgspec.UNSET
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
     cursor: str | msgspec.UnsetType = msgspec.UNSET
-
-
-class JobTypeInfo(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    description: str
-    retry_safe: bool
-    timeout_s: int
-    max_attempts: int
-    input_schema: dict[str, Any]
 
 
 class JobTypeList(msgspec.Struct, frozen=True):
@@ -119,16 +111,11 @@ async def show(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
-    """Queued: cancelled at once. Running: its task is interrupted (arq abort, and the heartbeat as a fallback)
-    and the job ends `cancelled`, unless it finishes first. Done: 409."""
-    deps = web_of(request).deps
-    job_id = _job_id(request)
-    row = await store.request_cancel(deps.jobs, tenant_of(request), job_id)
+    """worker/control.py's cancel; a job already done: 409."""
+    row = await control.cancel(web_of(request).deps, tenant_of(request), _job_id(request))
     if row is None:
         done = await job_or_404(request)  # 404 when unknown
         raise Conflict(f"the job is already {done.status}")
-    if row.status == "running":
-        await request_abort(deps.redis, row.id, row.attempt)
     return MsgspecResponse(present(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 
@@ -184,19 +171,7 @@ async def list_jobs(request: Request) -> Response:
 
 
 def job_type_list(types: Mapping[str, JobType], default_max_attempts: int) -> JobTypeList:
-    return JobTypeList(
-        [
-            JobTypeInfo(
-                name=t.name,
-                description=t.description,
-                retry_safe=t.retry_safe,
-                timeout_s=t.timeout_s,
-                max_attempts=t.max_attempts or default_max_attempts,
-                input_schema=msgspec.json.schema(t.input),
-            )
-            for t in types.values()
-        ]
-    )
+    return JobTypeList(describe(types, default_max_attempts))
 
 
 async def job_types(request: Request) -> Response:

@@ -40,22 +40,22 @@ class KeyCache:
     def __init__(self) -> None:
         self.listening_now = False
         self._heard_from = asyncio.Event()
-        self._keys: dict[str, tuple[bytes, str, float]] = {}  # key id: (hash, tenant, good until)
+        self._keys: dict[str, tuple[bytes, keys.Grant, float]] = {}  # key id: (hash, what it grants, good until)
         self._generation = 0
 
-    async def verify(self, db: Database, key: str) -> str | None:
+    async def verify(self, db: Database, key: str) -> keys.Grant | None:
         """As `keys.verify`, from memory when this process already verified the key."""
         id, hashed = keys.key_id(key), keys.digest(key)
         entry = None if id is None else self._keys.get(id)
         if entry is not None and entry[2] > time.monotonic() and hmac.compare_digest(entry[0], hashed):
             return entry[1]
         generation = self._generation
-        tenant = await keys.verify(db, key)
-        if tenant is not None and id is not None and self.listening_now and generation == self._generation:
+        grant = await keys.verify(db, key)
+        if grant is not None and id is not None and self.listening_now and generation == self._generation:
             if len(self._keys) >= self.MAX_KEYS:
                 self._keys.clear()
-            self._keys[id] = (hashed, tenant, time.monotonic() + self.MAX_AGE_S)
-        return tenant
+            self._keys[id] = (hashed, grant, time.monotonic() + self.MAX_AGE_S)
+        return grant
 
     def forget(self, id: str | None = None) -> None:
         """Drop one key, or all of them."""

@@ -1,57 +1,31 @@
-"""/openapi.json, generated from the msgspec types (never written by hand), and /docs, a page that renders it."""
+"""/openapi.json, generated from the msgspec types (never written by hand), shaped so that client generators take
+it whole: every schema a component with a unique title, each job type's input and submit body named after the type
+(`SquareSumInput`, `SquareSumSubmit`), the submit body a discriminated union on `type`, and no `$ref` into a
+schema's properties. The operations themselves are in server/openapi_paths.py; /docs in server/docs.py."""
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 
 from server.bulk import CancelFilter, Cancelled
 from server.deliveries import DeliveryList
 from server.jobs import JobList, JobTypeList
+from server.openapi_paths import REF, paths
 from server.ops import Health, Readiness
 from server.problems import Problem
 from server.responses import MsgspecResponse
 from server.schedules import NewSchedule, ScheduleChange, ScheduleList
 from server.state import web_of
-from server.submit import SubmitJob
-from worker import Job, JobType, schedules, webhook_store
+from server.submit import JobItems, SubmitBatch, SubmitJob
+from worker import Job, JobType, Status, schedules, webhook_store
 
-_REF = "#/components/schemas/{name}"
-
-
-def _json(ref: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": _REF.format(name=ref)}}}
-
-
-def _problem(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
-    }
-
-
-# One Server-Sent Event as a client parses it: `data` is the JSON text of the Job, the progress or the log line.
-_SSE_EVENT = {
-    "type": "object",
-    "properties": {
-        "event": {"enum": ["status", "progress", "log", "reconnect"]},
-        "data": {"type": "string"},
-        "id": {"type": "string"},
-        "retry": {"type": "integer"},
-    },
-}
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds before polling again"}}
-_IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key",
-    "in": "header",
-    "description": "the same key and body again returns the same job (Idempotent-Replayed: true); kept 24 h",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
-}
 _SECURITY_SCHEMES = {
     "apiKey": {
         "type": "http",
@@ -65,29 +39,23 @@ _SECURITY_SCHEMES = {
         "description": "the short-lived read-only token in a Job's links: that job, GET only",
     },
 }
-# Every /v1 operation may answer these, whatever it does.
-_GUARDED = {
-    "401": {
-        "description": "missing, malformed, unknown or revoked API key",
-        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
-    },
-    "429": {
-        "description": "a rate limit: too many submits, streams or failed authentications",
-        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
-    },
-    "503": {
-        "description": "the database is unreachable",
-        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Problem")}}},
+# One Server-Sent Event as a client parses it: `data` is the JSON text of the Job, the progress or the log line.
+_SSE_EVENT = {
+    "title": "ServerSentEvent",
+    "description": "one event of a job's stream, as an SSE client parses it; `data` is JSON text",
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "progress", "log", "reconnect"]},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
     },
 }
-# After a submit, its job can be read, waited on and cancelled: what schemathesis's stateful phase follows.
-_JOB_LINKS = {
-    name: {"operationId": operation, "parameters": {"id": "$response.body#/id"}}
-    for name, operation in (("GetJob", "getJob"), ("GetJobResult", "getJobResult"), ("CancelJob", "cancelJob"))
-}
+
+# Every body and answer msgspec describes; the submit bodies are remade per job type from SubmitJob and BatchItem.
+_TYPES: tuple[type, ...] = (SubmitJob, SubmitBatch, Job, JobItems, JobList, JobTypeList, DeliveryList)
+_TYPES += (webhook_store.Delivery, Problem, Health, Readiness, CancelFilter, Cancelled)
+_TYPES += (NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList)
 
 
 def _schema_hook(t: type) -> dict[str, Any]:
@@ -96,317 +64,151 @@ def _schema_hook(t: type) -> dict[str, Any]:
     raise NotImplementedError
 
 
-def _submit_schema(job_types: Mapping[str, JobType], components: dict[str, Any]) -> dict[str, Any]:
-    """The submit body as one variant per registered job type (`type` fixed, `input` that type's schema), so the
-    document says what each type accepts and a client generator, or a fuzzer, can produce jobs that run."""
-    if not job_types:
-        return {"$ref": _REF.format(name="SubmitJob")}
-    (inputs, more) = msgspec.json.schema_components([t.input for t in job_types.values()], ref_template=_REF)
-    components.update(more)
-    generic = components["SubmitJob"]
-    variants = []
-    for job_type, input_schema in zip(job_types.values(), inputs, strict=True):
-        properties = {**generic["properties"], "type": {"const": job_type.name}, "input": input_schema}
-        variants.append({**generic, "title": f"Submit {job_type.name}", "properties": properties})
-    return {"oneOf": variants}
+def _pascal(name: str) -> str:
+    """`square_sum` -> `SquareSum`: a job type's name as the prefix of its schemas' names."""
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[^0-9A-Za-z]+", name)) or "Job"
 
 
-_SCHEDULE_ID = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": f"^{schedules.ID_PATTERN}$"},
-}
-_SCHEDULE_422 = _problem("a bad cron or timezone, an unknown type, or a field that fails the schema (named in errors)")
+def _retarget(node: Any, old: str, new: str) -> Any:
+    """`node` with every `$ref` to `old` pointing at `new` instead."""
+    if isinstance(node, dict):
+        return {k: new if k == "$ref" and v == old else _retarget(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_retarget(v, old, new) for v in node]
+    return node
 
 
-def _schedule_paths() -> dict[str, Any]:
-    """/v1/schedules: server/schedules.py."""
-    one = {"description": "the schedule", "content": _json("ScheduleResource")}
-    missing = _problem("no such schedule")
-    return {
-        "/v1/schedules": {
-            "get": {
-                "operationId": "listSchedules",
-                "summary": "The tenant's cron schedules, by id",
-                "parameters": [
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                ],
-                "responses": {
-                    "200": {"description": "a page", "content": _json("ScheduleList")},
-                    "422": _problem("bad query"),
-                },
-            },
-            "post": {
-                "operationId": "createSchedule",
-                "summary": "A cron schedule: each tick of `cron` in `timezone` makes one job",
-                "requestBody": {"required": True, "content": _json("NewSchedule")},
-                "responses": {
-                    "201": {**one, "headers": {"Location": {"schema": {"type": "string"}}}},
-                    "400": _problem("the body is not JSON"),
-                    "409": _problem("a schedule of that id exists"),
-                    "413": _problem("the body is too large"),
-                    "422": _SCHEDULE_422,
-                },
-            },
-        },
-        "/v1/schedules/{id}": {
-            "get": {
-                "operationId": "getSchedule",
-                "parameters": [_SCHEDULE_ID],
-                "responses": {"200": one, "404": missing},
-            },
-            "patch": {
-                "operationId": "changeSchedule",
-                "summary": "Change the given fields; `paused` pauses and resumes",
-                "parameters": [_SCHEDULE_ID],
-                "requestBody": {"required": True, "content": _json("ScheduleChange")},
-                "responses": {
-                    "200": one,
-                    "400": _problem("the body is not JSON"),
-                    "404": missing,
-                    "409": _problem("declared in code: only `paused` may change"),
-                    "413": _problem("the body is too large"),
-                    "422": _SCHEDULE_422,
-                },
-            },
-            "delete": {
-                "operationId": "deleteSchedule",
-                "parameters": [_SCHEDULE_ID],
-                "responses": {
-                    "204": {"description": "deleted"},
-                    "404": missing,
-                    "409": _problem("declared in code: remove it there"),
-                },
-            },
-        },
-        "/v1/schedules/{id}/trigger": {
-            "post": {
-                "operationId": "triggerSchedule",
-                "summary": "A job of the schedule now; its next tick stays",
-                "parameters": [_SCHEDULE_ID],
-                "responses": {
-                    "202": {
-                        "description": "the job",
-                        "headers": {"Location": {"schema": {"type": "string"}}},
-                        "content": _json("Job"),
-                        "links": _JOB_LINKS,
-                    },
-                    "404": missing,
-                    "422": _problem("the schedule's type is no longer registered"),
-                },
-            }
-        },
+def _without_closed_tuples(node: Any) -> Any:
+    """`node` less the `items: false` msgspec writes after a tuple's `prefixItems`: its `maxItems` already closes the
+    tuple, and generators (openapi-python-client) refuse a boolean where they expect a schema."""
+    if isinstance(node, dict):
+        return {
+            k: _without_closed_tuples(v)
+            for k, v in node.items()
+            if not (k == "items" and v is False and "prefixItems" in node and "maxItems" in node)
+        }
+    if isinstance(node, list):
+        return [_without_closed_tuples(v) for v in node]
+    return node
+
+
+def _input_schemas(job_type: JobType, prefix: str) -> dict[str, Any]:
+    """`job_type`'s input schema as the component `<Prefix>Input`, its nested structs as `<Prefix><Name>`, each titled
+    by its name (what generators name their classes by)."""
+    name = f"{prefix}Input"
+    ((root,), found) = msgspec.json.schema_components(
+        [job_type.input], ref_template=REF.format(name=prefix + "{name}"), schema_hook=_schema_hook
+    )
+    schemas = {prefix + key: value for key, value in found.items()}
+    root_ref = root["$ref"]  # a Struct's schema is always a component: renamed <Prefix>Input
+    schemas = _retarget(schemas, root_ref, REF.format(name=name))
+    schemas[name] = schemas.pop(root_ref.removeprefix(REF.format(name="")))
+    return {key: {**schema, "title": key} for key, schema in _without_closed_tuples(schemas).items()}
+
+
+def _add_inputs(job_types: Mapping[str, JobType], components: dict[str, Any]) -> dict[str, str]:
+    """Add each type's input schemas to `components`; answer {type name: its input's component}. Every type gets its
+    own, even two types that share one Input struct, so a generated client's names say which type they are for;
+    the prefix is the type's name in Pascal case, numbered when another type's or a built-in name has it."""
+    inputs: dict[str, str] = {}
+    taken = set(components)
+    for job_type in job_types.values():
+        for n in itertools.count(1):
+            prefix = _pascal(job_type.name) + (str(n) if n > 1 else "")
+            schemas = _input_schemas(job_type, prefix)
+            bodies = {f"{prefix}Submit", f"{prefix}BatchItem"}  # made by _variants, later
+            if not (schemas.keys() | bodies) & taken and not schemas.keys() & bodies:
+                break
+        taken |= schemas.keys() | bodies
+        components.update(schemas)
+        inputs[job_type.name] = f"{prefix}Input"
+    return inputs
+
+
+def _variants(
+    job_types: Mapping[str, JobType], inputs: Mapping[str, str], base: dict[str, Any], suffix: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(components, union): one variant of the `base` body per job type, `type` fixed and `input` that type's
+    schema, and their union discriminated by `type`, so a client generator makes one class per type and a fuzzer
+    produces jobs that run."""
+    components: dict[str, Any] = {}
+    mapping: dict[str, str] = {}
+    for job_type in job_types.values():
+        input_name = inputs[job_type.name]
+        name = input_name.removesuffix("Input") + suffix
+        properties = {
+            **base["properties"],
+            "type": {"type": "string", "const": job_type.name},
+            "input": {"$ref": REF.format(name=input_name)},
+        }
+        required = [*base["required"], "input"] if _required(job_type) else base["required"]
+        description = f"{job_type.description} {base.get('description', '')}".strip()
+        components[name] = {
+            **base,
+            "title": name,
+            "description": description,
+            "properties": properties,
+            "required": required,
+        }
+        mapping[job_type.name] = REF.format(name=name)
+    union = {
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "type", "mapping": mapping},
     }
+    return components, union
+
+
+def _required(job_type: JobType) -> bool:
+    """Whether the type's input has a field without a default: then a body without `input` is refused."""
+    return any(f.required for f in msgspec.structs.fields(job_type.input))
+
+
+def schemas(job_types: Mapping[str, JobType]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(components, submit body schema, batch body schema)."""
+    (_, components) = msgspec.json.schema_components(_TYPES, ref_template=REF, schema_hook=_schema_hook)
+    # A component of its own, so a list filter can name it (no $ref into Job's properties).
+    components["JobStatus"] = {
+        "title": "JobStatus",
+        "description": "queued, running, then one of the four terminal states, which never change again",
+        "type": "string",
+        "enum": list(get_args(Status)),
+    }
+    components["Job"]["properties"]["status"] = {"$ref": REF.format(name="JobStatus")}
+    components["ServerSentEvent"] = _SSE_EVENT
+    if not job_types:
+        return components, {"$ref": REF.format(name="SubmitJob")}, {"$ref": REF.format(name="SubmitBatch")}
+    inputs = _add_inputs(job_types, components)
+    submits, submit = _variants(job_types, inputs, components["SubmitJob"], "Submit")
+    items, item = _variants(job_types, inputs, components["BatchItem"], "BatchItem")
+    components.update(submits)
+    components.update(items)
+    components["SubmitBatch"]["properties"]["jobs"]["items"] = item
+    return components, submit, {"$ref": REF.format(name="SubmitBatch")}
 
 
 def build(
     job_types: Mapping[str, JobType] | None = None, title: str = "Outlast", version: str = "0.1.0"
 ) -> dict[str, Any]:
-    (_, components) = msgspec.json.schema_components(
-        [
-            *(SubmitJob, Job, JobList, JobTypeList, DeliveryList, webhook_store.Delivery, Problem, Health, Readiness),
-            *(NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList, CancelFilter, Cancelled),
-        ],
-        ref_template=_REF,
-        schema_hook=_schema_hook,
-    )
-    submit_body = {"application/json": {"schema": _submit_schema(job_types or {}, components)}}
-    paths: dict[str, Any] = {
-        "/v1/jobs": {
-            "post": {
-                "operationId": "submitJob",
-                "summary": "Submit a job: answers 202 at once with the queued Job",
-                "parameters": [_IDEMPOTENCY_KEY],
-                "requestBody": {"required": True, "content": submit_body},
-                "responses": {
-                    "202": {
-                        "description": "accepted, or the job this Idempotency-Key made (then Idempotent-Replayed)",
-                        "headers": {
-                            "Location": {"schema": {"type": "string"}},
-                            **_RETRY_AFTER,
-                            "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
-                        },
-                        "content": _json("Job"),
-                        "links": _JOB_LINKS,
-                    },
-                    "400": _problem("the body is not JSON"),
-                    "408": _problem("the body did not arrive in time"),
-                    "413": _problem("the body is too large"),
-                    "422": _problem("unknown type, a field fails the schema, or the Idempotency-Key was reused"),
-                },
-            },
-            "get": {
-                "operationId": "listJobs",
-                "summary": "The tenant's jobs, newest first",
-                "parameters": [
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {"$ref": _REF.format(name="Job") + "/properties/status"},
-                    },
-                    {"name": "type", "in": "query", "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                ],
-                "responses": {
-                    "200": {"description": "a page", "content": _json("JobList")},
-                    "422": _problem("bad query"),
-                },
-            },
-        },
-        "/v1/jobs/cancel": {
-            "post": {
-                "operationId": "cancelJobs",
-                "summary": "Cancel the tenant's live jobs matching every filter given, at most 10,000 a call",
-                "requestBody": {"required": True, "content": _json("CancelFilter")},
-                "responses": {
-                    "202": {"description": "how many were cancelled or asked to stop", "content": _json("Cancelled")},
-                    "400": _problem("the body is not JSON"),
-                    "413": _problem("the body is too large"),
-                    "422": _problem("a filter fails the schema"),
-                },
-            }
-        },
-        "/v1/jobs/{id}": {
-            "get": {
-                "operationId": "getJob",
-                "security": [{"apiKey": []}, {"jobReadToken": []}],
-                "summary": "The Job; `Prefer: wait=N` holds the answer until it is done or N seconds pass",
-                "parameters": [_ID, {"name": "Prefer", "in": "header", "schema": {"type": "string"}}],
-                "responses": {
-                    "200": {"description": "the job", "headers": _RETRY_AFTER, "content": _json("Job")},
-                    "404": _problem("unknown or malformed id"),
-                },
-            }
-        },
-        "/v1/jobs/{id}/result": {
-            "get": {
-                "operationId": "getJobResult",
-                "summary": "The result alone",
-                "parameters": [_ID],
-                "responses": {
-                    "200": {"description": "the result", "content": {"application/json": {"schema": {}}}},
-                    "404": _problem("unknown or malformed id"),
-                    "409": _problem("not done yet, or ended without a result"),
-                    "410": _problem("past retention"),
-                },
-            }
-        },
-        "/v1/jobs/{id}/cancel": {
-            "post": {
-                "operationId": "cancelJob",
-                "summary": "Cancel: a queued job at once, a running one as soon as its task is interrupted",
-                "parameters": [_ID],
-                "responses": {
-                    "202": {"description": "cancelled, or cancel requested", "content": _json("Job")},
-                    "404": _problem("unknown or malformed id"),
-                    "409": _problem("already done"),
-                },
-            }
-        },
-        "/v1/jobs/{id}/events": {
-            "get": {
-                "operationId": "followJobEvents",
-                "security": [{"apiKey": []}, {"jobReadToken": []}],
-                "summary": "The job's events as Server-Sent Events: replayed after Last-Event-ID, then live",
-                "parameters": [
-                    _ID,
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}},
-                ],
-                "responses": {
-                    "200": {
-                        "description": "`status` (data: the Job), `progress`, `log`; `reconnect` when it ends early",
-                        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
-                    },
-                    "204": {"description": "the job ended and nothing follows Last-Event-ID"},
-                    "404": _problem("unknown or malformed id"),
-                    "422": _problem("Last-Event-ID is not an event id"),
-                },
-            }
-        },
-        "/v1/job-types": {
-            "get": {
-                "operationId": "listJobTypes",
-                "summary": "The registered job types with their input JSON Schemas",
-                "responses": {"200": {"description": "the types", "content": _json("JobTypeList")}},
-            }
-        },
-        "/v1/jobs/{id}/deliveries": {
-            "get": {
-                "operationId": "listDeliveries",
-                "summary": "The job's webhook deliveries, oldest first, each with every attempt",
-                "parameters": [_ID],
-                "responses": {
-                    "200": {"description": "the deliveries", "content": _json("DeliveryList")},
-                    "404": _problem("unknown or malformed id"),
-                },
-            }
-        },
-        "/v1/jobs/{id}/deliveries/redeliver": {
-            "post": {
-                "operationId": "redeliver",
-                "summary": "Queue a fresh delivery of the finished job to its callback_url",
-                "parameters": [_ID],
-                "responses": {
-                    "202": {"description": "queued", "content": _json("Delivery")},
-                    "404": _problem("unknown or malformed id"),
-                    "409": _problem("not done yet, or no callback_url"),
-                },
-            }
-        },
-        **_schedule_paths(),
-        "/healthz": {
-            "get": {
-                "operationId": "healthz",
-                "responses": {"200": {"description": "alive", "content": _json("Health")}},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "responses": {"200": {"description": "Prometheus text exposition", "content": {"text/plain": {}}}},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readyz",
-                "responses": {
-                    "200": {"description": "both stores answer", "content": _json("Readiness")},
-                    "503": {
-                        "description": "a store is down",
-                        "content": {"application/problem+json": {"schema": {"$ref": _REF.format(name="Readiness")}}},
-                    },
-                },
-            }
-        },
-    }
-    for path, operations in paths.items():
-        for operation in operations.values():
-            if path.startswith("/v1/"):
-                operation["responses"] = {**_GUARDED, **operation["responses"]}
-            else:
-                operation["security"] = []  # health and the docs are public
+    components, submit, batch = schemas(job_types or {})
     return {
         "openapi": "3.1.0",
-        "info": {"title": title, "version": version},
+        "info": {
+            "title": title,
+            "version": version,
+            "description": "Jobs that outlast an HTTP request: submit, follow, fetch the result. Errors are"
+            " RFC 9457 application/problem+json.",
+        },
         "security": [{"apiKey": []}],
-        "paths": paths,
+        "tags": [
+            {"name": "jobs", "description": "submit, read, wait on, follow, cancel and retry jobs"},
+            {"name": "webhooks", "description": "a job's callback deliveries"},
+            {"name": "schedules", "description": "cron schedules, each tick of which makes one job"},
+            {"name": "operations", "description": "health, readiness, metrics and this document"},
+        ],
+        "paths": paths(submit, batch),
         "components": {"schemas": components, "securitySchemes": _SECURITY_SCHEMES},
     }
 
 
 async def openapi(request: Request) -> Response:
     return MsgspecResponse(web_of(request).openapi)
-
-
-_DOCS = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Outlast API</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script></body></html>
-"""
-
-
-async def docs(request: Request) -> Response:
-    return HTMLResponse(_DOCS)

@@ -3,6 +3,7 @@
     ProblemError                 400 (the base: its subclasses are the slugs of API.md)
      ├── InvalidBody             400 invalid-body
      ├── Unauthorized            401 unauthorized (with WWW-Authenticate: Bearer)
+     ├── Forbidden               403 forbidden (a read-only credential that tried to write)
      ├── ValidationError         422 validation-error
      ├── IdempotencyKeyReused    422 idempotency-key-reused
      ├── UnknownJobType          422 unknown-job-type
@@ -107,6 +108,12 @@ class Unauthorized(ProblemError):
         # RFC 6750: name the error only when credentials were presented, so a bare request learns nothing more.
         challenge = 'Bearer realm="outlast"' + (', error="invalid_token"' if presented else "")
         self.headers = {"WWW-Authenticate": challenge}
+
+
+class Forbidden(ProblemError):
+    """This credential may not do this."""
+
+    status = 403
 
 
 class IdempotencyKeyReused(ProblemError):

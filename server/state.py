@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
 
 from starlette.requests import Request
 
 from worker import Config, Deps, JobType, UrlGuard, store
 from worker.batch import Batcher
+from worker.queue import Bell
 
 if TYPE_CHECKING:  # each of these modules reads the state through web_of: only the names, not the modules
     from server.auth import AuthState
@@ -29,7 +29,7 @@ class Web:
     auth: AuthState  # tokens, the failure throttle, open mode, the key cache (server/auth.py)
     callbacks: UrlGuard  # the SSRF guard a callback_url passes at submit (and again at each delivery)
     inserts: Batcher[store.NewJob, store.JobRow | None]  # submits' INSERTs, batched (server/submit.py)
-    enqueues: Batcher[tuple[UUID, int], bool]  # their doorbells, batched
+    enqueues: Batcher[Bell, bool]  # their doorbells, batched
     submits: Budget  # per-key rate limits (server/limits.py)
     redeliveries: Budget
     metrics: Metrics

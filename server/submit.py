@@ -8,8 +8,8 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from uuid import UUID
 
 import msgspec
 from arq.connections import ArqRedis
@@ -24,15 +24,16 @@ from server.jobs import job_or_404, present, until_done, wait_preference
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, InvalidBody, UnknownJobType, ValidationError
 from server.responses import MsgspecResponse
 from server.state import Web, web_of
-from worker import Forbidden, Job, database, store
+from worker import Forbidden, Job, control, database, store
 from worker.batch import Batcher
-from worker.queue import enqueue_many
+from worker.queue import Bell, enqueue_many
 
 log = logging.getLogger("outlast.web")
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 16
 # Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
+MAX_DELAY_S = 31_536_000  # a year: run_at and delay_s reach no further
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -45,6 +46,10 @@ class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
     timeout_s: Annotated[int, msgspec.Meta(ge=1)] | None = None
     metadata: dict[str, Any] = {}
+    run_at: datetime | None = None  # RFC 3339 with an offset; not started before then
+    delay_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_DELAY_S)] | None = None  # or: not before this many s from now
+    priority: Annotated[int, msgspec.Meta(ge=-10, le=10)] = 0
+    concurrency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
 class BatchItem(SubmitJob, forbid_unknown_fields=True, kw_only=True):
@@ -82,7 +87,7 @@ async def submit(request: Request) -> Response:
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     else:  # only the request that created the row rings the doorbell: a replay never dispatches twice
-        if not await web.enqueues((row.id, row.attempt)):
+        if not await web.enqueues(bell(job, row)):
             await store.undispatch(web.deps.db, row.id, row.attempt)  # the row is the outbox: the sweep rings
         web.metrics.submitted.labels(row.type).inc()
     # Prefer: wait=N: a short job's answer in one round trip; a longer one gets the usual 202.
@@ -140,7 +145,14 @@ async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None, *, at
         msg = f"metadata must encode to at most {MAX_METADATA_BYTES} bytes of JSON, nested {MAX_METADATA_DEPTH} deep"
         raise ValidationError(msg, [FieldError(f"{at}.metadata", msg)])
     max_attempts = body.max_attempts or job_type.max_attempts or config.default_max_attempts
+    run_at = _start_at(body, at)
+    if body.concurrency_key is not None and job_type.concurrency is None:
+        msg = f"job type {job_type.name!r} declares no concurrency limit, so it takes no concurrency_key"
+        raise ValidationError(msg, [FieldError(f"{at}.concurrency_key", msg)])
     canonical = [job_type.name, value, max_attempts, timeout_s, body.metadata, body.callback_url]
+    if run_at is not None or body.priority or body.concurrency_key is not None:  # older fingerprints stay valid
+        # delay_s is fingerprinted as asked, not as a time: the same request sent again is the same request
+        canonical += [body.run_at, body.delay_s, body.priority, body.concurrency_key]
     return store.NewJob(
         id=uuid7(),
         tenant=tenant,
@@ -154,7 +166,34 @@ async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None, *, at
         ttl_s=config.job_ttl_s,
         idempotency_key=key,
         request_hash=hashlib.sha256(msgspec.json.encode(canonical, order="sorted")).digest(),
+        run_at=run_at,
+        priority=body.priority,
+        concurrency_key=body.concurrency_key,
     )
+
+
+def _start_at(body: SubmitJob, at: str) -> datetime | None:
+    """When the job may start: `run_at`, or `delay_s` from now; None: now."""
+    if body.run_at is not None and body.delay_s is not None:
+        msg = "give run_at or delay_s, not both"
+        raise ValidationError(msg, [FieldError(f"{at}.run_at", msg), FieldError(f"{at}.delay_s", msg)])
+    if body.delay_s is not None:
+        return datetime.now(UTC) + timedelta(seconds=body.delay_s)
+    if body.run_at is None:
+        return None
+    if body.run_at.tzinfo is None:
+        msg = "run_at must be an RFC 3339 time with an offset, e.g. 2026-12-24T18:00:00Z"
+        raise ValidationError(msg, [FieldError(f"{at}.run_at", msg)])
+    if body.run_at > datetime.now(UTC) + timedelta(seconds=MAX_DELAY_S):
+        msg = "run_at must be within a year from now"
+        raise ValidationError(msg, [FieldError(f"{at}.run_at", msg)])
+    return body.run_at  # a time already past runs now
+
+
+def bell(job: store.NewJob, row: store.JobRow, *, now: datetime | None = None) -> Bell:
+    """The doorbell for a new job: ranked by its priority and fairly among tenants, or delayed to its run_at."""
+    delay_s = 0.0 if job.run_at is None else (job.run_at - (now or datetime.now(UTC))).total_seconds()
+    return Bell(row.id, row.attempt, job.priority, job.tenant, max(0.0, delay_s))
 
 
 def _storable(encoded: bytes, loc: str) -> bytes:
@@ -183,9 +222,10 @@ async def submit_batch(request: Request) -> Response:
         await new_job(web, tenant, item, item.idempotency_key, at=f"$.jobs[{n}]") for n, item in enumerate(batch.jobs)
     ]
     created = await create_all(web, jobs)
-    fresh = [(row.id, row.attempt) for row, replayed in created if not replayed]
-    if fresh and not await enqueue_many(web.deps.redis, fresh):
-        await store.undispatch_many(web.deps.db, fresh)  # the rows are the outbox: the sweep rings
+    fresh = [bell(job, row) for job, (row, replayed) in zip(jobs, created, strict=True) if not replayed]
+    if fresh and not await enqueue_many(web.deps.redis, fresh, step_s=config.priority_step_s):
+        # the rows are the outbox: the sweep rings
+        await store.undispatch_many(web.deps.db, [(b.job_id, b.started) for b in fresh])
     for row, replayed in created:
         if not replayed:
             web.metrics.submitted.labels(row.type).inc()
@@ -231,38 +271,33 @@ async def _replay_or_reinsert(web: Web, job: store.NewJob) -> tuple[store.JobRow
 
 
 async def retry(request: Request) -> Response:
-    """A new job from a failed, cancelled or expired one: its type, input, limits, metadata and callback, with
-    `retry_of` naming it. 409 for a job in any other state."""
+    """worker/control.py's retry_job: a new job from a failed, cancelled or expired one; 409 for any other. An
+    Idempotency-Key makes it once, as for a submit."""
     web = web_of(request)
     original = await job_or_404(request)
-    if original.status not in ("failed", "cancelled", "expired"):
-        raise Conflict(f"only a failed, cancelled or expired job can be retried; this one is {original.status}")
-    job_type = web.job_types.get(original.type)
-    if job_type is None:
-        msg = f"no job type {original.type!r} is registered any more"
-        raise UnknownJobType(msg, [FieldError("type", msg)])
+    try:
+        job = control.retry_job(original, tenant_of(request), web.job_types, ttl_s=web.config.job_ttl_s)
+    except control.NotRetryable as exc:
+        raise Conflict(str(exc)) from None
+    except control.TypeGone as exc:
+        raise UnknownJobType(str(exc), [FieldError("type", str(exc))]) from None
     await web.submits.take(
         web.deps.redis, caller_of(request).limit_key, rate=web.config.submit_rate_per_s, burst=web.config.submit_burst
     )
-    job = store.NewJob(
-        id=uuid7(),
-        tenant=tenant_of(request),
-        type=original.type,
-        input=original.input.encode(),
-        max_attempts=original.max_attempts,
-        timeout_s=original.timeout_s,
-        retry_safe=job_type.retry_safe,
-        callback_url=original.callback_url,
-        metadata=original.metadata.encode(),
-        ttl_s=web.config.job_ttl_s,
-        retry_of=original.id,
-    )
-    row = await web.inserts(job)
-    assert row is not None  # no Idempotency-Key: nothing to conflict with
-    if not await web.enqueues((row.id, row.attempt)):
-        await store.undispatch(web.deps.db, row.id, row.attempt)
-    web.metrics.submitted.labels(row.type).inc()
-    return MsgspecResponse(present(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
+    key = idempotency_key(request)
+    if key is not None:
+        # "The same request" is a retry of the same job, so a client that sends it again gets the job it made.
+        fingerprint = hashlib.sha256(b"retry\0" + original.id.bytes).digest()
+        job = msgspec.structs.replace(job, idempotency_key=key, request_hash=fingerprint)
+    row, replayed = await create(web, job)
+    headers = {"Location": f"/v1/jobs/{row.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        if not await web.enqueues(bell(job, row)):
+            await store.undispatch(web.deps.db, row.id, row.attempt)
+        web.metrics.submitted.labels(row.type).inc()
+    return MsgspecResponse(present(request, row), status_code=202, headers=headers)
 
 
 async def create(web: Web, job: store.NewJob) -> tuple[store.JobRow, bool]:
@@ -287,11 +322,11 @@ def inserts(db: Database) -> Batcher[store.NewJob, store.JobRow | None]:
     return Batcher(insert, shared=database.UNAVAILABLE, linger_s=0.0)
 
 
-def enqueues(redis: ArqRedis) -> Batcher[tuple[UUID, int], bool]:
+def enqueues(redis: ArqRedis, *, step_s: float) -> Batcher[Bell, bool]:
     """The web process's doorbells, batched as its INSERTs are: one script call rings for a burst of submits."""
 
-    async def ring(attempts: Sequence[tuple[UUID, int]]) -> list[bool]:
-        return [await enqueue_many(redis, attempts)] * len(attempts)
+    async def ring(bells: Sequence[Bell]) -> list[bool]:
+        return [await enqueue_many(redis, bells, step_s=step_s)] * len(bells)
 
     # Large batches: while Redis hangs each call may take redis_timeout_s, and submits must not pile up behind it.
     return Batcher(ring, shared=(), linger_s=0.0, limit=1_000)

@@ -40,7 +40,8 @@ from worker.run import Runtime, run_job
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.receivers"]  # webhook receivers, canaries and the `hooks` deployment
+# webhook receivers, canaries and the `hooks` deployment; a headless browser and an origin for its pages
+pytest_plugins = ["tests.receivers", "tests.browser"]
 TEST_SECRET = "test-secret-that-signs-job-read-tokens-0123456789"
 
 
@@ -141,9 +142,9 @@ async def deps(config: Config) -> AsyncIterator[Deps]:
 
 
 async def reset(deps: Deps) -> None:
-    """What every test starts from: no job, key, worker, secret or tenant but `default` (uncapped), and an empty Redis
-    index (FLUSHDB, never FLUSHALL: other runs may share the server)."""
-    await deps.db.execute("TRUNCATE jobs, api_keys, workers, webhook_secrets, schedules CASCADE")
+    """What every test starts from: no job, key, worker, secret, key slot or tenant but `default` (uncapped), and an
+    empty Redis index (FLUSHDB, never FLUSHALL: other runs may share the server)."""
+    await deps.db.execute("TRUNCATE jobs, api_keys, workers, webhook_secrets, concurrency_slots, schedules CASCADE")
     await deps.db.execute("DELETE FROM tenants WHERE id <> 'default'")
     await deps.db.execute("UPDATE tenants SET max_running = NULL, running = 0")
     await deps.redis.flushdb()

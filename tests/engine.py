@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from uuid import UUID
 
 from databases import Database
 
 from server.limits import StreamSlot
-from worker import Deps, store
+from worker import Deps, claim, store
+from worker.capacity import Capacity
+from worker.queue import Bell
 from worker.webhooks.deliver import Schedule, Sender, deliver, lease_s
 from worker.webhooks.store import claim_due
 
@@ -21,12 +23,17 @@ async def insert_job(db: Database, job: store.NewJob) -> store.JobRow | None:
     return (await store.insert_jobs(db, [job]))[0]
 
 
-async def claim(
-    jobs: store.Jobs, job_id: UUID, attempt: int, *, owner: str, lease_s: float, default_cap: int | None = None
-) -> store.Claimed | None:
-    """Start attempt `attempt + 1`, as `store.claim_many`. None: stale, duplicate, or its tenant is full."""
-    claimed = await store.claim_many(jobs, [(job_id, attempt)], owner=owner, lease_s=lease_s, default_cap=default_cap)
+async def claim_one(
+    jobs: store.Jobs, job_id: UUID, attempt: int, *, owner: str, lease_s: float, capacity: Capacity | None = None
+) -> claim.Claimed | None:
+    """Start attempt `attempt + 1`, as `claim.claim_many`. None: stale, duplicate, or it may not run now."""
+    claimed = await claim.claim_many(jobs, [(job_id, attempt)], owner=owner, lease_s=lease_s, capacity=capacity)
     return claimed[0]
+
+
+def pairs(bells: Sequence[Bell]) -> list[tuple[UUID, int]]:
+    """The `(job_id, started)` each bell rings for."""
+    return [(bell.job_id, bell.started) for bell in bells]
 
 
 async def deliver_due(deps: Deps, sender: Sender, schedule: Schedule | None = None) -> int:

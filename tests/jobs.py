@@ -114,4 +114,6 @@ JOB_TYPES = (
     JobType("big_int", Digits, big_int, timeout_s=10),
     JobType("raw_result", Text, raw_result, timeout_s=10),
     JobType("chatty", Lines, chatty, timeout_s=10),
+    # at most two of one concurrency_key at once: tests/test_scheduling.py
+    JobType("keyed", Seconds, sleep_once, timeout_s=60, concurrency=2),
 )

@@ -105,3 +105,23 @@ async def test_a_cancelled_job_can_be_retried(client: httpx.AsyncClient) -> None
     assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).json()["status"] == "cancelled"
     retried = await client.post(f"/v1/jobs/{job['id']}/retry")
     assert retried.status_code == 202 and retried.json()["retry_of"] == job["id"]
+
+
+async def test_a_retry_with_an_idempotency_key_makes_one_job_however_often_it_is_sent(
+    client: httpx.AsyncClient, deps: Deps
+) -> None:
+    job = (await client.post("/v1/jobs", json={"type": "sleep", "input": {"seconds": 60}})).json()
+    other = (await client.post("/v1/jobs", json={"type": "sleep", "input": {"seconds": 60}})).json()
+    for j in (job, other):
+        await client.post(f"/v1/jobs/{j['id']}/cancel")
+    key = {"Idempotency-Key": "retry-7"}
+    first = await client.post(f"/v1/jobs/{job['id']}/retry", headers=key)
+    again = await client.post(f"/v1/jobs/{job['id']}/retry", headers=key)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert await count_jobs(deps) == 3
+    elsewhere = await client.post(f"/v1/jobs/{other['id']}/retry", headers=key)  # the key made another job
+    assert elsewhere.status_code == 422 and elsewhere.json()["type"] == "/problems/idempotency-key-reused"
+    unkeyed = [(await client.post(f"/v1/jobs/{job['id']}/retry")).json()["id"] for _ in range(2)]
+    assert len(set(unkeyed)) == 2 and await count_jobs(deps) == 5

@@ -16,7 +16,7 @@ from arq.worker import Worker
 from tests import engine
 from tests.conftest import eventually, job_row, run_burst
 from tests.test_worker import submit
-from worker import Config, Deps, heartbeat, run, store
+from worker import Config, Deps, claim, heartbeat, run, store
 from worker.job_types import load
 from worker.queue import message
 
@@ -102,7 +102,7 @@ async def test_shutdown_hands_a_retry_safe_attempt_back_without_counting_it(
     row = await job_row(deps, job_id)
     assert row["status"] == "queued" and row["attempt"] == 1 and row["interrupted"] == 1
     # max_attempts=1, yet it may run again: the interrupted attempt did not count.
-    claimed = await engine.claim(deps.jobs, uuid.UUID(job_id), 1, owner="next", lease_s=30)
+    claimed = await engine.claim_one(deps.jobs, uuid.UUID(job_id), 1, owner="next", lease_s=30)
     assert claimed is not None and claimed.attempts_left is False and claimed.attempt == 2
 
 
@@ -126,13 +126,13 @@ def job_ctx(config: Config, deps: Deps) -> dict[str, object]:
 def claim_commits_then_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
     """The narrowest window there is: the claim's UPDATE commits, and the cancellation reaches the task before the
     answer does. No timing can aim at it from outside, so the claim is made to end exactly there."""
-    claim_many = store.claim_many
+    claim_many = claim.claim_many
 
-    async def committed_then_cancelled(*args: object, **kwargs: object) -> list[store.Claimed | None]:
+    async def committed_then_cancelled(*args: object, **kwargs: object) -> list[claim.Claimed | None]:
         await claim_many(*args, **kwargs)  # type: ignore[arg-type]
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(store, "claim_many", committed_then_cancelled)
+    monkeypatch.setattr(claim, "claim_many", committed_then_cancelled)
 
 
 @pytest.mark.usefixtures("claim_commits_then_cancelled")
@@ -151,15 +151,15 @@ async def test_a_claim_that_committed_as_its_cancel_arrived_ends_cancelled_at_on
     client: httpx.AsyncClient, config: Config, deps: Deps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
-    claim_many = store.claim_many
+    claim_many = claim.claim_many
 
-    async def then_cancel_requested(*args: object, **kwargs: object) -> list[store.Claimed | None]:
+    async def then_cancel_requested(*args: object, **kwargs: object) -> list[claim.Claimed | None]:
         try:
             return await claim_many(*args, **kwargs)  # type: ignore[arg-type]
         finally:
             await store.request_cancel(deps.jobs, "default", uuid.UUID(job_id))  # what POST /cancel does
 
-    monkeypatch.setattr(store, "claim_many", then_cancel_requested)
+    monkeypatch.setattr(claim, "claim_many", then_cancel_requested)
     with pytest.raises(asyncio.CancelledError):
         await run.run_job(job_ctx(config, deps), message(uuid.UUID(job_id), 0))
     row = await job_row(deps, job_id)
@@ -171,13 +171,13 @@ async def test_a_claim_that_committed_but_whose_answer_was_lost_is_handed_back_a
 ) -> None:
     """None of its code ran, so even a type that is not retry-safe goes back: not `running` with no task until its
     lease ends, then failed as `worker_lost`."""
-    claim_many = store.claim_many
+    claim_many = claim.claim_many
 
-    async def committed_then_lost(*args: object, **kwargs: object) -> list[store.Claimed | None]:
+    async def committed_then_lost(*args: object, **kwargs: object) -> list[claim.Claimed | None]:
         await claim_many(*args, **kwargs)  # type: ignore[arg-type]
         raise OSError("connection reset by peer")
 
-    monkeypatch.setattr(store, "claim_many", committed_then_lost)
+    monkeypatch.setattr(claim, "claim_many", committed_then_lost)
     job_id = await submit(client, "sleep_once", {"seconds": 600})  # retry_safe=False
     await run.run_job(job_ctx(config, deps), message(uuid.UUID(job_id), 0))
     row = await job_row(deps, job_id)
@@ -209,7 +209,7 @@ async def test_a_claim_cancelled_while_it_waits_for_the_row_leaves_the_job_queue
         await blocker.close()
     row = await job_row(deps, job_id)
     assert row["status"] == "queued" and row["attempt"] == 0 and row["lease_owner"] is None
-    assert await engine.claim(deps.jobs, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None
+    assert await engine.claim_one(deps.jobs, uuid.UUID(job_id), 0, owner="next", lease_s=30) is not None
 
 
 async def test_an_attempt_that_cannot_renew_its_lease_stops_before_the_lease_runs_out(

@@ -54,7 +54,7 @@ async def test_running_jobs_are_asked_to_stop_and_end_cancelled(
 
 async def test_a_running_job_already_asked_to_stop_is_not_asked_or_counted_again(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    assert await engine.claim(deps.jobs, job_id, 0, owner="test", lease_s=30) is not None  # running, no worker
+    assert await engine.claim_one(deps.jobs, job_id, 0, owner="test", lease_s=30) is not None  # running, no worker
     assert await cancel_matching(deps.jobs, deps.redis, "default") == 1
     assert (await job_row(deps, job_id))["status"] == "running"  # its own attempt ends it, once told
     assert await cancel_matching(deps.jobs, deps.redis, "default") == 0

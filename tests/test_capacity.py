@@ -18,10 +18,11 @@ from uuid_utils.compat import uuid7
 
 from tests import engine
 from tests.conftest import ROOT, Processes, bearer, eventually, process_env, wait_done
-from worker import Config, Deps, keys, store, sweep
+from worker import Config, Deps, claim, keys, store, sweep
 from worker.capacity import Capacity, default_cap, refresh, wake
 
 OWNER = "test-owner"
+NO_DEFAULT = Capacity("test", 10, 0.5)  # no default cap, no concurrency limits
 
 
 def sleeper(tenant: str) -> store.NewJob:
@@ -56,7 +57,7 @@ async def running_count(deps: Deps, tenant: str = "default") -> tuple[int, int]:
 async def test_a_claim_admits_no_more_than_the_tenants_cap_and_the_rest_wait_undispatched(deps: Deps) -> None:
     await limit(deps, "default", 2)
     ids = await queued(deps, 5)
-    claimed = await store.claim_many(deps.jobs, [(job_id, 0) for job_id in ids], owner=OWNER, lease_s=30)
+    claimed = await claim.claim_many(deps.jobs, [(job_id, 0) for job_id in ids], owner=OWNER, lease_s=30)
     assert [c is not None for c in claimed] == [True, True, False, False, False]  # in the order they came
     assert all(c.slots == ["tenant"] for c in claimed if c is not None)
     assert await running_count(deps) == (2, 2)
@@ -72,7 +73,7 @@ async def test_concurrent_claims_never_take_more_than_the_cap_between_them(deps:
     """Each claim locks the tenant's row and reads the count the one before it left."""
     await limit(deps, "default", 3)
     ids = await queued(deps, 12)
-    claims = await asyncio.gather(*(engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30) for job_id in ids))
+    claims = await asyncio.gather(*(engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30) for job_id in ids))
     assert sum(c is not None for c in claims) == 3
     assert await running_count(deps) == (3, 3)
 
@@ -81,10 +82,11 @@ async def test_a_tenant_without_a_cap_of_its_own_takes_the_default_and_others_ar
     await limit(deps, "other", None)
     mine, theirs = await queued(deps, 3), await queued(deps, 3, tenant="other")
     await limit(deps, "default", 5)  # its own cap wins over the default
-    claims = await store.claim_many(deps.jobs, [(i, 0) for i in mine + theirs], owner=OWNER, lease_s=30, default_cap=1)
+    claims = await claim.claim_many(deps.jobs, [(i, 0) for i in mine + theirs], owner=OWNER, lease_s=30,
+                                    capacity=Capacity("w", 10, 0.5, default_cap=1))  # fmt: skip
     assert [c is not None for c in claims] == [True, True, True, True, False, False]
     assert await running_count(deps, "other") == (1, 1)
-    uncapped = await store.claim_many(deps.jobs, [(i, 0) for i in await queued(deps, 3, tenant="other")], owner=OWNER,
+    uncapped = await claim.claim_many(deps.jobs, [(i, 0) for i in await queued(deps, 3, tenant="other")], owner=OWNER,
                                       lease_s=30)  # fmt: skip
     assert all(c is not None and c.slots is None for c in uncapped)  # no cap in force: nothing counted
     assert await running_count(deps, "other") == (1, 1)
@@ -94,8 +96,8 @@ async def test_a_tenant_without_a_cap_of_its_own_takes_the_default_and_others_ar
 async def test_a_slot_comes_back_however_its_job_stops_running(deps: Deps, how: str) -> None:
     await limit(deps, "default", 1)
     first, second = await queued(deps, 2)
-    claimed = await engine.claim(deps.jobs, first, 0, owner=OWNER, lease_s=30)
-    assert claimed is not None and await engine.claim(deps.jobs, second, 0, owner=OWNER, lease_s=30) is None
+    claimed = await engine.claim_one(deps.jobs, first, 0, owner=OWNER, lease_s=30)
+    assert claimed is not None and await engine.claim_one(deps.jobs, second, 0, owner=OWNER, lease_s=30) is None
     if how in ("succeeded", "retried", "failed"):
         to = {"succeeded": "succeeded", "retried": "queued", "failed": "failed"}[how]
         assert await store.finish(deps.jobs, first, 1, to, result=b"1" if to == "succeeded" else None)  # type: ignore[arg-type]
@@ -110,17 +112,17 @@ async def test_a_slot_comes_back_however_its_job_stops_running(deps: Deps, how: 
     else:
         await deps.db.execute("DELETE FROM jobs WHERE id = :id", {"id": first})
     assert await running_count(deps) == (0, 0)
-    assert await wake(deps.db, ["default"], default_cap=None, batch=10) == [(second, 0)]  # it waited
-    assert await engine.claim(deps.jobs, second, 0, owner=OWNER, lease_s=30) is not None
+    assert engine.pairs(await wake(deps.db, ["default"], NO_DEFAULT, batch=10)) == [(second, 0)]  # it waited
+    assert await engine.claim_one(deps.jobs, second, 0, owner=OWNER, lease_s=30) is not None
 
 
 async def test_wake_dispatches_only_as_many_waiting_jobs_as_there_is_room(deps: Deps) -> None:
     await limit(deps, "default", 2)
     ids = await queued(deps, 6)
-    await store.claim_many(deps.jobs, [(i, 0) for i in ids], owner=OWNER, lease_s=30)
-    assert await wake(deps.db, ["default"], default_cap=None, batch=10) == []  # full
+    await claim.claim_many(deps.jobs, [(i, 0) for i in ids], owner=OWNER, lease_s=30)
+    assert await wake(deps.db, ["default"], NO_DEFAULT, batch=10) == []  # full
     await store.finish(deps.jobs, ids[0], 1, "succeeded", result=b"1")
-    assert await wake(deps.db, ["default"], default_cap=None, batch=10) == [(ids[2], 0)]  # the oldest waiting
+    assert engine.pairs(await wake(deps.db, ["default"], NO_DEFAULT, batch=10)) == [(ids[2], 0)]  # the oldest waiting
 
 
 def test_the_default_cap_is_a_share_of_the_live_slots_once_tenants_could_starve_each_other() -> None:

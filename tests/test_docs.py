@@ -29,3 +29,11 @@ def test_operations_md_has_a_row_for_every_setting_and_none_for_a_setting_that_i
     missing, stale = sorted(settings - set(names)), sorted(set(names) - settings)
     twice = sorted({name for name in names if names.count(name) > 1})
     assert (missing, stale, twice) == ([], [], [])
+
+
+def test_the_browser_script_in_api_md_is_the_one_the_browser_tests_run() -> None:
+    page = (ROOT / "tests" / "pages" / "follow.html").read_text()
+    tested = page.split('// -- docs/api.md ("From a browser") shows from here ...\n')[1].split("// -- ... to here")[0]
+    section = (ROOT / "docs" / "api.md").read_text().split("## From a browser", 1)[1].split("\n## ", 1)[0]
+    shown = section.split("```js\n", 1)[1].split("```", 1)[0]
+    assert tested in shown

@@ -26,7 +26,7 @@ async def test_a_status_event_renders_as_the_job_with_times_in_utc(deps: Deps) -
     job_id = await new_job(deps.db)
     async with deps.db.transaction():
         await deps.db.execute("SET LOCAL TIME ZONE 'Asia/Kolkata'")  # jsonb then writes +05:30 offsets
-        await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+        await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     row = await store.get_job(deps.db, "default", job_id)
     assert row is not None
     running = (await events.read_after(deps.db, job_id, 1))[0]
@@ -64,7 +64,7 @@ async def test_an_unknown_log_level_fails_the_job_as_its_own_bug(
 
 async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     journal = Journal(deps.db, deps.notifier, job_id, 1, interval_s=0.25)
     for i in range(LOG_MAX_PENDING + 50):
         journal.write("debug", f"{i} " + "x" * 5_000)
@@ -77,7 +77,7 @@ async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps
 
 async def test_log_lines_of_an_attempt_that_is_over_are_not_written(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     assert await events.append_logs(deps.db, job_id, 1, [LogLine("info", "while running")])
     await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"1")
     assert not await events.append_logs(deps.db, job_id, 1, [LogLine("info", "too late")])
@@ -153,7 +153,7 @@ async def _write_logs(deps: Deps, job_id: UUID, count: int, *, start: int = 0) -
 
 async def test_a_fast_and_a_slow_follower_both_get_every_event_once_in_order(deps: Deps, hub: Hub) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     total = 2 + 3 * FEED_CACHE + 1  # queued, running, more than the shared cache holds, and the end
 
     async def follow(pause_every: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from uuid import UUID, uuid4
 
@@ -55,7 +56,7 @@ async def test_enqueue_stores_byte_for_byte_what_arqs_enqueue_job_stores(
     assert await deps.redis.zcard(QUEUE) == 1 and await deps.redis.dbsize() == 2  # the job key and the queue
 
 
-async def test_enqueue_many_stores_for_each_what_arq_stores_and_leaves_an_id_still_held_alone(
+async def test_enqueue_many_stores_for_each_what_arq_stores_and_only_moves_an_id_still_held_up(
     deps: Deps, frozen_clock: None
 ) -> None:
     held, first, second = message(uuid4(), 0), message(uuid4(), 0), message(uuid4(), 2)
@@ -72,7 +73,8 @@ async def test_enqueue_many_stores_for_each_what_arq_stores_and_leaves_an_id_sti
     for text in (first, second):
         payload, score, _ = await stored(deps.redis, text)
         assert (payload, score) == arqs[text][:2] and payload is not None
-    assert (await stored(deps.redis, held))[:2] == held_before[:2]
+    payload, score, _ = await stored(deps.redis, held)
+    assert payload == held_before[0] and score == NOW_MS < (held_before[1] or 0)  # due now: it moved up, no rewrite
     assert await deps.redis.zcard(QUEUE) == 3
 
 
@@ -91,13 +93,14 @@ async def test_what_enqueue_stores_decodes_with_arqs_deserialize_job_as_a_run_jo
     assert msgspec.msgpack.decode(ours).keys() == msgspec.msgpack.decode(arqs).keys() == {"t", "f", "a", "k", "et"}
 
 
-async def test_a_second_enqueue_of_an_id_still_held_changes_nothing_and_is_true(
+async def test_a_later_second_enqueue_of_an_id_still_held_changes_nothing_and_is_true(
     deps: Deps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = uuid4()
     assert await enqueue(deps.redis, job_id, 1)
     first = await stored(deps.redis, message(job_id, 1))
-    monkeypatch.setattr("arq.utils.time", lambda: NOW + 3600)  # a rewrite would show a new enqueue time and score
+    later = time.time() + 3600
+    monkeypatch.setattr("arq.utils.time", lambda: later)  # a rewrite would show a new enqueue time and score
     assert await enqueue(deps.redis, job_id, 1, delay_s=60.0)
     payload, score, ttl = await stored(deps.redis, message(job_id, 1))
     assert (payload, score) == first[:2] and ttl <= first[2]

@@ -1,4 +1,4 @@
-"""`outlast schedules list|pause|resume|trigger` (worker/tools/schedules.py), run as an operator runs it."""
+"""`outlast schedules list|pause|resume|trigger` (worker/tools/schedules_cli.py), run as an operator runs it."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from uuid_utils.compat import uuid7
 
 from tests import engine
 from tests.conftest import job_row
-from worker import Deps, Error, Progress, store, sweep
+from worker import Deps, Error, Progress, claim, store, sweep
 from worker.heartbeat import heartbeat as beat
 
 OWNER = "test-owner"
@@ -67,18 +67,18 @@ async def test_a_batch_of_submits_inserts_each_job_with_its_event_and_one_per_id
 
 async def test_claim_starts_the_next_attempt_once(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    claimed = await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    claimed = await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     assert claimed is not None and claimed.attempt == 1
-    assert await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30) is None  # duplicate delivery
+    assert await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30) is None  # duplicate delivery
     row = await job_row(deps, job_id)
     assert row["status"] == "running" and row["lease_owner"] == OWNER and row["lease_expires_at"] is not None
 
 
 async def test_a_batch_of_claims_starts_each_claimable_job_once_and_answers_each_in_its_place(deps: Deps) -> None:
     fresh, running, stale = await new_job(deps.db), await new_job(deps.db), await new_job(deps.db)
-    await engine.claim(deps.jobs, running, 0, owner="other", lease_s=30)
+    await engine.claim_one(deps.jobs, running, 0, owner="other", lease_s=30)
     wanted = [(fresh, 0), (running, 0), (stale, 5), (fresh, 0)]  # the last: the same delivery twice in one batch
-    claimed = await store.claim_many(deps.jobs, wanted, owner=OWNER, lease_s=30)
+    claimed = await claim.claim_many(deps.jobs, wanted, owner=OWNER, lease_s=30)
     assert [c is not None and (c.id, c.attempt) for c in claimed] == [(fresh, 1), False, False, False]
     assert (await job_row(deps, running))["lease_owner"] == "other"
     assert (await job_row(deps, stale))["status"] == "queued"
@@ -88,7 +88,7 @@ async def test_a_batch_of_claims_starts_each_claimable_job_once_and_answers_each
 async def test_a_batch_of_finishes_moves_each_running_attempt_once_with_its_own_values(deps: Deps) -> None:
     done, retried, superseded = await new_job(deps.db), await new_job(deps.db), await new_job(deps.db)
     for job_id in (done, retried, superseded):
-        await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+        await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     boom = Error("boom", "it broke", True)
     moved = await store.finish_many(
         deps.jobs,
@@ -111,7 +111,7 @@ async def test_a_batch_of_finishes_moves_each_running_attempt_once_with_its_own_
 
 async def test_terminal_job_never_changes_status(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     assert await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"1")
     for to in ("failed", "cancelled", "expired", "queued", "succeeded"):
         assert not await store.finish(deps.jobs, job_id, 1, to, error=Error("x", "late", False))  # type: ignore[arg-type]
@@ -123,13 +123,13 @@ async def test_terminal_job_never_changes_status(deps: Deps) -> None:
 
 async def test_a_superseded_attempt_writes_nothing(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     # The lease ran out and the sweep gave the job a new attempt.
     await deps.db.execute(
         "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id", {"id": job_id}
     )
     assert await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=0, backoff_cap_s=0) == [(job_id, 1)]
-    assert await engine.claim(deps.jobs, job_id, 1, owner="other", lease_s=30) is not None
+    assert await engine.claim_one(deps.jobs, job_id, 1, owner="other", lease_s=30) is not None
     assert await beat(deps.jobs, job_id, 1, lease_s=30, progress=None) == "superseded"
     assert not await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"0")
     assert await store.finish(deps.jobs, job_id, 2, "succeeded", result=b"1")
@@ -143,7 +143,7 @@ async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps)
         await new_job(deps.db, max_attempts=1),
     )
     for job_id in (safe, unsafe, exhausted):
-        await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+        await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     await deps.db.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
     assert len(await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=1, backoff_cap_s=10)) == 3
     requeued = await job_row(deps, safe)
@@ -156,7 +156,7 @@ async def test_rescue_requeues_a_retry_safe_job_and_fails_the_others(deps: Deps)
 async def test_expiry_and_a_finish_at_the_same_moment_end_in_exactly_one_terminal_state(deps: Deps) -> None:
     ids = [await new_job(deps.db) for _ in range(40)]
     for job_id in ids:
-        await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+        await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     await deps.db.execute("UPDATE jobs SET expires_at = now()")
 
     async def finish(job_id: UUID) -> bool:
@@ -180,11 +180,11 @@ async def test_every_change_appends_an_event_with_the_next_seq(deps: Deps) -> No
     from worker import Progress
 
     job_id = await new_job(deps.db)
-    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     await beat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
     await beat(deps.jobs, job_id, 1, lease_s=30, progress=None)  # a bare heartbeat logs nothing
     await store.finish(deps.jobs, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=0)
-    await engine.claim(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
     await store.finish(deps.jobs, job_id, 2, "succeeded", result=b"1")
     log = await events(deps, job_id)
     assert [seq for seq, _, _ in log] == [1, 2, 3, 4, 5, 6]
@@ -208,19 +208,20 @@ async def test_take_due_skips_rows_another_pass_holds(deps: Deps) -> None:
     first, second = await asyncio.gather(
         sweep.take_due(deps.db, batch=3, redispatch_after_s=60), sweep.take_due(deps.db, batch=3, redispatch_after_s=60)
     )
-    taken = [job_id for job_id, _ in first + second]
+    taken = [bell.job_id for bell in first + second]
     assert len(taken) == len(set(taken))  # SKIP LOCKED: concurrent passes never take the same row
-    rest = [job_id for job_id, _ in await sweep.take_due(deps.db, batch=10, redispatch_after_s=60)]
+    rest = [bell.job_id for bell in await sweep.take_due(deps.db, batch=10, redispatch_after_s=60)]
     assert set(rest) | set(taken) == ids and not set(rest) & set(taken)
     assert await sweep.take_due(deps.db, batch=10, redispatch_after_s=60) == []  # all dispatched just now
 
 
 async def test_status_events_hold_every_field_a_change_touches_as_it_left_them(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
     await beat(deps.jobs, job_id, 1, lease_s=30, progress=Progress(0.5, "half"))
     await store.finish(deps.jobs, job_id, 1, "queued", error=Error("boom", "it broke", True), retry_in_s=5)
-    await engine.claim(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
+    await deps.db.execute("UPDATE jobs SET next_run_at = now() WHERE id = :id", {"id": job_id})  # its backoff ends
+    await engine.claim_one(deps.jobs, job_id, 1, owner=OWNER, lease_s=30)
     await store.finish(deps.jobs, job_id, 2, "failed", error=Error("bad", "no", False))
     statuses = [data for _, name, data in await events(deps, job_id) if name == "status"]
     queued, running, retry, again, failed = statuses

@@ -145,7 +145,7 @@ async def _claimed_job(deps: Deps) -> UUID:
     from tests.test_store import new_job
 
     job_id = await new_job(deps.db)
-    assert await engine.claim(deps.jobs, job_id, 0, owner="test", lease_s=60) is not None
+    assert await engine.claim_one(deps.jobs, job_id, 0, owner="test", lease_s=60) is not None
     await notified(deps, job_id)
     return job_id
 
@@ -372,7 +372,7 @@ async def test_streams_reset_closed_or_ended_give_back_every_subscription_task_a
         # The last 50 follow the two jobs that now end: the server closes those streams after the end.
         ending = streams[150:]
         for job_id in ids:
-            assert await engine.claim(deps.jobs, UUID(job_id), 0, owner="test", lease_s=60) is not None
+            assert await engine.claim_one(deps.jobs, UUID(job_id), 0, owner="test", lease_s=60) is not None
             assert await store.finish(deps.jobs, UUID(job_id), 1, "succeeded", result=b"14")
             await notified(deps, UUID(job_id))
         for stream in ending:

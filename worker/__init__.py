@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import cron, database, events, keys, resource, schedules, status, store, sweep, ticker
+from worker import control, cron, database, events, keys, resource, schedules, status, store, sweep, ticker
 from worker.config import Config, from_env
 from worker.deps import Deps, connect
 from worker.job import (
@@ -46,6 +46,7 @@ __all__ = [
     "Status",
     "UrlGuard",
     "connect",
+    "control",
     "cron",
     "database",
     "enqueue",

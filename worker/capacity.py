@@ -16,18 +16,32 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from uuid import UUID
+from typing import Any
 
 import msgspec
 from databases import Database
 
 from worker import sql
+from worker.queue import Bell
 
 # A tenant's cap on running jobs in SQL, over `tenants t`: its own, else the deployment's default (NULL: none).
 CAP_SQL = "COALESCE(t.max_running, CAST(:default_cap AS int))"
+
+# The job types' `concurrency` limits, as a relation `l(type, n)` from the `limit_values` parameters.
+LIMITS_SQL = "unnest(CAST(:limit_types AS text[]), CAST(:limits AS int[])) AS l(type, n)"
+
+# Over `jobs`: its concurrency key has no slot free (a claim would only turn it away).
+KEY_FULL_SQL = f"""EXISTS (
+    SELECT 1 FROM concurrency_slots s JOIN {LIMITS_SQL} ON l.type = s.type
+     WHERE s.type = jobs.type AND s.key = jobs.concurrency_key AND s.running >= l.n)"""
+
+
+def limit_values(limits: Mapping[str, int]) -> dict[str, list[Any]]:
+    """The parameters LIMITS_SQL reads: each type's `concurrency`."""
+    return {"limit_types": list(limits), "limits": list(limits.values())}
 
 
 @dataclass
@@ -38,6 +52,7 @@ class Capacity:
     slots: int
     share: float  # OUTLAST_TENANT_MAX_SHARE
     default_cap: int | None = None  # None: no default in force
+    limits: Mapping[str, int] = field(default_factory=dict)  # each job type's `concurrency`, those that declare one
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
 
@@ -93,18 +108,43 @@ WITH room AS (
     SELECT w.id FROM room, LATERAL (
         SELECT id FROM jobs
          WHERE status = 'queued' AND dispatched_at IS NULL AND tenant_id = room.id AND next_run_at <= now()
-         ORDER BY next_run_at LIMIT room.n FOR UPDATE SKIP LOCKED
+           AND NOT {KEY_FULL_SQL}
+         ORDER BY priority DESC, next_run_at, id LIMIT room.n FOR UPDATE SKIP LOCKED
     ) w
 )
-UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt, j.priority, j.tenant_id
+"""
+
+_WAKE_KEY = f"""
+WITH due AS (
+    SELECT id FROM jobs
+     WHERE status = 'queued' AND dispatched_at IS NULL AND type = :type AND concurrency_key = :key
+       AND next_run_at <= now()
+     ORDER BY priority DESC, next_run_at, id
+     LIMIT (SELECT least(greatest(l.n - s.running, 0), :batch)
+              FROM concurrency_slots s JOIN {LIMITS_SQL} ON l.type = s.type
+             WHERE s.type = :type AND s.key = :key)
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt, j.priority, j.tenant_id
 """
 
 
-async def wake(db: Database, tenants: Sequence[str], *, default_cap: int | None, batch: int) -> list[tuple[UUID, int]]:
+def _bells(records: Sequence[Any]) -> list[Bell]:
+    return [Bell(r["id"], r["attempt"], r["priority"], r["tenant_id"]) for r in records]
+
+
+async def wake(db: Database, tenants: Sequence[str], capacity: Capacity, *, batch: int) -> list[Bell]:
     """Jobs that wait for a slot of one of `tenants`, as many as each has room for now, marked dispatched: the
-    caller enqueues them. For the worker whose job just gave a slot back (the sweep finds the rest)."""
-    values = {"tenants": sorted(set(tenants)), "default_cap": default_cap, "batch": batch}
-    return [(r["id"], r["attempt"]) for r in await sql.fetch_all(db, _WAKE, values)]
+    caller rings them. For the worker whose job just gave a slot back (the sweep finds the rest)."""
+    values = {"tenants": sorted(set(tenants)), "default_cap": capacity.default_cap, "batch": batch}
+    return _bells(await sql.fetch_all(db, _WAKE, {**values, **limit_values(capacity.limits)}))
+
+
+async def wake_key(db: Database, type: str, key: str, capacity: Capacity, *, batch: int) -> list[Bell]:
+    """Jobs that wait for a slot of `key` (of job type `type`), as many as it has room for now, marked dispatched."""
+    values = {"type": type, "key": key, "batch": batch, **limit_values(capacity.limits)}
+    return _bells(await sql.fetch_all(db, _WAKE_KEY, values))
 
 
 # -- `outlast tenants` --------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # A tenant without a cap of its own may run at most this share of the live workers' slots, once two or more
     # tenants hold API keys (1: no default cap). worker/capacity.py
     tenant_max_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    # Each priority level is worth this much waiting: a job at -10 behind a steady stream at 10 starts within 20
+    # of these. worker/queue.py
+    priority_step_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
     worker_poll_delay_s: Seconds = 0.05
     worker_health_check_interval_s: Annotated[int, msgspec.Meta(ge=1)] = 5
     # Names this worker's health key, so `arq --check` checks this instance, not any sibling. Empty: the
@@ -80,6 +83,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Origins (comma-separated, e.g. `https://app.example.com`) whose pages may call /v1 from a browser (CORS).
     cors_origins: str = ""
     trusted_proxy_hops: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+    # Bearer JWTs from an identity provider, beside API keys, once the JWKS URL is set (then issuer and audience
+    # must be too): docs/security.md "Tokens from an identity provider".
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""  # the `iss` every token must carry
+    jwt_audience: str = ""  # an `aud` every token must carry
+    jwt_tenant_claim: Annotated[str, msgspec.Meta(min_length=1)] = "tenant"  # the claim naming the token's tenant
+    jwt_write_scope: str = ""  # set: only a token granted this scope writes; the rest read only
     body_timeout_s: Seconds = 30.0  # the whole request body must arrive within this, else 408
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16_384  # request line and headers, else 431
     header_timeout_s: Seconds = 10.0  # the request line and headers must arrive within this, else 408

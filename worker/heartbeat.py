@@ -20,6 +20,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from worker import database, sql, store
+from worker.claim import Claimed
 from worker.database import storable
 from worker.deps import Deps
 from worker.job import Progress
@@ -63,7 +64,7 @@ async def heartbeat(jobs: store.Jobs, job_id: UUID, attempt: int, *, lease_s: fl
 
 
 class Heartbeat:
-    def __init__(self, deps: Deps, claimed: store.Claimed, task: asyncio.Future[Any], *, leased_at: float) -> None:
+    def __init__(self, deps: Deps, claimed: Claimed, task: asyncio.Future[Any], *, leased_at: float) -> None:
         self._deps, self._claimed, self._task = deps, claimed, task
         self._leased_at = leased_at  # when the claim was sent: no later than the database started the lease
         self._interval = deps.config.lease_s / 3

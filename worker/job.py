@@ -77,6 +77,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None
     expires_at: datetime
     retry_of: UUID | None  # POST /v1/jobs/{id}/retry made this job from that one
+    run_at: datetime | None  # not started before then, as asked on submit
+    priority: int
+    concurrency_key: str | None
     links: Links
 
 
@@ -157,7 +160,11 @@ class JobType:
     timeout_s: int = 3600
     max_attempts: int | None = None  # None: the deployment's default
     description: str = ""
+    # At most this many jobs of one `concurrency_key` run at once, across every worker. None: the type takes no key.
+    concurrency: int | None = None
     decoder: msgspec.json.Decoder[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"job type {self.name!r}: concurrency must be at least 1")
         object.__setattr__(self, "decoder", msgspec.json.Decoder(self.input))

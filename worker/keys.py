@@ -14,6 +14,7 @@ import re
 import secrets
 import string
 from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 from databases import Database
@@ -37,6 +38,14 @@ class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    read_only: bool
+
+
+class Grant(NamedTuple):
+    """What a usable key lets its holder do: its tenant's jobs, and whether only to read them."""
+
+    tenant: str
+    read_only: bool
 
 
 def key_id(key: str) -> str | None:
@@ -58,23 +67,34 @@ def new_key() -> str:
     return f"{PREFIX}{secrets.token_hex(6)}_{''.join(secrets.choice(_ALPHABET) for _ in range(_SECRET_LENGTH))}"
 
 
-async def create(db: Database, tenant: str, name: str = "") -> str:
-    """A new key for `tenant` (created if missing). The caller shows it once: it can't be read back."""
+def check_tenant(tenant: str) -> None:
+    """Raise ValueError, saying what a tenant id is, unless `tenant` is one."""
     if not TENANT.fullmatch(tenant):
         raise ValueError(f"{tenant!r} is not a tenant id: 1 to 63 lowercase letters, digits, - and _")
+
+
+async def ensure_tenant(db: Database, tenant: str) -> None:
+    """Create the tenant unless it exists (a tenant an identity provider's token names on first use)."""
+    check_tenant(tenant)
+    await sql.execute(db, "INSERT INTO tenants (id) VALUES (:tenant) ON CONFLICT DO NOTHING", {"tenant": tenant})
+
+
+async def create(db: Database, tenant: str, name: str = "", *, read_only: bool = False) -> str:
+    """A new key for `tenant` (created if missing). The caller shows it once: it can't be read back."""
     key = new_key()
     async with db.transaction():
-        await sql.execute(db, "INSERT INTO tenants (id) VALUES (:tenant) ON CONFLICT DO NOTHING", {"tenant": tenant})
+        await ensure_tenant(db, tenant)
         await sql.execute(
             db,
-            "INSERT INTO api_keys (id, tenant_id, key_hash, name) VALUES (:id, :tenant, :hash, :name)",
-            {"id": key_id(key), "tenant": tenant, "hash": digest(key), "name": name},
+            "INSERT INTO api_keys (id, tenant_id, key_hash, name, read_only)"
+            " VALUES (:id, :tenant, :hash, :name, :read_only)",
+            {"id": key_id(key), "tenant": tenant, "hash": digest(key), "name": name, "read_only": read_only},
         )
     return key
 
 
 _LIST = """
-SELECT id, tenant_id AS tenant, name, created_at, last_used_at, revoked_at FROM api_keys
+SELECT id, tenant_id AS tenant, name, created_at, last_used_at, revoked_at, read_only FROM api_keys
  WHERE CAST(:tenant AS text) IS NULL OR tenant_id = :tenant ORDER BY tenant_id, created_at
 """
 
@@ -90,11 +110,11 @@ async def revoke(db: Database, id: str) -> bool:
     return await sql.fetch_val(db, query, {"id": id}) is not None
 
 
-_VERIFY = "SELECT tenant_id, key_hash, revoked_at IS NULL AS active FROM api_keys WHERE id = :id"
+_VERIFY = "SELECT tenant_id, key_hash, read_only, revoked_at IS NULL AS active FROM api_keys WHERE id = :id"
 
 
-async def verify(db: Database, key: str) -> str | None:
-    """The tenant of a usable key; None for a malformed, unknown or revoked one."""
+async def verify(db: Database, key: str) -> Grant | None:
+    """What a usable key grants; None for a malformed, unknown or revoked one."""
     id = key_id(key)
     if id is None:
         return None
@@ -103,7 +123,7 @@ async def verify(db: Database, key: str) -> str | None:
     # Constant time: how much of the hash matched must not show in how long the answer took.
     if not hmac.compare_digest(stored, digest(key)) or row is None or not row["active"]:
         return None
-    return str(row["tenant_id"])
+    return Grant(str(row["tenant_id"]), bool(row["read_only"]))
 
 
 async def touch(db: Database, id: str) -> None:

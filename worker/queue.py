@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 from uuid import UUID
 
 from arq.connections import ArqRedis
@@ -36,46 +37,96 @@ def parse_message(text: str) -> tuple[UUID, int]:
 
 
 # arq 0.28's enqueue_job for many jobs in one round trip. KEYS: the queue, then each job's job key and result key.
-# ARGV: four per job: serialized job, expiry ms, score, job id. While either key of a job exists its id is taken
-# (queued, running or kept as a result): that job changes nothing.
+# ARGV: the clock and the fairness window and step (ms), then six per job: serialized job, expiry ms, score, job id,
+# tenant ('' for none), rank offset ms. While either key of a job exists its id is taken (queued, running or kept as
+# a result): that job changes nothing, except that a lower score moves it up (a job rung early, now due).
+#
+# A tenant given: its jobs are spread over the window. Each takes the tenant's next virtual time, a step after its
+# last, never before `now - window` nor after `now`; so a tenant that rings 2,000 at once takes the front only for
+# its first window / step, and one that rings ten a moment later slots in among them rather than behind them all.
 ENQUEUE_LUA = """
-for i = 0, #ARGV / 4 - 1 do
+local now, window, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 0, (#ARGV - 3) / 6 - 1 do
     local job_key, result_key = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+    local a = 3 + 6 * i
+    local score, tenant = tonumber(ARGV[a + 3]), ARGV[a + 5]
+    if tenant ~= '' then
+        local fair_key = 'outlast:fair:' .. tenant
+        local vt = math.max(tonumber(redis.call('GET', fair_key) or '0'), now - window)
+        redis.call('SET', fair_key, tostring(vt + step), 'PX', math.ceil(window + step))
+        score = math.min(vt, score) - tonumber(ARGV[a + 6])
+    else
+        score = score - tonumber(ARGV[a + 6])
+    end
     if redis.call('EXISTS', job_key, result_key) == 0 then
-        redis.call('PSETEX', job_key, ARGV[4 * i + 2], ARGV[4 * i + 1])
-        redis.call('ZADD', KEYS[1], ARGV[4 * i + 3], ARGV[4 * i + 4])
+        redis.call('PSETEX', job_key, ARGV[a + 2], ARGV[a + 1])
+        redis.call('ZADD', KEYS[1], score, ARGV[a + 4])
+    else
+        redis.call('ZADD', KEYS[1], 'XX', 'LT', score, ARGV[a + 4])
     end
 end
 return 1
 """
 
+# Each priority level is worth this much waiting (OUTLAST_PRIORITY_STEP_S): a job at -10 behind a steady stream at
+# 10 starts within 20 steps. Fairness among tenants spreads a burst over a sixth of a step, a 200th of that per job.
+PRIORITY_STEP_S = 60.0
+FAIR_SPREAD = 200
 
-async def enqueue(redis: ArqRedis, job_id: UUID, started: int, *, delay_s: float = 0.0) -> bool:
+
+class Bell(NamedTuple):
+    """A doorbell for attempt `started + 1` of a job. `priority` None: the message is scored as arq's enqueue_job
+    scores it (by when it is due); otherwise, when it is due now, it ranks by priority and, with `tenant`, fairly
+    among tenants. A bell rung with a delay is scored by its time: the sweep ranks it once it is due."""
+
+    job_id: UUID
+    started: int
+    priority: int | None = None
+    tenant: str | None = None
+    delay_s: float = 0.0
+
+
+async def enqueue(
+    redis: ArqRedis, job_id: UUID, started: int, *, delay_s: float = 0.0, priority: int | None = None
+) -> bool:
     """Ring the doorbell for attempt `started + 1`. False when Redis is unreachable (the row stays the truth).
 
     One arq job id per attempt: arq ignores a duplicate while it still holds that id, so the sweep may
     ring again freely, and a rescued job's new attempt is never blocked by the old one's keys. A duplicate
     is still True: the message Redis holds for that id rings the same doorbell.
     """
-    return await enqueue_many(redis, [(job_id, started)], delay_s=delay_s)
+    return await enqueue_many(redis, [Bell(job_id, started, priority, delay_s=delay_s)])
 
 
-async def enqueue_many(redis: ArqRedis, messages: Sequence[tuple[UUID, int]], *, delay_s: float = 0.0) -> bool:
-    """`enqueue` for each `(job_id, started)`, in one round trip: all rung, or (Redis unreachable) none.
+def _rank_ms(bell: Bell, step_s: float) -> int:
+    if bell.priority is None or bell.delay_s > 0:
+        return 0
+    return to_ms((bell.priority + 10) * step_s)
+
+
+async def enqueue_many(
+    redis: ArqRedis, bells: Sequence[Bell | tuple[UUID, int]], *, step_s: float = PRIORITY_STEP_S
+) -> bool:
+    """`enqueue` for each bell (or `(job_id, started)`), in one round trip: all rung, or (Redis unreachable) none.
 
     What arq's `enqueue_job(RUN_JOB, text, _job_id=text, _queue_name=QUEUE, _defer_by=delay_s)` stores: the job
     (enqueue time from this process's clock, as arq takes it) under arq's job key, expiring a day
-    (`expires_extra_ms`) after it is due, and its id in the queue scored by when it is due.
+    (`expires_extra_ms`) after it is due, and its id in the queue scored by when it is due, less its rank: arq
+    takes the lowest scores first, so a higher priority is an earlier score, never a later one than now.
     """
     enqueued_ms = timestamp_ms()
-    score = enqueued_ms + to_ms(delay_s)
-    expiry_ms = score - enqueued_ms + redis.expires_extra_ms
+    window_ms = to_ms(step_s / 6)
     keys: list[str] = [QUEUE]
-    args: list[bytes | int | str] = []
-    for job_id, started in messages:
-        text = message(job_id, started)
+    args: list[bytes | int | str] = [enqueued_ms, window_ms, max(1, window_ms // FAIR_SPREAD)]
+    for item in bells:
+        bell = item if isinstance(item, Bell) else Bell(*item)
+        text = message(bell.job_id, bell.started)
+        score = enqueued_ms + to_ms(bell.delay_s)
+        expiry_ms = score - enqueued_ms + redis.expires_extra_ms
+        fair = bell.tenant if bell.priority is not None and bell.delay_s <= 0 and bell.tenant else ""
         keys += [job_key_prefix + text, result_key_prefix + text]
-        args += [serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize), expiry_ms, score, text]
+        serialized = serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize)
+        args += [serialized, expiry_ms, score, text, fair, _rank_ms(bell, step_s)]
     try:
         await script(redis, ENQUEUE_LUA)(keys, args)
     except REDIS_DOWN:
@@ -101,20 +152,21 @@ async def request_abort_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int
     return True
 
 
-async def ring_again(redis: ArqRedis, job_id: UUID, started: int) -> bool:
-    """The sweep's enqueue, for a row still queued long after its last dispatch.
+async def ring_again(redis: ArqRedis, bell: Bell, *, step_s: float = PRIORITY_STEP_S) -> bool:
+    """The sweep's enqueue, for a row still queued long after its last dispatch, or rung before it was due and due
+    now (then its message, still waiting in Redis, moves up to its rank).
 
     A message arq marked in progress for such a row was taken by a worker that died before its claim: arq
     keeps that mark for a day and ignores a re-enqueue of the same id meanwhile, so it is cleared first. Should
     the worker be alive after all, the duplicate it competes with loses at the guarded claim.
     """
-    text = message(job_id, started)
+    text = message(bell.job_id, bell.started)
     try:
         if await redis.exists(in_progress_key_prefix + text):
             await redis.delete(in_progress_key_prefix + text, job_key_prefix + text)
     except REDIS_DOWN:
         return False
-    return await enqueue(redis, job_id, started)
+    return await enqueue_many(redis, [bell], step_s=step_s)
 
 
 async def forget(redis: ArqRedis, lost: list[tuple[UUID, int]]) -> None:

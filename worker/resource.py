@@ -38,6 +38,9 @@ def as_job(row: JobRow) -> Job:
         finished_at=row.finished_at,
         expires_at=row.expires_at,
         retry_of=row.retry_of,
+        run_at=row.run_at,
+        priority=row.priority,
+        concurrency_key=row.concurrency_key,
         links=links(row.id),
     )
 

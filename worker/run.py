@@ -17,9 +17,10 @@ from uuid import UUID
 
 import msgspec
 
-from worker import database, events, store
+from worker import claim, database, events, store
 from worker.batch import Batcher
-from worker.capacity import Capacity, wake
+from worker.capacity import Capacity, wake, wake_key
+from worker.claim import Claimed
 from worker.deps import Deps
 from worker.heartbeat import Heartbeat
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status
@@ -43,26 +44,25 @@ class Runtime:
     finishes of the attempts it runs, batched (worker/batch.py), and the tenants' caps (worker/capacity.py)."""
 
     job_types: Mapping[str, JobType]
-    claims: Batcher[tuple[UUID, int], store.Claimed | None]
+    claims: Batcher[tuple[UUID, int], Claimed | None]
     finishes: Batcher[store.Finish, bool]
     capacity: Capacity
 
     @classmethod
     def of(cls, deps: Deps, job_types: Mapping[str, JobType], *, name: str = OWNER) -> Runtime:
         jobs, config = deps.jobs, deps.config
-        capacity = Capacity(name, config.worker_max_jobs, config.tenant_max_share)
+        limits = {t.name: t.concurrency for t in job_types.values() if t.concurrency is not None}
+        capacity = Capacity(name, config.worker_max_jobs, config.tenant_max_share, limits=limits)
 
-        async def claim(wanted: Sequence[tuple[UUID, int]]) -> list[store.Claimed | None]:
-            return await store.claim_many(
-                jobs, wanted, owner=OWNER, lease_s=config.lease_s, default_cap=capacity.default_cap
-            )
+        async def claims(wanted: Sequence[tuple[UUID, int]]) -> list[Claimed | None]:
+            return await claim.claim_many(jobs, wanted, owner=OWNER, lease_s=config.lease_s, capacity=capacity)
 
         async def finish(finishes: Sequence[store.Finish]) -> list[bool]:
             return await store.finish_many(jobs, finishes)
 
         return cls(
             job_types,
-            Batcher(claim, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
+            Batcher(claims, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
             Batcher(finish, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
             capacity,
         )
@@ -105,7 +105,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
 
 
 async def _run(
-    deps: Deps, runtime: Runtime, job_type: JobType, claimed: store.Claimed, value: Any, *, leased_at: float
+    deps: Deps, runtime: Runtime, job_type: JobType, claimed: Claimed, value: Any, *, leased_at: float
 ) -> None:
     journal = events.Journal(
         deps.db, deps.notifier, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
@@ -146,7 +146,7 @@ async def _run(
         beat.stop()
 
 
-async def _succeeded(deps: Deps, runtime: Runtime, claimed: store.Claimed, result: Any, progress: Progress) -> None:
+async def _succeeded(deps: Deps, runtime: Runtime, claimed: Claimed, result: Any, progress: Progress) -> None:
     """Store the result, or end the attempt `failed` with `invalid_result` at once when it can't be encoded or
     stored: no later attempt would do better, and an exception escaping here would leave the row `running` until
     its lease ran out, to be retried into the same wall and end `worker_lost`."""
@@ -180,7 +180,7 @@ async def _claim_interrupted(deps: Deps, runtime: Runtime, job_id: UUID, attempt
     with no task, until its lease runs out. None of its code ran, so it goes back whatever its type."""
     try:
         claimed = await database.persist(
-            lambda: store.owned(deps.db, job_id, attempt, owner=OWNER), what=f"claim {job_id}", give_up_after_s=10
+            lambda: claim.owned(deps.db, job_id, attempt, owner=OWNER), what=f"claim {job_id}", give_up_after_s=10
         )
     except database.UNAVAILABLE:
         return  # the lease ends it: the sweep rescues the job
@@ -188,7 +188,7 @@ async def _claim_interrupted(deps: Deps, runtime: Runtime, job_id: UUID, attempt
         await _stopped_from_outside(deps, runtime, claimed, ran=False)
 
 
-async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: store.Claimed, *, ran: bool = True) -> None:
+async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: Claimed, *, ran: bool = True) -> None:
     async def stop() -> None:
         if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
             if await store.finish(deps.jobs, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
@@ -200,28 +200,31 @@ async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: store.Cla
         if outcome is not None:
             await _gave_back(deps, runtime, claimed)
         if outcome == "queued":
-            await enqueue(deps.redis, claimed.id, claimed.attempt)
+            await enqueue(deps.redis, claimed.id, claimed.attempt, priority=claimed.priority)
 
     await database.persist(stop, what=f"stop {claimed.id}", give_up_after_s=10)
 
 
-async def _gave_back(deps: Deps, runtime: Runtime, claimed: store.Claimed) -> None:
-    """The attempt stopped running and gave its tenant's slot back: dispatch the job that waits for it now, rather
-    than at the sweep's next pass."""
+async def _gave_back(deps: Deps, runtime: Runtime, claimed: Claimed) -> None:
+    """The attempt stopped running and gave back its tenant's slot or its key's: dispatch the jobs that wait for
+    them now, rather than at the sweep's next pass."""
     if not claimed.slots:
         return
+    db, capacity, batch = deps.db, runtime.capacity, deps.config.sweep_batch
     try:
-        woken = await wake(
-            deps.db, [claimed.tenant_id], default_cap=runtime.capacity.default_cap, batch=deps.config.sweep_batch
-        )
+        woken = []
+        if "key" in claimed.slots and claimed.concurrency_key is not None:
+            woken += await wake_key(db, claimed.type, claimed.concurrency_key, capacity, batch=batch)
+        if "tenant" in claimed.slots:
+            woken += await wake(db, [claimed.tenant_id], capacity, batch=batch)
     except database.UNAVAILABLE as exc:
-        log.warning("wake %s: database unavailable (%s); the sweep dispatches what waits", claimed.tenant_id, exc)
+        log.warning("wake after %s: database unavailable (%s); the sweep dispatches what waits", claimed.id, exc)
         return
-    if woken and not await enqueue_many(deps.redis, woken):
-        await store.undispatch_many(deps.db, woken)
+    if woken and not await enqueue_many(deps.redis, woken, step_s=deps.config.priority_step_s):
+        await store.undispatch_many(deps.db, [(bell.job_id, bell.started) for bell in woken])
 
 
-async def _failed(deps: Deps, runtime: Runtime, claimed: store.Claimed, error: Error) -> None:
+async def _failed(deps: Deps, runtime: Runtime, claimed: Claimed, error: Error) -> None:
     """A failed attempt: retry later while attempts remain and the error allows it, else end `failed`."""
     config = deps.config
     if not (error.retryable and claimed.attempts_left):
@@ -236,7 +239,7 @@ async def _failed(deps: Deps, runtime: Runtime, claimed: store.Claimed, error: E
 async def _end(
     deps: Deps,
     runtime: Runtime,
-    claimed: store.Claimed,
+    claimed: Claimed,
     to: Status,
     *,
     result: bytes | None = None,

@@ -25,7 +25,6 @@ import msgspec
 from databases import Database
 
 from worker import sql
-from worker.capacity import CAP_SQL
 from worker.database import storable
 from worker.events import Notifier
 from worker.job import CANCELLED, TERMINAL, Error, Progress, Status, allowed_from
@@ -49,7 +48,8 @@ class Jobs:
 
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
-    " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of"
+    " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of, run_at, priority,"
+    " concurrency_key, tenant_id"
 )
 
 
@@ -74,6 +74,10 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None
     expires_at: datetime
     retry_of: UUID | None = None
+    run_at: datetime | None = None
+    priority: int = 0
+    concurrency_key: str | None = None
+    tenant_id: str = ""  # not part of the Job: the API answers within one tenant, an operator across them
 
     @property
     def done(self) -> bool:
@@ -89,19 +93,27 @@ def _row(record: Any) -> JobRow:
 _INSERT = f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
-                      expires_at, dispatched_at, event_seq, idempotency_key, request_hash, retry_of)
+                      expires_at, dispatched_at, event_seq, idempotency_key, request_hash, retry_of, run_at,
+                      next_run_at, priority, concurrency_key)
     SELECT id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
-           now() + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash, retry_of
+           -- a job asked to start later is kept that much longer: its time to live counts from its start
+           greatest(run_at, now()) + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash,
+           retry_of, run_at, greatest(run_at, now()), priority, concurrency_key
       FROM unnest(CAST(:ids AS uuid[]), CAST(:tenants AS text[]), CAST(:types AS text[]), CAST(:inputs AS jsonb[]),
                   CAST(:max_attempts AS int[]), CAST(:timeouts AS int[]), CAST(:retry_safe AS bool[]),
                   CAST(:callback_urls AS text[]), CAST(:metadata AS jsonb[]), CAST(:ttls AS float8[]),
-                  CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]), CAST(:retry_of AS uuid[]))
+                  CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]), CAST(:retry_of AS uuid[]),
+                  CAST(:run_at AS timestamptz[]), CAST(:priorities AS int[]), CAST(:concurrency_keys AS text[]))
            AS new(id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata, ttl_s,
-                  idempotency_key, request_hash, retry_of)
+                  idempotency_key, request_hash, retry_of, run_at, priority, concurrency_key)
     -- an Idempotency-Key the tenant already used (or another job of the same batch uses): no row, no event;
     -- the caller finds the existing job
     ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
+), slot AS (  -- the row a claim locks and counts for the key (worker/claim.py)
+    INSERT INTO concurrency_slots (type, key)
+    SELECT DISTINCT type, concurrency_key FROM job WHERE concurrency_key IS NOT NULL
+    ON CONFLICT DO NOTHING
 ), event AS ({status_event("job")})
 SELECT {_COLUMNS} FROM job
 """
@@ -123,6 +135,9 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str | None = None
     request_hash: bytes | None = None
     retry_of: UUID | None = None  # the failed, cancelled or expired job this one retries
+    run_at: datetime | None = None  # not before then
+    priority: int = 0  # -10..10: among due jobs, higher first
+    concurrency_key: str | None = None  # shares its type's `concurrency` limit with the jobs of the same key
 
 
 async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | None]:
@@ -142,6 +157,9 @@ async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | Non
         "idempotency_keys": [j.idempotency_key for j in jobs],
         "request_hashes": [j.request_hash for j in jobs],
         "retry_of": [j.retry_of for j in jobs],
+        "run_at": [j.run_at for j in jobs],
+        "priorities": [j.priority for j in jobs],
+        "concurrency_keys": [j.concurrency_key for j in jobs],
     }
     rows = {row.id: row for row in map(_row, await sql.fetch_all(db, _INSERT, values))}
     return [rows.pop(j.id, None) for j in jobs]
@@ -193,26 +211,32 @@ async def undispatch_many(db: Database, attempts: Sequence[tuple[UUID, int]]) ->
 # -- reads ------------------------------------------------------------------------------------------
 
 _GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = :id AND tenant_id = :tenant"
+_GET_ANY = f"SELECT {_COLUMNS} FROM jobs WHERE id = :id"
 
 
-async def get_job(db: Database, tenant: str, job_id: UUID) -> JobRow | None:
-    record = await sql.fetch_one(db, _GET, {"id": job_id, "tenant": tenant})
+async def get_job(db: Database, tenant: str | None, job_id: UUID) -> JobRow | None:
+    """The job of `tenant`; with None (an operator's `outlast jobs`), of whichever tenant it belongs to."""
+    if tenant is None:
+        record = await sql.fetch_one(db, _GET_ANY, {"id": job_id})
+    else:
+        record = await sql.fetch_one(db, _GET, {"id": job_id, "tenant": tenant})
     return None if record is None else _row(record)
 
 
 async def list_jobs(
     db: Database,
-    tenant: str,
+    tenant: str | None,
     *,
     limit: int,
     status: Status | None = None,
     type: str | None = None,
     before: UUID | None = None,
 ) -> list[JobRow]:
-    """The tenant's jobs, newest first (v7 ids sort by creation), `before` an id for the next page."""
-    where = ["tenant_id = :tenant"]
-    values: dict[str, Any] = {"tenant": tenant, "limit": limit}
-    for column, value in (("status", status), ("type", type)):
+    """The tenant's jobs (None: every tenant's), newest first (v7 ids sort by creation), `before` an id for the
+    next page."""
+    where = ["TRUE"]
+    values: dict[str, Any] = {"limit": limit}
+    for column, value in (("tenant_id", tenant), ("status", status), ("type", type)):
         if value is not None:
             where.append(f"{column} = :{column}")
             values[column] = value
@@ -223,101 +247,7 @@ async def list_jobs(
     return [_row(r) for r in await sql.fetch_all(db, query, values)]
 
 
-# -- one attempt: claim, heartbeat, finish ----------------------------------------------------------
-
-
-class Claimed(msgspec.Struct, frozen=True, kw_only=True):
-    id: UUID
-    tenant_id: str
-    type: str
-    input: str
-    attempt: int
-    max_attempts: int
-    timeout_s: int
-    retry_safe: bool
-    interrupted: int  # attempts handed back by a graceful shutdown: they don't count
-    slots: list[str] | None = None  # held while it runs ('tenant'): given back when it stops, waking a waiting job
-
-    @property
-    def attempts_left(self) -> bool:
-        return self.attempt - self.interrupted < self.max_attempts
-
-
-_CLAIMED_COLUMNS = "id, tenant_id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted, slots"
-_CAP = CAP_SQL
-
-# Batches lock their rows in about id order, not a guaranteed one: should two workers' batches deadlock, PostgreSQL
-# fails one, and worker/batch.py then sends each of its writes alone.
-_CLAIM = f"""
-WITH wanted AS (  -- a pair given twice counts once, at its first place; in id order, which the join mostly keeps
-    SELECT DISTINCT ON (id, attempt) id, attempt, place
-      FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) WITH ORDINALITY AS w(id, attempt, place)
-     ORDER BY id, attempt, place
-), candidate AS (  -- what the claim may take (the UPDATE checks each row again)
-    SELECT j.id, j.attempt, j.tenant_id, w.place
-      FROM jobs j JOIN wanted w ON j.id = w.id AND j.attempt = w.attempt
-     WHERE j.status = 'queued' AND j.expires_at > now() AND j.cancel_requested_at IS NULL
-), capped AS (
-    -- The tenants under a cap, locked (NO KEY: submits' foreign-key checks go on): a claim that waited for another
-    -- here reads the running count that one left, so two claims never both take a tenant's last slot.
-    SELECT t.id, {_CAP} - t.running AS room
-      FROM tenants t
-     WHERE t.id IN (SELECT tenant_id FROM candidate) AND {_CAP} IS NOT NULL
-     ORDER BY t.id
-       FOR NO KEY UPDATE
-), admitted AS (  -- within a tenant, in the order the claims came, as many as its room
-    SELECT c.id, c.attempt, k.id IS NOT NULL AS capped
-      FROM (SELECT *, row_number() OVER (PARTITION BY tenant_id ORDER BY place) AS n FROM candidate) c
-      LEFT JOIN capped k ON k.id = c.tenant_id
-     WHERE k.id IS NULL OR c.n <= k.room
-), claimed AS (
-    UPDATE jobs
-       SET status = 'running', attempt = jobs.attempt + 1, lease_owner = :owner,
-           lease_expires_at = now() + make_interval(secs => :lease), started_at = COALESCE(started_at, now()),
-           slots = CASE WHEN a.capped THEN ARRAY['tenant'] END, event_seq = event_seq + 1
-      FROM admitted a
-     WHERE jobs.id = a.id AND jobs.status = 'queued' AND jobs.attempt = a.attempt
-           AND jobs.expires_at > now() AND jobs.cancel_requested_at IS NULL
-    RETURNING jobs.*
-), took AS (
-    UPDATE tenants t SET running = t.running + n.taken
-      FROM (SELECT tenant_id, count(*) AS taken FROM claimed WHERE slots IS NOT NULL GROUP BY tenant_id) n
-     WHERE t.id = n.tenant_id
-), turned_away AS (  -- at their tenant's cap: they wait, undispatched, holding nothing, until a slot comes back
-    UPDATE jobs SET dispatched_at = NULL
-      FROM candidate c
-     WHERE jobs.id = c.id AND jobs.attempt = c.attempt AND jobs.status = 'queued'
-           AND c.id NOT IN (SELECT id FROM admitted)
-), event AS ({status_event("claimed")})
-SELECT {_CLAIMED_COLUMNS} FROM claimed
-"""
-
-
-async def claim_many(
-    jobs: Jobs, wanted: Sequence[tuple[UUID, int]], *, owner: str, lease_s: float, default_cap: int | None = None
-) -> list[Claimed | None]:
-    """Start attempt `started + 1` of each `(job_id, started)` (a message's pair, worker/queue.py), in one
-    statement. None: a stale or duplicate delivery, so run nothing (a pair given twice is claimed for its first
-    place only), or a job whose tenant is at its cap (`max_running`, else `default_cap`): it waits undispatched
-    until `wake` finds it a slot."""
-    ids, attempts = [job_id for job_id, _ in wanted], [attempt for _, attempt in wanted]
-    values = {"ids": ids, "attempts": attempts, "owner": owner, "lease": lease_s, "default_cap": default_cap}
-    records = await sql.fetch_all(jobs.db, _CLAIM, values)
-    claimed = {(r["id"], r["attempt"] - 1): msgspec.convert(dict(r), Claimed) for r in records}
-    jobs.changed(r["id"] for r in records)
-    return [claimed.pop(key, None) for key in wanted]
-
-
-_OWNED = f"""
-SELECT {_CLAIMED_COLUMNS} FROM jobs
- WHERE id = :id AND attempt = :attempt AND status = 'running' AND lease_owner = :owner
-"""
-
-
-async def owned(db: Database, job_id: UUID, attempt: int, *, owner: str) -> Claimed | None:
-    """Attempt `attempt` if `owner` holds it running: a claim whose answer never arrived may still have committed."""
-    record = await sql.fetch_one(db, _OWNED, {"id": job_id, "attempt": attempt, "owner": owner})
-    return None if record is None else msgspec.convert(dict(record), Claimed)
+# -- one attempt: finish (its claim is worker/claim.py) ---------------------------------------------
 
 
 _FINISH = f"""

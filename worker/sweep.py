@@ -18,11 +18,11 @@ import msgspec
 from databases import Database
 
 from worker import database, sql
-from worker.capacity import CAP_SQL, Capacity, forget_stale, leave, refresh
+from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, forget_stale, leave, limit_values, refresh
 from worker.config import Config
 from worker.deps import Deps
 from worker.job import CANCELLED, Error
-from worker.queue import forget, ring_again
+from worker.queue import Bell, forget, ring_again
 from worker.retry import envelope_sql
 from worker.status import insert_sql as status_event
 from worker.store import Jobs
@@ -83,12 +83,15 @@ _DUE = f"""
 WITH due AS (
     SELECT id FROM jobs
      WHERE status = 'queued' AND next_run_at <= now()
-       AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :redispatch))
-       -- not while its tenant is at its cap: the claim would only turn it away again
+       AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :redispatch)
+            -- rung with a delay and due now: rung again, its waiting message moves up to its priority's rank
+            OR dispatched_at < next_run_at)
+       -- not while its tenant is at its cap or its key at its limit: the claim would only turn it away again
        AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.id = jobs.tenant_id AND t.running >= {CAP_SQL})
-     ORDER BY next_run_at LIMIT :batch FOR UPDATE SKIP LOCKED
+       AND NOT {KEY_FULL_SQL}
+     ORDER BY priority DESC, next_run_at, id LIMIT :batch FOR UPDATE SKIP LOCKED
 )
-UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt, j.priority, j.tenant_id
 """
 
 _PURGE_RESULTS = """
@@ -128,13 +131,18 @@ async def cancel_requeued(jobs: Jobs, *, batch: int) -> int:
 
 
 async def take_due(
-    db: Database, *, batch: int, redispatch_after_s: float, default_cap: int | None = None
-) -> list[tuple[UUID, int]]:
-    """Queued, due jobs that Redis may not hold (and whose tenant has a slot free), marked dispatched now: the caller
-    enqueues each `(job_id, started)`."""
-    values = {"batch": batch, "redispatch": redispatch_after_s, "default_cap": default_cap}
+    db: Database, *, batch: int, redispatch_after_s: float, capacity: Capacity | None = None
+) -> list[Bell]:
+    """Queued, due jobs that Redis may not hold, or holds at a rank below theirs (and that have a slot free), marked
+    dispatched now: the caller rings each."""
+    values = {
+        "batch": batch,
+        "redispatch": redispatch_after_s,
+        "default_cap": None if capacity is None else capacity.default_cap,
+        **limit_values({} if capacity is None else capacity.limits),
+    }
     records = await sql.fetch_all(db, _DUE, values)
-    return [(r["id"], r["attempt"]) for r in records]
+    return [Bell(r["id"], r["attempt"], r["priority"], r["tenant_id"]) for r in records]
 
 
 async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
@@ -187,11 +195,8 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     expired = await expire_late(deps.jobs, batch=config.sweep_batch)
     cancelled = await cancel_requeued(deps.jobs, batch=config.sweep_batch)
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
-    default_cap = None if capacity is None else capacity.default_cap
-    due = await take_due(
-        db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, default_cap=default_cap
-    )
-    rung = await asyncio.gather(*(ring_again(deps.redis, job_id, started) for job_id, started in due))
+    due = await take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, capacity=capacity)
+    rung = await asyncio.gather(*(ring_again(deps.redis, bell, step_s=config.priority_step_s) for bell in due))
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
     await retain(

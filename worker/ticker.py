@@ -28,7 +28,7 @@ from worker import database, schedules, store
 from worker.config import Config
 from worker.deps import Deps
 from worker.job import JobType
-from worker.queue import enqueue_many
+from worker.queue import Bell, enqueue_many
 
 log = logging.getLogger("outlast.schedules")
 _encode = msgspec.json.Encoder().encode
@@ -63,9 +63,10 @@ def job_of(row: schedules.ScheduleRow, job_type: JobType, config: Config, *, tic
 
 
 async def _ring(deps: Deps, made: Sequence[store.JobRow]) -> None:
-    fresh = [(row.id, row.attempt) for row in made]
-    if fresh and not await enqueue_many(deps.redis, fresh):
-        await store.undispatch_many(deps.db, fresh)  # the rows are the outbox: the sweep rings
+    """A submit's doorbell: each job ranked by its priority (0) and fairly among tenants (worker/queue.py)."""
+    bells = [Bell(row.id, row.attempt, 0, row.tenant_id) for row in made]
+    if bells and not await enqueue_many(deps.redis, bells, step_s=deps.config.priority_step_s):
+        await store.undispatch_many(deps.db, [(b.job_id, b.started) for b in bells])  # the rows are the outbox
 
 
 async def tick(deps: Deps, job_types: Mapping[str, JobType], *, now: datetime | None = None) -> int:

@@ -67,7 +67,7 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(target=holders, job_id=jobs, stale=st.booleans())
     def claim(self, job_id: UUID, stale: bool) -> tuple[UUID, int]:
         expected = self.attempt_of(job_id) - (1 if stale else 0)  # a stale message is a duplicate delivery
-        claimed = self.run(engine.claim(self.jobs, job_id, expected, owner="w", lease_s=30))
+        claimed = self.run(engine.claim_one(self.jobs, job_id, expected, owner="w", lease_s=30))
         if claimed is None:
             return (job_id, -1)  # nothing started: a holder of nothing
         key = (job_id, claimed.attempt)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from typing import Any
+
+import msgspec
 
 from worker.job import JobType
 from worker.job_types import flaky, sleep, sums
@@ -31,3 +34,28 @@ def load(modules: str = "") -> Mapping[str, JobType]:
             raise RuntimeError(f"job type {job_type.name!r} is registered twice")
         registry[job_type.name] = job_type
     return registry
+
+
+class JobTypeInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A job type as GET /v1/job-types and `outlast types --json` show it."""
+
+    name: str
+    description: str
+    retry_safe: bool
+    timeout_s: int
+    max_attempts: int
+    input_schema: dict[str, Any]
+
+
+def describe(types: Mapping[str, JobType], default_max_attempts: int) -> list[JobTypeInfo]:
+    return [
+        JobTypeInfo(
+            name=t.name,
+            description=t.description,
+            retry_safe=t.retry_safe,
+            timeout_s=t.timeout_s,
+            max_attempts=t.max_attempts or default_max_attempts,
+            input_schema=msgspec.json.schema(t.input),
+        )
+        for t in types.values()
+    ]

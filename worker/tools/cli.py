@@ -1,5 +1,5 @@
-"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, tenants, submit, webhooks,
-schedules."""
+"""The `outlast` command: run (everything, for development), migrate, web, worker, keys, tenants, submit, webhooks;
+and jobs and types (worker/tools/jobs_cli.py), schedules (worker/tools/schedules_cli.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from worker import keys
 from worker.config import STORES_FILE, Config, data_dir, from_env, running_stores
 from worker.database import open_database
 from worker.migrate import create_database, migrate
-from worker.tools import schedules as schedules_cli
+from worker.tools import jobs_cli, schedules_cli
 from worker.tools.watch import follow
 
 T = TypeVar("T")
@@ -71,24 +71,25 @@ async def _with_database(call: Callable[[Database], Awaitable[T]], database_url:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     try:
-        key = asyncio.run(_with_database(lambda db: keys.create(db, args.tenant, args.name)))
+        key = asyncio.run(_with_database(lambda db: keys.create(db, args.tenant, args.name, read_only=args.read_only)))
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    print(
-        f"A new API key for tenant {args.tenant!r}. It is shown this once and stored only as a hash:", file=sys.stderr
-    )
+    what = "A new read-only API key" if args.read_only else "A new API key"
+    print(f"{what} for tenant {args.tenant!r}. It is shown this once and stored only as a hash:", file=sys.stderr)
     print(key, flush=True)  # alone on the last line of stdout: KEY=$(outlast keys create acme)
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     found = asyncio.run(_with_database(lambda db: keys.list_keys(db, args.tenant)))
-    print(f"{'id':<12}  {'tenant':<20}  {'created':<20}  {'last used':<20}  {'revoked':<20}  name")
+    print(f"{'id':<12}  {'tenant':<20}  {'access':<10}  {'created':<20}  {'last used':<20}  {'revoked':<20}  name")
     day = "%Y-%m-%d %H:%M:%S"
     for k in found:
         used = k.last_used_at.strftime(day) if k.last_used_at else "-"
         revoked = k.revoked_at.strftime(day) if k.revoked_at else "-"
-        print(f"{k.id:<12}  {k.tenant:<20}  {k.created_at.strftime(day):<20}  {used:<20}  {revoked:<20}  {k.name}")
+        access = "read-only" if k.read_only else "read-write"
+        created = k.created_at.strftime(day)
+        print(f"{k.id:<12}  {k.tenant:<20}  {access:<10}  {created:<20}  {used:<20}  {revoked:<20}  {k.name}")
     return 0
 
 
@@ -281,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     create = keys_sub.add_parser("create", help="make a key for TENANT and print it, once, on the last line")
     create.add_argument("tenant")
     create.add_argument("--name", default="", help="a label: who holds the key, what for")
-    listing = keys_sub.add_parser("list", help="every key (never the key itself): id, tenant, dates, name")
+    create.add_argument("--read-only", action="store_true", help="the key reads; every write it sends answers 403")
+    listing = keys_sub.add_parser("list", help="every key (never the key itself): id, tenant, access, dates, name")
     listing.add_argument("--tenant")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (or the whole key): 401 from then on")
     revoke.add_argument("key")
@@ -296,8 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     secret.add_argument("tenant")
     secret.add_argument("--rotate", action="store_true", help="make a new secret current")
     secret.add_argument("--overlap", type=float, default=86_400.0, help="seconds the old one keeps signing")
+    jobs_cli.add_parsers(sub)
     schedules_cli.register(sub)
     args = parser.parse_args(argv)
+    if args.command in ("jobs", "types"):
+        sys.exit(jobs_cli.run(args))
     if args.command == "schedules":
         sys.exit(schedules_cli.main(args))
     if args.command == "keys":

@@ -1,10 +1,11 @@
 """`outlast submit --wait`: follow a job's event stream in a terminal until it ends.
 
-A live progress bar and the job's log lines go to stderr; the finished Job goes to stdout. The stream is
-resumed with Last-Event-ID whenever it ends early (a `reconnect` event, a dropped connection), so nothing is
-missed or shown twice. It reads the stream with the standard library's HTTP client, but it is no lighter than the
-rest of the `outlast` command: importing any module of `worker` runs worker/__init__.py, which loads the engine's
-dependencies (databases, asyncpg, arq, redis, msgspec, httpx).
+A live progress bar and the job's log lines go to stderr (worker/tools/views.py draws them, as for `outlast jobs
+wait`); the finished Job goes to stdout. The stream is resumed with Last-Event-ID whenever it ends early (a
+`reconnect` event, a dropped connection), so nothing is missed or shown twice. It reads the stream with the
+standard library's HTTP client, but it is no lighter than the rest of the `outlast` command: importing any module
+of `worker` runs worker/__init__.py, which loads the engine's dependencies (databases, asyncpg, arq, redis,
+msgspec, httpx).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from worker.tools.views import JobScreen
 
 READ_TIMEOUT_S = 60.0  # well above the server's keep-alive interval (at most 15 s)
 MAX_RETRIES = 8  # consecutive failed connections before giving up
@@ -46,44 +49,6 @@ def parse(lines: Iterable[bytes]) -> Iterator[Event]:
             fields[name] = f"{fields[name]}\n{value}" if name == "data" and name in fields else value
 
 
-class Screen:
-    """The progress bar on one line, with log lines printed above it."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.job: dict[str, Any] = {}
-        self.progress: dict[str, Any] = {"fraction": 0.0, "message": None}
-
-    def bar(self) -> str:
-        fraction = float(self.progress["fraction"])
-        filled = int(fraction * 30)
-        message = self.progress["message"] or ""
-        status = self.job.get("status", "")
-        return f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} {status:<9} {message[:40]:<40}"
-
-    def show(self) -> None:
-        print(self.bar(), end="", file=self.out, flush=True)
-
-    def line(self, text: str) -> None:
-        print(f"\r{' ' * 90}\r{text}", file=self.out)
-        self.show()
-
-    def event(self, event: Event) -> None:
-        if event.name == "status":
-            self.job = event.data
-            self.progress = event.data["progress"]
-            retry = event.data.get("retry")
-            if retry:
-                error = retry.get("error") or {}
-                why = f"{error.get('type')}: {error.get('message')}" if error else "its worker was lost"
-                self.line(f"attempt {event.data['attempt']} failed ({why}); retrying at {retry['next_run_at']}")
-        elif event.name == "progress":
-            self.progress = event.data
-        elif event.name == "log":
-            self.line(f"{event.data['level']:<7} {event.data['message']}")
-        self.show()
-
-
 def _open(url: str, last_event_id: int | None) -> http.client.HTTPResponse:
     headers = {"accept": "text/event-stream"}
     if last_event_id is not None:
@@ -102,9 +67,14 @@ def _get(url: str) -> dict[str, Any]:
 
 def follow(base: str, job: dict[str, Any], *, out: TextIO = sys.stderr) -> dict[str, Any]:
     """Show the job's events until its terminal status event; return the Job that event carries."""
-    screen = Screen(out)
-    screen.job, screen.progress = job, job["progress"]
-    screen.show()
+    screen = JobScreen(job, out=out)
+    try:
+        return _follow(base, job, screen)
+    finally:
+        screen.close()
+
+
+def _follow(base: str, job: dict[str, Any], screen: JobScreen) -> dict[str, Any]:
     last: int | None = None
     failures = 0
     while True:
@@ -112,14 +82,14 @@ def follow(base: str, job: dict[str, Any], *, out: TextIO = sys.stderr) -> dict[
             with _open(base + job["links"]["events"], last) as response:
                 if response.status == 204:  # nothing after `last`, ever: the job had ended
                     final = _get(base + job["links"]["self"])
-                    break
+                    screen.status(final)
+                    return final
                 failures = 0
                 for event in parse(response):
                     if event.id is not None:
                         last = event.id
-                    screen.event(event)
+                    screen.event(event.name, event.data)
                     if event.name == "status" and event.data["done"]:
-                        print(file=out)
                         return dict(event.data)
                 # the stream ended early (`reconnect`: its lifetime, or a server shutting down): resume
         except urllib.error.HTTPError as exc:
@@ -129,7 +99,3 @@ def follow(base: str, job: dict[str, Any], *, out: TextIO = sys.stderr) -> dict[
             if failures > MAX_RETRIES:
                 raise SystemExit(f"lost the event stream of {job['id']}: {exc}") from None
             time.sleep(min(0.25 * 2**failures, 10.0))
-    screen.job, screen.progress = final, final["progress"]
-    screen.show()
-    print(file=out)
-    return final
