@@ -14,7 +14,22 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from server import accesslog, auth, collector, deliveries, docs, jobs, limits, openapi, ops, problems, stream, submit
+from server import (
+    accesslog,
+    auth,
+    bulk,
+    collector,
+    deliveries,
+    docs,
+    jobs,
+    limits,
+    openapi,
+    ops,
+    problems,
+    schedules,
+    stream,
+    submit,
+)
 from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
 from server.state import Web
@@ -61,6 +76,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/jobs/{id}", jobs.show, methods=["GET"]),
             Route("/v1/jobs", submit.submit, methods=["POST"]),
             Route("/v1/jobs/batch", submit.submit_batch, methods=["POST"]),
+            Route("/v1/jobs/cancel", bulk.cancel_many, methods=["POST"]),
             Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
             Route("/v1/jobs/{id}/result", jobs.result, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", jobs.cancel, methods=["POST"]),
@@ -69,6 +85,12 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/jobs/{id}/deliveries/redeliver", deliveries.redeliver, methods=["POST"]),
             Route("/v1/jobs/{id}/events", stream.follow, methods=["GET"]),
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),
+            Route("/v1/schedules", schedules.list_schedules, methods=["GET"]),
+            Route("/v1/schedules", schedules.create, methods=["POST"]),
+            Route("/v1/schedules/{id}", schedules.show, methods=["GET"]),
+            Route("/v1/schedules/{id}", schedules.change, methods=["PATCH"]),
+            Route("/v1/schedules/{id}", schedules.delete, methods=["DELETE"]),
+            Route("/v1/schedules/{id}/trigger", schedules.trigger, methods=["POST"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

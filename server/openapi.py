@@ -14,15 +14,17 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from server.bulk import CancelFilter, Cancelled
 from server.deliveries import DeliveryList
 from server.jobs import JobList, JobTypeList
 from server.openapi_paths import REF, paths
 from server.ops import Health, Readiness
 from server.problems import Problem
 from server.responses import MsgspecResponse
+from server.schedules import NewSchedule, ScheduleChange, ScheduleList
 from server.state import web_of
 from server.submit import JobItems, SubmitBatch, SubmitJob
-from worker import Job, JobType, Status, webhook_store
+from worker import Job, JobType, Status, schedules, webhook_store
 
 _SECURITY_SCHEMES = {
     "apiKey": {
@@ -52,7 +54,8 @@ _SSE_EVENT = {
 
 # Every body and answer msgspec describes; the submit bodies are remade per job type from SubmitJob and BatchItem.
 _TYPES: tuple[type, ...] = (SubmitJob, SubmitBatch, Job, JobItems, JobList, JobTypeList, DeliveryList)
-_TYPES += (webhook_store.Delivery, Problem, Health, Readiness)
+_TYPES += (webhook_store.Delivery, Problem, Health, Readiness, CancelFilter, Cancelled)
+_TYPES += (NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList)
 
 
 def _schema_hook(t: type) -> dict[str, Any]:
@@ -199,6 +202,7 @@ def build(
         "tags": [
             {"name": "jobs", "description": "submit, read, wait on, follow, cancel and retry jobs"},
             {"name": "webhooks", "description": "a job's callback deliveries"},
+            {"name": "schedules", "description": "cron schedules, each tick of which makes one job"},
             {"name": "operations", "description": "health, readiness, metrics and this document"},
         ],
         "paths": paths(submit, batch),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.schedules import ID_PATTERN
+
 REF = "#/components/schemas/{name}"
 
 
@@ -235,6 +237,18 @@ def _reads() -> dict[str, Any]:
 
 def _changes() -> dict[str, Any]:
     return {
+        "/v1/jobs/cancel": {
+            "post": {
+                "operationId": "cancelJobs",
+                "summary": "Cancel the tenant's live jobs matching every filter given, at most 10,000 a call",
+                "requestBody": {"required": True, "content": _json("CancelFilter")},
+                "responses": {
+                    "202": {"description": "how many were cancelled or asked to stop", "content": _json("Cancelled")},
+                    **_BODY,
+                    "422": _problem("a filter fails the schema"),
+                },
+            }
+        },
         "/v1/jobs/{id}/cancel": {
             "post": {
                 "operationId": "cancelJob",
@@ -274,6 +288,81 @@ def _changes() -> dict[str, Any]:
                     },
                     **_NOT_FOUND,
                     "409": _problem("not done yet, or no callback_url", Retry_After=_INTEGER),
+                },
+            }
+        },
+    }
+
+
+_SCHEDULE_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": f"^{ID_PATTERN}$"},
+}
+_SCHEDULE_422 = {"422": _problem("a bad cron or timezone, an unknown type, or a field failing the schema")}
+
+
+def _schedules() -> dict[str, Any]:
+    """/v1/schedules: server/schedules.py."""
+    one = {"description": "the schedule", "content": _json("ScheduleResource")}
+    missing = {"404": _problem("no such schedule (or another tenant's)")}
+    declared = _problem("declared in a job module's SCHEDULES: only `paused` may change here")
+    return {
+        "/v1/schedules": {
+            "get": {
+                "operationId": "listSchedules",
+                "summary": "The tenant's cron schedules, by id",
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "a page", "content": _json("ScheduleList")},
+                    "422": _problem("bad query"),
+                },
+            },
+            "post": {
+                "operationId": "createSchedule",
+                "summary": "A cron schedule: each tick of `cron` in `timezone` makes one job",
+                "requestBody": {"required": True, "content": _json("NewSchedule")},
+                "responses": {
+                    "201": {**one, "headers": {"Location": {"schema": {"type": "string"}}}},
+                    **_BODY,
+                    "409": _problem("a schedule of that id exists"),
+                    **_SCHEDULE_422,
+                },
+            },
+        },
+        "/v1/schedules/{id}": {
+            "get": {"operationId": "getSchedule", "parameters": [_SCHEDULE_ID], "responses": {"200": one, **missing}},
+            "patch": {
+                "operationId": "changeSchedule",
+                "summary": "Change the given fields; `paused` pauses and resumes",
+                "parameters": [_SCHEDULE_ID],
+                "requestBody": {"required": True, "content": _json("ScheduleChange")},
+                "responses": {"200": one, **_BODY, **missing, "409": declared, **_SCHEDULE_422},
+            },
+            "delete": {
+                "operationId": "deleteSchedule",
+                "parameters": [_SCHEDULE_ID],
+                "responses": {"204": {"description": "deleted"}, **missing, "409": declared},
+            },
+        },
+        "/v1/schedules/{id}/trigger": {
+            "post": {
+                "operationId": "triggerSchedule",
+                "summary": "A job of the schedule now, paused or not; its next tick stays",
+                "parameters": [_SCHEDULE_ID],
+                "responses": {
+                    "202": {
+                        "description": "the job",
+                        "headers": _LOCATION,
+                        "content": _json("Job"),
+                        "links": _JOB_LINKS,
+                    },
+                    **missing,
+                    "422": _problem("the schedule's type is no longer registered"),
                 },
             }
         },
@@ -323,6 +412,8 @@ def paths(submit: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
     for group in (_submits(submit, batch), _reads(), _changes()):
         for path, operations in group.items():
             found.setdefault(path, {}).update(operations)
+    for path, operations in _schedules().items():
+        found[path] = {method: {**op, "tags": ["schedules"]} for method, op in operations.items()}
     for operation in (op for ops in found.values() for op in ops.values()):
         operation.setdefault("tags", ["jobs"])
         writes = _WRITES if operation["operationId"] in _WRITING else {}
@@ -343,9 +434,14 @@ _ORDER = (
     "/v1/jobs/{id}/events",
     "/v1/jobs/{id}/result",
     "/v1/jobs/{id}/cancel",
+    "/v1/jobs/cancel",
     "/v1/jobs/{id}/retry",
     "/v1/job-types",
     "/v1/jobs/{id}/deliveries",
     "/v1/jobs/{id}/deliveries/redeliver",
+    "/v1/schedules",
+    "/v1/schedules/{id}",
+    "/v1/schedules/{id}/trigger",
 )
-_WRITING = frozenset({"submitJob", "submitJobs", "retryJob", "cancelJob", "redeliver"})
+_WRITING = frozenset({"submitJob", "submitJobs", "retryJob", "cancelJob", "cancelJobs", "redeliver"})
+_WRITING |= {"createSchedule", "changeSchedule", "deleteSchedule", "triggerSchedule"}

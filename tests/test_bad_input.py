@@ -37,6 +37,8 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] =
     # (name, method, path, request kwargs, status, slug, loc named in errors)
     ("empty body", "POST", "/v1/jobs", {"content": b""}, 400, "invalid-body", None),
     ("not json", "POST", "/v1/jobs", {"content": b"{type: square"}, 400, "invalid-body", None),
+    # json.loads would take the leading NULs for UTF-32 and fail in its codec: still a 400, never a 500
+    ("NULs first", "POST", "/v1/jobs", {"content": b'\x00\x00\x00{"type": 1}'}, 400, "invalid-body", None),
     ("not utf-8", "POST", "/v1/jobs", {"content": b"\x80{}"}, 400, "invalid-body", None),
     ("a batch not utf-8", "POST", "/v1/jobs/batch", {"content": b'{"jobs": [\xff]}'}, 400, "invalid-body", None),
     ("json but not an object", "POST", "/v1/jobs", {"json": [1, 2]}, 422, "validation-error", "$"),

@@ -16,7 +16,8 @@ import pytest
 
 from tests.conftest import bearer, eventually
 from tests.test_auth import ROUTES, SQUARES, call, open_app
-from worker import Config, Deps, keys
+from worker import Config, Deps, keys, schedules
+from worker.cron import Cron
 
 
 async def test_only_a_hash_of_the_key_is_stored(deps: Deps) -> None:
@@ -101,6 +102,11 @@ async def test_a_read_only_key_reads_every_route_and_gets_403_on_every_write(
     config: Config, deps: Deps, done_job: str
 ) -> None:
     reader = bearer(await keys.create(deps.db, "default", read_only=True))
+    # a schedule under the job's id, so that /v1/schedules/{id} and its writes name one too
+    every_night = schedules.Definition(
+        tenant="default", id=done_job, cron=Cron.parse("0 3 * * *"), type="sleep", input=b"{}", metadata=b"{}"
+    )
+    assert await schedules.create(deps.db, every_night) is not None
     jobs_before = await deps.db.fetch_val("SELECT count(*) FROM jobs")
     async with open_app(config) as client:
         for method, path in ROUTES:

@@ -3,7 +3,7 @@
 Both processes import it; the server uses only the names below.
 """
 
-from worker import control, database, events, keys, resource, status, store, sweep
+from worker import control, cron, database, events, keys, resource, schedules, status, store, sweep, ticker
 from worker.config import Config, from_env
 from worker.deps import Deps, connect
 from worker.job import (
@@ -24,6 +24,7 @@ from worker.job import (
 )
 from worker.job_types import load as load_job_types
 from worker.queue import enqueue, request_abort
+from worker.schedules import Schedule
 from worker.webhooks import store as webhook_store
 from worker.webhooks.ssrf import Forbidden, UrlGuard
 
@@ -43,10 +44,12 @@ __all__ = [
     "Progress",
     "Rate",
     "RetryableError",
+    "Schedule",
     "Status",
     "UrlGuard",
     "connect",
     "control",
+    "cron",
     "database",
     "enqueue",
     "events",
@@ -56,8 +59,10 @@ __all__ = [
     "load_job_types",
     "request_abort",
     "resource",
+    "schedules",
     "status",
     "store",
     "sweep",
+    "ticker",
     "webhook_store",
 ]

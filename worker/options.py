@@ -29,7 +29,9 @@ from worker.job import shut_process_pool
 from worker.job_types import load
 from worker.queue import RUN_JOB
 from worker.run import Runtime, run_job
+from worker.schedules import declared
 from worker.sweep import fresh_s, sweeping
+from worker.ticker import ticking
 from worker.webhooks import deliver as webhooks
 
 
@@ -51,7 +53,7 @@ def _redis_settings(config: Config) -> RedisSettings:
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    """Connect, and start what runs beside arq's job slots: webhook deliveries and the sweep."""
+    """Connect, and start what runs beside arq's job slots: webhook deliveries, the sweep and the ticker."""
     config: Config = ctx["config"]
     logging.getLogger("outlast").setLevel(logging.INFO)
     stack = contextlib.AsyncExitStack()
@@ -64,6 +66,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     await refresh(deps.db, runtime.capacity, fresh_s=fresh_s(config))
     # Its own task too: it must run when every slot is taken. Each pass tells the others this worker's slots.
     await stack.enter_async_context(sweeping(deps, runtime.capacity))
+    # Cron schedules' ticks, on a task of their own for the same reason; the code's SCHEDULES are written first.
+    await stack.enter_async_context(ticking(deps, runtime.job_types, declared(config.job_modules, runtime.job_types)))
     ctx["stack"] = stack
 
 

@@ -139,8 +139,14 @@ async def request_abort(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
 
     The running attempt was started by message `attempt - 1`.
     """
+    return await request_abort_many(redis, [(job_id, attempt)])
+
+
+async def request_abort_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int]]) -> bool:
+    """`request_abort` for each `(job_id, attempt)`, in one round trip. False when Redis is unreachable."""
+    now_ms = time.time() * 1000
     try:
-        await redis.zadd(abort_jobs_ss, {message(job_id, attempt - 1): time.time() * 1000})
+        await redis.zadd(abort_jobs_ss, {message(job_id, attempt - 1): now_ms for job_id, attempt in attempts})
     except REDIS_DOWN:
         return False
     return True

@@ -15,15 +15,16 @@ BUILT_IN: tuple[JobType, ...] = (sums.SQUARE_SUM, sums.CUBE_SUM, sleep.JOB_TYPE,
 
 
 def load(modules: str = "") -> Mapping[str, JobType]:
-    """Built-in types and those of `modules` (comma-separated), each module exposing JOB_TYPE or JOB_TYPES."""
+    """Built-in types and those of `modules` (comma-separated), each module exposing JOB_TYPE or JOB_TYPES (or only
+    SCHEDULES)."""
     found = list(BUILT_IN)
     for name in filter(None, (m.strip() for m in modules.split(","))):
         module = importlib.import_module(name)
         types = list(getattr(module, "JOB_TYPES", ()))
         if hasattr(module, "JOB_TYPE"):
             types.append(module.JOB_TYPE)
-        if not types:
-            raise RuntimeError(f"job module {name!r} defines neither JOB_TYPE nor JOB_TYPES")
+        if not types and not hasattr(module, "SCHEDULES"):  # a module may declare only schedules (worker/schedules.py)
+            raise RuntimeError(f"job module {name!r} defines none of JOB_TYPE, JOB_TYPES and SCHEDULES")
         found.extend(types)
     registry: dict[str, JobType] = {}
     for job_type in found:

@@ -1,5 +1,5 @@
 """The `outlast` command: run (everything, for development), migrate, web, worker, keys, tenants, submit, webhooks;
-and jobs and types (worker/tools/jobs_cli.py)."""
+and jobs and types (worker/tools/jobs_cli.py), schedules (worker/tools/schedules_cli.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from worker import keys
 from worker.config import STORES_FILE, Config, data_dir, from_env, running_stores
 from worker.database import open_database
 from worker.migrate import create_database, migrate
-from worker.tools import jobs_cli
+from worker.tools import jobs_cli, schedules_cli
 from worker.tools.watch import follow
 
 T = TypeVar("T")
@@ -299,9 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     secret.add_argument("--rotate", action="store_true", help="make a new secret current")
     secret.add_argument("--overlap", type=float, default=86_400.0, help="seconds the old one keeps signing")
     jobs_cli.add_parsers(sub)
+    schedules_cli.register(sub)
     args = parser.parse_args(argv)
     if args.command in ("jobs", "types"):
         sys.exit(jobs_cli.run(args))
+    if args.command == "schedules":
+        sys.exit(schedules_cli.main(args))
     if args.command == "keys":
         sys.exit({"create": cmd_keys_create, "list": cmd_keys_list, "revoke": cmd_keys_revoke}[args.keys_command](args))
     if args.command == "tenants":
