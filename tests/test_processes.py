@@ -203,6 +203,21 @@ async def test_outlast_submit_wait_shows_progress_and_prints_the_finished_job(pr
     assert b"info    sleeping 1 s in 4 steps" in done.stderr  # the job's own log line, from the event stream
 
 
+async def test_outlast_submit_passes_when_and_how_much_to_the_server(processes: Processes) -> None:
+    outlast = str(Path(sys.executable).parent / "outlast")
+    flags = ["--delay", "3600", "--priority", "7", "--url", processes.url]
+    argv = [outlast, "submit", "sleep", '{"seconds": 1}', *flags]
+    env = {**os.environ, "OUTLAST_API_KEY": processes.headers["Authorization"].removeprefix("Bearer ")}
+    done = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    job = msgspec.json.decode(done.stdout)
+    assert job["status"] == "queued" and job["priority"] == 7 and job["run_at"] is not None
+    refused = [outlast, "submit", "sleep", "{}", "--concurrency-key", "acme", "--url", processes.url]
+    done = await asyncio.to_thread(subprocess.run, refused, env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode != 0 and b"concurrency_key" in done.stderr  # the server's 422, named, not a traceback
+    assert b"Traceback" not in done.stderr
+
+
 async def test_web_shutdown_with_open_streams_tells_each_to_reconnect_and_exits(
     config: Config, deps: Deps, tmp_path: Path, api_key: str
 ) -> None:

@@ -144,6 +144,10 @@ async def test_messages_left_by_killed_workers_never_stall_the_queue(
         await eventually(twenty_running, within=30)  # all claimed: arq marked exactly these 20 in progress
         cluster.signal("w", signal.SIGKILL)
         await asyncio.to_thread(cluster.workers["w"].wait)
+    # Jobs rescued meanwhile are queued again and would fill the last worker's 20 slots for 600 s, a full worker
+    # rather than a stalled queue: cancelled, they leave every slot to the job that must get through.
+    cancelled = await cluster.http.post("/v1/jobs/cancel", json={"type": "chaos_sleep"})
+    assert cancelled.status_code == 202, cancelled.text
     cluster.start_worker("w", **worker)
     await cluster.worker_ready("w")
     head = await cluster.redis.zrange(QUEUE, 0, 99)

@@ -234,7 +234,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise SystemExit(f"INPUT is not JSON: {exc}") from None
     base = args.url.rstrip("/")
-    job = _request(f"{base}/v1/jobs", key=args.key, body={"type": args.type, "input": payload})
+    body = {"type": args.type, "input": payload}
+    when = {
+        "run_at": args.at,
+        "delay_s": args.delay,
+        "priority": args.priority,
+        "concurrency_key": args.concurrency_key,
+    }
+    body.update({name: value for name, value in when.items() if value is not None})  # the server checks each
+    job = _request(f"{base}/v1/jobs", key=args.key, body=body)
     if args.wait:
         job = follow(base, job)
     print(json.dumps(job, indent=2))
@@ -271,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("type")
     submit.add_argument("input", help="the job's input as JSON")
     submit.add_argument("--wait", action="store_true", help="follow its progress and log until the job is done")
+    submit.add_argument("--at", metavar="RFC3339", help="not before then (run_at), e.g. 2026-12-24T18:00:00Z")
+    submit.add_argument("--delay", type=float, metavar="SECONDS", help="not before this many seconds from now")
+    submit.add_argument("--priority", type=int, help="-10..10: among due jobs, higher starts first (default 0)")
+    submit.add_argument("--concurrency-key", help="shares its type's concurrency limit with the jobs of this key")
     submit.add_argument(
         "--url", default=server_url(), help="the web (default: $OUTLAST_URL, else a `make run` up here)"
     )
