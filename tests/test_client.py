@@ -326,6 +326,15 @@ async def _true(condition: bool) -> bool | None:
     return condition or None
 
 
+async def test_the_client_asks_for_when_and_how_much_and_reads_them_back(live: Live) -> None:
+    async with AsyncClient(live.url, api_key=live.key) as outlast:
+        job = await outlast.submit("sleep", SLEEP, delay_s=3600, priority=-3)
+        assert job.status == "queued" and job.priority == -3 and job.run_at is not None
+        assert job.run_at > job.created_at
+        keyed = await outlast.submit("keyed", {"seconds": 0}, concurrency_key="acme")
+        assert (await outlast.get(keyed.id)).concurrency_key == "acme"
+
+
 async def test_wait_with_a_timeout_raises_job_not_done_carrying_the_job(live: Live) -> None:
     async with AsyncClient(live.url, api_key=live.key, long_poll=1) as outlast:
         job = await outlast.submit("sleep", SLEEP)  # no worker: it stays queued
