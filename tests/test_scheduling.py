@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,8 +55,10 @@ async def api(config: Config, key: str) -> AsyncIterator[httpx.AsyncClient]:
 
 @contextlib.asynccontextmanager
 async def working(deps: Deps, *, max_jobs: int, config: Config | None = None) -> AsyncIterator[None]:
-    """An in-process arq worker that keeps polling (not burst) while the block runs."""
+    """An in-process arq worker that keeps polling (not burst) while the block runs, with its sweep, as a worker
+    process has: a wake that raced a claim's turning away is the sweep's to catch."""
     config = config or deps.config
+    deps = dataclasses.replace(deps, config=config)  # one config for the worker's claims and its sweep alike
     options = worker_options(config)
     options.update(
         handle_signals=False,
@@ -64,18 +67,18 @@ async def working(deps: Deps, *, max_jobs: int, config: Config | None = None) ->
         redis_settings=redis_settings(config),
         on_startup=None,
         on_shutdown=None,
-        ctx={"deps": deps, "runtime": Runtime.of(deps, load(config.job_modules))},
+        ctx={"deps": deps, "runtime": (runtime := Runtime.of(deps, load(config.job_modules)))},
     )
     worker = Worker(**options)
     task = asyncio.create_task(worker.main())
     try:
-        yield
+        async with sweep.sweeping(deps, runtime.capacity):
+            yield
     finally:
-        worker.allow_pick_jobs = False  # as arq's graceful stop: what started finishes, nothing more starts
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-        task.cancel()
+        task.cancel()  # the poll loop first: it may be starting jobs from a list it read before
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)  # what started, finishes
         await worker.close()
 
 
