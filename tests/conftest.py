@@ -162,14 +162,22 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture
-async def client(config: Config, deps: Deps, api_key: str) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in-process, every request authenticated with `api_key`."""
+@contextlib.asynccontextmanager
+async def open_app(config: Config, key: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, every request authenticated with `key` (None: no credentials preset)."""
     app = create_app(config)
     async with app.router.lifespan_context(app):  # ASGITransport does not run the lifespan
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(api_key)) as client:
+        headers = {} if key is None else bearer(key)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as client:
             yield client
+
+
+@pytest.fixture
+async def client(config: Config, deps: Deps, api_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, every request authenticated with `api_key`."""
+    async with open_app(config, api_key) as client:
+        yield client
 
 
 @pytest.fixture
@@ -308,8 +316,9 @@ def rss_kib(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
 
-@pytest.fixture
-async def processes(config: Config, deps: Deps, api_key: str, tmp_path: Path) -> AsyncIterator[Processes]:
+@contextlib.asynccontextmanager
+async def running(config: Config, api_key: str, tmp_path: Path) -> AsyncIterator[Processes]:
+    """A web and a worker process of `config`, ready, stopped afterwards."""
     procs = Processes(process_env(config), tmp_path, api_key)
     procs.start_web()
     procs.start_worker()
@@ -318,6 +327,12 @@ async def processes(config: Config, deps: Deps, api_key: str, tmp_path: Path) ->
         yield procs
     finally:
         procs.stop()
+
+
+@pytest.fixture
+async def processes(config: Config, deps: Deps, api_key: str, tmp_path: Path) -> AsyncIterator[Processes]:
+    async with running(config, api_key, tmp_path) as procs:
+        yield procs
 
 
 async def wait_done(client: httpx.AsyncClient, job_id: str, *, within: float = 30.0) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import string
 import time
 import uuid
@@ -18,7 +17,7 @@ from starlette.routing import Route
 from server import keycache
 from server.app import create_app
 from server.auth import LINK_TOKEN_REUSE_S, TOKEN_ROUTES, AuthState, is_local, setup
-from tests.conftest import bearer, eventually
+from tests.conftest import bearer, eventually, open_app
 from worker import Config, Deps, keys
 
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
@@ -39,16 +38,6 @@ def v1_routes() -> list[tuple[str, str]]:
 
 
 ROUTES = v1_routes()
-
-
-@contextlib.asynccontextmanager
-async def open_app(config: Config) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in-process, with no credentials preset."""
-    app = create_app(config)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -23,9 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from server.app import create_app
 from server.auth import setup
-from tests.conftest import Processes, bearer, process_env, wait_done
+from tests.conftest import Processes, bearer, open_app, process_env, wait_done
 from worker import Config, Deps, keys
 
 ISSUER = "https://idp.example.com/"
@@ -112,15 +110,6 @@ def provider() -> Iterator[Provider]:
 def with_idp(config: Config, provider: Provider, **changes: Any) -> Config:
     settings = {"jwt_jwks_url": provider.url, "jwt_issuer": ISSUER, "jwt_audience": AUDIENCE}
     return msgspec.structs.replace(config, **{**settings, **changes})
-
-
-@contextlib.asynccontextmanager
-async def open_app(config: Config) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(config)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 @pytest.fixture

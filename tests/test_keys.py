@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import bearer, eventually
-from tests.test_auth import ROUTES, SQUARES, call, open_app
+from tests.conftest import bearer, eventually, open_app
+from tests.test_auth import ROUTES, SQUARES, call
 from worker import Config, Deps, keys, schedules
 from worker.cron import Cron
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from tests.conftest import Processes, eventually, process_env
+from tests.conftest import Processes, eventually, running
 from tests.receivers import Receiver
 from worker import Config, Deps
 from worker.webhooks.deliver import secrets_in_force
@@ -26,14 +26,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 async def deployment(hooks_config: Config, deps: Deps, api_key: str, tmp_path: Path) -> AsyncIterator[Processes]:
     """Web and worker processes that may deliver webhooks to the test's receiver on 127.0.0.1."""
-    procs = Processes(process_env(hooks_config), tmp_path, api_key)
-    procs.start_web()
-    procs.start_worker()
-    try:
-        await procs.ready()
+    async with running(hooks_config, api_key, tmp_path) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 def delivered(receiver: Receiver, count: int) -> Callable[[], Awaitable[bool | None]]:

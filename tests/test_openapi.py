@@ -24,9 +24,8 @@ from starlette.routing import Route
 
 from server import openapi
 from server.app import create_app
-from tests.conftest import eventually
+from tests.conftest import eventually, open_app
 from tests.sse import Live, live_server
-from tests.test_auth import open_app
 from worker import Config, Deps, JobType, load_job_types
 
 Drain = Callable[[], Awaitable[None]]

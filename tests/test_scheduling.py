@@ -17,9 +17,8 @@ import pytest
 from arq.worker import Worker
 from uuid_utils.compat import uuid7
 
-from server.app import create_app
 from tests import engine
-from tests.conftest import bearer, eventually, redis_settings
+from tests.conftest import eventually, open_app, redis_settings
 from worker import Config, Deps, Rate, claim, keys, store, sweep
 from worker.capacity import Capacity, ensure_buckets, wake_key
 from worker.claim import EARLY_S, Claimed
@@ -42,15 +41,6 @@ def new_job(type: str = "sleep_once", *, tenant: str = "default", **fields: Any)
         id=uuid7(), tenant=tenant, type=type, input=b'{"seconds": 0}', max_attempts=3, timeout_s=60,
         retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=3600, **fields,
     )  # fmt: skip
-
-
-@contextlib.asynccontextmanager
-async def api(config: Config, key: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(config)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(key)) as client:
-            yield client
 
 
 @contextlib.asynccontextmanager
@@ -178,7 +168,7 @@ async def test_a_low_priority_job_behind_a_steady_stream_of_high_priority_ones_s
     """Aging: with each level worth 50 ms of waiting, a -10 job outranks any +10 job that came a second after it."""
     aging = msgspec.structs.replace(config, priority_step_s=0.05)
     stream: list[UUID] = []
-    async with api(aging, api_key) as client, working(deps, max_jobs=1, config=aging):
+    async with open_app(aging, api_key) as client, working(deps, max_jobs=1, config=aging):
         await client.post("/v1/jobs/batch", json={"jobs": sleeps(20, 0.02, priority=10)})  # a backlog first
         low = (await client.post("/v1/jobs", json={**sleeps(1, 0.0)[0], "priority": -10})).json()
         for _ in range(60):  # arriving faster than one slot serves them: without aging the -10 job waits for all
@@ -199,7 +189,7 @@ async def test_a_low_priority_job_behind_a_steady_stream_of_high_priority_ones_s
 
 async def test_one_tenants_backlog_does_not_starve_anothers_jobs(config: Config, deps: Deps, api_key: str) -> None:
     other_key = await keys.create(deps.db, "other", "tests")
-    async with api(config, api_key) as a, api(config, other_key) as b:
+    async with open_app(config, api_key) as a, open_app(config, other_key) as b:
         mine = []
         for _ in range(2):
             items = (await a.post("/v1/jobs/batch", json={"jobs": sleeps(1000)})).json()["items"]
