@@ -12,17 +12,15 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-import msgspec
 from arq.connections import ArqRedis
 
 from worker import sql
-from worker.job import CANCELLED, Status
+from worker.job import Status
 from worker.queue import request_abort_many
 from worker.status import insert_sql as status_event
-from worker.store import Jobs
+from worker.store import CANCEL_SET_SQL, CANCELLED_JSON, Jobs
 
 MAX_CANCEL = 10_000  # jobs one call cancels at most: a caller with more calls again
-_CANCELLED = msgspec.json.encode(CANCELLED).decode()
 _DEADLOCK_TRIES = 3
 
 _CANCEL_MATCHING = f"""
@@ -36,13 +34,7 @@ WITH chosen AS (
      ORDER BY id LIMIT :limit
        FOR UPDATE
 ), moved AS (
-    UPDATE jobs
-       SET cancel_requested_at = COALESCE(cancel_requested_at, now()),
-           -- a queued job has no task to interrupt: it ends here
-           status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-           error = CASE WHEN status = 'queued' THEN CAST(:cancelled AS jsonb) ELSE error END,
-           finished_at = CASE WHEN status = 'queued' THEN now() END,
-           event_seq = event_seq + CASE WHEN status = 'queued' THEN 1 ELSE 0 END
+    UPDATE jobs{CANCEL_SET_SQL}
       FROM chosen
      WHERE jobs.id = chosen.id AND jobs.status IN ('queued', 'running')
     RETURNING jobs.*
@@ -69,7 +61,7 @@ async def cancel_matching(
         "type": type,
         "metadata": metadata.decode(),
         "limit": limit,
-        "cancelled": _CANCELLED,
+        "cancelled": CANCELLED_JSON,
     }
     for attempt in range(1, _DEADLOCK_TRIES + 1):
         try:

@@ -332,18 +332,21 @@ async def finish(
 
 # -- cancel and shutdown ----------------------------------------------------------------------------
 
-_CANCELLED = _encode(CANCELLED).decode()
+CANCELLED_JSON = _encode(CANCELLED).decode()  # the error a cancelled job ends with, as :cancelled
 _INTERRUPTED = _encode(Error("interrupted", "the worker shut down before the job finished", False)).decode()
 
-_REQUEST_CANCEL = f"""
-WITH moved AS (
-    UPDATE jobs
+# A cancel, over `jobs`: a running job is asked to stop; a queued one has no task to interrupt, so it ends here.
+# `:cancelled` is the error it ends with. Its status event: status_event("moved WHERE status = 'cancelled'").
+CANCEL_SET_SQL = """
        SET cancel_requested_at = COALESCE(cancel_requested_at, now()),
-           -- a queued job has no task to interrupt: it ends here
            status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
            error = CASE WHEN status = 'queued' THEN CAST(:cancelled AS jsonb) ELSE error END,
            finished_at = CASE WHEN status = 'queued' THEN now() END,
-           event_seq = event_seq + CASE WHEN status = 'queued' THEN 1 ELSE 0 END
+           event_seq = event_seq + CASE WHEN status = 'queued' THEN 1 ELSE 0 END"""
+
+_REQUEST_CANCEL = f"""
+WITH moved AS (
+    UPDATE jobs{CANCEL_SET_SQL}
      WHERE id = :id AND tenant_id = :tenant AND status IN ('queued', 'running')
     RETURNING *
 ), event AS ({status_event("moved WHERE status = 'cancelled'")})
@@ -353,7 +356,9 @@ SELECT {_COLUMNS} FROM moved
 
 async def request_cancel(jobs: Jobs, tenant: str, job_id: UUID) -> JobRow | None:
     """Cancel a queued job at once, or ask a running one to stop. None: unknown, or already done."""
-    record = await sql.fetch_one(jobs.db, _REQUEST_CANCEL, {"id": job_id, "tenant": tenant, "cancelled": _CANCELLED})
+    record = await sql.fetch_one(
+        jobs.db, _REQUEST_CANCEL, {"id": job_id, "tenant": tenant, "cancelled": CANCELLED_JSON}
+    )
     if record is None:
         return None
     row = _row(record)

@@ -21,15 +21,14 @@ from worker import database, sql
 from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, forget_stale, leave, limit_values, refresh
 from worker.config import Config
 from worker.deps import Deps
-from worker.job import CANCELLED, Error
+from worker.job import Error
 from worker.queue import Bell, forget, ring_again
 from worker.retry import envelope_sql
 from worker.status import insert_sql as status_event
-from worker.store import Jobs
+from worker.store import CANCELLED_JSON, Jobs
 
 log = logging.getLogger("outlast.sweep")
 _encode = msgspec.json.Encoder().encode
-_CANCELLED = _encode(CANCELLED).decode()
 
 _WORKER_LOST = _encode(Error("worker_lost", "the worker running this job stopped responding", False)).decode()
 _EXPIRED = _encode(Error("expired", "the job did not finish before its expires_at", False)).decode()
@@ -81,7 +80,7 @@ SELECT id FROM moved
 
 _DUE = f"""
 WITH due AS (
-    SELECT id FROM jobs
+    SELECT id, dispatched_at IS NOT NULL AND dispatched_at < next_run_at AS promote FROM jobs
      WHERE status = 'queued' AND next_run_at <= now()
        AND (dispatched_at IS NULL OR dispatched_at < now() - make_interval(secs => :redispatch)
             -- rung with a delay and due now: rung again, its waiting message moves up to its priority's rank
@@ -91,7 +90,8 @@ WITH due AS (
        AND NOT {KEY_FULL_SQL}
      ORDER BY priority DESC, next_run_at, id LIMIT :batch FOR UPDATE SKIP LOCKED
 )
-UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt, j.priority, j.tenant_id
+UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id
+RETURNING j.id, j.attempt, j.priority, j.tenant_id, due.promote
 """
 
 _PURGE_RESULTS = """
@@ -124,7 +124,7 @@ async def expire_late(jobs: Jobs, *, batch: int) -> int:
 async def cancel_requeued(jobs: Jobs, *, batch: int) -> int:
     """A cancel accepted while the job ran, and the job went back to queued anyway (its worker died and it was
     rescued, or a retry was booked): the claim refuses it, so it ends `cancelled` here."""
-    values = {"batch": batch, "cancelled": _CANCELLED}
+    values = {"batch": batch, "cancelled": CANCELLED_JSON}
     cancelled = [r["id"] for r in await sql.fetch_all(jobs.db, _CANCEL_QUEUED, values)]
     jobs.changed(cancelled)
     return len(cancelled)
@@ -142,7 +142,7 @@ async def take_due(
         **limit_values({} if capacity is None else capacity.limits),
     }
     records = await sql.fetch_all(db, _DUE, values)
-    return [Bell(r["id"], r["attempt"], r["priority"], r["tenant_id"]) for r in records]
+    return [Bell(r["id"], r["attempt"], r["priority"], r["tenant_id"], promote=r["promote"]) for r in records]
 
 
 async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
