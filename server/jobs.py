@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -142,18 +142,26 @@ def _parse_cursor(cursor: str) -> UUID:
         raise ValidationError(msg, [FieldError("cursor", msg)]) from None
 
 
+Q = TypeVar("Q")
+
+
+def decode_query(params: Mapping[str, str], type: type[Q]) -> Q:
+    """A query string as `type`, or a 422 naming each parameter that is wrong (by its name, not a JSON path)."""
+    try:
+        return msgspec.convert(dict(params), type, strict=False)
+    except msgspec.ValidationError as exc:
+        problem = ValidationError.from_msgspec(exc)
+        problem.errors = [FieldError(e.loc.removeprefix("$."), e.msg) for e in problem.errors]
+        raise problem from None
+
+
 async def list_jobs(request: Request) -> Response:
     params = request.query_params
     for name in params:
         if len(params.getlist(name)) > 1:  # which one would count? Refuse rather than pick one silently.
             msg = f"{name} may be given once"
             raise ValidationError(msg, [FieldError(name, msg)])
-    try:
-        query = msgspec.convert(dict(params), ListQuery, strict=False)
-    except msgspec.ValidationError as exc:
-        problem = ValidationError.from_msgspec(exc)
-        problem.errors = [FieldError(e.loc.removeprefix("$."), e.msg) for e in problem.errors]
-        raise problem from None
+    query = decode_query(params, ListQuery)
     if query.type is not msgspec.UNSET and "\x00" in query.type:
         raise ValidationError(database.NUL_MSG, [FieldError("type", database.NUL_MSG)])
     before = None if query.cursor is msgspec.UNSET else _parse_cursor(query.cursor)

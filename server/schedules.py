@@ -19,7 +19,7 @@ from uuid_utils.compat import uuid7
 from server import b64
 from server.auth import caller_of, tenant_of
 from server.body import json_body
-from server.jobs import present
+from server.jobs import decode_query, present
 from server.problems import Conflict, FieldError, NotFound, UnknownJobType, ValidationError
 from server.responses import MsgspecResponse
 from server.state import Web, web_of
@@ -180,12 +180,7 @@ async def trigger(request: Request) -> Response:
 
 async def list_schedules(request: Request) -> Response:
     params = request.query_params
-    try:
-        query = msgspec.convert(dict(params), ListQuery, strict=False)
-    except msgspec.ValidationError as exc:
-        problem = ValidationError.from_msgspec(exc)
-        problem.errors = [FieldError(e.loc.removeprefix("$."), e.msg) for e in problem.errors]
-        raise problem from None
+    query = decode_query(params, ListQuery)
     after = ""
     if query.cursor is not msgspec.UNSET:
         try:

@@ -190,9 +190,9 @@ def _start_at(body: SubmitJob, at: str) -> datetime | None:
     return body.run_at  # a time already past runs now
 
 
-def bell(job: store.NewJob, row: store.JobRow, *, now: datetime | None = None) -> Bell:
+def bell(job: store.NewJob, row: store.JobRow) -> Bell:
     """The doorbell for a new job: ranked by its priority and fairly among tenants, or delayed to its run_at."""
-    delay_s = 0.0 if job.run_at is None else (job.run_at - (now or datetime.now(UTC))).total_seconds()
+    delay_s = 0.0 if job.run_at is None else (job.run_at - datetime.now(UTC)).total_seconds()
     return Bell(row.id, row.attempt, job.priority, job.tenant, max(0.0, delay_s))
 
 
