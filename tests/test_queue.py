@@ -17,7 +17,7 @@ from tests.conftest import job_row
 from tests.test_worker import submit
 from worker import Config, Deps
 from worker.connections import QUEUE, deserialize, open_redis
-from worker.queue import RUN_JOB, enqueue, enqueue_many, message
+from worker.queue import RUN_JOB, Bell, enqueue, enqueue_many, message
 
 Drain = Callable[[], Awaitable[None]]
 NOW = 1_750_000_000.123  # a frozen clock (s), so both paths stamp the same enqueue time
@@ -56,7 +56,7 @@ async def test_enqueue_stores_byte_for_byte_what_arqs_enqueue_job_stores(
     assert await deps.redis.zcard(QUEUE) == 1 and await deps.redis.dbsize() == 2  # the job key and the queue
 
 
-async def test_enqueue_many_stores_for_each_what_arq_stores_and_only_moves_an_id_still_held_up(
+async def test_enqueue_many_stores_for_each_what_arq_stores_and_moves_an_id_still_held_only_when_promoted(
     deps: Deps, frozen_clock: None
 ) -> None:
     held, first, second = message(uuid4(), 0), message(uuid4(), 0), message(uuid4(), 2)
@@ -73,8 +73,11 @@ async def test_enqueue_many_stores_for_each_what_arq_stores_and_only_moves_an_id
     for text in (first, second):
         payload, score, _ = await stored(deps.redis, text)
         assert (payload, score) == arqs[text][:2] and payload is not None
+    assert (await stored(deps.redis, held))[:2] == held_before[:2]  # held: left alone
+    job_id, started = ids[1]
+    assert await enqueue_many(deps.redis, [Bell(job_id, started, promote=True)])  # rung early, due now
     payload, score, _ = await stored(deps.redis, held)
-    assert payload == held_before[0] and score == NOW_MS < (held_before[1] or 0)  # due now: it moved up, no rewrite
+    assert payload == held_before[0] and score == NOW_MS < (held_before[1] or 0)  # moved up, not rewritten
     assert await deps.redis.zcard(QUEUE) == 3
 
 

@@ -37,32 +37,35 @@ def parse_message(text: str) -> tuple[UUID, int]:
 
 
 # arq 0.28's enqueue_job for many jobs in one round trip. KEYS: the queue, then each job's job key and result key.
-# ARGV: the clock and the fairness window and step (ms), then six per job: serialized job, expiry ms, score, job id,
-# tenant ('' for none), rank offset ms. While either key of a job exists its id is taken (queued, running or kept as
-# a result): that job changes nothing, except that a lower score moves it up (a job rung early, now due).
+# ARGV: the clock and the fairness window and step (ms), then seven per job: serialized job, expiry ms, score, job id,
+# tenant ('' for none), rank offset ms, promote ('1' or '0'). While either key of a job exists its id is taken
+# (queued, running or kept as a result): that job changes nothing, except that a promoted one (rung early with a
+# delay, due now) moves up to its rank if that is ahead of where it waits.
 #
 # A tenant given: its jobs are spread over the window. Each takes the tenant's next virtual time, a step after its
 # last, never before `now - window` nor after `now`; so a tenant that rings 2,000 at once takes the front only for
 # its first window / step, and one that rings ten a moment later slots in among them rather than behind them all.
 ENQUEUE_LUA = """
 local now, window, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 0, (#ARGV - 3) / 6 - 1 do
+for i = 0, (#ARGV - 3) / 7 - 1 do
     local job_key, result_key = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-    local a = 3 + 6 * i
-    local score, tenant = tonumber(ARGV[a + 3]), ARGV[a + 5]
-    if tenant ~= '' then
-        local fair_key = 'outlast:fair:' .. tenant
-        local vt = math.max(tonumber(redis.call('GET', fair_key) or '0'), now - window)
-        redis.call('SET', fair_key, tostring(vt + step), 'PX', math.ceil(window + step))
-        score = math.min(vt, score) - tonumber(ARGV[a + 6])
-    else
+    local a = 3 + 7 * i
+    local held = redis.call('EXISTS', job_key, result_key) > 0
+    if not held or ARGV[a + 7] == '1' then
+        local score, tenant = tonumber(ARGV[a + 3]), ARGV[a + 5]
+        if tenant ~= '' then
+            local fair_key = 'outlast:fair:' .. tenant
+            local vt = math.max(tonumber(redis.call('GET', fair_key) or '0'), now - window)
+            redis.call('SET', fair_key, tostring(vt + step), 'PX', math.ceil(window + step))
+            score = math.min(vt, score)
+        end
         score = score - tonumber(ARGV[a + 6])
-    end
-    if redis.call('EXISTS', job_key, result_key) == 0 then
-        redis.call('PSETEX', job_key, ARGV[a + 2], ARGV[a + 1])
-        redis.call('ZADD', KEYS[1], score, ARGV[a + 4])
-    else
-        redis.call('ZADD', KEYS[1], 'XX', 'LT', score, ARGV[a + 4])
+        if held then
+            redis.call('ZADD', KEYS[1], 'XX', 'LT', score, ARGV[a + 4])
+        else
+            redis.call('PSETEX', job_key, ARGV[a + 2], ARGV[a + 1])
+            redis.call('ZADD', KEYS[1], score, ARGV[a + 4])
+        end
     end
 end
 return 1
@@ -84,6 +87,7 @@ class Bell(NamedTuple):
     priority: int | None = None
     tenant: str | None = None
     delay_s: float = 0.0
+    promote: bool = False  # its message may wait in Redis at a rank below its own (rung early, due now): move it up
 
 
 async def enqueue(
@@ -126,7 +130,7 @@ async def enqueue_many(
         fair = bell.tenant if bell.priority is not None and bell.delay_s <= 0 and bell.tenant else ""
         keys += [job_key_prefix + text, result_key_prefix + text]
         serialized = serialize_job(RUN_JOB, (text,), {}, None, enqueued_ms, serializer=serialize)
-        args += [serialized, expiry_ms, score, text, fair, _rank_ms(bell, step_s)]
+        args += [serialized, expiry_ms, score, text, fair, _rank_ms(bell, step_s), "1" if bell.promote else "0"]
     try:
         await script(redis, ENQUEUE_LUA)(keys, args)
     except REDIS_DOWN:
