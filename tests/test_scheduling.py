@@ -20,13 +20,13 @@ from uuid_utils.compat import uuid7
 from tests import engine
 from tests.conftest import eventually, open_app, redis_settings
 from worker import Config, Deps, Rate, claim, keys, store, sweep
-from worker.capacity import Capacity, ensure_buckets, wake_key
+from worker.capacity import Capacity, ensure_buckets, wake_keys
 from worker.claim import EARLY_S, Claimed
 from worker.connections import QUEUE
 from worker.job_types import load
 from worker.options import worker_options
-from worker.queue import Bell, enqueue_many
-from worker.run import Runtime
+from worker.queue import Bell, enqueue_many, message
+from worker.run import TURNED_AWAY, Runtime, after_job_end
 
 OWNER = "test-owner"
 KEYED = Capacity("test", 10, 0.5, limits={"keyed": 2})
@@ -218,15 +218,35 @@ async def test_a_key_at_its_limit_turns_the_next_job_away_until_a_slot_comes_bac
     assert [(r["key"], r["running"]) for r in running] == [("acme", 2), ("zeta", 1)]
     # the waiting one is skipped while its key is full: no busy re-ringing
     assert await sweep.take_due(deps.db, batch=10, redispatch_after_s=0, capacity=KEYED) == []
-    assert await wake_key(deps.db, "keyed", "acme", KEYED, batch=10) == []
+    assert await wake_keys(deps.db, [("keyed", "acme")], KEYED, batch=10) == []
     # its worker was killed: the rescue gives the slot back in the same statement
     await deps.db.execute(
         "UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = :id", {"id": jobs[0].id}
     )
     await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=60, backoff_cap_s=60)
     assert await deps.db.fetch_val("SELECT running FROM concurrency_slots WHERE key = 'acme'") == 1
-    assert engine.pairs(await wake_key(deps.db, "keyed", "acme", KEYED, batch=10)) == [(jobs[2].id, 0)]
+    assert engine.pairs(await wake_keys(deps.db, [("keyed", "acme")], KEYED, batch=10)) == [(jobs[2].id, 0)]
     assert (await claim_keyed(deps, [(jobs[2].id, 0)], KEYED))[0] is not None
+
+
+async def test_a_wake_arq_dropped_while_it_held_the_message_is_rung_again_once_it_lets_go(deps: Deps) -> None:
+    """A slot given back between a claim turning a job away and arq letting go of that message's id: the wake
+    marks the job dispatched and rings, arq drops the ring (the id is still its own), and after_job_end rings
+    again. A job still waiting is not rung: no busy re-ringing."""
+    jobs = [new_job("keyed", concurrency_key="acme") for _ in range(4)]
+    await store.insert_jobs(deps.db, jobs)
+    claims = await claim_keyed(deps, [(j.id, 0) for j in jobs], KEYED)
+    assert [c is not None for c in claims] == [True, True, False, False]
+    await deps.db.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = :id", {"id": jobs[0].id}
+    )
+    await sweep.rescue_lost(deps.jobs, batch=10, backoff_base_s=60, backoff_cap_s=60)  # one slot back
+    woken = await wake_keys(deps.db, [("keyed", "acme")], KEYED, batch=10)
+    assert engine.pairs(woken) == [(jobs[2].id, 0)]  # its ring is the one arq dropped: nothing is enqueued here
+    assert await deps.redis.zcard(QUEUE) == 0
+    for job in jobs[2:]:
+        await after_job_end({"deps": deps, TURNED_AWAY: (job.id, 0)})
+    assert await deps.redis.zrange(QUEUE, 0, -1) == [message(jobs[2].id, 0).encode()]
 
 
 async def test_concurrent_claims_never_run_more_than_a_keys_limit(deps: Deps) -> None:

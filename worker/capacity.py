@@ -144,16 +144,19 @@ WITH room AS (
 UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt, j.priority, j.tenant_id
 """
 
-_WAKE_KEY = f"""
-WITH due AS (
-    SELECT id FROM jobs
-     WHERE status = 'queued' AND dispatched_at IS NULL AND type = :type AND concurrency_key = :key
-       AND next_run_at <= now()
-     ORDER BY priority DESC, next_run_at, id
-     LIMIT (SELECT least(greatest(l.n - s.running, 0), :batch)
-              FROM concurrency_slots s JOIN {LIMITS_SQL} ON l.type = s.type
-             WHERE s.type = :type AND s.key = :key)
-       FOR UPDATE SKIP LOCKED
+_WAKE_KEYS = f"""
+WITH room AS (  -- each key given, with as many jobs as it has slots free now
+    SELECT s.type, s.key, least(greatest(l.n - s.running, 0), :batch) AS n
+      FROM (SELECT DISTINCT type, key FROM unnest(CAST(:types AS text[]), CAST(:keys AS text[])) AS w(type, key)) w
+      JOIN concurrency_slots s ON s.type = w.type AND s.key = w.key
+      JOIN {LIMITS_SQL} ON l.type = s.type
+), due AS (
+    SELECT d.id FROM room, LATERAL (
+        SELECT id FROM jobs
+         WHERE status = 'queued' AND dispatched_at IS NULL AND type = room.type AND concurrency_key = room.key
+           AND next_run_at <= now()
+         ORDER BY priority DESC, next_run_at, id LIMIT room.n FOR UPDATE SKIP LOCKED
+    ) d
 )
 UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id RETURNING j.id, j.attempt, j.priority, j.tenant_id
 """
@@ -170,10 +173,11 @@ async def wake(db: Database, tenants: Sequence[str], capacity: Capacity, *, batc
     return _bells(await sql.fetch_all(db, _WAKE, {**values, **limit_values(capacity.limits)}))
 
 
-async def wake_key(db: Database, type: str, key: str, capacity: Capacity, *, batch: int) -> list[Bell]:
-    """Jobs that wait for a slot of `key` (of job type `type`), as many as it has room for now, marked dispatched."""
-    values = {"type": type, "key": key, "batch": batch, **limit_values(capacity.limits)}
-    return _bells(await sql.fetch_all(db, _WAKE_KEY, values))
+async def wake_keys(db: Database, keys: Sequence[tuple[str, str]], capacity: Capacity, *, batch: int) -> list[Bell]:
+    """Jobs that wait for a slot of one of `keys` (job type, concurrency key), as many as each has room for now,
+    marked dispatched: the caller rings them."""
+    values = {"types": [t for t, _ in keys], "keys": [k for _, k in keys], "batch": batch}
+    return _bells(await sql.fetch_all(db, _WAKE_KEYS, {**values, **limit_values(capacity.limits)}))
 
 
 # -- `outlast tenants` --------------------------------------------------------------------------------

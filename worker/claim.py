@@ -1,6 +1,6 @@
 """The claim: a message's attempt starts, in one statement, when the job may run now: it is due, its tenant is
 under its cap (worker/capacity.py), its concurrency key has a slot free, and its type's rate bucket a token. A job
-turned away waits `queued`, undispatched, holding nothing, until a slot comes back (`wake`, `wake_key`) or it is due
+turned away waits `queued`, undispatched, holding nothing, until a slot comes back (`wake`, `wake_keys`) or it is due
 (the sweep); one over its type's rate is due again when a token will be there, and rung for then."""
 
 from __future__ import annotations
@@ -172,6 +172,20 @@ async def claim_many(
             answers[r["id"], r["attempt"]] = Bell(r["id"], r["attempt"], r["priority"], delay_s=r["deferred_s"])
     jobs.changed(r["id"] for r in records if r["deferred_s"] is None)
     return [answers.pop(key, None) for key in wanted]
+
+
+_WOKEN = """
+SELECT id, attempt, priority, tenant_id FROM jobs
+ WHERE id = :id AND attempt = :started AND status = 'queued' AND dispatched_at IS NOT NULL AND next_run_at <= now()
+"""
+
+
+async def woken_meanwhile(db: Database, job_id: UUID, started: int) -> Bell | None:
+    """The doorbell of a job whose claim turned it away, if it has been woken since (marked dispatched again, by a
+    slot given back). That wake rang while arq still held this message's id, so arq dropped the ring: the caller
+    rings it again once arq has let the id go. None: it still waits, it started, or it ended."""
+    record = await sql.fetch_one(db, _WOKEN, {"id": job_id, "started": started})
+    return None if record is None else Bell(record["id"], record["attempt"], record["priority"], record["tenant_id"])
 
 
 _OWNED = f"""

@@ -28,7 +28,7 @@ from worker.deps import connect
 from worker.job import shut_process_pool
 from worker.job_types import load
 from worker.queue import RUN_JOB
-from worker.run import Runtime, run_job
+from worker.run import Runtime, after_job_end, run_job
 from worker.schedules import declared
 from worker.sweep import fresh_s, sweeping
 from worker.ticker import ticking
@@ -83,6 +83,7 @@ def worker_options(config: Config) -> dict[str, Any]:
         "functions": [func(run_job, name=RUN_JOB, timeout=config.max_timeout_s + 60, max_tries=1_000)],
         "on_startup": startup,
         "on_shutdown": shutdown,
+        "after_job_end": after_job_end,
         "ctx": {"config": config},
         "queue_name": QUEUE,
         "redis_settings": _redis_settings(config),
