@@ -134,6 +134,7 @@ JOB_TYPES = (
         "chaos_once", Sleep, chaos_sleep, retry_safe=False, timeout_s=600, description="chaos_sleep, not retry-safe."
     ),
     JobType("chaos_flaky", Sleep, chaos_flaky, timeout_s=600, description="Sleep, then fail the first attempt."),
+    JobType("chaos_keyed", Sleep, chaos_sleep, timeout_s=600, concurrency=2, description="chaos_sleep, 2 per key."),
     JobType("chaos_suicide", Nothing, chaos_suicide, timeout_s=60, description="SIGKILL the worker."),
     JobType("chaos_exit", Nothing, chaos_exit, timeout_s=60, description="os._exit(1) the worker."),
 )
