@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import commits, drain, get_job, latency, noop_jobs, report, submit_job
+from bench import batch_submit, commits, drain, get_job, latency, noop_jobs, report, scheduling, submit_job
 from bench.compare import Comparison
 from bench.procs import Fleet
 from bench.run import Run, Settings, tuning
@@ -32,6 +32,8 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "noop_jobs": noop_jobs.measure,
     "latency": latency.measure,
     "drain": drain.measure,
+    "drain_keyed": scheduling.measure,
+    "batch_submit": batch_submit.measure,
     "commits": commits.measure,
 }
 FULL = Settings(

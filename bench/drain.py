@@ -1,7 +1,7 @@
 """Worker drain: 2,000 noop jobs preloaded with no worker running, then one worker started to run them all.
 
-- Outlast: rows inserted and enqueued exactly as `POST /v1/jobs` does (`store.insert_jobs`, then `enqueue`),
-  with the web stopped; then `arq worker.settings.WorkerSettings`.
+- Outlast: rows inserted and rung exactly as `POST /v1/jobs` does (`store.insert_jobs`, then the doorbell with
+  the job's priority and tenant), with the web stopped; then `arq worker.settings.WorkerSettings`.
 - Baseline (bench/baselines/arq_tuned.py): a bare arq worker tuned as Outlast tunes its own (poll_delay
   0.05 s, max_jobs 100; pickle and results otherwise as arq comes), its queue preloaded with `enqueue_job`.
 
@@ -25,8 +25,9 @@ from uuid_utils.compat import uuid7
 from bench.compare import Comparison, Figures, Metric, alternate
 from bench.noop_jobs import reset_outlast
 from bench.run import Run, baseline_env, outlast_env
-from worker import connect, enqueue, from_env, store
+from worker import Config, connect, from_env, store
 from worker.connections import QUEUE
+from worker.queue import Bell, enqueue_many
 
 WORKER, ARQ = "drain-outlast-worker", "drain-arq-tuned"  # process names, and their logs' names
 METRICS = [Metric("jobs_per_s", "worker drain of preloaded noop jobs/s", higher_is_better=True, goal=0.5)]
@@ -46,22 +47,47 @@ async def _until(count: Callable[[], Awaitable[int]], jobs: int) -> None:
         await asyncio.sleep(POLL_S)
 
 
-async def preload_outlast(run: Run, jobs: int) -> None:
+def noop(config: Config, i: int) -> store.NewJob:
+    """The i-th preloaded job: a plain noop, as `POST /v1/jobs {"type": "noop", "input": {}}` makes it."""
+    return store.NewJob(
+        id=uuid7(), tenant="default", type="noop", input=b"{}", max_attempts=config.default_max_attempts,
+        timeout_s=60, retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=config.job_ttl_s,
+    )  # fmt: skip
+
+
+async def preload_outlast(run: Run, jobs: int, make: Callable[[Config, int], store.NewJob] = noop) -> None:
     config = from_env(outlast_env(run.svc))
     slots = asyncio.Semaphore(PRELOADERS)
 
-    async def one() -> None:
+    async def one(i: int) -> None:
         async with slots:
-            job = store.NewJob(
-                id=uuid7(), tenant="default", type="noop", input=b"{}",
-                max_attempts=config.default_max_attempts, timeout_s=60, retry_safe=True, callback_url=None,
-                metadata=b"{}", ttl_s=config.job_ttl_s,
-            )  # fmt: skip
-            if (await store.insert_jobs(deps.db, [job]))[0] is None or not await enqueue(deps.redis, job.id, 0):
+            job = make(config, i)
+            if (await store.insert_jobs(deps.db, [job]))[0] is None:
+                raise RuntimeError("a preloaded job was taken for a duplicate")
+            if not await enqueue_many(deps.redis, [Bell(job.id, 0, job.priority, job.tenant)]):
                 raise RuntimeError("Redis refused a preloaded job")
 
     async with connect(config) as deps:
-        await asyncio.gather(*(one() for _ in range(jobs)))
+        await asyncio.gather(*(one(i) for i in range(jobs)))
+
+
+async def drain_outlast(
+    run: Run, db: asyncpg.Connection, jobs: int, make: Callable[[Config, int], store.NewJob] = noop
+) -> Figures:
+    """One Outlast round: `jobs` preloaded (`make` each), one worker started, its span once all succeeded."""
+
+    async def succeeded() -> int:
+        return int(await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
+
+    await reset_outlast(run)
+    await preload_outlast(run, jobs, make)
+    await run.fleet.worker(WORKER, "worker.settings.WorkerSettings", outlast_env(run.svc), run.svc.redis_url, QUEUE)
+    try:
+        await _until(succeeded, jobs)
+    finally:
+        await run.fleet.stop(WORKER)
+    span = await db.fetchval("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs")
+    return {"jobs_per_s": jobs / float(span), "span_s": float(span)}
 
 
 async def measure(run: Run) -> Comparison:
@@ -70,19 +96,8 @@ async def measure(run: Run) -> Comparison:
     baseline_redis = Redis.from_url(run.svc.baseline_redis_url)
     db = await asyncpg.connect(run.svc.database_url)
 
-    async def succeeded() -> int:
-        return int(await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
-
     async def outlast() -> Figures:
-        await reset_outlast(run)
-        await preload_outlast(run, jobs)
-        await run.fleet.worker(WORKER, "worker.settings.WorkerSettings", outlast_env(run.svc), run.svc.redis_url, QUEUE)
-        try:
-            await _until(succeeded, jobs)
-        finally:
-            await run.fleet.stop(WORKER)
-        span = await db.fetchval("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs")
-        return {"jobs_per_s": jobs / float(span), "span_s": float(span)}
+        return await drain_outlast(run, db, jobs)
 
     async def baseline() -> Figures:
         await baseline_redis.flushdb()

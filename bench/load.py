@@ -1,6 +1,6 @@
 """The load generator: a second process, so the client's CPU is not the server's.
 
-`python -m bench.load get|post|submit|arq|latency|latency-arq|commits …` does one measurement and prints one
+`python -m bench.load get|post|burst|submit|arq|latency|latency-arq|commits …` does one measurement and prints one
 JSON line. It times itself, so the cost of starting Python is never part of a figure. The HTTP client is raw
 asyncio on keep-alive connections with httptools parsing the answers: httpx would spend more CPU per request
 than the servers measured here, on a machine where the client shares the cores.
@@ -142,8 +142,8 @@ async def get(
     return await _hammer(url, lambda _: random.choice(requests), 200, concurrency, warmup_s, duration_s)
 
 
-def _post(host: str, body: bytes, api_key: str = "") -> bytes:
-    head = f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+def _post(host: str, body: bytes, api_key: str = "", path: str = "/v1/jobs") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
     return f"{head}\r\n{_auth(api_key)}\r\n".encode() + body
 
 
@@ -154,6 +154,39 @@ async def post(url: str, concurrency: int, warmup_s: float, duration_s: float, a
     """POST /v1/jobs noop submits (nothing runs them): accepted/s and latency; anything but 202 is an error."""
     raw = _post(_host_port(url)[0], NOOP, api_key)
     return await _hammer(url, lambda _: raw, 202, concurrency, warmup_s, duration_s)
+
+
+async def burst(url: str, jobs: int, batch: int, concurrency: int, api_key: str = "") -> dict[str, Any]:
+    """`jobs` noop submits, as single `POST /v1/jobs` (batch 1) or as `POST /v1/jobs/batch` of `batch` jobs each,
+    on up to `concurrency` connections: accepted jobs/s, from the first request sent to the last answer."""
+    if jobs % batch:
+        raise SystemExit(f"--jobs {jobs} is not a whole number of batches of {batch}")
+    host, port = _host_port(url)
+    if batch == 1:
+        raw = _post(host, NOOP, api_key)
+    else:
+        raw = _post(host, b'{"jobs":[' + b",".join([NOOP] * batch) + b"]}", api_key, "/v1/jobs/batch")
+    requests = jobs // batch
+    conns = [await Connection.open(host, port) for _ in range(min(concurrency, requests))]
+    refused = 0
+
+    def lane(conn: Connection) -> Callable[[], Awaitable[None]]:
+        async def one() -> None:
+            nonlocal refused
+            refused += await conn.request(raw) != 202
+
+        return one
+
+    try:
+        t0 = time.perf_counter()
+        await _spread(requests, [lane(c) for c in conns])
+        elapsed = time.perf_counter() - t0
+    finally:
+        for conn in conns:
+            conn.close()
+    if refused:
+        raise SystemExit(f"{refused} of {requests} requests answered other than 202")
+    return {"jobs_per_s": jobs / elapsed, "elapsed_s": elapsed, "requests": requests}
 
 
 async def _until_done(done: Callable[[], Awaitable[int]], jobs: int, feeding: asyncio.Future[None]) -> int:
@@ -368,6 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table", default="jobs", help="where the status rows are: jobs, or a baseline's table")
     p.add_argument("--body", default=NOOP.decode(), help="the JSON submitted for each job")
     p.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
+    p = sub.add_parser("burst", help="a fixed number of noop submits, single or batched, as fast as taken")
+    p.add_argument("--url", required=True)
+    p.add_argument("--jobs", type=int, required=True)
+    p.add_argument("--batch", type=int, default=1, help="jobs per request: 1 is POST /v1/jobs, more the batch route")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
     p = sub.add_parser("arq", help="noop jobs enqueued on a bare arq, until all results exist")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--jobs", type=int, required=True)
@@ -398,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "submit":
         body = args.body.encode()
         coro = outlast_batch(args.url, args.database_url, args.jobs, args.concurrency, args.table, body, args.api_key)
+    elif args.command == "burst":
+        coro = burst(args.url, args.jobs, args.batch, args.concurrency, args.api_key)
     elif args.command == "arq":
         coro = arq_batch(args.redis_url, args.jobs, args.concurrency)
     elif args.command == "latency":
