@@ -9,9 +9,6 @@ for a thousand jobs, instead of a thousand of each, should buy.
 
 from __future__ import annotations
 
-import asyncpg
-from redis.asyncio import Redis
-
 from bench.compare import Comparison, Figures, Measure, Metric, alternate
 from bench.noop_jobs import reset_outlast
 from bench.procs import load
@@ -28,23 +25,11 @@ async def measure(run: Run) -> Comparison:
     try:
         url = await run.fleet.outlast(WEB, outlast_env(run.svc))
 
-        async def empty() -> None:
-            conn = await asyncpg.connect(run.svc.database_url)
-            try:
-                await conn.execute("TRUNCATE jobs CASCADE")
-            finally:
-                await conn.close()
-            redis = Redis.from_url(run.svc.redis_url)
-            try:
-                await redis.flushdb()
-            finally:
-                await redis.aclose()
-
         def side(batch: int) -> Measure:
             async def one() -> Figures:
                 args = ["--url", url, "--concurrency", concurrency, "--api-key", run.api_key, "--batch", str(batch)]
                 await load("burst", *args, "--jobs", str(WARMUP_JOBS if batch == 1 else batch))
-                await empty()
+                await reset_outlast(run)
                 figures = await load("burst", *args, "--jobs", str(JOBS))
                 return {"jobs_per_s": figures["jobs_per_s"], "elapsed_s": figures["elapsed_s"]}
 
