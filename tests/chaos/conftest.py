@@ -240,6 +240,15 @@ class Cluster:
 
         self._supervisor = asyncio.create_task(loop())
 
+    async def start_supervised(self, *names: str) -> None:
+        """The web and these workers, each ready, the workers restarted whenever they exit: a storm's opening."""
+        self.start_web()
+        for name in names:
+            self.start_worker(name)
+        await self.web_ready()
+        await self.worker_ready(*names)
+        self.supervise(*names)
+
     async def stop(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()

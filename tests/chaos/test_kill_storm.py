@@ -34,12 +34,7 @@ async def test_sigkill_storm_loses_no_job_rescues_within_the_bound_and_never_ove
     durations = [rng.uniform(0.5, 2.0) for _ in range(JOBS)]
     schedule = [(rng.uniform(1.0, 3.0), rng.choice(WORKERS)) for _ in range(KILLS)]
 
-    cluster.start_web()
-    for name in WORKERS:
-        cluster.start_worker(name)
-    await cluster.web_ready()
-    await cluster.worker_ready(*WORKERS)
-    cluster.supervise(*WORKERS)
+    await cluster.start_supervised(*WORKERS)
     started = time.monotonic()
 
     ids: list[str] = []

@@ -61,12 +61,7 @@ async def test_kills_leave_no_key_over_or_stuck_at_its_limit_and_no_tick_run_twi
     cluster: Cluster, figure: Callable[[str], None]
 ) -> None:
     rng = random.Random(SEED)
-    cluster.start_web()
-    for name in WORKERS:
-        cluster.start_worker(name)
-    await cluster.web_ready()
-    await cluster.worker_ready(*WORKERS)
-    cluster.supervise(*WORKERS)
+    await cluster.start_supervised(*WORKERS)
 
     for i in range(SCHEDULES):
         body = {"id": f"tick-{i}", "cron": "* * * * *", "type": "chaos_sleep", "input": {"seconds": 0.2}}

@@ -32,12 +32,7 @@ async def test_a_poison_pill_fails_after_exactly_max_attempts_and_innocent_jobs_
     cluster: Cluster, figure: Callable[[str], None], poison: str
 ) -> None:
     rng = random.Random(SEED)
-    cluster.start_web()
-    for name in WORKERS:
-        cluster.start_worker(name)
-    await cluster.web_ready()
-    await cluster.worker_ready(*WORKERS)
-    cluster.supervise(*WORKERS)
+    await cluster.start_supervised(*WORKERS)
     started = time.monotonic()
 
     pill = await cluster.submit(poison, max_attempts=POISON_ATTEMPTS)
