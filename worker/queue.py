@@ -51,16 +51,16 @@ def parse_message(text: str) -> tuple[UUID, int]:
 ENQUEUE_LUA = """
 local now, window, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local job_prefix, result_prefix, serialized = ARGV[4], ARGV[5], ARGV[7]
-local offset = 1
+local offset, fair = 1, {}  -- fair: each tenant's next virtual time, read and written once a call
 for _, job in ipairs(cmsgpack.unpack(ARGV[6])) do
     local id, expiry, score, tenant, rank, promote, length = unpack(job)
     local job_key = job_prefix .. id
     local held = redis.call('EXISTS', job_key, result_prefix .. id) > 0
     if not held or promote then
         if tenant ~= '' then
-            local fair_key = 'outlast:fair:' .. tenant
-            local vt = math.max(tonumber(redis.call('GET', fair_key) or '0'), now - window)
-            redis.call('SET', fair_key, tostring(vt + step), 'PX', math.ceil(window + step))
+            local vt = fair[tenant] or tonumber(redis.call('GET', 'outlast:fair:' .. tenant) or '0')
+            vt = math.max(vt, now - window)
+            fair[tenant] = vt + step
             score = math.min(vt, score)
         end
         score = score - rank
@@ -73,6 +73,9 @@ for _, job in ipairs(cmsgpack.unpack(ARGV[6])) do
         end
     end
     offset = offset + length
+end
+for tenant, vt in pairs(fair) do
+    redis.call('SET', 'outlast:fair:' .. tenant, tostring(vt), 'PX', math.ceil(window + step))
 end
 return 1
 """
@@ -124,6 +127,8 @@ async def enqueue_many(
     (`expires_extra_ms`) after it is due, and its id in the queue scored by when it is due, less its rank: arq
     takes the lowest scores first, so a higher priority is an earlier score, never a later one than now.
     """
+    if not bells:
+        return True
     enqueued_ms = timestamp_ms()
     window_ms = to_ms(step_s / 6)
     jobs: list[tuple[str, int, int, str, int, bool, int]] = []
