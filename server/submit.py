@@ -5,12 +5,13 @@ together share one INSERT and one doorbell; a batch is one transaction."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from arq.connections import ArqRedis
@@ -35,6 +36,9 @@ MAX_METADATA_DEPTH = 16
 # Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, or the draft's quoted sf-string, both fit).
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 MAX_DELAY_S = 31_536_000  # a year: run_at and delay_s reach no further
+# A batch is inserted this many jobs at a time, so that the web process works on the next while PostgreSQL writes one
+BATCH_CHUNK_JOBS = 250
+T = TypeVar("T")
 
 
 class SubmitJob(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -118,8 +122,27 @@ def idempotency_key(request: Request) -> str | None:
 
 async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None, *, at: str = "$") -> store.NewJob:
     """The job `body` asks for, checked against its type's schema and the deployment's limits, or a 422 naming the
-    field. Its fingerprint (`request_hash`) is what makes two submits "the same request" for an Idempotency-Key:
-    the job they describe, not their bytes."""
+    field: `make_job`, once its callback_url has passed `check_callback`."""
+    job = make_job(web, tenant, body, key, at=at)
+    if body.callback_url is not None:
+        await check_callback(web, body.callback_url, at)
+    return job
+
+
+async def check_callback(web: Web, url: str, at: str) -> None:
+    """The SSRF guard at submit, or a 422 naming the field; and again at every delivery attempt, on the address
+    actually connected to."""
+    try:
+        await web.callbacks.check(url)
+    except Forbidden as exc:
+        log.info("callback_url refused: %s", exc.detail)  # what it resolved to: for the log, not the caller
+        msg = f"callback_url refused: {exc}"
+        raise ValidationError(msg, [FieldError(f"{at}.callback_url", msg)]) from None
+
+
+def make_job(web: Web, tenant: str, body: SubmitJob, key: str | None, *, at: str = "$") -> store.NewJob:
+    """`new_job` but for the callback_url's check, which waits on DNS. Its fingerprint (`request_hash`) is what
+    makes two submits "the same request" for an Idempotency-Key: the job they describe, not their bytes."""
     config = web.config
     job_type = web.job_types.get(body.type)
     if job_type is None:
@@ -129,13 +152,6 @@ async def new_job(web: Web, tenant: str, body: SubmitJob, key: str | None, *, at
         value = job_type.decoder.decode(body.input)
     except msgspec.ValidationError as exc:
         raise ValidationError.from_msgspec(exc, prefix=f"{at}.input") from None
-    if body.callback_url is not None:
-        try:  # and again at every delivery attempt, on the address actually connected to
-            await web.callbacks.check(body.callback_url)
-        except Forbidden as exc:
-            log.info("callback_url refused: %s", exc.detail)  # what it resolved to: for the log, not the caller
-            msg = f"callback_url refused: {exc}"
-            raise ValidationError(msg, [FieldError(f"{at}.callback_url", msg)]) from None
     timeout_s = body.timeout_s or min(job_type.timeout_s, config.max_timeout_s)
     if timeout_s > config.max_timeout_s:
         msg = f"timeout_s must be at most {config.max_timeout_s}"
@@ -223,40 +239,100 @@ async def submit_batch(request: Request) -> Response:
         web.deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
     )
     tenant = tenant_of(request)
-    jobs = [
-        await new_job(web, tenant, item, item.idempotency_key, at=f"$.jobs[{n}]") for n, item in enumerate(batch.jobs)
+    await _check_callbacks(web, batch.jobs)
+    made = [
+        functools.partial(_make_jobs, web, tenant, batch.jobs, start)
+        for start in range(0, len(batch.jobs), BATCH_CHUNK_JOBS)
     ]
-    created = await create_all(web, jobs)
-    fresh = [bell(job, row) for job, (row, replayed) in zip(jobs, created, strict=True) if not replayed]
-    # The answer is made while Redis runs the doorbell script: for a thousand jobs, each takes tens of ms.
-    ringing = (
-        asyncio.ensure_future(enqueue_many(web.deps.redis, fresh, step_s=config.priority_step_s)) if fresh else None
-    )
-    items = JobItems([present(request, row) for row, _ in created])
-    if ringing is not None and not await ringing:
-        # the rows are the outbox: the sweep rings
+    created, items = await create_all(web, made, lambda rows: [present(request, row) for row, _ in rows])
+    fresh = [bell(job, row) for job, row, replayed in created if not replayed]
+    ringing = asyncio.ensure_future(enqueue_many(web.deps.redis, fresh, step_s=config.priority_step_s))
+    answer = MsgspecResponse(JobItems(items), status_code=202)  # encoded while Redis runs the doorbell script
+    if not await ringing:  # the rows are the outbox: the sweep rings
         await store.undispatch_many(web.deps.db, [(b.job_id, b.started) for b in fresh])
-    for row, replayed in created:
+    for _, row, replayed in created:
         if not replayed:
             web.metrics.submitted.labels(row.type).inc()
-    return MsgspecResponse(items, status_code=202)
+    return answer
 
 
-async def create_all(web: Web, jobs: list[store.NewJob]) -> list[tuple[store.JobRow, bool]]:
-    """`create` for each of `jobs`, all in one transaction: a key reused with another request rolls back them all."""
+async def _check_callbacks(web: Web, items: list[BatchItem]) -> None:
+    """`check_callback` for each callback_url of a batch, once per URL and all at once: a thousand jobs reporting to
+    one receiver resolve it once, and a batch's slow resolvers cost the slowest one's time, not their sum."""
+    first_use: dict[str, int] = {}
+    for n, item in enumerate(items):
+        if item.callback_url is not None:
+            first_use.setdefault(item.callback_url, n)
+    checks = [check_callback(web, url, f"$.jobs[{n}]") for url, n in first_use.items()]
+    for outcome in await asyncio.gather(*checks, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome  # the refusal of the first item refused
+
+
+def _make_jobs(web: Web, tenant: str, items: list[BatchItem], start: int) -> list[store.NewJob]:
+    chunk = items[start : start + BATCH_CHUNK_JOBS]
+    return [make_job(web, tenant, item, item.idempotency_key, at=f"$.jobs[{n}]") for n, item in enumerate(chunk, start)]
+
+
+Made = tuple[store.NewJob, store.JobRow, bool]  # a batch's job, its row, whether it was replayed
+
+
+async def create_all(
+    web: Web,
+    chunks: Sequence[Callable[[], list[store.NewJob]]],
+    show: Callable[[list[tuple[store.JobRow, bool]]], list[Job]],
+) -> tuple[list[Made], list[Job]]:
+    """`create` for each job that `chunks` make, all in one transaction (a key reused with another request rolls
+    back them all), and `show` of their rows.
+
+    One INSERT per chunk, and while PostgreSQL writes one, this process makes the next chunk's jobs and shows the
+    last chunk's rows: for a batch of 1,000, that work is about as long as the writing, and it need not wait for
+    it. Shown before the commit is fine: nothing is answered until the commit is done."""
+    db = web.deps.db
+    created: list[Made] = []
+    alongside: list[asyncio.Future[Any]] = []  # the work done while this task waits on an INSERT
+
+    def meanwhile(work: Callable[[], T]) -> asyncio.Future[T]:
+        async def run() -> T:
+            return work()
+
+        future = asyncio.ensure_future(run())
+        alongside.append(future)
+        return future
+
+    shown: list[asyncio.Future[list[Job]]] = []
+    try:
+        async with db.transaction():  # the last chunk is shown while the COMMIT is on its way
+            making = meanwhile(chunks[0])
+            for n in range(len(chunks)):
+                jobs = await making
+                if n + 1 < len(chunks):
+                    making = meanwhile(chunks[n + 1])
+                rows = await _create_chunk(web, jobs, len(created))
+                created += [(job, row, replayed) for job, (row, replayed) in zip(jobs, rows, strict=True)]
+                shown.append(meanwhile(functools.partial(show, rows)))
+        return created, [job for part in shown for job in await part]
+    finally:
+        for future in alongside:  # after an error: nothing left running, and no error left unretrieved
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()
+
+
+async def _create_chunk(web: Web, jobs: list[store.NewJob], start: int) -> list[tuple[store.JobRow, bool]]:
     db = web.deps.db
     created: list[tuple[store.JobRow, bool]] = []
-    async with db.transaction():
-        rows = await store.insert_jobs(db, jobs)
-        for n, (job, row) in enumerate(zip(jobs, rows, strict=True)):
-            if row is not None:
-                created.append((row, False))
-                continue
-            try:
-                created.append(await _replay_or_reinsert(web, job))
-            except IdempotencyKeyReused as exc:
-                exc.errors = [FieldError(f"$.jobs[{n}].idempotency_key", e.msg) for e in exc.errors]
-                raise
+    rows = await store.insert_jobs(db, jobs)
+    for n, (job, row) in enumerate(zip(jobs, rows, strict=True), start):
+        if row is not None:
+            created.append((row, False))
+            continue
+        try:
+            created.append(await _replay_or_reinsert(web, job))
+        except IdempotencyKeyReused as exc:
+            exc.errors = [FieldError(f"$.jobs[{n}].idempotency_key", e.msg) for e in exc.errors]
+            raise
     return created
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from server.submit import BATCH_CHUNK_JOBS
 from tests.conftest import bearer
 from worker import Config, Deps
 
@@ -80,6 +81,27 @@ async def test_a_key_reused_with_another_request_rolls_the_whole_batch_back(
     assert answer.status_code == 422 and answer.json()["type"] == "/problems/idempotency-key-reused"
     assert answer.json()["errors"][0]["loc"] == "$.jobs[1].idempotency_key"
     assert await count_jobs(deps) == 1  # item 0 was not kept
+
+
+async def test_a_batch_of_several_inserts_is_still_one_transaction(client: httpx.AsyncClient, deps: Deps) -> None:
+    """A batch longer than BATCH_CHUNK_JOBS goes in several INSERTs: a bad item after the first of them has been
+    written still leaves nothing behind, and the errors name the item by its place in the whole batch."""
+    size = 2 * BATCH_CHUNK_JOBS + 10
+    bad = [item(n) for n in range(size)]
+    bad[size - 3] = {"type": "square_sum", "input": {"data": ["late"]}}
+    answer = await client.post("/v1/jobs/batch", json={"jobs": bad})
+    assert answer.status_code == 422 and answer.json()["errors"][0]["loc"] == f"$.jobs[{size - 3}].input.data[0]"
+    reused = [item(n, idempotency_key=f"k{n}") for n in range(size)]
+    reused[size - 1] = item(-1, idempotency_key="k0")  # the first chunk's key, asked for another job
+    answer = await client.post("/v1/jobs/batch", json={"jobs": reused})
+    assert answer.status_code == 422 and answer.json()["errors"][0]["loc"] == f"$.jobs[{size - 1}].idempotency_key"
+    assert await count_jobs(deps) == 0
+    again = [item(n % BATCH_CHUNK_JOBS, idempotency_key=f"k{n % BATCH_CHUNK_JOBS}") for n in range(size)]
+    answer = await client.post("/v1/jobs/batch", json={"jobs": again})
+    assert answer.status_code == 202, answer.text
+    ids = [job["id"] for job in answer.json()["items"]]
+    assert ids[BATCH_CHUNK_JOBS:] == ids[: size - BATCH_CHUNK_JOBS] and len(set(ids)) == BATCH_CHUNK_JOBS
+    assert await count_jobs(deps) == BATCH_CHUNK_JOBS
 
 
 async def test_retry_makes_a_new_job_from_a_failed_one_and_only_from_an_ended_one(

@@ -180,6 +180,21 @@ async def test_a_refusal_tells_the_caller_not_how_the_web_resolves_the_name(
     assert "internal.example.com resolves to 10.1.2.3, which is private" in caplog.text
 
 
+async def test_a_batch_checks_each_callback_url_once_and_names_the_first_item_refused(
+    hooks: Hooks, receiver: Receiver
+) -> None:
+    hooks.dns.table.update({"hooks.example.com": ["127.0.0.1"], "internal.example.com": ["10.1.2.3"]})
+    allowed, refused = f"http://hooks.example.com:{receiver.port}/", "https://internal.example.com/"
+    jobs = [{"type": "square_sum", "input": {"data": [n]}, "callback_url": allowed} for n in range(40)]
+    answer = await hooks.client.post("/v1/jobs/batch", json={"jobs": jobs})
+    assert answer.status_code == 202, answer.text
+    assert hooks.dns.lookups == ["hooks.example.com"]
+    jobs[7]["callback_url"] = jobs[30]["callback_url"] = refused
+    answer = await hooks.client.post("/v1/jobs/batch", json={"jobs": jobs})
+    assert answer.status_code == 422 and answer.json()["errors"][0]["loc"] == "$.jobs[7].callback_url"
+    assert await hooks.deps.db.fetch_val("SELECT count(*) FROM jobs") == 40
+
+
 async def test_an_allowed_callback_url_is_accepted_and_shown_on_the_job(hooks: Hooks, receiver: Receiver) -> None:
     job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
     job = (await hooks.client.get(f"/v1/jobs/{job_id}")).json()
