@@ -29,6 +29,7 @@ from server import (
     schedules,
     stream,
     submit,
+    workflows,
 )
 from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
@@ -91,6 +92,9 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/schedules/{id}", schedules.change, methods=["PATCH"]),
             Route("/v1/schedules/{id}", schedules.delete, methods=["DELETE"]),
             Route("/v1/schedules/{id}/trigger", schedules.trigger, methods=["POST"]),
+            Route("/v1/workflows", workflows.submit, methods=["POST"]),
+            Route("/v1/workflows/{id}", workflows.show, methods=["GET"]),
+            Route("/v1/workflows/{id}/cancel", workflows.cancel, methods=["POST"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

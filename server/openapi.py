@@ -24,7 +24,8 @@ from server.responses import MsgspecResponse
 from server.schedules import NewSchedule, ScheduleChange, ScheduleList
 from server.state import web_of
 from server.submit import JobItems, SubmitBatch, SubmitJob
-from worker import Job, JobType, Status, schedules, webhook_store
+from server.workflows import SubmitWorkflow
+from worker import Job, JobType, Status, schedules, webhook_store, workflows
 
 _SECURITY_SCHEMES = {
     "apiKey": {
@@ -56,6 +57,7 @@ _SSE_EVENT = {
 _TYPES: tuple[type, ...] = (SubmitJob, SubmitBatch, Job, JobItems, JobList, JobTypeList, DeliveryList)
 _TYPES += (webhook_store.Delivery, Problem, Health, Readiness, CancelFilter, Cancelled)
 _TYPES += (NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList)
+_TYPES += (SubmitWorkflow, workflows.Workflow)
 
 
 def _schema_hook(t: type) -> dict[str, Any]:
@@ -203,6 +205,10 @@ def build(
             {"name": "jobs", "description": "submit, read, wait on, follow, cancel and retry jobs"},
             {"name": "webhooks", "description": "a job's callback deliveries"},
             {"name": "schedules", "description": "cron schedules, each tick of which makes one job"},
+            {
+                "name": "workflows",
+                "description": "DAGs of steps whose jobs wait on each other without holding a worker",
+            },
             {"name": "operations", "description": "health, readiness, metrics and this document"},
         ],
         "paths": paths(submit, batch),

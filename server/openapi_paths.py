@@ -369,6 +369,41 @@ def _schedules() -> dict[str, Any]:
     }
 
 
+def _workflows() -> dict[str, Any]:
+    """/v1/workflows: server/workflows.py."""
+    one = {"description": "the workflow", "content": _json("Workflow")}
+    missing = {"404": _problem("unknown or malformed id, or another tenant's workflow")}
+    return {
+        "/v1/workflows": {
+            "post": {
+                "operationId": "submitWorkflow",
+                "summary": "A DAG of steps: each a job, or (`map`) a job per item of another step's list result",
+                "requestBody": {"required": True, "content": _json("SubmitWorkflow")},
+                "responses": {
+                    "202": {**one, "headers": {**_LOCATION, **_RETRY_AFTER}},
+                    **_BODY,
+                    "422": _problem("a cycle, an unknown step or type, or a step's field failing its type's schema"),
+                },
+            },
+        },
+        "/v1/workflows/{id}": {
+            "get": {"operationId": "getWorkflow", "parameters": [_ID], "responses": {"200": one, **missing}},
+        },
+        "/v1/workflows/{id}/cancel": {
+            "post": {
+                "operationId": "cancelWorkflow",
+                "summary": "End it `cancelled`: its queued jobs are cancelled, its running ones asked to stop",
+                "parameters": [_ID],
+                "responses": {
+                    "202": {**one, "headers": _LOCATION},
+                    **missing,
+                    "409": _problem("the workflow has already ended"),
+                },
+            }
+        },
+    }
+
+
 def _public() -> dict[str, Any]:
     def get(operation: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
         return {"get": {"operationId": operation, "summary": summary, "responses": responses}}
@@ -414,6 +449,8 @@ def paths(submit: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
             found.setdefault(path, {}).update(operations)
     for path, operations in _schedules().items():
         found[path] = {method: {**op, "tags": ["schedules"]} for method, op in operations.items()}
+    for path, operations in _workflows().items():
+        found[path] = {method: {**op, "tags": ["workflows"]} for method, op in operations.items()}
     for operation in (op for ops in found.values() for op in ops.values()):
         operation.setdefault("tags", ["jobs"])
         writes = _WRITES if operation["operationId"] in _WRITING else {}
@@ -442,6 +479,10 @@ _ORDER = (
     "/v1/schedules",
     "/v1/schedules/{id}",
     "/v1/schedules/{id}/trigger",
+    "/v1/workflows",
+    "/v1/workflows/{id}",
+    "/v1/workflows/{id}/cancel",
 )
 _WRITING = frozenset({"submitJob", "submitJobs", "retryJob", "cancelJob", "cancelJobs", "redeliver"})
 _WRITING |= {"createSchedule", "changeSchedule", "deleteSchedule", "triggerSchedule"}
+_WRITING |= {"submitWorkflow", "cancelWorkflow"}

@@ -102,7 +102,35 @@ async def chatty(input: Lines, ctx: Context) -> int:
     return len(input.lines)
 
 
+class Count(msgspec.Struct, forbid_unknown_fields=True):
+    n: int
+
+
+async def count_up(input: Count, ctx: Context) -> list[int]:
+    return list(range(input.n))
+
+
+class Of(msgspec.Struct, forbid_unknown_fields=True):
+    of: str  # the upstream step it reads
+    bad: int | None = None  # this item fails for good
+
+
+async def square_item(input: Of, ctx: Context) -> int:
+    item = ctx.upstream[input.of]
+    if item == input.bad:
+        raise JobError(f"item {item} is bad", type="bad_item")
+    return int(item) ** 2
+
+
+async def upstream(input: Nothing, ctx: Context) -> dict[str, object]:
+    return dict(ctx.upstream)
+
+
 JOB_TYPES = (
+    # workflows: tests/test_workflows.py
+    JobType("count_up", Count, count_up, timeout_s=10),
+    JobType("square_item", Of, square_item, timeout_s=10),
+    JobType("upstream", Nothing, upstream, timeout_s=10),
     JobType("block_first", Seconds, block_first, timeout_s=600),
     JobType("sleep_once", Seconds, sleep_once, retry_safe=False, timeout_s=600),
     JobType("explode", Nothing, explode, timeout_s=10),

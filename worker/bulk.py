@@ -31,6 +31,7 @@ WITH chosen AS (
        AND (status = 'queued' OR cancel_requested_at IS NULL)
        AND (CAST(:type AS text) IS NULL OR type = CAST(:type AS text))
        AND metadata @> CAST(:metadata AS jsonb)
+       AND (CAST(:workflow AS uuid) IS NULL OR workflow_id = CAST(:workflow AS uuid))
      ORDER BY id LIMIT :limit
        FOR UPDATE
 ), moved AS (
@@ -51,15 +52,17 @@ async def cancel_matching(
     status: Status | None = None,
     type: str | None = None,
     metadata: bytes = b"{}",
+    workflow: UUID | None = None,
     limit: int = MAX_CANCEL,
 ) -> int:
     """Cancel up to `limit` of the tenant's live jobs with this status (queued or running; None: both), this type,
-    and `metadata` (JSON) contained in theirs. Returns how many: ended, or asked to stop."""
+    `metadata` (JSON) contained in theirs, and of this workflow. Returns how many: ended, or asked to stop."""
     values: dict[str, Any] = {
         "tenant": tenant,
         "statuses": ["queued", "running"] if status is None else [status],
         "type": type,
         "metadata": metadata.decode(),
+        "workflow": workflow,
         "limit": limit,
         "cancelled": CANCELLED_JSON,
     }

@@ -35,6 +35,8 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     concurrency_key: str | None = None
     # held while it runs ('tenant', 'key'): given back when it stops, waking a job that waits for it
     slots: list[str] | None = None
+    workflow_id: UUID | None = None  # a step's job: its workflow moves on when it ends
+    upstream: str | None = None  # JSON: ctx.upstream
 
     @property
     def attempts_left(self) -> bool:
@@ -43,7 +45,7 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
 
 _CLAIMED_COLUMNS = (
     "id, tenant_id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted, priority,"
-    " concurrency_key, slots"
+    " concurrency_key, slots, workflow_id, upstream"
 )
 
 # Batches lock their rows in about id order, not a guaranteed one: should two workers' batches deadlock, PostgreSQL

@@ -81,6 +81,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     priority: int
     concurrency_key: str | None
     links: Links
+    workflow_id: UUID | None  # a workflow step's job: its workflow and step (docs/workflows.md)
+    step: str | None
 
 
 class JobError(Exception):
@@ -136,6 +138,9 @@ class Context:
     max_attempts: int
     _report: Callable[[Progress], None] = field(repr=False)
     _log: Callable[[LogLevel, str], None] = field(default=lambda level, message: None, repr=False)
+    # A workflow step's job: the result of each step it came after, by name (a map step's: the list of its results,
+    # in item order); in a map step's job, its map source's name gives its own item instead. Empty otherwise.
+    upstream: Mapping[str, Any] = field(default_factory=dict)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""

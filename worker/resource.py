@@ -42,6 +42,8 @@ def as_job(row: JobRow) -> Job:
         priority=row.priority,
         concurrency_key=row.concurrency_key,
         links=links(row.id),
+        workflow_id=row.workflow_id,
+        step=row.step,
     )
 
 

@@ -17,7 +17,7 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, events, store
+from worker import claim, database, events, store, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
@@ -167,7 +167,8 @@ async def _run(
         assert beat is not None
         beat.report(progress)
 
-    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write)
+    upstream = {} if claimed.upstream is None else msgspec.json.decode(claimed.upstream)
+    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream)
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
     beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
     beat.start()
@@ -257,10 +258,11 @@ async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: Claimed, 
 
 
 async def _gave_back(deps: Deps, runtime: Runtime, claimed: Claimed) -> None:
-    """The attempt stopped running and gave back its tenant's slot or its key's: dispatch the jobs that wait for
-    them now, rather than at the sweep's next pass (in one statement with the other attempts that stopped meanwhile:
-    a statement per finished job costs a busy drain a fifth of its rate)."""
-    if not claimed.slots:
+    """The attempt stopped running and gave back its tenant's slot or its key's, or moved its workflow on: dispatch
+    the jobs that wait for those slots, and start the steps it made ready, now rather than at the sweep's next pass
+    (in one statement with the other attempts that stopped meanwhile: a statement per finished job costs a busy
+    drain a fifth of its rate)."""
+    if not claimed.slots and claimed.workflow_id is None:
         return
     try:
         await runtime.wakes(claimed)
@@ -273,11 +275,14 @@ async def _wake(deps: Deps, capacity: Capacity, stopped: Sequence[Claimed]) -> N
     slots = [(c, c.slots or []) for c in stopped]
     keys = sorted({(c.type, c.concurrency_key) for c, held in slots if "key" in held and c.concurrency_key})
     tenants = sorted({c.tenant_id for c, held in slots if "tenant" in held})
+    flows = sorted({c.workflow_id for c in stopped if c.workflow_id is not None})
     woken = []
     if keys:
         woken += await wake_keys(db, keys, capacity, batch=batch)
     if tenants:
         woken += await wake(db, tenants, capacity, batch=batch)
+    if flows:
+        woken += await workflows.start_ready(db, flows, ttl_s=deps.config.job_ttl_s, batch=batch)
     if woken and not await enqueue_many(deps.redis, woken, step_s=deps.config.priority_step_s):
         await store.undispatch_many(db, [(bell.job_id, bell.started) for bell in woken])
 

@@ -49,7 +49,7 @@ class Jobs:
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
     " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of, run_at, priority,"
-    " concurrency_key, tenant_id"
+    " concurrency_key, workflow_id, step, tenant_id"
 )
 
 
@@ -77,6 +77,8 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     run_at: datetime | None = None
     priority: int = 0
     concurrency_key: str | None = None
+    workflow_id: UUID | None = None
+    step: str | None = None
     tenant_id: str = ""  # not part of the Job: the API answers within one tenant, an operator across them
 
     @property
@@ -94,18 +96,21 @@ _INSERT = f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
                       expires_at, dispatched_at, event_seq, idempotency_key, request_hash, retry_of, run_at,
-                      next_run_at, priority, concurrency_key)
+                      next_run_at, priority, concurrency_key, workflow_id, step, item, upstream)
     SELECT id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
            -- a job asked to start later is kept that much longer: its time to live counts from its start
            greatest(run_at, now()) + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash,
-           retry_of, run_at, greatest(run_at, now()), priority, concurrency_key
+           retry_of, run_at, greatest(run_at, now()), priority, concurrency_key, workflow_id, step, item, upstream
       FROM unnest(CAST(:ids AS uuid[]), CAST(:tenants AS text[]), CAST(:types AS text[]), CAST(:inputs AS jsonb[]),
                   CAST(:max_attempts AS int[]), CAST(:timeouts AS int[]), CAST(:retry_safe AS bool[]),
                   CAST(:callback_urls AS text[]), CAST(:metadata AS jsonb[]), CAST(:ttls AS float8[]),
                   CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]), CAST(:retry_of AS uuid[]),
-                  CAST(:run_at AS timestamptz[]), CAST(:priorities AS int[]), CAST(:concurrency_keys AS text[]))
+                  CAST(:run_at AS timestamptz[]), CAST(:priorities AS int[]), CAST(:concurrency_keys AS text[]),
+                  CAST(:workflows AS uuid[]), CAST(:steps AS text[]), CAST(:items AS int[]),
+                  CAST(:upstreams AS jsonb[]))
            AS new(id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata, ttl_s,
-                  idempotency_key, request_hash, retry_of, run_at, priority, concurrency_key)
+                  idempotency_key, request_hash, retry_of, run_at, priority, concurrency_key, workflow_id, step,
+                  item, upstream)
     -- an Idempotency-Key the tenant already used (or another job of the same batch uses): no row, no event;
     -- the caller finds the existing job
     ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -138,6 +143,10 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     run_at: datetime | None = None  # not before then
     priority: int = 0  # -10..10: among due jobs, higher first
     concurrency_key: str | None = None  # shares its type's `concurrency` limit with the jobs of the same key
+    workflow_id: UUID | None = None  # a step's job (worker/workflows.py): `step`, its `item` in a map, `upstream`
+    step: str | None = None
+    item: int | None = None
+    upstream: bytes | None = None  # JSON: ctx.upstream
 
 
 async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | None]:
@@ -160,6 +169,10 @@ async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | Non
         "run_at": [j.run_at for j in jobs],
         "priorities": [j.priority for j in jobs],
         "concurrency_keys": [j.concurrency_key for j in jobs],
+        "workflows": [j.workflow_id for j in jobs],
+        "steps": [j.step for j in jobs],
+        "items": [j.item for j in jobs],
+        "upstreams": [None if j.upstream is None else j.upstream.decode() for j in jobs],
     }
     rows = {row.id: row for row in map(_row, await sql.fetch_all(db, _INSERT, values))}
     return [rows.pop(j.id, None) for j in jobs]

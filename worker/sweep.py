@@ -17,7 +17,7 @@ from uuid import UUID
 import msgspec
 from databases import Database
 
-from worker import database, sql
+from worker import database, sql, workflows
 from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, forget_stale, leave, limit_values, refresh
 from worker.config import Config
 from worker.deps import Deps
@@ -195,8 +195,11 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     rescued = len(lost)
     expired = await expire_late(deps.jobs, batch=config.sweep_batch)
     cancelled = await cancel_requeued(deps.jobs, batch=config.sweep_batch)
+    # Steps a worker made ready and died before it started them; their jobs go out with the due ones below.
+    started = await workflows.start_ready(db, None, ttl_s=config.job_ttl_s, batch=config.sweep_batch)
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
     due = await take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, capacity=capacity)
+    due += started
     rung = await asyncio.gather(*(ring_again(deps.redis, bell, step_s=config.priority_step_s) for bell in due))
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))

@@ -65,6 +65,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     concurrency_key: str | None = None
     links: Links
+    workflow_id: UUID | None = None  # a workflow step's job: its workflow and step
+    step: str | None = None
 
 
 class JobPage(msgspec.Struct, frozen=True):

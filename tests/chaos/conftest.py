@@ -409,7 +409,7 @@ async def cluster(chaos_stores: Stores, tmp_path: Path) -> AsyncIterator[Cluster
     await asyncio.to_thread(chaos_stores.ensure_up)  # a previous test may have failed in the middle of an outage
     db = await asyncpg.create_pool(chaos_stores.dsn, min_size=0, max_size=4)  # no floor to restore in an outage
     redis = Redis.from_url(chaos_stores.redis_url)
-    await db.execute("TRUNCATE jobs, chaos_attempts, concurrency_slots, rate_buckets, schedules CASCADE")
+    await db.execute("TRUNCATE jobs, chaos_attempts, concurrency_slots, rate_buckets, schedules, workflows CASCADE")
     await redis.flushall()
     cluster = Cluster(chaos_stores, chaos_config(chaos_stores), tmp_path, db, redis)
     async with connect(cluster.config) as deps:

@@ -1,0 +1,239 @@
+"""Workflows (POST /v1/workflows): steps that wait on steps, maps and fan-ins, failure and cancel, and the checks made
+before anything is written. The job types are tests/jobs.py's `count_up`, `square_item` and `upstream`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+
+from tests.conftest import job_row
+from worker import Deps
+from worker.sweep import sweep_once
+
+Drain = Callable[[], Awaitable[None]]
+
+
+async def submit(client: httpx.AsyncClient, *steps: dict[str, Any]) -> dict[str, Any]:
+    answer = await client.post("/v1/workflows", json={"steps": list(steps)})
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["location"] == f"/v1/workflows/{answer.json()['id']}"
+    workflow: dict[str, Any] = answer.json()
+    return workflow
+
+
+async def shown(client: httpx.AsyncClient, workflow: dict[str, Any]) -> dict[str, Any]:
+    answer = await client.get(f"/v1/workflows/{workflow['id']}")
+    assert answer.status_code == 200, answer.text
+    found: dict[str, Any] = answer.json()
+    return found
+
+
+async def results(client: httpx.AsyncClient, job_ids: list[str]) -> list[Any]:
+    return [(await client.get(f"/v1/jobs/{job_id}")).json()["result"] for job_id in job_ids]
+
+
+async def count(deps: Deps, table: str) -> int:
+    return int(await deps.db.fetch_val(f"SELECT count(*) FROM {table}"))
+
+
+async def test_a_step_starts_only_after_the_steps_it_waits_on_and_gets_their_results(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "numbers", "type": "count_up", "input": {"n": 3}},
+        {"name": "sum", "type": "square_sum", "input": {"data": [1, 2]}},
+        {"name": "both", "type": "upstream", "after": ["numbers", "sum"]},
+    )
+    assert workflow["status"] == "running" and not workflow["done"]
+    assert workflow["steps"]["both"] == {"status": "waiting", "job_ids": []}
+    assert [workflow["steps"][s]["status"] for s in ("numbers", "sum")] == ["running", "running"]
+    await drain()
+    done = await shown(client, workflow)
+    assert done["status"] == "succeeded" and done["done"] and done["finished_at"] is not None
+    assert {name: step["status"] for name, step in done["steps"].items()} == dict.fromkeys(done["steps"], "succeeded")
+    [last] = done["steps"]["both"]["job_ids"]
+    assert await results(client, [last]) == [{"numbers": [0, 1, 2], "sum": 5}]
+    last_row = await job_row(deps, last)
+    for before in ("numbers", "sum"):
+        row = await job_row(deps, done["steps"][before]["job_ids"][0])
+        assert row["finished_at"] <= last_row["created_at"]  # made once they had ended, not merely started
+    job = (await client.get(f"/v1/jobs/{last}")).json()
+    assert job["workflow_id"] == workflow["id"] and job["step"] == "both"
+
+
+async def test_a_map_makes_one_job_per_item_and_its_fan_in_runs_once_with_every_result_in_order(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "numbers", "type": "count_up", "input": {"n": 30}},
+        {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers"}},
+        {"name": "all", "type": "upstream", "after": ["squares"]},
+    )
+    await drain()
+    done = await shown(client, workflow)
+    assert done["status"] == "succeeded", done
+    squares = done["steps"]["squares"]["job_ids"]
+    assert len(squares) == 30 and await results(client, squares) == [n * n for n in range(30)]
+    [fan_in] = done["steps"]["all"]["job_ids"]
+    assert await results(client, [fan_in]) == [{"squares": [n * n for n in range(30)]}]
+    assert await count(deps, "jobs") == 32
+
+
+async def test_a_map_over_an_empty_list_is_over_at_once_and_what_follows_it_runs(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "numbers", "type": "count_up", "input": {"n": 0}},
+        {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers"}},
+        {"name": "all", "type": "upstream", "after": ["squares"]},
+    )
+    await drain()
+    done = await shown(client, workflow)
+    assert done["status"] == "succeeded"
+    assert done["steps"]["squares"] == {"status": "succeeded", "job_ids": []}
+    assert await results(client, done["steps"]["all"]["job_ids"]) == [{"squares": []}]
+
+
+async def test_a_map_over_a_result_that_is_not_a_list_fails_the_workflow_naming_the_step(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "sum", "type": "square_sum", "input": {"data": [3]}},
+        {"name": "squares", "type": "square_item", "map": "sum", "input": {"of": "sum"}},
+    )
+    await drain()
+    done = await shown(client, workflow)
+    assert done["status"] == "failed" and done["steps"]["squares"]["status"] == "failed"
+    assert done["error"]["step"] == "squares" and "not a list" in done["error"]["message"]
+
+
+async def test_a_step_that_fails_for_good_fails_the_workflow_and_nothing_starts_after_it(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "numbers", "type": "count_up", "input": {"n": 60}},
+        {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers", "bad": 0}},
+        {"name": "all", "type": "upstream", "after": ["squares"]},
+    )
+    await drain()
+    await sweep_once(deps)  # ends the queued jobs the failure marked cancelled (the claim refuses them meanwhile)
+    done = await shown(client, workflow)
+    assert done["status"] == "failed" and done["finished_at"] is not None
+    assert done["steps"]["squares"]["status"] == "failed" and done["steps"]["all"] == {
+        "status": "cancelled",
+        "job_ids": [],
+    }
+    assert done["error"]["step"] == "squares" and done["error"]["error"]["type"] == "bad_item"
+    rows = [await job_row(deps, job_id) for job_id in done["steps"]["squares"]["job_ids"]]
+    assert {row["status"] for row in rows} <= {"succeeded", "failed", "cancelled"}
+    failed_at = next(row["finished_at"] for row in rows if row["status"] == "failed")
+    started = [row["started_at"] for row in rows if row["started_at"] is not None]
+    assert all(at <= failed_at for at in started)  # what had not started when it failed never did
+    assert sum(row["status"] == "cancelled" for row in rows) == len(rows) - len(started)
+
+
+async def test_cancel_ends_the_workflow_and_its_jobs_and_nothing_of_it_runs_afterwards(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "numbers", "type": "count_up", "input": {"n": 5}},
+        {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers"}},
+    )
+    answer = await client.post(f"/v1/workflows/{workflow['id']}/cancel")
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["status"] == "cancelled" and answer.json()["error"]["type"] == "cancelled"
+    assert answer.json()["steps"]["squares"]["status"] == "cancelled"
+    await drain()
+    [first] = answer.json()["steps"]["numbers"]["job_ids"]
+    assert (await job_row(deps, first))["status"] == "cancelled"
+    assert await count(deps, "jobs") == 1  # the map never started
+    again = await client.post(f"/v1/workflows/{workflow['id']}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+
+
+async def test_a_step_its_worker_never_started_is_started_by_the_sweep(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    """As if the worker that ended the step's last job died before it made the next step's jobs: the trigger made
+    the step ready in the same commit as the end, and the sweep's pass starts it."""
+    workflow = await submit(
+        client,
+        {"name": "numbers", "type": "count_up", "input": {"n": 2}},
+        {"name": "all", "type": "upstream", "after": ["numbers"]},
+    )
+    [first] = workflow["steps"]["numbers"]["job_ids"]
+    await deps.db.execute(
+        "UPDATE jobs SET status = 'succeeded', result = '[7, 8]', finished_at = now() WHERE id = :id",
+        {"id": UUID(first)},
+    )
+    assert (await shown(client, workflow))["steps"]["all"] == {"status": "ready", "job_ids": []}
+    await deps.redis.flushdb()  # nothing left for a worker to find but what the sweep rings
+    await sweep_once(deps)
+    await drain()
+    done = await shown(client, workflow)
+    assert done["status"] == "succeeded"
+    assert await results(client, done["steps"]["all"]["job_ids"]) == [{"numbers": [7, 8]}]
+
+
+@pytest.mark.parametrize(
+    ("steps", "loc"),
+    [
+        ([{"name": "a", "type": "count_up", "input": {"n": 1}, "after": ["b"]}], "$.steps[0].after[0]"),
+        ([{"name": "a", "type": "count_up", "input": {"n": 1}, "map": "nope"}], "$.steps[0].map"),
+        ([{"name": "a", "type": "count_up", "input": {"n": 1}, "after": ["a"]}], "$.steps[0].after[0]"),
+        (
+            [
+                {"name": "a", "type": "count_up", "input": {"n": 1}},
+                {"name": "a", "type": "count_up", "input": {"n": 1}},
+            ],
+            "$.steps[1].name",
+        ),
+        (
+            [
+                {"name": "a", "type": "count_up", "input": {"n": 1}, "after": ["c"]},
+                {"name": "b", "type": "count_up", "input": {"n": 1}, "after": ["a"]},
+                {"name": "c", "type": "count_up", "input": {"n": 1}, "map": "b"},
+            ],
+            "$.steps[0].after",
+        ),
+        ([{"name": "a", "type": "nope"}], "$.steps[0].type"),
+        ([{"name": "a", "type": "square_sum", "input": {"data": ["x"]}}], "$.steps[0].input.data[0]"),
+        ([{"name": "a b", "type": "count_up", "input": {"n": 1}}], "$.steps[0].name"),
+        ([{"name": "a", "type": "count_up", "input": {"n": 1}, "callback": "x"}], "$.steps[0]"),
+        ([], "$.steps"),
+    ],
+)
+async def test_a_bad_workflow_is_422_naming_the_field_and_writes_nothing(
+    client: httpx.AsyncClient, deps: Deps, steps: list[dict[str, Any]], loc: str
+) -> None:
+    answer = await client.post("/v1/workflows", json={"steps": steps})
+    assert answer.status_code == 422, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["errors"][0]["loc"] == loc, answer.json()
+    assert await count(deps, "workflows") == 0 and await count(deps, "jobs") == 0
+
+
+async def test_another_tenants_workflow_is_not_found(
+    client: httpx.AsyncClient, config: Any, deps: Deps, drain: Drain
+) -> None:
+    from tests.conftest import open_app
+    from worker import keys
+
+    workflow = await submit(client, {"name": "numbers", "type": "count_up", "input": {"n": 1}})
+    await deps.db.execute("INSERT INTO tenants (id) VALUES ('other')")
+    other_key = await keys.create(deps.db, "other", "tests")
+    async with open_app(config, other_key) as other:
+        assert (await other.get(f"/v1/workflows/{workflow['id']}")).status_code == 404
+        assert (await other.post(f"/v1/workflows/{workflow['id']}/cancel")).status_code == 404
+        assert (await other.get("/v1/workflows/not-an-id")).status_code == 404
+    assert (await shown(client, workflow))["status"] == "running"
