@@ -128,7 +128,47 @@ async def chaos_exit(input: Nothing, ctx: Context) -> None:
     os._exit(1)
 
 
+class Items(msgspec.Struct, forbid_unknown_fields=True):
+    n: int
+
+
+async def chaos_items(input: Items, ctx: Context) -> list[int]:
+    async with recorded(ctx):
+        return list(range(input.n))
+
+
+class Item(msgspec.Struct, forbid_unknown_fields=True):
+    of: str  # the map source: ctx.upstream[of] is this job's item
+    seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0  # at most: item i sleeps (i % 10 + 1) / 10 of it
+
+
+async def chaos_item(input: Item, ctx: Context) -> int:
+    item = int(ctx.upstream[input.of])
+    async with recorded(ctx):
+        await asyncio.sleep(input.seconds * (item % 10 + 1) / 10)
+    return item * 2
+
+
+class Join(msgspec.Struct, forbid_unknown_fields=True):
+    of: str
+
+
+class Joined(msgspec.Struct):
+    n: int
+    total: int
+    in_order: bool
+
+
+async def chaos_join(input: Join, ctx: Context) -> Joined:
+    results = [int(r) for r in ctx.upstream[input.of]]
+    async with recorded(ctx):
+        return Joined(len(results), sum(results), results == sorted(results))
+
+
 JOB_TYPES = (
+    JobType("chaos_items", Items, chaos_items, timeout_s=60, description="A list of n items, recording the attempt."),
+    JobType("chaos_item", Item, chaos_item, timeout_s=600, description="One mapped item: sleep, then twice it."),
+    JobType("chaos_join", Join, chaos_join, timeout_s=60, description="A fan-in: how many results, their sum."),
     JobType("chaos_sleep", Sleep, chaos_sleep, timeout_s=600, description="Sleep, recording the attempt."),
     JobType(
         "chaos_once", Sleep, chaos_sleep, retry_safe=False, timeout_s=600, description="chaos_sleep, not retry-safe."
