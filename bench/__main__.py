@@ -18,7 +18,18 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench import batch_submit, commits, drain, get_job, latency, noop_jobs, report, scheduling, submit_job
+from bench import (
+    batch_submit,
+    commits,
+    drain,
+    get_job,
+    latency,
+    noop_jobs,
+    report,
+    scheduling,
+    submit_job,
+    workflow,
+)
 from bench.compare import Comparison
 from bench.procs import Fleet
 from bench.run import Run, Settings, tuning
@@ -35,6 +46,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "drain_keyed": scheduling.measure,
     "batch_submit": batch_submit.measure,
     "commits": commits.measure,
+    "workflow": workflow.measure,
 }
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
@@ -103,6 +115,13 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
             f"durable-commit ceiling: {rate:,.0f} commits/s here ({ceiling['db_probe_connections']} connections,"
             f" one-row INSERTs, median of rounds) / {writes:.2f} = {rate / writes:,.0f} jobs/s at most, however"
             " many workers"
+        )
+    flow = next((c.notes for c in comparisons if c.name == "workflow"), None)
+    if flow is not None:
+        p50, goal = flow["fan_in_ms_p50"], flow["fan_in_goal_ms"]
+        lines.append(
+            f"workflow fan-in, last mapped job's finish to the fan-in's start: p50 {p50:.0f} ms, max"
+            f" {flow['fan_in_ms_max']:.0f} ms (goal p50 <= {goal} ms: {'pass' if p50 <= goal else 'MISS'})"
         )
     return lines
 

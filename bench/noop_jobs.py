@@ -125,7 +125,7 @@ async def truncate(database_url: str, table: str = "jobs") -> None:
 async def reset_outlast(run: Run) -> None:
     """No jobs, and nothing on Outlast's queue: a message left there (say by the POST measurement, which runs
     no worker) would reach the next worker as a claim matching no row."""
-    await truncate(run.svc.database_url)
+    await truncate(run.svc.database_url, "jobs, workflows")
     redis = Redis.from_url(run.svc.redis_url)
     try:
         await redis.flushdb()

@@ -11,7 +11,8 @@ from typing import Any
 from bench.procs import Fleet, load
 from bench.services import Services
 
-JOB_MODULES = "bench.noop_job,bench.keyed_job,bench.progress_job"  # the job types Outlast's processes register
+# the job types Outlast's processes register
+JOB_MODULES = "bench.noop_job,bench.keyed_job,bench.progress_job,bench.workflow_job"
 SECRET_KEY = secrets.token_urlsafe(32)  # signs the job read tokens in Job links; this run's only
 
 
