@@ -13,11 +13,14 @@ CREATE TABLE workflows (
                  CHECK (status IN ('running', 'succeeded', 'failed', 'cancelled')),
     error        jsonb,                          -- why it failed: {"step", "type", "message"}
     metadata     jsonb NOT NULL DEFAULT '{}',
+    idempotency_key text,                        -- the submit's Idempotency-Key: one workflow per key and tenant
+    request_hash bytea,                          -- what it was asked with: the same key with another is refused
     created_at   timestamptz NOT NULL DEFAULT now(),
     finished_at  timestamptz,
     CHECK ((status = 'running') = (finished_at IS NULL))
 );
 CREATE INDEX workflows_tenant_newest ON workflows (tenant_id, id DESC);
+CREATE UNIQUE INDEX workflows_idempotency ON workflows (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 CREATE TABLE workflow_steps (
     workflow_id   uuid NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,

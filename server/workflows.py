@@ -7,6 +7,7 @@ by worker/workflows.py's check_graph, all before anything is written: each bad f
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any
 from uuid import UUID
@@ -17,10 +18,10 @@ from starlette.responses import Response
 
 from server.auth import caller_of, tenant_of
 from server.body import json_body
-from server.problems import Conflict, FieldError, NotFound, ValidationError
+from server.problems import Conflict, FieldError, IdempotencyKeyReused, NotFound, ValidationError
 from server.responses import MsgspecResponse
 from server.state import web_of
-from server.submit import MAX_METADATA_BYTES, SubmitJob, decode, make_job
+from server.submit import MAX_METADATA_BYTES, SubmitJob, decode, idempotency_key, make_job
 from worker import store, workflows
 from worker.queue import enqueue_many
 
@@ -68,16 +69,23 @@ async def submit(request: Request) -> Response:
     await web.submits.take(
         web.deps.redis, caller_of(request).limit_key, rate=config.submit_rate_per_s, burst=config.submit_burst
     )
-    tenant = tenant_of(request)
+    key, tenant = idempotency_key(request), tenant_of(request)
     steps = [_step(request, tenant, n, step) for n, step in enumerate(spec.steps)]
-    workflow_id, bells = await workflows.create(web.deps.db, tenant, steps, metadata=metadata, ttl_s=config.job_ttl_s)
-    if bells and not await enqueue_many(web.deps.redis, bells, step_s=config.priority_step_s):
+    # "The same request" for an Idempotency-Key: the same steps, as checked and completed, and the same metadata
+    fingerprint = hashlib.sha256(msgspec.json.encode([steps, spec.metadata], order="sorted")).digest()
+    try:
+        workflow_id, bells = await workflows.create(
+            web.deps.db, tenant, steps, metadata=metadata, ttl_s=config.job_ttl_s, key=key, request_hash=fingerprint
+        )
+    except workflows.KeyReused:
+        msg = "this Idempotency-Key was already used with a different workflow; use a new key for a new one"
+        raise IdempotencyKeyReused(msg, [FieldError("Idempotency-Key", msg)]) from None
+    headers = {"Location": f"/v1/workflows/{workflow_id}", "Retry-After": "1"}
+    if bells is None:
+        headers["Idempotent-Replayed"] = "true"
+    elif bells and not await enqueue_many(web.deps.redis, bells, step_s=config.priority_step_s):
         await store.undispatch_many(web.deps.db, [(b.job_id, b.started) for b in bells])  # the sweep rings
-    return MsgspecResponse(
-        await _workflow_or_404(request, workflow_id),
-        status_code=202,
-        headers={"Location": f"/v1/workflows/{workflow_id}", "Retry-After": "1"},
-    )
+    return MsgspecResponse(await _workflow_or_404(request, workflow_id), status_code=202, headers=headers)
 
 
 def _step(request: Request, tenant: str, n: int, step: StepBody) -> workflows.Step:

@@ -237,3 +237,19 @@ async def test_another_tenants_workflow_is_not_found(
         assert (await other.post(f"/v1/workflows/{workflow['id']}/cancel")).status_code == 404
         assert (await other.get("/v1/workflows/not-an-id")).status_code == 404
     assert (await shown(client, workflow))["status"] == "running"
+
+
+async def test_an_idempotency_key_makes_one_workflow_however_often_it_is_sent(
+    client: httpx.AsyncClient, deps: Deps
+) -> None:
+    body = {"steps": [{"name": "numbers", "type": "count_up", "input": {"n": 2}}]}
+    first = await client.post("/v1/workflows", json=body, headers={"Idempotency-Key": "wf-1"})
+    again = await client.post("/v1/workflows", json=body, headers={"Idempotency-Key": "wf-1"})
+    assert first.status_code == again.status_code == 202
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert again.json()["id"] == first.json()["id"]
+    assert await count(deps, "workflows") == 1 and await count(deps, "jobs") == 1
+    other = {"steps": [{"name": "numbers", "type": "count_up", "input": {"n": 3}}]}
+    reused = await client.post("/v1/workflows", json=other, headers={"Idempotency-Key": "wf-1"})
+    assert reused.status_code == 422 and reused.json()["type"] == "/problems/idempotency-key-reused"
+    assert await count(deps, "workflows") == 1

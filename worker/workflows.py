@@ -146,8 +146,12 @@ async def get(db: Database, tenant: str, workflow_id: UUID) -> Workflow | None:
 # -- making and moving ------------------------------------------------------------------------------
 
 _CREATE = """
-INSERT INTO workflows (id, tenant_id, metadata) VALUES (:id, :tenant, CAST(:metadata AS jsonb))
+INSERT INTO workflows (id, tenant_id, metadata, idempotency_key, request_hash)
+VALUES (:id, :tenant, CAST(:metadata AS jsonb), :key, :hash)
+ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id
 """
+_FIND = "SELECT id, request_hash FROM workflows WHERE tenant_id = :tenant AND idempotency_key = :key"
 _CREATE_STEPS = """
 INSERT INTO workflow_steps (workflow_id, name, position, after, map, status, type, input, metadata, max_attempts,
                             timeout_s, retry_safe, priority)
@@ -174,11 +178,24 @@ class _StoredStep(msgspec.Struct, frozen=True):
     priority: int
 
 
+class KeyReused(Exception):
+    """The Idempotency-Key made a workflow of other steps: a new workflow needs a new key."""
+
+
 async def create(
-    db: Database, tenant: str, steps: Sequence[Step], *, metadata: bytes, ttl_s: float
-) -> tuple[UUID, list[Bell]]:
+    db: Database,
+    tenant: str,
+    steps: Sequence[Step],
+    *,
+    metadata: bytes,
+    ttl_s: float,
+    key: str | None = None,
+    request_hash: bytes | None = None,
+) -> tuple[UUID, list[Bell] | None]:
     """A new workflow, its steps, and the jobs of those that wait on nothing, in one transaction: the caller rings
-    the bells (or, Redis down, leaves them to the sweep: the rows are the outbox)."""
+    the bells (or, Redis down, leaves them to the sweep: the rows are the outbox). With `key`, the one workflow that
+    key made for the tenant, and None for bells when it was made before (KeyReused if with another `request_hash`):
+    the unique index decides, so two submits racing with one key make one workflow."""
     workflow_id = uuid7()
     stored = [
         _StoredStep(
@@ -196,8 +213,14 @@ async def create(
         )
         for n, s in enumerate(steps)
     ]
+    values = {"id": workflow_id, "tenant": tenant, "metadata": metadata.decode(), "key": key, "hash": request_hash}
     async with db.transaction():
-        await sql.execute(db, _CREATE, {"id": workflow_id, "tenant": tenant, "metadata": metadata.decode()})
+        if await sql.fetch_val(db, _CREATE, values) is None:  # the key's workflow exists (or its maker commits now)
+            found = await sql.fetch_one(db, _FIND, {"tenant": tenant, "key": key})
+            assert found is not None  # nothing deletes a workflow but its tenant's deletion
+            if bytes(found["request_hash"]) != request_hash:
+                raise KeyReused(key)
+            return found["id"], None
         await sql.execute(db, _CREATE_STEPS, {"workflow": workflow_id, "steps": _encode(stored).decode()})
         bells = await _start_workflow(db, workflow_id, ttl_s=ttl_s)
     return workflow_id, bells
