@@ -36,6 +36,7 @@ from outlast_client import (
     ProgressEvent,
     RateLimited,
     StatusEvent,
+    StepSpec,
     Unauthorized,
     UnknownJobType,
 )
@@ -296,6 +297,58 @@ async def test_a_request_whose_answer_was_dropped_is_sent_again_and_makes_its_jo
     assert not cutter.drop_next_answer  # an answer was dropped: the request was sent twice
     ids = [r["id"] for r in await deps.db.fetch_all("SELECT id FROM jobs ORDER BY id")]
     assert len(ids) == before + len(made) and {j.id for j in made} <= set(ids)
+
+
+async def test_a_workflow_whose_answer_was_dropped_is_sent_again_and_made_once(
+    live: Live, proxy: tuple[Proxy, str], deps: Deps
+) -> None:
+    cutter, url = proxy
+    async with AsyncClient(url, api_key=live.key) as outlast:
+        cutter.drop_next_answer = True
+        made = await outlast.submit_workflow([StepSpec(name="one", type="square_sum", input={"data": [2]})])
+    assert not cutter.drop_next_answer  # an answer was dropped: the request was sent twice
+    assert [r["id"] for r in await deps.db.fetch_all("SELECT id FROM workflows")] == [made.id]
+
+
+async def test_the_client_submits_waits_for_and_cancels_workflows_decoding_every_field(
+    live: Live, drain: Drain
+) -> None:
+    from worker.workflows import StepState as ServerStepState
+    from worker.workflows import Workflow as ServerWorkflow
+
+    for ours, theirs in ((outlast_client.Workflow, ServerWorkflow), (outlast_client.StepState, ServerStepState)):
+        assert {f.name for f in msgspec.structs.fields(ours)} == {f.name for f in msgspec.structs.fields(theirs)}
+    steps = [
+        StepSpec(name="sums", type="square_sum", input={"data": [1, 2]}, max_attempts=2, metadata={"part": 1}),
+        StepSpec(name="then", type="cube_sum", input={"data": [2]}, after=["sums"], priority=3),
+    ]
+
+    def submit() -> tuple[outlast_client.Workflow, outlast_client.Workflow]:
+        with Client(live.url, api_key=live.key) as outlast:
+            return outlast.submit_workflow(steps, metadata={"run": "nightly"}), outlast.submit_workflow(steps)
+
+    flow, other = await asyncio.to_thread(submit)
+    assert (flow.status, flow.done, flow.metadata, list(flow.steps)) == (
+        "running",
+        False,
+        {"run": "nightly"},
+        steps_of(steps),
+    )
+    assert flow.steps["then"].status == "waiting" and len(flow.steps["sums"].job_ids) == 1
+    async with AsyncClient(live.url, api_key=live.key) as outlast, live.client() as http:
+        cancelled = await outlast.cancel_workflow(other.id)
+        assert cancelled.status == "cancelled" and cancelled.error is not None
+        with pytest.raises(Conflict):
+            await outlast.cancel_workflow(other.id)
+        await drain()
+        done = await outlast.wait_workflow(flow.id, timeout=10, poll_s=0.05)
+        raw = (await http.get(f"/v1/workflows/{flow.id}")).json()
+    assert msgspec.to_builtins(done) == raw
+    assert done.status == "succeeded" and done.steps["then"].counts == {"succeeded": 1}
+
+
+def steps_of(steps: list[StepSpec]) -> list[str]:
+    return [step.name for step in steps]
 
 
 async def test_wait_outlasts_many_long_polls_until_the_job_ends(live: Live, drain: Drain) -> None:

@@ -50,7 +50,7 @@ async def test_a_step_starts_only_after_the_steps_it_waits_on_and_gets_their_res
         {"name": "both", "type": "upstream", "after": ["numbers", "sum"]},
     )
     assert workflow["status"] == "running" and not workflow["done"]
-    assert workflow["steps"]["both"] == {"status": "waiting", "job_ids": []}
+    assert workflow["steps"]["both"] == {"status": "waiting", "job_ids": [], "counts": {}}
     assert [workflow["steps"][s]["status"] for s in ("numbers", "sum")] == ["running", "running"]
     await drain()
     done = await shown(client, workflow)
@@ -80,6 +80,7 @@ async def test_a_map_makes_one_job_per_item_and_its_fan_in_runs_once_with_every_
     assert done["status"] == "succeeded", done
     squares = done["steps"]["squares"]["job_ids"]
     assert len(squares) == 30 and await results(client, squares) == [n * n for n in range(30)]
+    assert done["steps"]["squares"]["counts"] == {"succeeded": 30}
     [fan_in] = done["steps"]["all"]["job_ids"]
     assert await results(client, [fan_in]) == [{"squares": [n * n for n in range(30)]}]
     assert await count(deps, "jobs") == 32
@@ -97,7 +98,7 @@ async def test_a_map_over_an_empty_list_is_over_at_once_and_what_follows_it_runs
     await drain()
     done = await shown(client, workflow)
     assert done["status"] == "succeeded"
-    assert done["steps"]["squares"] == {"status": "succeeded", "job_ids": []}
+    assert done["steps"]["squares"] == {"status": "succeeded", "job_ids": [], "counts": {}}
     assert await results(client, done["steps"]["all"]["job_ids"]) == [{"squares": []}]
 
 
@@ -131,6 +132,7 @@ async def test_a_step_that_fails_for_good_fails_the_workflow_and_nothing_starts_
     assert done["steps"]["squares"]["status"] == "failed" and done["steps"]["all"] == {
         "status": "cancelled",
         "job_ids": [],
+        "counts": {},
     }
     assert done["error"]["step"] == "squares" and done["error"]["error"]["type"] == "bad_item"
     rows = [await job_row(deps, job_id) for job_id in done["steps"]["squares"]["job_ids"]]
@@ -176,7 +178,7 @@ async def test_a_step_its_worker_never_started_is_started_by_the_sweep(
         "UPDATE jobs SET status = 'succeeded', result = '[7, 8]', finished_at = now() WHERE id = :id",
         {"id": UUID(first)},
     )
-    assert (await shown(client, workflow))["steps"]["all"] == {"status": "ready", "job_ids": []}
+    assert (await shown(client, workflow))["steps"]["all"] == {"status": "ready", "job_ids": [], "counts": {}}
     await deps.redis.flushdb()  # nothing left for a worker to find but what the sweep rings
     await sweep_once(deps)
     await drain()

@@ -87,7 +87,8 @@ def check_graph(names: Sequence[str], after: Sequence[Sequence[str]], maps: Sequ
 
 class StepState(msgspec.Struct, frozen=True):
     status: StepStatus
-    job_ids: list[UUID]
+    job_ids: list[UUID]  # a map's in item order
+    counts: dict[str, int]  # its jobs by status: how far a map has got, without reading each job
 
 
 class WorkflowLinks(msgspec.Struct, frozen=True):
@@ -115,7 +116,7 @@ SELECT w.id, w.status, w.metadata, w.error, w.created_at, w.finished_at,
  WHERE w.id = :id AND w.tenant_id = :tenant
  GROUP BY w.id
 """
-_JOB_IDS = "SELECT step, id FROM jobs WHERE workflow_id = :id ORDER BY step, item NULLS FIRST, id"
+_JOB_IDS = "SELECT step, id, status FROM jobs WHERE workflow_id = :id ORDER BY step, item NULLS FIRST, id"
 
 
 async def get(db: Database, tenant: str, workflow_id: UUID) -> Workflow | None:
@@ -124,10 +125,13 @@ async def get(db: Database, tenant: str, workflow_id: UUID) -> Workflow | None:
     if record is None:
         return None
     jobs: dict[str, list[UUID]] = {}
+    counts: dict[str, dict[str, int]] = {}
     for row in await sql.fetch_all(db, _JOB_IDS, {"id": workflow_id}):
         jobs.setdefault(row["step"], []).append(row["id"])
+        of_step = counts.setdefault(row["step"], {})
+        of_step[row["status"]] = of_step.get(row["status"], 0) + 1
     steps = {
-        name: StepState(status, jobs.get(name, []))
+        name: StepState(status, jobs.get(name, []), counts.get(name, {}))
         for name, status in zip(record["names"], record["statuses"], strict=True)
     }
     return Workflow(

@@ -40,6 +40,9 @@ from outlast_client.models import (
     Retry,
     Status,
     StatusEvent,
+    StepSpec,
+    StepState,
+    Workflow,
 )
 from outlast_client.sync import Client
 
@@ -72,8 +75,11 @@ __all__ = [
     "ServerError",
     "Status",
     "StatusEvent",
+    "StepSpec",
+    "StepState",
     "Unauthorized",
     "Unavailable",
     "UnknownJobType",
     "Unreachable",
+    "Workflow",
 ]

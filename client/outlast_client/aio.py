@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
@@ -15,7 +16,7 @@ import httpx
 from httpx_sse import EventSource
 
 from outlast_client.errors import error_of, retry_after, unreachable
-from outlast_client.models import Event, Job, JobSpec
+from outlast_client.models import Event, Job, JobSpec, StepSpec, Workflow
 from outlast_client.protocol import (
     RETRY_STATUSES,
     TRANSIENT,
@@ -28,15 +29,19 @@ from outlast_client.protocol import (
     Waiting,
     batch_call,
     cancel_call,
+    cancel_workflow_call,
     decode_items,
     decode_job,
     decode_json,
     decode_page,
+    decode_workflow,
     get_call,
+    get_workflow_call,
     list_call,
     result_call,
     retry_call,
     submit_call,
+    submit_workflow_call,
 )
 
 JobId = str | uuid.UUID
@@ -209,6 +214,30 @@ class AsyncClient:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    # -- workflows ------------------------------------------------------------------------------------------------
+
+    async def submit_workflow(
+        self, steps: Iterable[StepSpec], *, metadata: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> Workflow:
+        """Client.submit_workflow."""
+        return decode_workflow(await self._send(submit_workflow_call(steps, metadata, idempotency_key)))
+
+    async def workflow(self, workflow_id: JobId) -> Workflow:
+        return decode_workflow(await self._send(get_workflow_call(workflow_id)))
+
+    async def wait_workflow(self, workflow_id: JobId, *, timeout: float | None = None, poll_s: float = 1.0) -> Workflow:  # noqa: ASYNC109
+        """Client.wait_workflow."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (found := await self.workflow(workflow_id)).done:
+            if deadline is not None and time.monotonic() + poll_s > deadline:
+                raise TimeoutError(f"workflow {workflow_id} is still {found.status}")
+            await asyncio.sleep(poll_s)
+        return found
+
+    async def cancel_workflow(self, workflow_id: JobId) -> Workflow:
+        """Client.cancel_workflow."""
+        return decode_workflow(await self._send(cancel_workflow_call(workflow_id)))
 
     # -- sending --------------------------------------------------------------------------------------------------
 

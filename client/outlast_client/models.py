@@ -127,3 +127,44 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # A batch item carries its own in the body; a single submit sends it as the Idempotency-Key header. None: the
     # client makes one, kept across its retries, so a retried submit never makes a second job.
     idempotency_key: str | None = None
+
+
+# -- workflows (docs/workflows.md) --------------------------------------------------------------------------------
+
+
+class StepSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A step of a workflow to submit: a name, the job it runs, and the steps it comes `after` (or `map`s over)."""
+
+    name: str
+    type: str
+    input: Any = None
+    after: list[str] | None = None
+    map: str | None = None  # one job per item of that step's list result
+    metadata: dict[str, Any] | None = None
+    max_attempts: int | None = None
+    timeout_s: int | None = None
+    priority: int | None = None
+
+
+class StepState(msgspec.Struct, frozen=True):
+    status: str  # waiting, ready, running, succeeded, failed or cancelled
+    job_ids: list[UUID]  # a map's in item order
+    counts: dict[str, int] = {}  # its jobs by status
+
+
+class WorkflowLinks(msgspec.Struct, frozen=True):
+    self: str
+
+
+class Workflow(msgspec.Struct, frozen=True, kw_only=True):
+    """The Workflow resource: `running`, then `succeeded`, `failed` or `cancelled` (`done` for the last three)."""
+
+    id: UUID
+    status: str
+    done: bool
+    steps: dict[str, StepState]
+    metadata: dict[str, Any]
+    error: dict[str, Any] | None
+    created_at: datetime
+    finished_at: datetime | None
+    links: WorkflowLinks

@@ -32,6 +32,8 @@ from outlast_client.models import (
     ProgressEvent,
     Retry,
     StatusEvent,
+    StepSpec,
+    Workflow,
 )
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
@@ -367,3 +369,28 @@ class Sink:
             part.replace(self.path)
         else:
             part.unlink(missing_ok=True)
+
+
+# -- workflows ----------------------------------------------------------------------------------------------------
+
+_workflow = msgspec.json.Decoder(Workflow).decode
+
+
+def decode_workflow(response: httpx.Response) -> Workflow:
+    return _workflow(response.content)
+
+
+def submit_workflow_call(steps: Iterable[StepSpec], metadata: dict[str, Any] | None, key: str | None) -> Call:
+    """POST /v1/workflows, with one Idempotency-Key for every try: a retried submit makes the workflow once."""
+    body: dict[str, Any] = {"steps": list(steps)}
+    if metadata is not None:
+        body["metadata"] = metadata
+    return Call("POST", "/v1/workflows", _encode(body), {"Idempotency-Key": key or new_key()})
+
+
+def get_workflow_call(workflow_id: str | uuid.UUID) -> Call:
+    return Call("GET", f"/v1/workflows/{workflow_id}")
+
+
+def cancel_workflow_call(workflow_id: str | uuid.UUID) -> Call:
+    return Call("POST", f"/v1/workflows/{workflow_id}/cancel")

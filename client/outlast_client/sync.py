@@ -15,7 +15,7 @@ import httpx
 from httpx_sse import EventSource
 
 from outlast_client.errors import error_of, retry_after, unreachable
-from outlast_client.models import Event, Job, JobSpec
+from outlast_client.models import Event, Job, JobSpec, StepSpec, Workflow
 from outlast_client.protocol import (
     RETRY_STATUSES,
     TRANSIENT,
@@ -28,15 +28,19 @@ from outlast_client.protocol import (
     Waiting,
     batch_call,
     cancel_call,
+    cancel_workflow_call,
     decode_items,
     decode_job,
     decode_json,
     decode_page,
+    decode_workflow,
     get_call,
+    get_workflow_call,
     list_call,
     result_call,
     retry_call,
     submit_call,
+    submit_workflow_call,
 )
 
 JobId = str | uuid.UUID
@@ -220,6 +224,33 @@ class Client:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    # -- workflows ------------------------------------------------------------------------------------------------
+
+    def submit_workflow(
+        self, steps: Iterable[StepSpec], *, metadata: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> Workflow:
+        """A workflow (docs/workflows.md): its steps, checked whole before anything is made (InvalidInput naming the
+        field, as `$.steps[2].after[0]`). Sent again after a dropped connection, it makes the workflow once."""
+        return decode_workflow(self._send(submit_workflow_call(steps, metadata, idempotency_key)))
+
+    def workflow(self, workflow_id: JobId) -> Workflow:
+        return decode_workflow(self._send(get_workflow_call(workflow_id)))
+
+    def wait_workflow(self, workflow_id: JobId, *, timeout: float | None = None, poll_s: float = 1.0) -> Workflow:
+        """The workflow once it is done (succeeded, failed or cancelled: look at `status`), polled every `poll_s`;
+        with a `timeout`, TimeoutError once that many seconds have passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (found := self.workflow(workflow_id)).done:
+            if deadline is not None and time.monotonic() + poll_s > deadline:
+                raise TimeoutError(f"workflow {workflow_id} is still {found.status}")
+            time.sleep(poll_s)
+        return found
+
+    def cancel_workflow(self, workflow_id: JobId) -> Workflow:
+        """End it `cancelled`: nothing of it starts any more, its queued jobs are cancelled and its running ones
+        asked to stop. Conflict once it has ended."""
+        return decode_workflow(self._send(cancel_workflow_call(workflow_id)))
 
     # -- sending --------------------------------------------------------------------------------------------------
 
