@@ -145,7 +145,8 @@ async def reset(deps: Deps) -> None:
     """What every test starts from: no job, key, worker, secret, key slot, rate bucket, schedule or tenant but
     `default` (uncapped), and an empty Redis index (FLUSHDB, never FLUSHALL: other runs may share the server)."""
     await deps.db.execute(
-        "TRUNCATE jobs, api_keys, workers, webhook_secrets, concurrency_slots, rate_buckets, schedules, workflows CASCADE"
+        "TRUNCATE jobs, api_keys, workers, webhook_secrets, concurrency_slots, rate_buckets, schedules, workflows"
+        " CASCADE"
     )
     await deps.db.execute("DELETE FROM tenants WHERE id <> 'default'")
     await deps.db.execute("UPDATE tenants SET max_running = NULL, running = 0")
