@@ -218,6 +218,39 @@ async def test_outlast_submit_passes_when_and_how_much_to_the_server(processes: 
     assert b"Traceback" not in done.stderr
 
 
+async def test_outlast_workflows_submit_wait_watches_it_to_the_end_and_cancel_ends_another(
+    processes: Processes, tmp_path: Path
+) -> None:
+    outlast = str(Path(sys.executable).parent / "outlast")
+    env = {**os.environ, "OUTLAST_API_KEY": processes.headers["Authorization"].removeprefix("Bearer ")}
+    spec = tmp_path / "workflow.json"
+    spec.write_text(
+        '{"steps": [{"name": "sums", "type": "square_sum", "input": {"data": [1, 2]}},'
+        ' {"name": "nap", "type": "sleep", "input": {"seconds": 0.5}, "after": ["sums"]}]}'
+    )
+    argv = [outlast, "workflows", "submit", str(spec), "--wait", "--url", processes.url]
+    done = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    workflow = msgspec.json.decode(done.stdout)
+    assert workflow["status"] == "succeeded" and list(workflow["steps"]) == ["sums", "nap"]
+    assert b"succeeded" in done.stderr and b"1 succeeded" in done.stderr  # the steps' table, printed at the end
+
+    long = [outlast, "workflows", "submit", "-", "--url", processes.url]
+    body = b'{"steps": [{"name": "nap", "type": "sleep", "input": {"seconds": 60}}]}'
+    made = await asyncio.to_thread(subprocess.run, long, input=body, env=env, capture_output=True, timeout=60)
+    workflow_id = msgspec.json.decode(made.stdout)["id"]
+    cancel = [outlast, "workflows", "cancel", workflow_id, "--url", processes.url]
+    done = await asyncio.to_thread(subprocess.run, cancel, env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0 and msgspec.json.decode(done.stdout)["status"] == "cancelled", done.stderr
+    watch = [outlast, "workflows", "watch", workflow_id, "--url", processes.url]
+    done = await asyncio.to_thread(subprocess.run, watch, env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 1 and b"cancelled" in done.stderr  # ended, but not succeeded
+    bad = [outlast, "workflows", "submit", "-", "--url", processes.url]
+    cycle = b'{"steps": [{"name": "a", "type": "sleep", "after": ["a"]}]}'
+    done = await asyncio.to_thread(subprocess.run, bad, input=cycle, env=env, capture_output=True, timeout=60)
+    assert done.returncode != 0 and b"$.steps[0].after[0]" in done.stderr and b"Traceback" not in done.stderr
+
+
 async def test_web_shutdown_with_open_streams_tells_each_to_reconnect_and_exits(
     config: Config, deps: Deps, tmp_path: Path, api_key: str
 ) -> None:

@@ -11,11 +11,9 @@ import os
 import secrets
 import shlex
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from databases import Database
 
@@ -23,7 +21,8 @@ from worker import keys
 from worker.config import STORES_FILE, Config, data_dir, from_env, running_stores
 from worker.database import open_database
 from worker.migrate import create_database, migrate
-from worker.tools import jobs_cli, schedules_cli
+from worker.tools import jobs_cli, schedules_cli, workflows_cli
+from worker.tools.api import request_json
 from worker.tools.watch import follow
 
 T = TypeVar("T")
@@ -212,22 +211,6 @@ def server_url(environ: Mapping[str, str] = os.environ) -> str:
     return environ.get("OUTLAST_URL") or running_stores(environ).get("OUTLAST_URL") or "http://127.0.0.1:8000"
 
 
-def _request(url: str, *, key: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"content-type": "application/json", **(headers or {})}
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=90) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise SystemExit(f"{exc.code} {exc.reason}: {detail}") from None
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"cannot reach {url}: {exc.reason}") from None
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     try:
         payload = json.loads(args.input)
@@ -242,7 +225,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         "concurrency_key": args.concurrency_key,
     }
     body.update({name: value for name, value in when.items() if value is not None})  # the server checks each
-    job = _request(f"{base}/v1/jobs", key=args.key, body=body)
+    job = request_json(f"{base}/v1/jobs", key=args.key, body=body)
     if args.wait:
         job = follow(base, job)
     print(json.dumps(job, indent=2))
@@ -312,11 +295,14 @@ def main(argv: list[str] | None = None) -> None:
     secret.add_argument("--overlap", type=float, default=86_400.0, help="seconds the old one keeps signing")
     jobs_cli.add_parsers(sub)
     schedules_cli.register(sub)
+    workflows_cli.register(sub, url=server_url())
     args = parser.parse_args(argv)
     if args.command in ("jobs", "types"):
         sys.exit(jobs_cli.run(args))
     if args.command == "schedules":
         sys.exit(schedules_cli.main(args))
+    if args.command == "workflows":
+        sys.exit(workflows_cli.main(args))
     if args.command == "keys":
         sys.exit({"create": cmd_keys_create, "list": cmd_keys_list, "revoke": cmd_keys_revoke}[args.keys_command](args))
     if args.command == "tenants":

@@ -24,6 +24,8 @@ from rich.text import Text
 
 Job = Mapping[str, Any]  # the Job resource as JSON builtins (API.md), with `tenant` when an operator reads it
 STATUS_STYLE = {
+    "waiting": "dim",
+    "ready": "cyan",
     "queued": "cyan",
     "running": "yellow",
     "succeeded": "green",
@@ -270,3 +272,38 @@ class BoardScreen:
     def close(self) -> None:
         if self.console.is_terminal:
             self._live.stop()
+
+
+def workflow_table(workflow: Mapping[str, Any], *, bars: bool = True) -> Table:
+    """A workflow's steps, one a row: its status, and how many of its jobs have ended (and how) of how many."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for name in ["step", "status", "jobs", *([""] if bars else []), "ended", "of them"]:
+        table.add_column(name, justify="right" if name in ("jobs", "", "ended") else "left", no_wrap=True)
+    for name, step in workflow["steps"].items():
+        counts: Mapping[str, int] = step.get("counts", {})
+        total = len(step["job_ids"])
+        ended = sum(n for status, n in counts.items() if status in ("succeeded", "failed", "cancelled", "expired"))
+        fraction = ended / total if total else (1.0 if step["status"] == "succeeded" else 0.0)
+        how = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        table.add_row(
+            name, status_text(step["status"]), str(total), *([bar(fraction, 20)] if bars else []),
+            f"{fraction:.0%}", how or "-",
+        )  # fmt: skip
+    return table
+
+
+def workflow_view(workflow: Mapping[str, Any], *, bars: bool = True) -> Group:
+    """The workflow's headline (id, status, how long), its steps, and why it failed when it did."""
+    started = datetime.fromisoformat(workflow["created_at"])
+    ended = datetime.fromisoformat(workflow["finished_at"]) if workflow.get("finished_at") else datetime.now(UTC)
+    head = Text.assemble(
+        (str(workflow["id"]), "bold"),
+        "  ",
+        status_text(workflow["status"]),
+        f"  {(ended - started).total_seconds():.1f} s",
+    )
+    parts: list[RenderableType] = [head, workflow_table(workflow, bars=bars)]
+    error = workflow.get("error")
+    if error:
+        parts.append(Text(f"{error.get('step') or 'cancel'}: {short(error, 300)}", "red"))
+    return Group(*parts)
