@@ -90,7 +90,7 @@ async def _has(redis: Redis, key: str) -> bool:
     return bool(await redis.exists(key))
 
 
-async def _next_xid(admin: asyncpg.Connection) -> int:
+async def next_xid(admin: asyncpg.Connection) -> int:
     """The next transaction id: counts write transactions at once, unlike pg_stat_database's lagging counters."""
     return int(await admin.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
 
@@ -145,7 +145,7 @@ async def commits_per_job(
     """
     jobs = jobs or run.settings.jobs
     await reset_outlast(run)
-    commits0, xid0 = await _settled_commits(admin), await _next_xid(admin)
+    commits0, xid0 = await _settled_commits(admin), await next_xid(admin)
     url = await start_outlast(run)
     ours = 0
     try:
@@ -159,7 +159,7 @@ async def commits_per_job(
         ours += batch["polls"] + POLL_CONNECT_XACTS
     finally:
         await stop_outlast(run)
-    commits1, xid1 = await _settled_commits(admin), await _next_xid(admin)
+    commits1, xid1 = await _settled_commits(admin), await next_xid(admin)
     return {
         "commits_per_job": (commits1 - commits0 - ours) / (jobs + warm_up),
         "write_transactions_per_job": (xid1 - xid0) / (jobs + warm_up),
@@ -201,10 +201,10 @@ async def measure(run: Run) -> list[Comparison]:
 
         async def outlast(n: str = jobs) -> Figures:
             await truncate(run.svc.database_url)
-            xid0, web0, worker0 = await _next_xid(admin), run.fleet.cpu_s(WEB), run.fleet.cpu_s(WORKER)
+            xid0, web0, worker0 = await next_xid(admin), run.fleet.cpu_s(WEB), run.fleet.cpu_s(WORKER)
             args = ["--database-url", run.svc.database_url, "--jobs", n, "--concurrency", concurrency]
             figures = await load("submit", "--url", url, *args, "--api-key", run.api_key)
-            write_xacts.append((await _next_xid(admin) - xid0) / int(n))
+            write_xacts.append((await next_xid(admin) - xid0) / int(n))
             return {
                 "jobs_per_s": figures["jobs_per_s"],
                 "submitted_s": figures["submitted_s"],  # all POSTs answered: the rest is the worker catching up

@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 
 from bench.compare import Comparison, Figures, Metric, alternate
-from bench.noop_jobs import _next_xid, reset_outlast
+from bench.noop_jobs import next_xid, reset_outlast
 from bench.run import Run, outlast_env
 from worker.connections import QUEUE
 
@@ -60,7 +60,7 @@ async def measure(run: Run) -> Comparison:
 
     async def workflow(record: bool = True) -> Figures:
         await reset_outlast(run)
-        xid0, t0 = await _next_xid(db), time.perf_counter()
+        xid0, t0 = await next_xid(db), time.perf_counter()
         answer = await http.post("/v1/workflows", json={"steps": STEPS})
         answer.raise_for_status()
         workflow_id = answer.json()["id"]
@@ -69,7 +69,7 @@ async def measure(run: Run) -> Comparison:
             return await db.fetchval("SELECT status FROM workflows WHERE id = $1", workflow_id) != "running"
 
         await _until(over)
-        elapsed, xid1 = time.perf_counter() - t0, await _next_xid(db)
+        elapsed, xid1 = time.perf_counter() - t0, await next_xid(db)
         status = await db.fetchval("SELECT status FROM workflows WHERE id = $1", workflow_id)
         if status != "succeeded":
             raise RuntimeError(f"the workflow ended {status}")
@@ -83,7 +83,7 @@ async def measure(run: Run) -> Comparison:
 
     async def batch() -> Figures:
         await reset_outlast(run)
-        xid0, t0 = await _next_xid(db), time.perf_counter()
+        xid0, t0 = await next_xid(db), time.perf_counter()
         answer = await http.post("/v1/jobs/batch", json={"jobs": [{"type": "noop"}] * ITEMS})
         answer.raise_for_status()
 
@@ -91,7 +91,7 @@ async def measure(run: Run) -> Comparison:
             return await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'") == ITEMS
 
         await _until(over)
-        elapsed, xid1 = time.perf_counter() - t0, await _next_xid(db)
+        elapsed, xid1 = time.perf_counter() - t0, await next_xid(db)
         return {"elapsed_s": elapsed, "writes_per_job": (xid1 - xid0) / ITEMS + 1}
 
     comparison = Comparison("workflow", f"{ITEMS} noop jobs in one POST /v1/jobs/batch, same processes", METRICS)
