@@ -125,8 +125,7 @@ async def test_a_step_that_fails_for_good_fails_the_workflow_and_nothing_starts_
         {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers", "bad": 0}},
         {"name": "all", "type": "upstream", "after": ["squares"]},
     )
-    await drain()
-    await sweep_once(deps)  # ends the queued jobs the failure marked cancelled (the claim refuses them meanwhile)
+    await drain()  # the worker that ended the failed job also ends the queued jobs it marked: no sweep needed
     done = await shown(client, workflow)
     assert done["status"] == "failed" and done["finished_at"] is not None
     assert done["steps"]["squares"]["status"] == "failed" and done["steps"]["all"] == {
@@ -255,3 +254,22 @@ async def test_an_idempotency_key_makes_one_workflow_however_often_it_is_sent(
     reused = await client.post("/v1/workflows", json=other, headers={"Idempotency-Key": "wf-1"})
     assert reused.status_code == 422 and reused.json()["type"] == "/problems/idempotency-key-reused"
     assert await count(deps, "workflows") == 1
+
+
+async def test_the_built_in_demo_sums_the_squares_of_a_list_through_a_map_and_a_fan_in(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "chunks", "type": "split", "input": {"data": list(range(1, 101)), "size": 7}},
+        {"name": "sums", "type": "chunk_sum", "map": "chunks", "input": {"of": "chunks"}},
+        {"name": "total", "type": "total", "after": ["sums"], "input": {"of": "sums"}},
+    )
+    await drain()
+    done = await shown(client, workflow)
+    assert done["status"] == "succeeded" and len(done["steps"]["sums"]["job_ids"]) == 15  # 100 in chunks of 7
+    assert await results(client, done["steps"]["total"]["job_ids"]) == [sum(n * n for n in range(1, 101))]
+    misplaced = await submit(client, {"name": "total", "type": "total", "input": {"of": "nothing"}})
+    await drain()
+    failed = await shown(client, misplaced)
+    assert failed["status"] == "failed" and "not a list of integers" in failed["error"]["error"]["message"]

@@ -26,6 +26,7 @@ from worker.heartbeat import Heartbeat
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status
 from worker.queue import Bell, enqueue, enqueue_many, parse_message
 from worker.retry import backoff
+from worker.sweep import cancel_requeued
 
 log = logging.getLogger("outlast.worker")
 T = TypeVar("T")
@@ -283,6 +284,8 @@ async def _wake(deps: Deps, capacity: Capacity, stopped: Sequence[Claimed]) -> N
         woken += await wake(db, tenants, capacity, batch=batch)
     if flows:
         woken += await workflows.start_ready(db, flows, ttl_s=deps.config.job_ttl_s, batch=batch)
+        # a workflow that failed marked its queued jobs: they end now, not at the sweep's next pass
+        await cancel_requeued(deps.jobs, batch=batch, workflows=flows)
     if woken and not await enqueue_many(deps.redis, woken, step_s=deps.config.priority_step_s):
         await store.undispatch_many(db, [(bell.job_id, bell.started) for bell in woken])
 

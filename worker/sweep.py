@@ -72,6 +72,7 @@ WITH moved AS (
     UPDATE jobs SET status = 'cancelled', error = CAST(:cancelled AS jsonb), finished_at = now(),
            event_seq = event_seq + 1
      WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NOT NULL
+                     AND (CAST(:workflows AS uuid[]) IS NULL OR workflow_id = ANY(CAST(:workflows AS uuid[])))
                    LIMIT :batch FOR UPDATE SKIP LOCKED)
     RETURNING *
 ), event AS ({status_event("moved")})
@@ -121,10 +122,11 @@ async def expire_late(jobs: Jobs, *, batch: int) -> int:
     return len(expired)
 
 
-async def cancel_requeued(jobs: Jobs, *, batch: int) -> int:
+async def cancel_requeued(jobs: Jobs, *, batch: int, workflows: list[UUID] | None = None) -> int:
     """A cancel accepted while the job ran, and the job went back to queued anyway (its worker died and it was
-    rescued, or a retry was booked): the claim refuses it, so it ends `cancelled` here."""
-    values = {"batch": batch, "cancelled": CANCELLED_JSON}
+    rescued, or a retry was booked), or a queued job of a workflow that failed: the claim refuses it, so it ends
+    `cancelled` here (only those of `workflows`, when given)."""
+    values = {"batch": batch, "cancelled": CANCELLED_JSON, "workflows": workflows}
     cancelled = [r["id"] for r in await sql.fetch_all(jobs.db, _CANCEL_QUEUED, values)]
     jobs.changed(cancelled)
     return len(cancelled)

@@ -9,9 +9,10 @@ from typing import Any
 import msgspec
 
 from worker.job import JobType
-from worker.job_types import flaky, sleep, sums
+from worker.job_types import chunks, flaky, sleep, sums
 
 BUILT_IN: tuple[JobType, ...] = (sums.SQUARE_SUM, sums.CUBE_SUM, sleep.JOB_TYPE, flaky.JOB_TYPE)
+BUILT_IN += (chunks.SPLIT, chunks.CHUNK_SUM, chunks.TOTAL)  # the workflow demo
 
 
 def load(modules: str = "") -> Mapping[str, JobType]:

@@ -303,7 +303,16 @@ def workflow_view(workflow: Mapping[str, Any], *, bars: bool = True) -> Group:
         f"  {(ended - started).total_seconds():.1f} s",
     )
     parts: list[RenderableType] = [head, workflow_table(workflow, bars=bars)]
-    error = workflow.get("error")
-    if error:
-        parts.append(Text(f"{error.get('step') or 'cancel'}: {short(error, 300)}", "red"))
+    if workflow.get("error"):
+        parts.append(Text(why_ended(workflow["error"]), "red"))
     return Group(*parts)
+
+
+def why_ended(error: Mapping[str, Any]) -> str:
+    """A workflow's `error` as a sentence: the step, and its job's error or the workflow's own."""
+    job_error = error.get("error") or {}
+    if error.get("job_id"):
+        what = f"{job_error.get('type')}: {job_error.get('message')}" if job_error else "no error recorded"
+        return f"step {error.get('step')}: job {error['job_id']} {error.get('status')} ({what})"
+    where = f"step {error['step']}: " if error.get("step") else ""
+    return f"{where}{error.get('type')}: {error.get('message')}"

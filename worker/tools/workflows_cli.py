@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def watch(base: str, key: str, workflow_id: str) -> int:
-    """Poll the workflow every POLL_S, redrawn in place on a terminal (printed once at the end elsewhere)."""
+    """Poll the workflow every POLL_S, redrawn in place on a terminal (printed once at the end elsewhere); the ended
+    Workflow as JSON on stdout when that is not a terminal."""
     screen = console(sys.stderr)
     workflow = request_json(f"{base}/v1/workflows/{workflow_id}", key=key)
     if screen.is_terminal:
@@ -78,5 +79,6 @@ def watch(base: str, key: str, workflow_id: str) -> int:
             time.sleep(POLL_S)
             workflow = request_json(f"{base}/v1/workflows/{workflow_id}", key=key)
         screen.print(workflow_view(workflow, bars=False))
-    print(json.dumps(workflow, indent=2))
+    if not sys.stdout.isatty():  # for a script; a person has just read the table
+        print(json.dumps(workflow, indent=2))
     return 0 if workflow["status"] == "succeeded" else EXIT_FAILED
