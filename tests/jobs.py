@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-from worker import Context, JobError, JobType, Rate, in_process_pool
+from worker import Context, JobError, JobType, Rate, RetryableError, Waiting, in_process_pool
 
 
 class Nothing(msgspec.Struct, forbid_unknown_fields=True):
@@ -126,7 +126,29 @@ async def upstream(input: Nothing, ctx: Context) -> dict[str, object]:
     return dict(ctx.upstream)
 
 
+class FanOut(msgspec.Struct, forbid_unknown_fields=True):
+    n: int
+    child_type: str = "square_sum"
+    child_input: dict[str, Any] | None = None  # None: {"data": [i]} for child i
+    fail_first_attempt: bool = False  # raise after spawning, on attempt 1: the retry spawns again
+
+
+async def fan_out(input: FanOut, ctx: Context) -> dict[str, Any] | Waiting:
+    """Spawn n children, wait for them without holding a slot, and report what came back."""
+    if ctx.children:
+        return {k: {"status": c.status, "result": c.result} for k, c in ctx.children.items()}
+    for i in range(input.n):
+        child_input = {"data": [i]} if input.child_input is None else input.child_input
+        await ctx.spawn(input.child_type, child_input, key=f"part-{i}")
+    await ctx.progress(0.5, f"spawned {input.n}")
+    if input.fail_first_attempt and ctx.attempt == 1:
+        raise RetryableError("failed after spawning")
+    return ctx.wait_for_children()
+
+
 JOB_TYPES = (
+    # spawned children: tests/test_spawn.py
+    JobType("fan_out", FanOut, fan_out, timeout_s=30),
     # workflows: tests/test_workflows.py
     JobType("count_up", Count, count_up, timeout_s=10),
     JobType("square_item", Of, square_item, timeout_s=10),

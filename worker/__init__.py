@@ -10,6 +10,7 @@ from worker.job import (
     LIVE,
     NEXT,
     TERMINAL,
+    Child,
     Context,
     Error,
     Job,
@@ -20,6 +21,7 @@ from worker.job import (
     Rate,
     RetryableError,
     Status,
+    Waiting,
     in_process_pool,
 )
 from worker.job_types import load as load_job_types
@@ -32,6 +34,7 @@ __all__ = [
     "LIVE",
     "NEXT",
     "TERMINAL",
+    "Child",
     "Config",
     "Context",
     "Deps",
@@ -47,6 +50,7 @@ __all__ = [
     "Schedule",
     "Status",
     "UrlGuard",
+    "Waiting",
     "connect",
     "control",
     "cron",

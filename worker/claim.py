@@ -37,6 +37,8 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     slots: list[str] | None = None
     workflow_id: UUID | None = None  # a step's job: its workflow moves on when it ends
     upstream: str | None = None  # JSON: ctx.upstream
+    parent_id: UUID | None = None  # a spawned child: its parent may be waiting for it to end
+    waits: int = 0  # how often it waited for its children: more than 0, they are its ctx.children
 
     @property
     def attempts_left(self) -> bool:
@@ -45,7 +47,7 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
 
 _CLAIMED_COLUMNS = (
     "id, tenant_id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted, priority,"
-    " concurrency_key, slots, workflow_id, upstream"
+    " concurrency_key, slots, workflow_id, upstream, parent_id, waits"
 )
 
 # Batches lock their rows in about id order, not a guaranteed one: should two workers' batches deadlock, PostgreSQL

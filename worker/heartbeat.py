@@ -86,6 +86,11 @@ class Heartbeat:
         self._changed.set()
         self._begin()
 
+    @property
+    def unwritten(self) -> Progress | None:
+        """The latest progress reported and not yet written, for the statement that ends the run to write."""
+        return self._latest
+
     def stop(self) -> None:
         if self._first is not None:
             self._first.cancel()

@@ -83,6 +83,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     links: Links
     workflow_id: UUID | None  # a workflow step's job: its workflow and step (docs/workflows.md)
     step: str | None
+    parent_id: UUID | None  # spawned by that job's code (ctx.spawn)
 
 
 class JobError(Exception):
@@ -129,6 +130,29 @@ def shut_process_pool() -> None:
         _pool = None
 
 
+class Child(msgspec.Struct, frozen=True):
+    """A spawned child as its parent sees it once it waited (ctx.children): how it ended, and with what."""
+
+    id: UUID
+    type: str
+    status: Status
+    result: Any
+    error: Error | None
+
+
+class Waiting:
+    """What `ctx.wait_for_children()` returns: the job's code ends its run there, and runs again once they ended."""
+
+    __slots__ = ()
+
+
+WAITING: Final = Waiting()
+
+
+async def _no_spawn(type: str, input: Any, key: str, metadata: Mapping[str, Any] | None) -> UUID:
+    raise RuntimeError("this Context was made without a worker: it can't spawn")
+
+
 @dataclass(frozen=True)
 class Context:
     """What a job's coroutine gets besides its input."""
@@ -141,6 +165,9 @@ class Context:
     # A workflow step's job: the result of each step it came after, by name (a map step's: the list of its results,
     # in item order); in a map step's job, its map source's name gives its own item instead. Empty otherwise.
     upstream: Mapping[str, Any] = field(default_factory=dict)
+    # The job's spawned children by key, once it waited for them (worker/spawn.py); empty on a run that did not.
+    children: Mapping[str, Child] = field(default_factory=dict)
+    _spawn: Callable[[str, Any, str, Mapping[str, Any] | None], Awaitable[UUID]] = field(default=_no_spawn, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""
@@ -152,6 +179,16 @@ class Context:
         warning or error. Buffered: lines are written in batches, long ones are cut and a flood is thinned."""
         self._log(level, str(message))
         await asyncio.sleep(0)
+
+    async def spawn(self, type: str, input: Any, *, key: str, metadata: Mapping[str, Any] | None = None) -> UUID:
+        """Start a child job of `type` in this job's tenant; its id. The same `key` on a later attempt (or run)
+        of this job returns the same child, never a second one. `input` is checked against the type's schema."""
+        return await self._spawn(type, input, key, metadata)
+
+    def wait_for_children(self) -> Waiting:
+        """`return ctx.wait_for_children()`: this run ends, holding no worker slot, and the job's code runs again
+        once every child it spawned has ended, with their outcomes in `ctx.children` (docs/workflows.md)."""
+        return WAITING
 
 
 @dataclass(frozen=True)

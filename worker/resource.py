@@ -44,6 +44,7 @@ def as_job(row: JobRow) -> Job:
         links=links(row.id),
         workflow_id=row.workflow_id,
         step=row.step,
+        parent_id=row.parent_id,
     )
 
 

@@ -17,13 +17,13 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, events, store, workflows
+from worker import claim, database, events, spawn, store, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
 from worker.deps import Deps
 from worker.heartbeat import Heartbeat
-from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status
+from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status, Waiting
 from worker.queue import Bell, enqueue, enqueue_many, parse_message
 from worker.retry import backoff
 from worker.sweep import cancel_requeued
@@ -168,8 +168,16 @@ async def _run(
         assert beat is not None
         beat.report(progress)
 
+    async def spawn_child(type: str, input: Any, key: str, metadata: Mapping[str, Any] | None) -> UUID:
+        return await spawn.spawn(
+            deps, runtime.job_types, (claimed.id, claimed.attempt), type, input, key=key, metadata=metadata
+        )
+
     upstream = {} if claimed.upstream is None else msgspec.json.decode(claimed.upstream)
-    context = Context(claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream)
+    children = await spawn.children(deps.db, claimed.id) if claimed.waits else {}
+    context = Context(
+        claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream, children, spawn_child
+    )
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
     beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
     beat.start()
@@ -194,9 +202,17 @@ async def _run(
         log.exception("job %s attempt %d raised", claimed.id, claimed.attempt)
         await _failed(deps, runtime, claimed, Error(type(exc).__name__, _clipped(exc, ERROR_MAX_CHARS), True))
     else:
-        await _succeeded(deps, runtime, claimed, result, Progress(1.0, beat.message))
+        await _returned(deps, runtime, claimed, result, beat)
     finally:
         beat.stop()
+
+
+async def _returned(deps: Deps, runtime: Runtime, claimed: Claimed, result: Any, beat: Heartbeat) -> None:
+    """The job's code returned: its result, or `ctx.wait_for_children()`."""
+    if isinstance(result, Waiting):
+        await _wait(deps, runtime, claimed, beat.unwritten)
+    else:
+        await _succeeded(deps, runtime, claimed, result, Progress(1.0, beat.message))
 
 
 async def _succeeded(deps: Deps, runtime: Runtime, claimed: Claimed, result: Any, progress: Progress) -> None:
@@ -263,7 +279,7 @@ async def _gave_back(deps: Deps, runtime: Runtime, claimed: Claimed) -> None:
     the jobs that wait for those slots, and start the steps it made ready, now rather than at the sweep's next pass
     (in one statement with the other attempts that stopped meanwhile: a statement per finished job costs a busy
     drain a fifth of its rate)."""
-    if not claimed.slots and claimed.workflow_id is None:
+    if not claimed.slots and claimed.workflow_id is None and claimed.parent_id is None:
         return
     try:
         await runtime.wakes(claimed)
@@ -277,6 +293,7 @@ async def _wake(deps: Deps, capacity: Capacity, stopped: Sequence[Claimed]) -> N
     keys = sorted({(c.type, c.concurrency_key) for c, held in slots if "key" in held and c.concurrency_key})
     tenants = sorted({c.tenant_id for c, held in slots if "tenant" in held})
     flows = sorted({c.workflow_id for c in stopped if c.workflow_id is not None})
+    parents = sorted({c.parent_id for c in stopped if c.parent_id is not None})
     woken = []
     if keys:
         woken += await wake_keys(db, keys, capacity, batch=batch)
@@ -286,8 +303,28 @@ async def _wake(deps: Deps, capacity: Capacity, stopped: Sequence[Claimed]) -> N
         woken += await workflows.start_ready(db, flows, ttl_s=deps.config.job_ttl_s, batch=batch)
         # a workflow that failed marked its queued jobs: they end now, not at the sweep's next pass
         await cancel_requeued(deps.jobs, batch=batch, workflows=flows)
+    if parents:
+        woken += await spawn.resume(db, parents, batch=batch)
     if woken and not await enqueue_many(deps.redis, woken, step_s=deps.config.priority_step_s):
         await store.undispatch_many(db, [(bell.job_id, bell.started) for bell in woken])
+
+
+async def _wait(deps: Deps, runtime: Runtime, claimed: Claimed, progress: Progress | None) -> None:
+    """The run ended waiting for the job's children: queued, holding nothing, until they ended (worker/spawn.py);
+    resumed at once when they have already."""
+    waited = await database.persist(
+        lambda: spawn.wait(deps.jobs, claimed.id, claimed.attempt, progress=progress, ttl_s=deps.config.job_ttl_s),
+        what=f"wait {claimed.id}",
+    )
+    if not waited:
+        if claimed.waits >= spawn.MAX_WAITS:
+            why = f"the job waited for its children {spawn.MAX_WAITS} times; it may wait at most that often"
+            await _end(deps, runtime, claimed, "failed", error=Error("too_many_waits", why, False))
+        return  # else superseded: a newer attempt owns the row
+    await _gave_back(deps, runtime, claimed)
+    resumed = await spawn.resume(deps.db, [claimed.id], batch=1)
+    if resumed and not await enqueue_many(deps.redis, resumed, step_s=deps.config.priority_step_s):
+        await store.undispatch_many(deps.db, [(bell.job_id, bell.started) for bell in resumed])
 
 
 async def _failed(deps: Deps, runtime: Runtime, claimed: Claimed, error: Error) -> None:

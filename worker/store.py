@@ -49,7 +49,7 @@ class Jobs:
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
     " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of, run_at, priority,"
-    " concurrency_key, workflow_id, step, tenant_id"
+    " concurrency_key, workflow_id, step, parent_id, tenant_id"
 )
 
 
@@ -79,6 +79,7 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     concurrency_key: str | None = None
     workflow_id: UUID | None = None
     step: str | None = None
+    parent_id: UUID | None = None
     tenant_id: str = ""  # not part of the Job: the API answers within one tenant, an operator across them
 
     @property
@@ -96,24 +97,25 @@ _INSERT = f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
                       expires_at, dispatched_at, event_seq, idempotency_key, request_hash, retry_of, run_at,
-                      next_run_at, priority, concurrency_key, workflow_id, step, item, upstream)
+                      next_run_at, priority, concurrency_key, workflow_id, step, item, upstream, parent_id, spawn_key)
     SELECT id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
            -- a job asked to start later is kept that much longer: its time to live counts from its start
            greatest(run_at, now()) + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash,
-           retry_of, run_at, greatest(run_at, now()), priority, concurrency_key, workflow_id, step, item, upstream
+           retry_of, run_at, greatest(run_at, now()), priority, concurrency_key, workflow_id, step, item, upstream,
+           parent_id, spawn_key
       FROM unnest(CAST(:ids AS uuid[]), CAST(:tenants AS text[]), CAST(:types AS text[]), CAST(:inputs AS jsonb[]),
                   CAST(:max_attempts AS int[]), CAST(:timeouts AS int[]), CAST(:retry_safe AS bool[]),
                   CAST(:callback_urls AS text[]), CAST(:metadata AS jsonb[]), CAST(:ttls AS float8[]),
                   CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]), CAST(:retry_of AS uuid[]),
                   CAST(:run_at AS timestamptz[]), CAST(:priorities AS int[]), CAST(:concurrency_keys AS text[]),
                   CAST(:workflows AS uuid[]), CAST(:steps AS text[]), CAST(:items AS int[]),
-                  CAST(:upstreams AS jsonb[]))
+                  CAST(:upstreams AS jsonb[]), CAST(:parents AS uuid[]), CAST(:spawn_keys AS text[]))
            AS new(id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata, ttl_s,
                   idempotency_key, request_hash, retry_of, run_at, priority, concurrency_key, workflow_id, step,
-                  item, upstream)
-    -- an Idempotency-Key the tenant already used (or another job of the same batch uses): no row, no event;
-    -- the caller finds the existing job
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                  item, upstream, parent_id, spawn_key)
+    -- an Idempotency-Key the tenant already used (or another job of the same batch uses), or a spawn key its parent
+    -- already used: no row, no event; the caller finds the existing job
+    ON CONFLICT DO NOTHING
     RETURNING *
 ), slot AS (  -- the row a claim locks and counts for the key (worker/claim.py)
     INSERT INTO concurrency_slots (type, key)
@@ -147,11 +149,14 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     step: str | None = None
     item: int | None = None
     upstream: bytes | None = None  # JSON: ctx.upstream
+    parent_id: UUID | None = None  # spawned by that job's code (worker/spawn.py), under `spawn_key`
+    spawn_key: str | None = None
 
 
 async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | None]:
     """Insert `jobs` in one statement. None for a job whose tenant already has one with its `idempotency_key`
-    (see `find_idempotent`), which includes an earlier job of the same batch."""
+    (see `find_idempotent`), which includes an earlier job of the same batch, or whose parent has a child with its
+    `spawn_key`."""
     values = {
         "ids": [j.id for j in jobs],
         "tenants": [j.tenant for j in jobs],
@@ -173,6 +178,8 @@ async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | Non
         "steps": [j.step for j in jobs],
         "items": [j.item for j in jobs],
         "upstreams": [None if j.upstream is None else j.upstream.decode() for j in jobs],
+        "parents": [j.parent_id for j in jobs],
+        "spawn_keys": [j.spawn_key for j in jobs],
     }
     rows = {row.id: row for row in map(_row, await sql.fetch_all(db, _INSERT, values))}
     return [rows.pop(j.id, None) for j in jobs]

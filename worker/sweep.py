@@ -17,12 +17,12 @@ from uuid import UUID
 import msgspec
 from databases import Database
 
-from worker import database, sql, workflows
+from worker import database, spawn, sql, workflows
 from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, forget_stale, leave, limit_values, refresh
 from worker.config import Config
 from worker.deps import Deps
 from worker.job import Error
-from worker.queue import Bell, forget, ring_again
+from worker.queue import Bell, forget, request_abort_many, ring_again
 from worker.retry import envelope_sql
 from worker.status import insert_sql as status_event
 from worker.store import CANCELLED_JSON, Jobs
@@ -196,12 +196,16 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     await forget(deps.redis, lost)
     rescued = len(lost)
     expired = await expire_late(deps.jobs, batch=config.sweep_batch)
+    # the live children of parents that ended otherwise than succeeded: marked first, so the queued end just below
+    if running_orphans := await spawn.cascade(db, batch=config.sweep_batch):
+        await request_abort_many(deps.redis, running_orphans)
     cancelled = await cancel_requeued(deps.jobs, batch=config.sweep_batch)
     # Steps a worker made ready and died before it started them; their jobs go out with the due ones below.
     started = await workflows.start_ready(db, None, ttl_s=config.job_ttl_s, batch=config.sweep_batch)
     # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
     due = await take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, capacity=capacity)
-    due += started
+    # Parents whose last child ended without waking them (cancelled, expired, or as the parent began to wait).
+    due += started + await spawn.resume(db, None, batch=config.sweep_batch)
     rung = await asyncio.gather(*(ring_again(deps.redis, bell, step_s=config.priority_step_s) for bell in due))
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))

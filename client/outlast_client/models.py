@@ -67,6 +67,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     links: Links
     workflow_id: UUID | None = None  # a workflow step's job: its workflow and step
     step: str | None = None
+    parent_id: UUID | None = None  # spawned by that job's code (ctx.spawn)
 
 
 class JobPage(msgspec.Struct, frozen=True):

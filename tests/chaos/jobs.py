@@ -18,7 +18,7 @@ from typing import Annotated
 import asyncpg
 import msgspec
 
-from worker import Context, JobType, RetryableError
+from worker import Context, JobType, RetryableError, Waiting
 
 CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS chaos_attempts (
@@ -165,7 +165,32 @@ async def chaos_join(input: Join, ctx: Context) -> Joined:
         return Joined(len(results), sum(results), results == sorted(results))
 
 
+class Spawn(msgspec.Struct, forbid_unknown_fields=True):
+    n: int
+    seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.5  # each child sleeps this long
+
+
+class Spawned(msgspec.Struct):
+    n: int
+    statuses: list[str]
+
+
+async def chaos_spawner(input: Spawn, ctx: Context) -> Spawned | Waiting:
+    """Spawns n chaos_sleep children and waits for them; its first attempt SIGKILLs its worker right after spawning."""
+    if ctx.children:
+        async with recorded(ctx):
+            return Spawned(len(ctx.children), sorted({c.status for c in ctx.children.values()}))
+    row_id = await _begin(ctx)
+    for i in range(input.n):
+        await ctx.spawn("chaos_sleep", {"seconds": input.seconds}, key=f"child-{i}")
+    if ctx.attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    await _end(row_id, "returned")
+    return ctx.wait_for_children()
+
+
 JOB_TYPES = (
+    JobType("chaos_spawner", Spawn, chaos_spawner, timeout_s=60, description="Spawn, die once, then wait for them."),
     JobType("chaos_items", Items, chaos_items, timeout_s=60, description="A list of n items, recording the attempt."),
     JobType("chaos_item", Item, chaos_item, timeout_s=600, description="One mapped item: sleep, then twice it."),
     JobType("chaos_join", Join, chaos_join, timeout_s=60, description="A fan-in: how many results, their sum."),

@@ -12,7 +12,7 @@ from worker.job import JobType
 from worker.job_types import chunks, flaky, sleep, sums
 
 BUILT_IN: tuple[JobType, ...] = (sums.SQUARE_SUM, sums.CUBE_SUM, sleep.JOB_TYPE, flaky.JOB_TYPE)
-BUILT_IN += (chunks.SPLIT, chunks.CHUNK_SUM, chunks.TOTAL)  # the workflow demo
+BUILT_IN += (chunks.SPLIT, chunks.CHUNK_SUM, chunks.TOTAL, chunks.SPAWN_SUM)  # the workflow demos
 
 
 def load(modules: str = "") -> Mapping[str, JobType]:

@@ -4,6 +4,8 @@ map step), `total` the chunks' sums (the fan-in). The sum of the squares of 1..1
 {"steps": [{"name": "chunks", "type": "split", "input": {"data": [1, 2, …, 100], "size": 10}},
            {"name": "sums", "type": "chunk_sum", "map": "chunks", "input": {"of": "chunks"}},
            {"name": "total", "type": "total", "after": ["sums"], "input": {"of": "sums"}}]}
+
+And the same in one job whose code spawns the chunks (`spawn_sum`): {"data": [1, 2, …, 100], "size": 10}.
 """
 
 import asyncio
@@ -11,7 +13,7 @@ from typing import Annotated
 
 import msgspec
 
-from worker.job import Context, JobError, JobType
+from worker.job import Context, JobError, JobType, Waiting
 
 Item = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
@@ -52,8 +54,25 @@ async def total(input: Total, ctx: Context) -> int:
     return sum(parts)
 
 
+async def spawn_sum(input: Split, ctx: Context) -> int | Waiting:
+    """A `square_sum` child per chunk, spawned by this job's code; it waits for them holding no slot, then adds up."""
+    if ctx.children:
+        failed = sorted(key for key, child in ctx.children.items() if child.status != "succeeded")
+        if failed:
+            raise JobError(f"chunks {', '.join(failed)} did not succeed")
+        return sum(int(child.result) for child in ctx.children.values())
+    chunks = await split(input, ctx)
+    for n, chunk in enumerate(chunks):
+        await ctx.spawn("square_sum", {"data": chunk}, key=f"chunk-{n}")
+    await ctx.progress(0.5, f"waiting for {len(chunks)} chunks")
+    return ctx.wait_for_children()
+
+
 SPLIT = JobType("split", Split, split, timeout_s=60, description="`data` in chunks of `size`: a map's source.")
 CHUNK_SUM = JobType(
     "chunk_sum", ChunkSum, chunk_sum, timeout_s=3_700, description="Sum of the powers of the chunk it is mapped over."
 )
 TOTAL = JobType("total", Total, total, timeout_s=60, description="The sum of the results of the step it comes after.")
+SPAWN_SUM = JobType(
+    "spawn_sum", Split, spawn_sum, timeout_s=60, description="Sum of squares, a spawned square_sum job per chunk."
+)
