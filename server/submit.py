@@ -26,7 +26,7 @@ from server.jobs import job_or_404, present, until_done, wait_preference
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, InvalidBody, UnknownJobType, ValidationError
 from server.responses import MsgspecResponse
 from server.state import Web, web_of
-from worker import Forbidden, Job, control, database, store
+from worker import Forbidden, Job, control, database, store, workflows
 from worker.batch import Batcher
 from worker.queue import Bell, enqueue_many
 
@@ -361,6 +361,8 @@ async def retry(request: Request) -> Response:
     Idempotency-Key makes it once, as for a submit."""
     web = web_of(request)
     original = await job_or_404(request)
+    if original.workflow_id is not None and original.status in control.RETRYABLE:
+        return await _resume_workflow(request, web, original)
     try:
         job = control.retry_job(original, tenant_of(request), web.job_types, ttl_s=web.config.job_ttl_s)
     except control.NotRetryable as exc:
@@ -384,6 +386,23 @@ async def retry(request: Request) -> Response:
             await store.undispatch(web.deps.db, row.id, row.attempt)
         web.metrics.submitted.labels(row.type).inc()
     return MsgspecResponse(present(request, row), status_code=202, headers=headers)
+
+
+async def _resume_workflow(request: Request, web: Web, original: store.JobRow) -> Response:
+    """A retry of a workflow's failed (or cancelled) job resumes the workflow from there (worker/workflows.py)."""
+    await web.submits.take(
+        web.deps.redis, caller_of(request).limit_key, rate=web.config.submit_rate_per_s, burst=web.config.submit_burst
+    )
+    try:
+        row, bells = await workflows.resume_from(
+            web.deps.db, tenant_of(request), original.id, ttl_s=web.config.job_ttl_s
+        )
+    except workflows.NotResumable as exc:
+        raise Conflict(str(exc)) from None
+    if not await enqueue_many(web.deps.redis, bells, step_s=web.config.priority_step_s):
+        await store.undispatch_many(web.deps.db, [(b.job_id, b.started) for b in bells])
+    web.metrics.submitted.labels(row.type).inc(len(bells))
+    return MsgspecResponse(present(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 
 
 async def create(web: Web, job: store.NewJob) -> tuple[store.JobRow, bool]:

@@ -10,6 +10,7 @@ from uuid import UUID
 import httpx
 import pytest
 
+import tests.jobs
 from tests.conftest import job_row
 from worker import Deps
 from worker.sweep import sweep_once
@@ -140,6 +141,50 @@ async def test_a_step_that_fails_for_good_fails_the_workflow_and_nothing_starts_
     started = [row["started_at"] for row in rows if row["started_at"] is not None]
     assert all(at <= failed_at for at in started)  # what had not started when it failed never did
     assert sum(row["status"] == "cancelled" for row in rows) == len(rows) - len(started)
+
+
+async def test_retrying_the_failed_step_resumes_the_workflow_from_there(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    workflow = await submit(
+        client,
+        {"name": "numbers", "type": "count_up", "input": {"n": 40}},
+        {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers", "bad": 7}},
+        {"name": "all", "type": "upstream", "after": ["squares"]},
+    )
+    await drain()
+    failed = await shown(client, workflow)
+    assert failed["status"] == "failed" and failed["error"]["step"] == "squares"
+    first = set(failed["steps"]["squares"]["job_ids"])
+    failed_job = failed["error"]["job_id"]
+    tests.jobs.REPAIRED.add(7)  # the fix is out: the failed item succeeds from now on
+    try:
+        answer = await client.post(f"/v1/jobs/{failed_job}/retry")
+        assert answer.status_code == 202, answer.text
+        retried = answer.json()
+        assert retried["retry_of"] == failed_job and retried["workflow_id"] == workflow["id"]
+        assert retried["step"] == "squares" and retried["status"] == "queued"
+        resumed = await shown(client, workflow)
+        assert resumed["status"] == "running" and resumed["error"] is None and resumed["finished_at"] is None
+        assert resumed["steps"]["squares"]["status"] == "running" and resumed["steps"]["all"]["status"] == "waiting"
+        again = await client.post(f"/v1/jobs/{failed_job}/retry")  # its workflow runs: nothing to resume
+        assert again.status_code == 409 and "is running" in again.json()["detail"], again.text
+        await drain()
+    finally:
+        tests.jobs.REPAIRED.discard(7)
+    done = await shown(client, workflow)
+    assert done["status"] == "succeeded", done
+    # what succeeded before ran once; what failed or was cancelled was made again, naming the job it replaces
+    rows = [await job_row(deps, job_id) for job_id in done["steps"]["squares"]["job_ids"]]
+    remade = [row for row in rows if row["id"] not in {UUID(j) for j in first}]
+    assert {str(row["retry_of"]) for row in remade} == {
+        str(row["id"]) for row in rows if str(row["id"]) in first and row["status"] != "succeeded"
+    }
+    assert all(row["status"] == "succeeded" for row in remade)
+    [all_job] = done["steps"]["all"]["job_ids"]
+    assert await results(client, [all_job]) == [{"squares": [n * n for n in range(40)]}]  # in item order, once each
+    twice = await client.post(f"/v1/jobs/{failed_job}/retry")
+    assert twice.status_code == 409 and "succeeded" in twice.json()["detail"], twice.text
 
 
 async def test_cancel_ends_the_workflow_and_its_jobs_and_nothing_of_it_runs_afterwards(

@@ -360,3 +360,102 @@ async def cancel(deps: Deps, tenant: str, workflow_id: UUID) -> bool:
     while await cancel_matching(deps.jobs, deps.redis, tenant, workflow=workflow_id):
         pass  # a map's jobs may be more than one call cancels
     return True
+
+
+# -- resuming from a failed step ----------------------------------------------------------------------
+
+
+class NotResumable(Exception):
+    """A retry of a workflow's job that can't resume the workflow now (409 in the API): the message says why."""
+
+
+_REOPEN_LOCK = "SELECT status FROM workflows WHERE id = :id AND tenant_id = :tenant FOR NO KEY UPDATE"
+_ITS_JOBS = """
+SELECT id, tenant_id, step, item, status, retry_of, type, input, metadata, max_attempts, timeout_s, retry_safe,
+       priority, upstream
+  FROM jobs WHERE workflow_id = :id ORDER BY id
+"""
+_REOPEN = "UPDATE workflows SET status = 'running', error = NULL, finished_at = NULL WHERE id = :id"
+_UNSTARTED_WAIT = """
+UPDATE workflow_steps SET status = 'waiting', remaining = 0
+ WHERE workflow_id = :id AND status IN ('failed', 'cancelled') AND NOT (name = ANY(CAST(:started AS text[])))
+"""
+_RESTART = """
+UPDATE workflow_steps s SET status = 'running', remaining = r.n
+  FROM unnest(CAST(:steps AS text[]), CAST(:counts AS int[])) AS r(name, n)
+ WHERE s.workflow_id = :id AND s.name = r.name AND s.status IN ('failed', 'cancelled')
+"""
+_OVER_SINCE = """
+SELECT workflow_step_succeeded(:id, name) FROM workflow_steps
+ WHERE workflow_id = :id AND status IN ('failed', 'cancelled') AND name = ANY(CAST(:steps AS text[]))
+"""
+_READY_AGAIN = """
+UPDATE workflow_steps s SET status = 'ready'
+ WHERE s.workflow_id = :id AND s.status = 'waiting'
+   AND NOT EXISTS (SELECT 1 FROM workflow_steps d
+                    WHERE d.workflow_id = s.workflow_id AND d.name = ANY (s.after) AND d.status <> 'succeeded')
+"""
+
+
+async def resume_from(db: Database, tenant: str, original: UUID, *, ttl_s: float) -> tuple[store.JobRow, list[Bell]]:
+    """`POST /v1/jobs/{id}/retry` on a job of a workflow that ended failed or cancelled: the workflow runs again
+    from where it stopped. Every job of it that did not succeed (and was not retried before) is made again, with
+    `retry_of` naming it and its own item and upstream; a step that never started waits again, or is ready; what
+    succeeded stays done. Returns the job made from `original`, and the bells to ring."""
+    async with db.transaction():
+        record = await sql.fetch_one(db, _GET_WORKFLOW_OF, {"job": original, "tenant": tenant})
+        if record is None:
+            raise NotResumable("the job is not part of a workflow of this tenant")
+        workflow_id = record["workflow_id"]
+        status = await sql.fetch_val(db, _REOPEN_LOCK, {"id": workflow_id, "tenant": tenant})
+        if status not in ("failed", "cancelled"):
+            raise NotResumable(f"its workflow {workflow_id} is {status}: only a failed or cancelled one resumes")
+        jobs = await sql.fetch_all(db, _ITS_JOBS, {"id": workflow_id})
+        if live := [j for j in jobs if j["status"] in ("queued", "running")]:
+            raise NotResumable(f"{len(live)} jobs of workflow {workflow_id} have not ended yet; retry once they have")
+        replaced = {j["retry_of"] for j in jobs if j["retry_of"] is not None}
+        if original in replaced:
+            raise NotResumable(f"the job was retried already, and its workflow {workflow_id} ended again since")
+        again = [j for j in jobs if j["status"] != "succeeded" and j["id"] not in replaced]
+        made = [_made_again(j, workflow_id, ttl_s=ttl_s) for j in again]
+        counts: dict[str, int] = {}
+        for j in again:
+            counts[j["step"]] = counts.get(j["step"], 0) + 1
+        await sql.execute(db, _REOPEN, {"id": workflow_id})
+        await sql.execute(db, _UNSTARTED_WAIT, {"id": workflow_id, "started": sorted({j["step"] for j in jobs})})
+        await sql.execute(db, _RESTART, {"id": workflow_id, "steps": list(counts), "counts": list(counts.values())})
+        # a step whose jobs all went on to succeed after the workflow ended: over now, which readies what follows
+        finished = sorted({j["step"] for j in jobs} - counts.keys())
+        await sql.fetch_all(db, _OVER_SINCE, {"id": workflow_id, "steps": finished})  # every row: each one a call
+        rows: list[store.JobRow] = []
+        for start in range(0, len(made), _INSERT_CHUNK):
+            rows += [r for r in await store.insert_jobs(db, made[start : start + _INSERT_CHUNK]) if r is not None]
+        await sql.execute(db, _READY_AGAIN, {"id": workflow_id})
+        bells = [Bell(r.id, r.attempt, r.priority, r.tenant_id) for r in rows]
+        bells += await _start_workflow(db, workflow_id, ttl_s=ttl_s)
+    (asked,) = [r for r, j in zip(rows, again, strict=True) if j["id"] == original]
+    return asked, bells
+
+
+_GET_WORKFLOW_OF = "SELECT workflow_id FROM jobs WHERE id = :job AND tenant_id = :tenant AND workflow_id IS NOT NULL"
+
+
+def _made_again(job: Any, workflow_id: UUID, *, ttl_s: float) -> store.NewJob:
+    return store.NewJob(
+        id=uuid7(),
+        tenant=job["tenant_id"],
+        type=job["type"],
+        input=job["input"].encode(),
+        max_attempts=job["max_attempts"],
+        timeout_s=job["timeout_s"],
+        retry_safe=job["retry_safe"],
+        callback_url=None,
+        metadata=job["metadata"].encode(),
+        ttl_s=ttl_s,
+        retry_of=job["id"],
+        priority=job["priority"],
+        workflow_id=workflow_id,
+        step=job["step"],
+        item=job["item"],
+        upstream=None if job["upstream"] is None else job["upstream"].encode(),
+    )

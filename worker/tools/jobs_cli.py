@@ -29,11 +29,11 @@ import asyncpg
 import msgspec
 from databases import Database
 
-from worker import Config, Deps, Job, Status, connect, control, database, events, from_env, resource, store
+from worker import Config, Deps, Job, Status, connect, control, database, events, from_env, resource, store, workflows
 from worker.database import open_database
 from worker.job import JobType
 from worker.job_types import describe, load
-from worker.queue import enqueue_many
+from worker.queue import Bell, enqueue_many
 from worker.tools import tail, views
 
 NO_SUCH_JOB: Final = 3
@@ -190,16 +190,25 @@ async def cmd_cancel(args: argparse.Namespace, config: Config) -> int:
 async def cmd_retry(args: argparse.Namespace, config: Config) -> int:
     async with connect(config) as deps:
         original = await find(deps.db, args)
-        try:
-            job = control.retry_job(original, original.tenant_id, job_types(config), ttl_s=config.job_ttl_s)
-        except control.NotRetryable as exc:
-            raise Refused(f"{original.id}: {exc}", NOT_NOW) from None
-        except control.TypeGone as exc:
-            raise Refused(f"{exc} (here: OUTLAST_JOB_MODULES={config.job_modules!r})", NOT_NOW) from None
-        [row] = await store.insert_jobs(deps.db, [job])
-        assert row is not None  # no Idempotency-Key: nothing to conflict with
-        if not await enqueue_many(deps.redis, [(row.id, row.attempt)]):
-            await store.undispatch(deps.db, row.id, row.attempt)  # the row is the outbox: the sweep rings
+        if original.workflow_id is not None and original.status in control.RETRYABLE:
+            try:  # the workflow resumes from there, as through the API
+                row, bells = await workflows.resume_from(
+                    deps.db, original.tenant_id, original.id, ttl_s=config.job_ttl_s
+                )
+            except workflows.NotResumable as exc:
+                raise Refused(f"{original.id}: {exc}", NOT_NOW) from None
+        else:
+            try:
+                job = control.retry_job(original, original.tenant_id, job_types(config), ttl_s=config.job_ttl_s)
+            except control.NotRetryable as exc:
+                raise Refused(f"{original.id}: {exc}", NOT_NOW) from None
+            except control.TypeGone as exc:
+                raise Refused(f"{exc} (here: OUTLAST_JOB_MODULES={config.job_modules!r})", NOT_NOW) from None
+            [inserted] = await store.insert_jobs(deps.db, [job])
+            assert inserted is not None  # no Idempotency-Key: nothing to conflict with
+            row, bells = inserted, [Bell(inserted.id, inserted.attempt)]
+        if not await enqueue_many(deps.redis, bells):
+            await store.undispatch_many(deps.db, [(b.job_id, b.started) for b in bells])  # the rows are the outbox
     if args.json:
         emit(operator_job(row))
     else:
