@@ -94,6 +94,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/schedules/{id}/trigger", schedules.trigger, methods=["POST"]),
             Route("/v1/workflows", workflows.submit, methods=["POST"]),
             Route("/v1/workflows/{id}", workflows.show, methods=["GET"]),
+            Route("/v1/workflows/{id}/events", workflows.follow, methods=["GET"]),
             Route("/v1/workflows/{id}/cancel", workflows.cancel, methods=["POST"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from worker import database, retry
 from worker.connections import REDIS_DOWN
-from worker.events import EVERY_JOB, READ_BATCH, Event, channel, latest_seqs, read_after
+from worker.events import EVERY_JOB, JOB_LOG, READ_BATCH, Event, Source, channel
 
 log = logging.getLogger("outlast.events")
 T = TypeVar("T")
@@ -38,8 +38,8 @@ class Feed:
     Until a follower has read, a notification wakes them all at once (long polls only ever need that).
     """
 
-    def __init__(self, hub: Hub, job_id: UUID) -> None:
-        self.hub, self.job_id = hub, job_id
+    def __init__(self, hub: Hub, job_id: UUID, source: Source = JOB_LOG) -> None:
+        self.hub, self.job_id, self.source = hub, job_id, source  # a workflow's id, with WORKFLOW_LOG
         self.followers: set[Follower] = set()
         self.polled: int | None = -1  # the job's last seq at the last fallback poll; None: the job is gone
         self._high: int | None = None  # every event up to this seq has been read; the cache ends with it
@@ -85,7 +85,7 @@ class Feed:
             again = True
             while again and self._high is not None:
                 self._again = False
-                batch = await read_after(self.hub.db, self.job_id, self._high)
+                batch = await self.source.read_after(self.hub.db, self.job_id, self._high)
                 self._cache.extend(batch)
                 if batch:
                     self._high = batch[-1].seq
@@ -157,7 +157,7 @@ class Follower:
                 self.clear()
                 batch = None if own_read else self.feed.after(seq)
                 if batch is None:
-                    batch = await read_after(self.feed.hub.db, self.feed.job_id, seq)
+                    batch = await self.feed.source.read_after(self.feed.hub.db, self.feed.job_id, seq)
                     own_read = len(batch) == READ_BATCH
                     self.feed.seen(batch[-1].seq if batch else seq)
                 for event in batch:
@@ -219,12 +219,13 @@ class Hub:
         await self._redis.aclose(close_connection_pool=True)
 
     @contextlib.contextmanager
-    def follow(self, job_id: UUID) -> Iterator[Follower]:
-        """Register for the job's notifications until the block ends (a disconnect included)."""
+    def follow(self, job_id: UUID, source: Source = JOB_LOG) -> Iterator[Follower]:
+        """Register for the job's (or with WORKFLOW_LOG, the workflow's) notifications until the block ends (a
+        disconnect included)."""
         key = str(job_id).encode()
         feed = self._feeds.get(key)
         if feed is None:
-            feed = self._feeds[key] = Feed(self, job_id)
+            feed = self._feeds[key] = Feed(self, job_id, source)
         follower = Follower(feed)
         feed.followers.add(follower)
         try:
@@ -276,8 +277,10 @@ class Hub:
             feeds = list(self._feeds.values())
             if not feeds:
                 continue
+            latest: dict[UUID, int] = {}
             try:
-                latest = await latest_seqs(self.db, [feed.job_id for feed in feeds])
+                for source in {feed.source for feed in feeds}:
+                    latest |= await source.latest_seqs(self.db, [f.job_id for f in feeds if f.source == source])
             except database.UNAVAILABLE as exc:
                 log.warning("events: fallback poll skipped: database unavailable (%s)", exc)
                 continue

@@ -389,6 +389,26 @@ def _workflows() -> dict[str, Any]:
         "/v1/workflows/{id}": {
             "get": {"operationId": "getWorkflow", "parameters": [_ID], "responses": {"200": one, **missing}},
         },
+        "/v1/workflows/{id}/events": {
+            "get": {
+                "operationId": "followWorkflowEvents",
+                "summary": "The workflow's events as Server-Sent Events: replayed after Last-Event-ID, then live",
+                "parameters": [
+                    _ID,
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "`step` (data: the step and its status) and `workflow` (its status, error and"
+                        " finished_at); the stream closes after the one that ends it; `reconnect` when it ends early",
+                        "content": {"text/event-stream": {"schema": _ref("ServerSentEvent")}},
+                    },
+                    "204": {"description": "the workflow ended and nothing follows Last-Event-ID"},
+                    **missing,
+                    "422": _problem("Last-Event-ID is not an event id"),
+                },
+            }
+        },
         "/v1/workflows/{id}/cancel": {
             "post": {
                 "operationId": "cancelWorkflow",
@@ -481,6 +501,7 @@ _ORDER = (
     "/v1/schedules/{id}/trigger",
     "/v1/workflows",
     "/v1/workflows/{id}",
+    "/v1/workflows/{id}/events",
     "/v1/workflows/{id}/cancel",
 )
 _WRITING = frozenset({"submitJob", "submitJobs", "retryJob", "cancelJob", "cancelJobs", "redeliver"})

@@ -16,8 +16,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
+from uuid import UUID
 
 import anyio
 import msgspec
@@ -51,8 +52,15 @@ class Reconnect(msgspec.Struct, frozen=True):
 
 
 def frame(row: store.JobRow, event: events.Event, links: Links | None = None) -> bytes:
-    data = _encode(resource.status_job(row, event.data, links)) if event.name == "status" else event.data
-    return b"id: %d\nevent: %b\ndata: %b\n\n" % (event.seq, event.name.encode(), data)
+    if event.name != "status":
+        return plain_frame(event)
+    data = _encode(resource.status_job(row, event.data, links))
+    return b"id: %d\nevent: status\ndata: %b\n\n" % (event.seq, data)
+
+
+def plain_frame(event: events.Event) -> bytes:
+    """An event whose stored data is what the client reads: a job's progress and log, a workflow's events."""
+    return b"id: %d\nevent: %b\ndata: %b\n\n" % (event.seq, event.name.encode(), event.data)
 
 
 def reconnect(reason: str) -> bytes:
@@ -91,7 +99,7 @@ class EventStream(EventSourceResponse):
             log.info("dropped an event stream whose client took nothing for %ss", SEND_TIMEOUT_S)
 
 
-def _last_event_id(request: Request) -> int:
+def last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id")
     if raw is None:
         return 0
@@ -105,37 +113,50 @@ def _last_event_id(request: Request) -> int:
 async def follow(request: Request) -> Response:
     web = web_of(request)
     deps = web.deps
-    after = _last_event_id(request)
+    after = last_event_id(request)
     row = await jobs.job_or_404(request)  # 404 before any stream: an unknown id never hangs
     # A finished job's stream is its replay alone: read it now, to answer 204 if nothing is left. A live job's
     # stream reads once it has registered for notifications, so nothing committed in between is missed.
     first = await events.read_after(deps.db, row.id, after) if row.done else []
     if row.done and not first:
         return Response(status_code=204)  # nothing after Last-Event-ID, ever
-    # The 429 must go out before any byte of the stream; the body renews the slot and gives it back.
+    tenant = tenant_of(request)
+    links = signed_links(request, resource.as_job(row)).links  # a status event's Job is the one GET would show
+
+    async def render(event: events.Event) -> bytes:
+        nonlocal row
+        if event.final and not row.done:  # the change that ended the job set its result too: re-read it
+            row = await store.get_job(web.hub.db, tenant, row.id) or row
+        return frame(row, event, links)
+
+    return await open_stream(request, row.id, after, first, render, caller_holder="this job's read token")
+
+
+async def open_stream(
+    request: Request,
+    key: UUID,
+    after: int,
+    first: list[events.Event],
+    render: Callable[[events.Event], Awaitable[bytes]],
+    *,
+    source: events.Source = events.JOB_LOG,
+    caller_holder: str,
+) -> Response:
+    """The SSE response that replays `first`, then follows the log of `key` (a job's, or with WORKFLOW_LOG a
+    workflow's) from `after`, each event framed by `render`, holding one of the caller's stream slots."""
+    web = web_of(request)
+    deps = web.deps
     caller = caller_of(request)
+    # The 429 must go out before any byte of the stream; the body renews the slot and gives it back.
     slot = await StreamSlot.take(
         deps.redis,
         caller.limit_key,
         limit=deps.config.max_streams_per_token if caller.job else deps.config.max_streams_per_key,
         retry_after=deps.config.retry_after_s,
-        holder="this job's read token" if caller.job else "this API key",
+        holder=caller_holder if caller.job else "this API key",
     )
     shutdown = _Shutdown()
-    tenant = tenant_of(request)
-    links = signed_links(request, resource.as_job(row)).links  # a status event's Job is the one GET would show
-    frames = _frames(
-        web.hub,
-        web.metrics,
-        deps.config,
-        tenant,
-        links,
-        row,
-        after,
-        first,
-        shutdown,
-        caller.expires_at,
-    )
+    frames = _frames(web.hub, web.metrics, deps.config, source, key, render, after, first, shutdown, caller.expires_at)
     return EventStream(
         _holding(slot, frames),
         ping=0,  # the stream's own loop sends the keep-alive: a task per stream less (memory, GC time)
@@ -162,9 +183,9 @@ async def _frames(
     hub: Hub,
     metrics: Metrics,
     config: Config,
-    tenant: str,
-    links: Links,
-    row: store.JobRow,
+    source: events.Source,
+    key: UUID,
+    render: Callable[[events.Event], Awaitable[bytes]],
     after: int,
     first: list[events.Event],
     shutdown: _Shutdown,
@@ -178,12 +199,12 @@ async def _frames(
     metrics.open_streams.inc()
     try:
         for event in first:
-            yield frame(row, event, links)
+            yield await render(event)
             if event.final:
                 return
             after = event.seq
         first.clear()
-        with hub.follow(row.id) as follower:
+        with hub.follow(key, source) as follower:
             shutdown.attach(follower)
             ticks = config.stream_keepalive_s
             async with contextlib.aclosing(follower.events(after, until=until, tick_s=ticks)) as following:
@@ -191,15 +212,12 @@ async def _frames(
                     if found is None:
                         yield KEEP_ALIVE
                         continue
+                    yield await render(found)
                     if found.final:
-                        # The change that ended the job also set its result: the row read at the start lacks it.
-                        row = await store.get_job(hub.db, tenant, row.id) or row
-                        yield frame(row, found, links)
                         return
-                    yield frame(row, found, links)
             yield reconnect("shutdown" if follower.stopped else ends)
     except database.UNAVAILABLE as exc:
-        log.warning("event stream of %s: database unavailable (%s); the client will reconnect", row.id, exc)
+        log.warning("event stream of %s: database unavailable (%s); the client will reconnect", key, exc)
         yield reconnect("unavailable")
     finally:
         metrics.open_streams.dec()

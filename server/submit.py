@@ -401,6 +401,7 @@ async def _resume_workflow(request: Request, web: Web, original: store.JobRow) -
         raise Conflict(str(exc)) from None
     if not await enqueue_many(web.deps.redis, bells, step_s=web.config.priority_step_s):
         await store.undispatch_many(web.deps.db, [(b.job_id, b.started) for b in bells])
+    web.deps.notifier.notify(row.workflow_id)
     web.metrics.submitted.labels(row.type).inc(len(bells))
     return MsgspecResponse(present(request, row), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
 

@@ -16,13 +16,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from server import stream
 from server.auth import caller_of, tenant_of
 from server.body import json_body
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, NotFound, ValidationError
 from server.responses import MsgspecResponse
 from server.state import web_of
 from server.submit import MAX_METADATA_BYTES, SubmitJob, decode, idempotency_key, make_job
-from worker import store, workflows
+from worker import events, store, workflows
 from worker.queue import enqueue_many
 
 StepName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -145,4 +146,23 @@ async def cancel(request: Request) -> Response:
         await _workflow_or_404(request, workflow_id),
         status_code=202,
         headers={"Location": f"/v1/workflows/{workflow_id}"},
+    )
+
+
+async def follow(request: Request) -> Response:
+    """GET /v1/workflows/{id}/events: the workflow's `step` and `workflow` events as SSE, resumable with
+    Last-Event-ID and closed after the event that ends it, as a job's stream is (server/stream.py)."""
+    workflow_id = _workflow_id(request)
+    after = stream.last_event_id(request)
+    found = await _workflow_or_404(request, workflow_id)  # 404 before any stream
+    db = web_of(request).deps.db
+    first = await events.read_workflow_after(db, workflow_id, after) if found.done else []
+    if found.done and not first:
+        return Response(status_code=204)  # nothing after Last-Event-ID: EventSource stops for good
+
+    async def render(event: events.Event) -> bytes:
+        return stream.plain_frame(event)
+
+    return await stream.open_stream(
+        request, workflow_id, after, first, render, source=events.WORKFLOW_LOG, caller_holder="this read token"
     )

@@ -107,14 +107,15 @@ async def test_a_read_only_key_reads_every_route_and_gets_403_on_every_write(
         tenant="default", id=done_job, cron=Cron.parse("0 3 * * *"), type="sleep", input=b"{}", metadata=b"{}"
     )
     assert await schedules.create(deps.db, every_night) is not None
-    # and a running workflow under it too: its cancel must be refused for the key, not for having ended
+    # and an ended workflow under it too, so that its event stream is a replay that ends; its cancel must be refused
+    # for the key (403) before the state (409) is looked at
     await deps.db.execute(
-        "INSERT INTO workflows (id, tenant_id, status, finished_at) VALUES (:id, 'default', 'running', NULL)",
+        "INSERT INTO workflows (id, tenant_id, status, finished_at) VALUES (:id, 'default', 'succeeded', now())",
         {"id": done_job},
     )
     await deps.db.execute(
         "INSERT INTO workflow_steps (workflow_id, name, position, status, type, input, max_attempts, timeout_s,"
-        " retry_safe) VALUES (:id, 'only', 0, 'waiting', 'sleep', '{}', 1, 60, false)",
+        " retry_safe) VALUES (:id, 'only', 0, 'succeeded', 'sleep', '{}', 1, 60, false)",
         {"id": done_job},
     )
     jobs_before = await deps.db.fetch_val("SELECT count(*) FROM jobs")

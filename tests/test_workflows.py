@@ -12,7 +12,8 @@ import pytest
 
 import tests.jobs
 from tests.conftest import job_row
-from worker import Deps
+from tests.sse import RawStream, live_server
+from worker import Config, Deps
 from worker.sweep import sweep_once
 
 Drain = Callable[[], Awaitable[None]]
@@ -318,3 +319,46 @@ async def test_the_built_in_demo_sums_the_squares_of_a_list_through_a_map_and_a_
     await drain()
     failed = await shown(client, misplaced)
     assert failed["status"] == "failed" and "not a list of integers" in failed["error"]["error"]["message"]
+
+
+async def test_a_workflows_event_stream_follows_every_step_live_and_resumes_from_last_event_id(
+    config: Config, deps: Deps, drain: Drain
+) -> None:
+    async with live_server(config) as live, live.client() as http:
+        answer = await http.post(
+            "/v1/workflows",
+            json={
+                "steps": [
+                    {"name": "numbers", "type": "count_up", "input": {"n": 4}},
+                    {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers"}},
+                    {"name": "all", "type": "upstream", "after": ["squares"]},
+                ]
+            },
+        )
+        assert answer.status_code == 202, answer.text
+        workflow_id = answer.json()["id"]
+        path = f"/v1/workflows/{workflow_id}/events"
+        stream = await RawStream.open(live.url, "", key=live.key, path=path)
+        first = await stream.next_frame()  # the stream is open and replaying before anything runs
+        assert first is not None and (first.event, first.data["status"]) == ("workflow", "running")
+        await drain()
+        frames = [first, *await stream.rest()]  # it ends by itself after the workflow's last event
+        assert [f.id for f in frames] == list(range(1, len(frames) + 1))
+        assert (frames[-1].event, frames[-1].data["status"]) == ("workflow", "succeeded")
+        assert frames[-1].data["finished_at"] is not None
+        by_step: dict[str, list[str]] = {}
+        for f in frames:
+            if f.event == "step":
+                by_step.setdefault(f.data["step"], []).append(f.data["status"])
+        assert by_step == {
+            "numbers": ["ready", "running", "succeeded"],
+            "squares": ["waiting", "ready", "running", "succeeded"],
+            "all": ["waiting", "ready", "running", "succeeded"],
+        }
+        replay = await RawStream.open(live.url, "", key=live.key, path=path, last_event_id=3)
+        assert [(f.id, f.event, f.data) for f in await replay.rest()] == [(f.id, f.event, f.data) for f in frames[3:]]
+        over = await http.get(path, headers={"Last-Event-ID": str(frames[-1].id)})
+        assert over.status_code == 204  # nothing follows: EventSource stops
+        assert (await http.get(f"/v1/workflows/{UUID(int=7)}/events")).status_code == 404
+        bad = await http.get(path, headers={"Last-Event-ID": "x"})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == "Last-Event-ID"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
-from typing import Final, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, NamedTuple, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -118,6 +118,41 @@ _LATEST = "SELECT id, event_seq FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))"
 async def latest_seqs(db: Database, job_ids: Sequence[UUID]) -> dict[UUID, int]:
     """The last seq of each job that still exists."""
     return {r["id"]: r["event_seq"] for r in await sql.fetch_all(db, _LATEST, {"ids": list(job_ids)})}
+
+
+# A workflow's log (migrations/0015_workflow_events.sql): `step` and `workflow` events, written by triggers. A
+# workflow's id is a UUID in the same space as jobs', so the same Notifier and Hub carry it; only the reads differ.
+_READ_WORKFLOW = """
+SELECT seq, name, data,
+       name = 'workflow' AND data->>'status' IN ('succeeded', 'failed', 'cancelled') AS final
+  FROM workflow_events WHERE workflow_id = :id AND seq > :after ORDER BY seq LIMIT :limit
+"""
+_LATEST_WORKFLOW = "SELECT id, event_seq FROM workflows WHERE id = ANY(CAST(:ids AS uuid[]))"
+
+
+async def read_workflow_after(db: Database, workflow_id: UUID, after: int, *, limit: int = READ_BATCH) -> list[Event]:
+    """The workflow's events after seq `after`, oldest first, at most `limit`; the last a workflow that ended has is
+    `final` (a resume writes more after it)."""
+    values = {"id": workflow_id, "after": after, "limit": limit}
+    return [
+        Event(seq=r["seq"], name=r["name"], data=r["data"].encode(), final=r["final"])
+        for r in await sql.fetch_all(db, _READ_WORKFLOW, values)
+    ]
+
+
+async def workflow_latest_seqs(db: Database, workflow_ids: Sequence[UUID]) -> dict[UUID, int]:
+    return {r["id"]: r["event_seq"] for r in await sql.fetch_all(db, _LATEST_WORKFLOW, {"ids": list(workflow_ids)})}
+
+
+class Source(NamedTuple):
+    """Whose log a follower reads: a job's or a workflow's."""
+
+    read_after: Callable[[Database, UUID, int], Awaitable[list[Event]]]
+    latest_seqs: Callable[[Database, Sequence[UUID]], Awaitable[dict[UUID, int]]]
+
+
+JOB_LOG: Final = Source(read_after, latest_seqs)
+WORKFLOW_LOG: Final = Source(read_workflow_after, workflow_latest_seqs)
 
 
 # -- appending log lines (the worker) ---------------------------------------------------------------

@@ -303,6 +303,8 @@ async def _wake(deps: Deps, capacity: Capacity, stopped: Sequence[Claimed]) -> N
         woken += await workflows.start_ready(db, flows, ttl_s=deps.config.job_ttl_s, batch=batch)
         # a workflow that failed marked its queued jobs: they end now, not at the sweep's next pass
         await cancel_requeued(deps.jobs, batch=batch, workflows=flows)
+        for flow in flows:  # their steps moved: the workflows' streams read their logs
+            deps.notifier.notify(flow)
     if parents:
         woken += await spawn.resume(db, parents, batch=batch)
     if woken and not await enqueue_many(deps.redis, woken, step_s=deps.config.priority_step_s):

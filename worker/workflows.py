@@ -359,6 +359,7 @@ async def cancel(deps: Deps, tenant: str, workflow_id: UUID) -> bool:
         return False
     while await cancel_matching(deps.jobs, deps.redis, tenant, workflow=workflow_id):
         pass  # a map's jobs may be more than one call cancels
+    deps.notifier.notify(workflow_id)
     return True
 
 
