@@ -89,6 +89,22 @@ _JOB_LINKS = {
 }
 
 
+_LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}}
+
+
+def _event_stream(operation: str, of: str, events: str, missing: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A GET answered with Server-Sent Events: a job's stream, or a workflow's."""
+    stream = {"text/event-stream": {"schema": _ref("ServerSentEvent")}}
+    responses = {
+        "200": {"description": f"{events}; `reconnect` when it ends early", "content": stream},
+        "204": {"description": f"the {of} ended and nothing follows Last-Event-ID"},
+        **missing,
+        "422": _problem("Last-Event-ID is not an event id"),
+    }
+    summary = f"The {of}'s events as Server-Sent Events: replayed after Last-Event-ID, then live"
+    return {"get": {"operationId": operation, "summary": summary, **extra, "responses": responses}}
+
+
 def _submits(submit: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
     return {
         "/v1/jobs": {
@@ -188,27 +204,14 @@ def _reads() -> dict[str, Any]:
                 },
             }
         },
-        "/v1/jobs/{id}/events": {
-            "get": {
-                "operationId": "followJobEvents",
-                "security": _READ,
-                "summary": "The job's events as Server-Sent Events: replayed after Last-Event-ID, then live",
-                "parameters": [
-                    _ID,
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}},
-                    _TOKEN,
-                ],
-                "responses": {
-                    "200": {
-                        "description": "`status` (data: the Job), `progress`, `log`; `reconnect` when it ends early",
-                        "content": {"text/event-stream": {"schema": _ref("ServerSentEvent")}},
-                    },
-                    "204": {"description": "the job ended and nothing follows Last-Event-ID"},
-                    **_NOT_FOUND,
-                    "422": _problem("Last-Event-ID is not an event id"),
-                },
-            }
-        },
+        "/v1/jobs/{id}/events": _event_stream(
+            "followJobEvents",
+            "job",
+            "`status` (data: the Job), `progress`, `log`",
+            _NOT_FOUND,
+            security=_READ,
+            parameters=[_ID, _LAST_EVENT_ID, _TOKEN],
+        ),
         "/v1/jobs": {
             "get": {
                 "operationId": "listJobs",
@@ -389,26 +392,13 @@ def _workflows() -> dict[str, Any]:
         "/v1/workflows/{id}": {
             "get": {"operationId": "getWorkflow", "parameters": [_ID], "responses": {"200": one, **missing}},
         },
-        "/v1/workflows/{id}/events": {
-            "get": {
-                "operationId": "followWorkflowEvents",
-                "summary": "The workflow's events as Server-Sent Events: replayed after Last-Event-ID, then live",
-                "parameters": [
-                    _ID,
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}},
-                ],
-                "responses": {
-                    "200": {
-                        "description": "`step` (data: the step and its status) and `workflow` (its status, error and"
-                        " finished_at); the stream closes after the one that ends it; `reconnect` when it ends early",
-                        "content": {"text/event-stream": {"schema": _ref("ServerSentEvent")}},
-                    },
-                    "204": {"description": "the workflow ended and nothing follows Last-Event-ID"},
-                    **missing,
-                    "422": _problem("Last-Event-ID is not an event id"),
-                },
-            }
-        },
+        "/v1/workflows/{id}/events": _event_stream(
+            "followWorkflowEvents",
+            "workflow",
+            "`step` (data: the step and its status), `workflow` (its status, error and finished_at)",
+            missing,
+            parameters=[_ID, _LAST_EVENT_ID],
+        ),
         "/v1/workflows/{id}/cancel": {
             "post": {
                 "operationId": "cancelWorkflow",
