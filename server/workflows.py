@@ -22,7 +22,7 @@ from server.body import json_body
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, NotFound, ValidationError
 from server.responses import MsgspecResponse
 from server.state import web_of
-from server.submit import MAX_METADATA_BYTES, SubmitJob, decode, idempotency_key, make_job
+from server.submit import MAX_METADATA_BYTES, SubmitJob, check_callback, decode, idempotency_key, make_job
 from worker import events, store, workflows
 from worker.queue import enqueue_many
 
@@ -46,6 +46,7 @@ class StepBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class SubmitWorkflow(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     steps: Annotated[list[StepBody], msgspec.Meta(min_length=1, max_length=workflows.MAX_STEPS)]
     metadata: dict[str, Any] = {}
+    callback_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # one webhook, when it ends
 
 
 _decoder = msgspec.json.Decoder(SubmitWorkflow)
@@ -72,11 +73,21 @@ async def submit(request: Request) -> Response:
     )
     key, tenant = idempotency_key(request), tenant_of(request)
     steps = [_step(request, tenant, n, step) for n, step in enumerate(spec.steps)]
+    if spec.callback_url is not None:
+        await check_callback(web, spec.callback_url, "$")  # the SSRF guard, as a job's; again at each delivery
     # "The same request" for an Idempotency-Key: the same steps, as checked and completed, and the same metadata
-    fingerprint = hashlib.sha256(msgspec.json.encode([steps, spec.metadata], order="sorted")).digest()
+    canonical: list[Any] = [steps, spec.metadata] + ([spec.callback_url] if spec.callback_url is not None else [])
+    fingerprint = hashlib.sha256(msgspec.json.encode(canonical, order="sorted")).digest()
     try:
         workflow_id, bells = await workflows.create(
-            web.deps.db, tenant, steps, metadata=metadata, ttl_s=config.job_ttl_s, key=key, request_hash=fingerprint
+            web.deps.db,
+            tenant,
+            steps,
+            metadata=metadata,
+            ttl_s=config.job_ttl_s,
+            key=key,
+            request_hash=fingerprint,
+            callback_url=spec.callback_url,
         )
     except workflows.KeyReused:
         msg = "this Idempotency-Key was already used with a different workflow; use a new key for a new one"

@@ -483,3 +483,45 @@ async def test_the_receiver_in_the_docs_verifies_signatures(hooks: Hooks, drain:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+# -- a workflow's webhook -------------------------------------------------------------------------------
+
+
+async def test_a_workflow_with_a_callback_url_gets_one_signed_webhook_with_the_final_workflow_when_it_ends(
+    hooks: Hooks, receiver: Receiver, drain: Drain
+) -> None:
+    numbers = {"name": "numbers", "type": "count_up", "input": {"n": 3}}
+
+    async def workflow(*steps: dict[str, Any]) -> dict[str, Any]:
+        answer = await hooks.client.post("/v1/workflows", json={"steps": list(steps), "callback_url": receiver.url})
+        assert answer.status_code == 202, answer.text
+        found: dict[str, Any] = answer.json()
+        return found
+
+    good = await workflow(
+        numbers, {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers"}}
+    )
+    bad = await workflow(
+        numbers, {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers", "bad": 1}}
+    )
+    assert good["callback_url"] == receiver.url
+    await drain()
+    assert await hooks.deliver() == 2  # one for each workflow's end, none for their steps' jobs
+    assert await hooks.deliver() == 0
+    secret = await hooks.secret()
+    sent = {body["id"]: (body, r) for r in receiver.requests if (body := verify(secret, r))}
+    assert set(sent) == {good["id"], bad["id"]}
+    body, request = sent[good["id"]]
+    assert body["status"] == "succeeded" and body["done"] and body["finished_at"] is not None
+    assert {name: step["status"] for name, step in body["steps"].items()} == {
+        "numbers": "succeeded",
+        "squares": "succeeded",
+    }
+    assert request.headers["webhook-id"].startswith("msg_")
+    failed, _ = sent[bad["id"]]
+    assert failed["status"] == "failed" and failed["error"]["step"] == "squares"
+    refused = await hooks.client.post(
+        "/v1/workflows", json={"steps": [numbers], "callback_url": "http://10.1.2.3:8080/hook"}
+    )
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == "$.callback_url", refused.text

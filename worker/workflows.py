@@ -104,13 +104,14 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
     steps: dict[str, StepState]  # in the order the request gave them
     metadata: dict[str, Any]
     error: dict[str, Any] | None  # why it failed: the step, the job, its status and error
+    callback_url: str | None  # gets the final Workflow as a signed webhook when it ends
     created_at: datetime
     finished_at: datetime | None
     links: WorkflowLinks
 
 
 _GET = """
-SELECT w.id, w.status, w.metadata, w.error, w.created_at, w.finished_at,
+SELECT w.id, w.status, w.metadata, w.error, w.callback_url, w.created_at, w.finished_at,
        array_agg(s.name ORDER BY s.position) AS names, array_agg(s.status ORDER BY s.position) AS statuses
   FROM workflows w JOIN workflow_steps s ON s.workflow_id = w.id
  WHERE w.id = :id AND w.tenant_id = :tenant
@@ -141,6 +142,7 @@ async def get(db: Database, tenant: str, workflow_id: UUID) -> Workflow | None:
         steps=steps,
         metadata=msgspec.json.decode(record["metadata"]),
         error=None if record["error"] is None else msgspec.json.decode(record["error"]),
+        callback_url=record["callback_url"],
         created_at=record["created_at"],
         finished_at=record["finished_at"],
         links=WorkflowLinks(f"/v1/workflows/{workflow_id}"),
@@ -150,8 +152,8 @@ async def get(db: Database, tenant: str, workflow_id: UUID) -> Workflow | None:
 # -- making and moving ------------------------------------------------------------------------------
 
 _CREATE = """
-INSERT INTO workflows (id, tenant_id, metadata, idempotency_key, request_hash)
-VALUES (:id, :tenant, CAST(:metadata AS jsonb), :key, :hash)
+INSERT INTO workflows (id, tenant_id, metadata, idempotency_key, request_hash, callback_url)
+VALUES (:id, :tenant, CAST(:metadata AS jsonb), :key, :hash, :callback_url)
 ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
@@ -195,6 +197,7 @@ async def create(
     ttl_s: float,
     key: str | None = None,
     request_hash: bytes | None = None,
+    callback_url: str | None = None,
 ) -> tuple[UUID, list[Bell] | None]:
     """A new workflow, its steps, and the jobs of those that wait on nothing, in one transaction: the caller rings
     the bells (or, Redis down, leaves them to the sweep: the rows are the outbox). With `key`, the one workflow that
@@ -217,7 +220,14 @@ async def create(
         )
         for n, s in enumerate(steps)
     ]
-    values = {"id": workflow_id, "tenant": tenant, "metadata": metadata.decode(), "key": key, "hash": request_hash}
+    values = {
+        "id": workflow_id,
+        "tenant": tenant,
+        "metadata": metadata.decode(),
+        "key": key,
+        "hash": request_hash,
+        "callback_url": callback_url,
+    }
     async with db.transaction():
         if await sql.fetch_val(db, _CREATE, values) is None:  # the key's workflow exists (or its maker commits now)
             found = await sql.fetch_one(db, _FIND, {"tenant": tenant, "key": key})
@@ -305,23 +315,7 @@ async def _jobs_of(
     }
 
     def job(item: int | None, shared: dict[str, Any]) -> store.NewJob:
-        return store.NewJob(
-            id=uuid7(),
-            tenant=tenant,
-            type=step["type"],
-            input=step["input"].encode(),
-            max_attempts=step["max_attempts"],
-            timeout_s=step["timeout_s"],
-            retry_safe=step["retry_safe"],
-            callback_url=None,
-            metadata=step["metadata"].encode(),
-            ttl_s=ttl_s,
-            priority=step["priority"],
-            workflow_id=workflow_id,
-            step=name,
-            item=item,
-            upstream=_encode(shared),
-        )
+        return _step_job(step, workflow_id, tenant, name, item, _encode(shared), ttl_s=ttl_s)
 
     if source is None:
         return [job(None, upstream)]
@@ -442,21 +436,39 @@ _GET_WORKFLOW_OF = "SELECT workflow_id FROM jobs WHERE id = :job AND tenant_id =
 
 
 def _made_again(job: Any, workflow_id: UUID, *, ttl_s: float) -> store.NewJob:
+    upstream = None if job["upstream"] is None else job["upstream"].encode()
+    return _step_job(
+        job, workflow_id, job["tenant_id"], job["step"], job["item"], upstream, ttl_s=ttl_s, retry_of=job["id"]
+    )
+
+
+def _step_job(
+    template: Any,
+    workflow_id: UUID,
+    tenant: str,
+    step: str,
+    item: int | None,
+    upstream: bytes | None,
+    *,
+    ttl_s: float,
+    retry_of: UUID | None = None,
+) -> store.NewJob:
+    """A job of a step, from `template`: its step's row, or (made again) the job it replaces."""
     return store.NewJob(
         id=uuid7(),
-        tenant=job["tenant_id"],
-        type=job["type"],
-        input=job["input"].encode(),
-        max_attempts=job["max_attempts"],
-        timeout_s=job["timeout_s"],
-        retry_safe=job["retry_safe"],
+        tenant=tenant,
+        type=template["type"],
+        input=template["input"].encode(),
+        max_attempts=template["max_attempts"],
+        timeout_s=template["timeout_s"],
+        retry_safe=template["retry_safe"],
         callback_url=None,
-        metadata=job["metadata"].encode(),
+        metadata=template["metadata"].encode(),
         ttl_s=ttl_s,
-        retry_of=job["id"],
-        priority=job["priority"],
+        retry_of=retry_of,
+        priority=template["priority"],
         workflow_id=workflow_id,
-        step=job["step"],
-        item=job["item"],
-        upstream=None if job["upstream"] is None else job["upstream"].encode(),
+        step=step,
+        item=item,
+        upstream=upstream,
     )

@@ -218,10 +218,15 @@ class AsyncClient:
     # -- workflows ------------------------------------------------------------------------------------------------
 
     async def submit_workflow(
-        self, steps: Iterable[StepSpec], *, metadata: dict[str, Any] | None = None, idempotency_key: str | None = None
+        self,
+        steps: Iterable[StepSpec],
+        *,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> Workflow:
         """Client.submit_workflow."""
-        return decode_workflow(await self._send(submit_workflow_call(steps, metadata, idempotency_key)))
+        return decode_workflow(await self._send(submit_workflow_call(steps, metadata, idempotency_key, callback_url)))
 
     async def workflow(self, workflow_id: JobId) -> Workflow:
         return decode_workflow(await self._send(get_workflow_call(workflow_id)))

@@ -169,3 +169,4 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     finished_at: datetime | None
     links: WorkflowLinks
+    callback_url: str | None = None  # gets the final Workflow as a signed webhook

@@ -380,11 +380,15 @@ def decode_workflow(response: httpx.Response) -> Workflow:
     return _workflow(response.content)
 
 
-def submit_workflow_call(steps: Iterable[StepSpec], metadata: dict[str, Any] | None, key: str | None) -> Call:
+def submit_workflow_call(
+    steps: Iterable[StepSpec], metadata: dict[str, Any] | None, key: str | None, callback_url: str | None = None
+) -> Call:
     """POST /v1/workflows, with one Idempotency-Key for every try: a retried submit makes the workflow once."""
     body: dict[str, Any] = {"steps": list(steps)}
     if metadata is not None:
         body["metadata"] = metadata
+    if callback_url is not None:
+        body["callback_url"] = callback_url
     return Call("POST", "/v1/workflows", _encode(body), {"Idempotency-Key": key or new_key()})
 
 

@@ -228,11 +228,17 @@ class Client:
     # -- workflows ------------------------------------------------------------------------------------------------
 
     def submit_workflow(
-        self, steps: Iterable[StepSpec], *, metadata: dict[str, Any] | None = None, idempotency_key: str | None = None
+        self,
+        steps: Iterable[StepSpec],
+        *,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> Workflow:
         """A workflow (docs/workflows.md): its steps, checked whole before anything is made (InvalidInput naming the
-        field, as `$.steps[2].after[0]`). Sent again after a dropped connection, it makes the workflow once."""
-        return decode_workflow(self._send(submit_workflow_call(steps, metadata, idempotency_key)))
+        field, as `$.steps[2].after[0]`), and a `callback_url` for one webhook when it ends. Sent again after a
+        dropped connection, it makes the workflow once."""
+        return decode_workflow(self._send(submit_workflow_call(steps, metadata, idempotency_key, callback_url)))
 
     def workflow(self, workflow_id: JobId) -> Workflow:
         return decode_workflow(self._send(get_workflow_call(workflow_id)))

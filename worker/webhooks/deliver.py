@@ -33,7 +33,7 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import database, resource, store
+from worker import database, resource, store, workflows
 from worker.config import Config
 from worker.database import open_database, persist
 from worker.deps import Deps
@@ -229,12 +229,19 @@ def verdict(outcome: Outcome, claimed: Claimed, schedule: Schedule) -> tuple[Del
 
 async def _attempt(deps: Deps, sender: Sender, claimed: Claimed) -> Outcome:
     config = deps.config
-    row = await store.get_job(deps.db, claimed.tenant_id, claimed.job_id)
-    if row is None:
-        return Outcome(error="the job no longer exists", permanent=True)
-    body = payload(row, config.webhook_max_result_bytes)
+    if claimed.workflow_id is not None:  # the final Workflow (worker/workflows.py), named by this delivery
+        workflow = await workflows.get(deps.db, claimed.tenant_id, claimed.workflow_id)
+        if workflow is None:
+            return Outcome(error="the workflow no longer exists", permanent=True)
+        body, msg_id = _encode(workflow), webhook_store.webhook_id(claimed.id)
+    else:
+        assert claimed.job_id is not None  # the table's CHECK: one or the other
+        row = await store.get_job(deps.db, claimed.tenant_id, claimed.job_id)
+        if row is None:
+            return Outcome(error="the job no longer exists", permanent=True)
+        body, msg_id = payload(row, config.webhook_max_result_bytes), webhook_store.webhook_id(row.id)
     signing = [s for s, _ in await secrets_in_force(deps.db, claimed.tenant_id, config.webhook_secret)]
-    headers = {"content-type": "application/json", **sign(signing, webhook_store.webhook_id(row.id), claimed.now, body)}
+    headers = {"content-type": "application/json", **sign(signing, msg_id, claimed.now, body)}
     return await sender.post(claimed.url, body, headers)
 
 

@@ -21,7 +21,8 @@ DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 
 def webhook_id(job_id: UUID) -> str:
-    """The `webhook-id` of a job's end: the same for every attempt and every redelivery of it."""
+    """The `webhook-id` of a job's end: the same for every attempt and every redelivery of it. A workflow's end is
+    named by its delivery's id instead: a resumed workflow may end twice, and each end is news."""
     return f"msg_{job_id.hex}"
 
 
@@ -50,10 +51,11 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Claimed(msgspec.Struct, frozen=True, kw_only=True):
-    """A delivery taken for one attempt."""
+    """A delivery taken for one attempt: of a job's end, or of a workflow's."""
 
     id: UUID
-    job_id: UUID
+    job_id: UUID | None
+    workflow_id: UUID | None = None
     tenant_id: str
     url: str
     attempt: int  # 1 for the first
@@ -100,9 +102,9 @@ WITH due AS (
 ), started AS (
     INSERT INTO webhook_attempts (delivery_id, n) SELECT id, attempts FROM claimed
 )
-SELECT c.id, c.job_id, j.tenant_id, c.url, c.attempts AS attempt,
+SELECT c.id, c.job_id, c.workflow_id, COALESCE(j.tenant_id, w.tenant_id) AS tenant_id, c.url, c.attempts AS attempt,
        CAST(extract(epoch FROM now() - c.created_at) AS float8) AS elapsed_s, now() AS now
-  FROM claimed c JOIN jobs j ON j.id = c.job_id
+  FROM claimed c LEFT JOIN jobs j ON j.id = c.job_id LEFT JOIN workflows w ON w.id = c.workflow_id
 """
 
 
