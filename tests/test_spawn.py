@@ -66,6 +66,13 @@ async def test_a_parent_waits_for_its_children_and_runs_again_with_their_results
     assert row["waits"] == 1 and row["attempt"] == 2 and row["interrupted"] == 1
     assert all(k["finished_at"] <= row["finished_at"] for k in kids)
     assert await statuses(deps, parent["id"]) == ["queued", "running", "queued", "running", "succeeded"]
+    # and its event stream shows them: the wait's `queued` has no next_run_at to show (it is due never)
+    replay = await client.get(f"/v1/jobs/{parent['id']}/events")
+    assert replay.status_code == 200, replay.text
+    shown = [msgspec.json.decode(line[6:]) for line in replay.text.splitlines() if line.startswith("data: {")]
+    status_jobs = [event for event in shown if "status" in event and "id" in event]
+    assert [e["status"] for e in status_jobs] == ["queued", "running", "queued", "running", "succeeded"]
+    assert "retry" not in status_jobs[2] and status_jobs[-1]["result"] == done["result"]
 
 
 async def test_a_waiting_parent_holds_no_slot_so_its_children_run_under_a_cap_of_one(

@@ -37,7 +37,8 @@ INSERT INTO job_events (job_id, seq, name, data)
 SELECT id, event_seq, 'status',
        jsonb_build_object('status', status, 'attempt', attempt, 'error', {error}, 'progress', progress,
                           'started_at', started_at, 'finished_at', finished_at)
-       || CASE WHEN status = 'queued' AND attempt > 0 THEN jsonb_build_object('next_run_at', next_run_at)
-               ELSE '{{}}' END
+       || CASE WHEN status = 'queued' AND attempt > 0 AND isfinite(next_run_at)
+               THEN jsonb_build_object('next_run_at', next_run_at)
+               ELSE '{{}}' END  -- a parent waiting for its children is due never ('infinity'): no time to show
   FROM {relation}
 """
