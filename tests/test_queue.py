@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from uuid import UUID, uuid4
@@ -10,14 +11,15 @@ import httpx
 import msgspec
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import expires_extra_ms, job_key_prefix, result_key_prefix
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import deserialize_job
+from arq.worker import Worker
 
-from tests.conftest import job_row
+from tests.conftest import eventually, job_row, run_burst
 from tests.test_worker import submit
 from worker import Config, Deps
 from worker.connections import QUEUE, deserialize, open_redis
-from worker.queue import RUN_JOB, Bell, enqueue, enqueue_many, message
+from worker.queue import RUN_JOB, Bell, enqueue, enqueue_many, in_progress_mark_s, message, ring_again
 
 Drain = Callable[[], Awaitable[None]]
 NOW = 1_750_000_000.123  # a frozen clock (s), so both paths stamp the same enqueue time
@@ -152,3 +154,40 @@ async def test_an_arq_worker_runs_a_job_enqueue_rang_for(client: httpx.AsyncClie
     assert (await client.get(f"/v1/jobs/{job_id}")).json()["result"] == 9
     assert (await job_row(deps, job_id))["status"] == "succeeded"
     assert await deps.redis.exists(job_key_prefix + text, QUEUE) == 0  # arq took the message and let it go
+
+
+# -- the sweep's ring_again ---------------------------------------------------------------------------
+
+
+async def test_a_sweep_ring_while_a_worker_holds_the_message_is_a_quiet_no_op_and_a_dead_holders_mark_is_cleared(
+    client: httpx.AsyncClient, deps: Deps, make_worker: Callable[[], Worker]
+) -> None:
+    """The sweep may find a row still `queued` at the instant between arq taking its message and the claim's
+    commit (a delayed job or a retry rung early and due now, or one dispatched long ago). Clearing arq's fresh
+    in-progress mark then let arq start the same message id again while the first run was still in its task table:
+    the second run's clean-up deleted the first's entry, and the first ended in `KeyError: '<id>:0'`, counted in
+    arq's failed jobs though the job succeeded."""
+    job_id = UUID(await submit(client, "sleep_once", {"seconds": 1.0}))
+    text = message(job_id, 0)
+    mark_s = in_progress_mark_s(deps.config.max_timeout_s)
+    worker = make_worker()
+    burst = asyncio.create_task(run_burst(worker))
+
+    async def running() -> bool | None:
+        return (await job_row(deps, job_id))["status"] == "running" or None
+
+    await eventually(running)
+    # the sweep's view at its worst: the message is held, and the row (as it read it an instant ago) was queued
+    assert await ring_again(deps.redis, Bell(job_id, 0, promote=True), mark_s=mark_s, stale_after_s=15.0)
+    assert await deps.redis.exists(in_progress_key_prefix + text) == 1  # the live holder's mark is left alone
+    await asyncio.wait_for(burst, 30)
+    assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
+    assert (await job_row(deps, job_id))["status"] == "succeeded"
+
+    # A worker that died holding a message leaves its mark for a day: one older than stale_after_s is cleared,
+    # and the message rung again.
+    dead = uuid4()
+    await deps.redis.psetex(in_progress_key_prefix + message(dead, 0), int((mark_s - 20) * 1000), b"1")
+    assert await ring_again(deps.redis, Bell(dead, 0), mark_s=mark_s, stale_after_s=15.0)
+    assert await deps.redis.exists(in_progress_key_prefix + message(dead, 0)) == 0
+    assert (await stored(deps.redis, message(dead, 0)))[0] is not None

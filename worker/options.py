@@ -27,7 +27,7 @@ from worker.connections import QUEUE, deserialize, redis_settings, serialize
 from worker.deps import connect
 from worker.job import shut_process_pool
 from worker.job_types import load
-from worker.queue import RUN_JOB
+from worker.queue import RUN_JOB, arq_job_timeout_s
 from worker.run import Runtime, after_job_end, run_job
 from worker.schedules import declared
 from worker.sweep import fresh_s, sweeping
@@ -80,7 +80,7 @@ def worker_options(config: Config) -> dict[str, Any]:
     """Every argument of arq's Worker for this deployment. A dict, which arq reads as it reads a settings class's
     `__dict__` (a class would silently lose its settings to a subclass)."""
     return {
-        "functions": [func(run_job, name=RUN_JOB, timeout=config.max_timeout_s + 60, max_tries=1_000)],
+        "functions": [func(run_job, name=RUN_JOB, timeout=arq_job_timeout_s(config.max_timeout_s), max_tries=1_000)],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "after_job_end": after_job_end,
@@ -92,7 +92,7 @@ def worker_options(config: Config) -> dict[str, Any]:
         "max_jobs": config.worker_max_jobs,
         "poll_delay": config.worker_poll_delay_s,  # the 0.5 s default is the floor of idle pickup latency
         "health_check_interval": config.worker_health_check_interval_s,  # arq's says healthy an hour after kill -9
-        "job_timeout": config.max_timeout_s + 60,  # never None: the per-job timeout_s is enforced inside run_job
+        "job_timeout": arq_job_timeout_s(config.max_timeout_s),  # never None: the job's timeout_s is run_job's
         "allow_abort_jobs": True,  # cancelling a running job needs it
         "job_serializer": serialize,  # never pickle
         "job_deserializer": deserialize,

@@ -31,6 +31,16 @@ def message(job_id: UUID, started: int) -> str:
     return f"{job_id}:{started}"
 
 
+def arq_job_timeout_s(max_timeout_s: int) -> int:
+    """arq's own timeout of a message: never the one that stops a job (run_job enforces each job's timeout_s)."""
+    return max_timeout_s + 60
+
+
+def in_progress_mark_s(max_timeout_s: int) -> float:
+    """How long arq marks a message it took as in progress: its `in_progress_timeout_s`, job_timeout + 10."""
+    return arq_job_timeout_s(max_timeout_s) + 10
+
+
 def parse_message(text: str) -> tuple[UUID, int]:
     job_id, _, started = text.partition(":")
     return UUID(job_id), int(started)
@@ -177,17 +187,26 @@ async def request_abort_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int
     return True
 
 
-async def ring_again(redis: ArqRedis, bell: Bell, *, step_s: float = PRIORITY_STEP_S) -> bool:
+async def ring_again(
+    redis: ArqRedis, bell: Bell, *, mark_s: float, stale_after_s: float, step_s: float = PRIORITY_STEP_S
+) -> bool:
     """The sweep's enqueue, for a row still queued long after its last dispatch, or rung before it was due and due
     now (then its message, still waiting in Redis, moves up to its rank).
 
-    A message arq marked in progress for such a row was taken by a worker that died before its claim: arq
-    keeps that mark for a day and ignores a re-enqueue of the same id meanwhile, so it is cleared first. Should
-    the worker be alive after all, the duplicate it competes with loses at the guarded claim.
+    A message arq marked in progress more than `stale_after_s` ago for such a row was taken by a worker that died
+    before its claim: arq keeps that mark for a day (`mark_s`) and ignores a re-enqueue of the same id meanwhile,
+    so it is cleared first. A younger mark is a live worker's, between taking the message and its claim's commit:
+    left alone, and nothing is rung. Clearing it would let arq start the same id again while the first run is in
+    its task table, and the two runs' clean-ups collide (`KeyError: '<id>:0'` at arq's `del self.job_tasks`,
+    counted in `j_failed`, though the job itself succeeds). Should that worker die all the same, the next pass
+    finds the mark old enough.
     """
     text = message(bell.job_id, bell.started)
     try:
-        if await redis.exists(in_progress_key_prefix + text):
+        left_ms = await redis.pttl(in_progress_key_prefix + text)  # -2: no mark, -1: a mark without expiry
+        if left_ms != -2:
+            if left_ms >= 0 and mark_s - left_ms / 1000 < stale_after_s:
+                return True  # being claimed right now
             await redis.delete(in_progress_key_prefix + text, job_key_prefix + text)
     except REDIS_DOWN:
         return False

@@ -22,7 +22,7 @@ from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, for
 from worker.config import Config
 from worker.deps import Deps
 from worker.job import Error
-from worker.queue import Bell, forget, request_abort_many, ring_again
+from worker.queue import Bell, forget, in_progress_mark_s, request_abort_many, ring_again
 from worker.retry import envelope_sql
 from worker.status import insert_sql as status_event
 from worker.store import CANCELLED_JSON, Jobs
@@ -206,7 +206,15 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     due = await take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, capacity=capacity)
     # Parents whose last child ended without waking them (cancelled, expired, or as the parent began to wait).
     due += started + await spawn.resume(db, None, batch=config.sweep_batch)
-    rung = await asyncio.gather(*(ring_again(deps.redis, bell, step_s=config.priority_step_s) for bell in due))
+    # A claim commits within milliseconds of arq taking its message: a mark half a lease old is a dead worker's, and
+    # clearing it then (not at a full lease) leaves a row that became due for redispatch no pass to wait out.
+    mark_s, stale_after_s = in_progress_mark_s(config.max_timeout_s), config.lease_s / 2
+    rung = await asyncio.gather(
+        *(
+            ring_again(deps.redis, bell, mark_s=mark_s, stale_after_s=stale_after_s, step_s=config.priority_step_s)
+            for bell in due
+        )
+    )
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
     await retain(
