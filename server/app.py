@@ -35,6 +35,7 @@ from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
 from server.state import Web
 from worker import Config, UrlGuard, connect, from_env, load_job_types
+from worker.connections import tls as redis_tls
 from worker.webhooks.ssrf import Resolver, system_resolver
 
 
@@ -49,7 +50,13 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with connect(config) as deps:
-            hub = Hub(deps.db, config.redis_url, poll_s=config.events_poll_s, timeout_s=config.redis_timeout_s)
+            hub = Hub(
+                deps.db,
+                config.redis_url,
+                poll_s=config.events_poll_s,
+                timeout_s=config.redis_timeout_s,
+                tls=redis_tls(config),
+            )
             async with hub:
                 counters.watch(hub)
                 app.state.web = web = Web(

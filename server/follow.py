@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping
 from typing import Any, Final, TypeVar
 from uuid import UUID
 
@@ -176,12 +176,14 @@ class Hub:
     """One Redis subscription per web process, fanned out to every stream and long poll in it; and the fallback:
     each (re)subscription, and every `poll_s`, compares each followed job's last seq with the log's."""
 
-    def __init__(self, db: Database, redis_url: str, *, poll_s: float, timeout_s: float) -> None:
+    def __init__(
+        self, db: Database, redis_url: str, *, poll_s: float, timeout_s: float, tls: Mapping[str, Any] | None = None
+    ) -> None:
         self.db = db
         self.subscribed = False
         self._poll_s = poll_s
         self._redis: Redis = Redis.from_url(
-            redis_url, socket_connect_timeout=timeout_s, health_check_interval=int(SUBSCRIBER_IDLE_S)
+            redis_url, socket_connect_timeout=timeout_s, health_check_interval=int(SUBSCRIBER_IDLE_S), **(tls or {})
         )
         self._feeds: dict[bytes, Feed] = {}  # by the id as published, so a notification needs no parsing
         self._tasks: set[asyncio.Task[Any]] = set()

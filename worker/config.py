@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -64,6 +64,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly
     redis_timeout_s: Seconds = 2.0
     redis_pool_max: Annotated[int, msgspec.Meta(ge=1)] = 32  # Redis connections per web process
+    # rediss:// only (worker/connections.py tls): `required` checks the server's certificate and name against the
+    # system's CAs, or against redis_tls_ca_file (a managed plan's own CA); `none` encrypts without checking who
+    # answers (the URL's ?ssl_cert_reqs=none says the same).
+    redis_tls_verify: Literal["required", "none"] = "required"
+    redis_tls_ca_file: str = ""
     retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
     # -- security: docs/security.md -------------------------------------------------------------------
     secret_key: str = ""  # signs job read tokens; required unless the web runs open for development

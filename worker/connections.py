@@ -4,7 +4,8 @@ be reached, and the Lua scripts run on it, each registered once per client."""
 from __future__ import annotations
 
 import weakref
-from typing import Final
+from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings
@@ -23,9 +24,30 @@ deserialize = msgspec.msgpack.decode
 REDIS_DOWN: Final[tuple[type[BaseException], ...]] = (RedisError, OSError)
 
 
+def tls(config: Config) -> dict[str, Any]:
+    """redis-py's TLS arguments for `config.redis_url`, the same for every client of both processes and arq's: none
+    for redis://; for rediss://, the certificate policy (OUTLAST_REDIS_TLS_VERIFY, or the URL's own
+    `ssl_cert_reqs`, which managed plans' docs tell users to add) and the CA file to check against."""
+    url = urlsplit(config.redis_url)
+    if url.scheme != "rediss":
+        return {}
+    verify = parse_qs(url.query).get("ssl_cert_reqs", [config.redis_tls_verify])[-1]
+    if verify not in ("required", "none"):
+        raise ValueError(f"REDIS_URL: ssl_cert_reqs must be required or none, not {verify!r}")
+    return {
+        "ssl_cert_reqs": verify,
+        "ssl_ca_certs": config.redis_tls_ca_file or None,
+        "ssl_check_hostname": verify == "required",
+    }
+
+
 def redis_settings(config: Config) -> RedisSettings:
+    """arq's settings: `RedisSettings.from_dsn` keeps only the URL's host, port, password and db, so the TLS policy
+    is set here, as every other client gets it."""
     settings = RedisSettings.from_dsn(config.redis_url)
     settings.conn_timeout = int(config.redis_timeout_s) or 1
+    for name, value in tls(config).items():
+        setattr(settings, name, value)
     return settings
 
 
@@ -39,6 +61,7 @@ def open_redis(config: Config) -> ArqRedis:
         socket_connect_timeout=config.redis_timeout_s,
         socket_timeout=config.redis_timeout_s,
         health_check_interval=30,
+        **tls(config),
     )
     return ArqRedis(pool, job_serializer=serialize, job_deserializer=deserialize, default_queue_name=QUEUE)
 

@@ -30,6 +30,7 @@ import msgspec
 from databases import Database
 
 from worker import Config, Deps, Job, Status, connect, control, database, events, from_env, resource, store, workflows
+from worker.connections import tls
 from worker.database import open_database
 from worker.job import JobType
 from worker.job_types import describe, load
@@ -231,7 +232,7 @@ async def follow_job(
     deps: Deps, config: Config, row: store.JobRow, *, after: int, each: Callable[[int, str, Any], None]
 ) -> store.JobRow:
     """Hand each event of the job after seq `after` to `each`, until it has ended; return it as it ended."""
-    async with tail.Doorbell(config.redis_url, {row.id}, timeout_s=config.redis_timeout_s) as bell:
+    async with tail.Doorbell(config.redis_url, {row.id}, timeout_s=config.redis_timeout_s, tls=tls(config)) as bell:
         try:
             async for event in tail.follow(deps.db, bell, row.id, after=after):
                 each(event.seq, event.name, event_data(row, event))
@@ -335,7 +336,10 @@ class Board:
 async def watch_all(args: argparse.Namespace, config: Config) -> int:
     """Every live job (of --tenant, of --type) until none is left."""
     board = Board(as_json=args.json)
-    async with connect(config) as deps, tail.Doorbell(config.redis_url, None, timeout_s=config.redis_timeout_s) as bell:
+    async with (
+        connect(config) as deps,
+        tail.Doorbell(config.redis_url, None, timeout_s=config.redis_timeout_s, tls=tls(config)) as bell,
+    ):
         try:
             while True:
                 bell.clear()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator
-from typing import Final
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
 from uuid import UUID
 
 from databases import Database
@@ -28,8 +28,12 @@ IDLE_S: Final = 10.0  # the subscription checks on Redis when it heard nothing f
 class Doorbell:
     """Rings when one of the jobs named (None: any job) may have changed."""
 
-    def __init__(self, redis_url: str, job_ids: set[UUID] | None, *, timeout_s: float) -> None:
-        self._redis = Redis.from_url(redis_url, socket_connect_timeout=timeout_s, health_check_interval=int(IDLE_S))
+    def __init__(
+        self, redis_url: str, job_ids: set[UUID] | None, *, timeout_s: float, tls: Mapping[str, Any] | None = None
+    ) -> None:
+        self._redis = Redis.from_url(
+            redis_url, socket_connect_timeout=timeout_s, health_check_interval=int(IDLE_S), **(tls or {})
+        )
         self._wanted = None if job_ids is None else {str(i).encode() for i in job_ids}
         self._rang = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
