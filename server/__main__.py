@@ -16,7 +16,7 @@ from typing import cast
 import uvicorn
 
 from server.protocol import HeaderLimitedProtocol
-from worker import from_env
+from worker import from_env, logs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     config = from_env()
+    logs.configure(config.log_format)
     protocol = functools.partial(
         HeaderLimitedProtocol, max_header_bytes=config.max_header_bytes, header_timeout_s=config.header_timeout_s
     )
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         # scope["client"] is the TCP peer: uvicorn must not rewrite it from X-Forwarded-For (docs/security.md).
         proxy_headers=False,
         access_log=args.access_log,
+        # uvicorn's own dictConfig would replace the JSON lines' handlers; keep it for the console
+        log_config=None if config.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
 
 

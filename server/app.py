@@ -33,10 +33,14 @@ from server import (
 )
 from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics
+from server.requestid import RequestId
 from server.state import Web
 from worker import Config, UrlGuard, connect, from_env, load_job_types
 from worker.connections import tls as redis_tls
 from worker.webhooks.ssrf import Resolver, system_resolver
+
+_ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer", "X-Request-ID"]
+_EXPOSED_HEADERS = ["Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied", "X-Request-ID"]
 
 
 def create_app(config: Config | None = None, *, resolver: Resolver = system_resolver) -> Starlette:
@@ -111,14 +115,15 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/docs/assets/{name}", docs.asset, methods=["GET"]),
         ],
         middleware=[
-            Middleware(CountRequests, counter=counters.requests),  # outermost: 401s and 429s are counted too
+            Middleware(RequestId),  # outermost: every answer carries its X-Request-ID, and every log line of it
+            Middleware(CountRequests, counter=counters.requests),  # 401s and 429s are counted too
             # Before authentication: a browser's preflight carries no credentials, and is answered here.
             Middleware(
                 CORSMiddleware,
                 allow_origins=[o.strip() for o in config.cors_origins.split(",") if o.strip()],
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer"],
-                expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied"],
+                allow_headers=_ALLOWED_HEADERS,
+                expose_headers=_EXPOSED_HEADERS,
                 max_age=3600,
             ),
             Middleware(auth.Authenticate),  # every /v1 route, present or future, is authenticated here

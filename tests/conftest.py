@@ -256,6 +256,9 @@ def process_env(config: Config, **extra: str) -> dict[str, str]:
     return env
 
 
+ARQ_LOGS = "worker.logs.ARQ_LOG_CONFIG"  # as the Procfile names it
+
+
 class Processes:
     """A real web process and a real arq worker, as the Procfile runs them."""
 
@@ -278,7 +281,7 @@ class Processes:
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
         """A worker whose health key and log are named `name`."""
-        argv = [sys.executable, "-m", "arq", "worker.settings.WorkerSettings"]
+        argv = [sys.executable, "-m", "arq", "worker.settings.WorkerSettings", "--custom-log-dict", ARQ_LOGS]
         with (self.logs / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
                 argv, env={**self.env, "OUTLAST_WORKER_NAME": name}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT

@@ -68,6 +68,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # system's CAs, or against redis_tls_ca_file (a managed plan's own CA); `none` encrypts without checking who
     # answers (the URL's ?ssl_cert_reqs=none says the same).
     redis_tls_verify: Literal["required", "none"] = "required"
+    # one JSON object per line (worker/logs.py), or the console lines uvicorn and arq write for a person
+    log_format: Literal["console", "json"] = "console"
     redis_tls_ca_file: str = ""
     retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
     # -- security: docs/security.md -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker import logs
 from worker.capacity import refresh
 from worker.config import Config
 from worker.connections import QUEUE, deserialize, redis_settings, serialize
@@ -55,6 +56,7 @@ def _redis_settings(config: Config) -> RedisSettings:
 async def startup(ctx: dict[str, Any]) -> None:
     """Connect, and start what runs beside arq's job slots: webhook deliveries, the sweep and the ticker."""
     config: Config = ctx["config"]
+    logs.configure(config.log_format, worker=instance_name(config))
     logging.getLogger("outlast").setLevel(logging.INFO)
     stack = contextlib.AsyncExitStack()
     stack.callback(shut_process_pool)

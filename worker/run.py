@@ -17,7 +17,7 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, events, spawn, store, workflows
+from worker import claim, database, events, logs, spawn, store, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
@@ -143,6 +143,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
     if isinstance(claimed, Bell):  # over its type's rate: rung again for when the bucket holds its token
         runtime.ring_later(deps, claimed)
         return
+    logs.job.set((str(claimed.id), claimed.attempt, claimed.tenant_id))  # this task's log lines, and its children's
     job_type = runtime.job_types.get(claimed.type)
     if job_type is None:
         error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)
@@ -336,6 +337,7 @@ async def _failed(deps: Deps, runtime: Runtime, claimed: Claimed, error: Error) 
         await _end(deps, runtime, claimed, "failed", error=error)
         return
     delay = backoff(claimed.attempt - claimed.interrupted, base=config.backoff_base_s, cap=config.backoff_cap_s)
+    log.info("attempt %d failed (%s: %s); retrying in %.1fs", claimed.attempt, error.type, error.message[:200], delay)
     moved = await _end(deps, runtime, claimed, "queued", error=error, retry_in_s=delay)
     if moved and not await enqueue(deps.redis, claimed.id, claimed.attempt, delay_s=delay):
         log.warning("retry %s: Redis unavailable; the sweep will dispatch it", claimed.id)

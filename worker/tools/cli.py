@@ -28,7 +28,7 @@ from worker.tools.watch import follow
 T = TypeVar("T")
 DATABASE = ("DATABASE_URL",)  # what a command that only reads or writes the database needs
 WEB = "{python} -m server --host {host}"  # the Procfile's web command; it reads $PORT
-WORKER = "{python} -m arq worker.settings.WorkerSettings"
+WORKER = "{python} -m arq worker.settings.WorkerSettings --custom-log-dict worker.logs.ARQ_LOG_CONFIG"
 
 
 def _migrate(dsn: str) -> None:
