@@ -133,3 +133,32 @@ async def test_a_job_cancelled_while_running_that_went_back_to_queued_ends_cance
     await sweep_once(deps)
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled" and job["attempt"] == 1
+
+
+async def test_retention_takes_an_ended_workflow_whole_and_keeps_its_jobs_until_then(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    steps = [
+        {"name": "numbers", "type": "count_up", "input": {"n": 3}},
+        {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers"}},
+    ]
+    old, recent = [(await client.post("/v1/workflows", json={"steps": steps})).json()["id"] for _ in range(2)]
+    await drain()
+    # every job of both is past both retentions; only `old` has been over for longer than job retention
+    await deps.db.execute("UPDATE jobs SET finished_at = now() - interval '31 days'")
+    await deps.db.execute(
+        "UPDATE workflows SET finished_at = now() - interval '31 days' WHERE id = CAST(:id AS uuid)", {"id": old}
+    )
+    await sweep_once(deps)
+    assert (await client.get(f"/v1/workflows/{old}")).status_code == 404
+    assert await deps.db.fetch_val("SELECT count(*) FROM jobs WHERE workflow_id = CAST(:id AS uuid)", {"id": old}) == 0
+    assert (
+        await deps.db.fetch_val(
+            "SELECT count(*) FROM workflow_events WHERE workflow_id = CAST(:id AS uuid)", {"id": old}
+        )
+        == 0
+    )
+    kept = (await client.get(f"/v1/workflows/{recent}")).json()
+    assert kept["status"] == "succeeded" and len(kept["steps"]["squares"]["job_ids"]) == 3  # its jobs stay with it
+    [first] = kept["steps"]["numbers"]["job_ids"]
+    assert (await client.get(f"/v1/jobs/{first}/result")).json() == [0, 1, 2]  # and their results

@@ -95,15 +95,24 @@ UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id
 RETURNING j.id, j.attempt, j.priority, j.tenant_id, due.promote
 """
 
+# A workflow's results stay while it is kept: a resumed workflow's next steps read them as ctx.upstream.
 _PURGE_RESULTS = """
 UPDATE jobs SET result = NULL, result_purged_at = now()
- WHERE id IN (SELECT id FROM jobs WHERE status = 'succeeded' AND result_purged_at IS NULL
+ WHERE id IN (SELECT id FROM jobs WHERE status = 'succeeded' AND result_purged_at IS NULL AND workflow_id IS NULL
                 AND finished_at < now() - make_interval(secs => :retention) LIMIT :batch)
 """
 _DELETE_OLD = """
 DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :retention)
-                                LIMIT :batch)
+                                AND workflow_id IS NULL LIMIT :batch)
 """
+# A workflow's jobs go with it, as one statement per workflow: a 10,000-way map is one large delete, so few a pass.
+_DELETE_OLD_WORKFLOWS = """
+DELETE FROM workflows
+ WHERE id IN (SELECT id FROM workflows
+               WHERE status <> 'running' AND finished_at < now() - make_interval(secs => :retention)
+               ORDER BY finished_at LIMIT :batch)
+"""
+WORKFLOWS_PER_PASS = 5
 
 
 async def rescue_lost(jobs: Jobs, *, batch: int, backoff_base_s: float, backoff_cap_s: float) -> list[tuple[UUID, int]]:
@@ -148,9 +157,11 @@ async def take_due(
 
 
 async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
-    """Drop results past their retention (410 from then on), then whole jobs past theirs."""
+    """Drop results past their retention (410 from then on), then whole jobs past theirs, and ended workflows past
+    theirs with all their jobs."""
     await sql.execute(db, _PURGE_RESULTS, {"batch": batch, "retention": result_retention_s})
     await sql.execute(db, _DELETE_OLD, {"batch": batch, "retention": job_retention_s})
+    await sql.execute(db, _DELETE_OLD_WORKFLOWS, {"batch": WORKFLOWS_PER_PASS, "retention": job_retention_s})
 
 
 @contextlib.asynccontextmanager
