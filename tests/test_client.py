@@ -351,6 +351,40 @@ def steps_of(steps: list[StepSpec]) -> list[str]:
     return [step.name for step in steps]
 
 
+async def test_a_workflows_stream_is_followed_live_to_its_end_and_resumed_after_an_event(
+    live: Live, drain: Drain
+) -> None:
+    steps = [
+        StepSpec(name="sums", type="square_sum", input={"data": [1, 2]}),
+        StepSpec(name="then", type="cube_sum", input={"data": [2]}, after=["sums"]),
+    ]
+    async with AsyncClient(live.url, api_key=live.key) as outlast:
+        flow = await outlast.submit_workflow(steps)
+        seen: list[outlast_client.WorkflowStreamEvent] = []
+
+        async def follow() -> None:
+            async for event in outlast.stream_workflow(flow.id):
+                seen.append(event)
+
+        following = asyncio.create_task(follow())
+        await drain()
+        await asyncio.wait_for(following, 15)  # it ends by itself, after the workflow's last event
+    assert isinstance(seen[-1], outlast_client.WorkflowEvent) and seen[-1].status == "succeeded" and seen[-1].done
+    assert [e.id for e in seen] == list(range(1, len(seen) + 1))
+    assert [(e.step, e.status) for e in seen if isinstance(e, outlast_client.StepEvent) and e.step == "then"] == [
+        ("then", "waiting"),
+        ("then", "ready"),
+        ("then", "running"),
+        ("then", "succeeded"),
+    ]
+
+    def resumed() -> list[outlast_client.WorkflowStreamEvent]:
+        with Client(live.url, api_key=live.key) as sync:
+            return list(sync.stream_workflow(flow.id, after=seen[2].id))
+
+    assert await asyncio.to_thread(resumed) == seen[3:]
+
+
 async def test_wait_outlasts_many_long_polls_until_the_job_ends(live: Live, drain: Drain) -> None:
     """No count of polls ends a wait: it holds on through long poll after long poll (here of 1 s) for as long as the
     job runs, and returns when it ends (here when it is cancelled, so the test decides when)."""

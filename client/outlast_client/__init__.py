@@ -40,9 +40,12 @@ from outlast_client.models import (
     Retry,
     Status,
     StatusEvent,
+    StepEvent,
     StepSpec,
     StepState,
     Workflow,
+    WorkflowEvent,
+    WorkflowStreamEvent,
 )
 from outlast_client.sync import Client
 
@@ -75,6 +78,7 @@ __all__ = [
     "ServerError",
     "Status",
     "StatusEvent",
+    "StepEvent",
     "StepSpec",
     "StepState",
     "Unauthorized",
@@ -82,4 +86,6 @@ __all__ = [
     "UnknownJobType",
     "Unreachable",
     "Workflow",
+    "WorkflowEvent",
+    "WorkflowStreamEvent",
 ]

@@ -16,7 +16,7 @@ import httpx
 from httpx_sse import EventSource
 
 from outlast_client.errors import error_of, retry_after, unreachable
-from outlast_client.models import Event, Job, JobSpec, StepSpec, Workflow
+from outlast_client.models import Event, Job, JobSpec, StepSpec, Workflow, WorkflowStreamEvent
 from outlast_client.protocol import (
     RETRY_STATUSES,
     TRANSIENT,
@@ -136,13 +136,25 @@ class AsyncClient:
 
     async def stream(self, job_id: JobId, *, after: int | None = None) -> AsyncIterator[Event]:
         """Client.stream."""
-        resume = Resume(after)
+        async for item in self._follow(Resume(after), job_id, f"the events of job {job_id}"):
+            yield item
+
+    async def stream_workflow(
+        self, workflow_id: JobId, *, after: int | None = None
+    ) -> AsyncIterator[WorkflowStreamEvent]:
+        """Client.stream_workflow."""
+        async for item in self._follow(
+            Resume(after, workflow=True), workflow_id, f"the events of workflow {workflow_id}"
+        ):
+            yield item
+
+    async def _follow(self, resume: Resume, key: JobId, what: str) -> AsyncIterator[Any]:
         retrying = Retrying(self.options.retry_for_s)
         while True:
-            response = await self._send(resume.call(job_id), stream=True)
+            response = await self._send(resume.call(key), stream=True)
             pause: float | None = 0.0
             try:
-                if response.status_code == 204:  # the job had ended: nothing after `after`
+                if response.status_code == 204:  # it had ended: nothing after `after`
                     return
                 async for sse in EventSource(response).aiter_sse():
                     item = resume.take(sse)
@@ -155,16 +167,16 @@ class AsyncClient:
                         yield item
                         if resume.done:
                             return
-                else:  # the connection ended cleanly, but before the job did
+                else:  # the connection ended cleanly, but before the job (or workflow) did
                     pause = retrying.delay()
             except TRANSIENT as exc:
                 pause = retrying.delay()
                 if pause is None:
-                    raise unreachable(exc, retrying.tried_s, f"the events of job {job_id}") from exc
+                    raise unreachable(exc, retrying.tried_s, what) from exc
             finally:
                 await response.aclose()
             if pause is None:
-                raise unreachable(EOFError("the stream kept ending"), retrying.tried_s, f"the events of job {job_id}")
+                raise unreachable(EOFError("the stream kept ending"), retrying.tried_s, what)
             await asyncio.sleep(pause)
 
     async def result(self, job_id: JobId, *, to: str | os.PathLike[str] | IO[bytes] | None = None) -> Any:

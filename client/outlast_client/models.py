@@ -111,6 +111,30 @@ class LogEvent(msgspec.Struct, frozen=True, kw_only=True):
 Event = StatusEvent | ProgressEvent | LogEvent
 
 
+class StepEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A workflow's step changed status (waiting, ready, running, succeeded, failed, cancelled)."""
+
+    id: int  # the event's seq in the workflow's log
+    step: str
+    status: str
+
+
+class WorkflowEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The workflow changed status; the stream ends after the one that ends it (`done`)."""
+
+    id: int
+    status: str
+    error: dict[str, Any] | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+WorkflowStreamEvent = StepEvent | WorkflowEvent
+
+
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A job to submit: the body of `POST /v1/jobs`, or one item of `submit_many`. A field left None is not sent,
     so the server's default applies (and a field this server does not know is not sent unless given)."""

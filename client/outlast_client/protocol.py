@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -32,8 +33,11 @@ from outlast_client.models import (
     ProgressEvent,
     Retry,
     StatusEvent,
+    StepEvent,
     StepSpec,
     Workflow,
+    WorkflowEvent,
+    WorkflowStreamEvent,
 )
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
@@ -257,17 +261,23 @@ class Reconnect:
 
 
 class Resume:
-    """A job's stream across connections: the Last-Event-ID to send, each event typed and delivered once, and
-    whether the end (the terminal status event) has come."""
+    """A job's stream (or with `workflow`, a workflow's) across connections: the Last-Event-ID to send, each event
+    typed and delivered once, and whether the end (the terminal status event) has come."""
 
-    def __init__(self, after: int | None) -> None:
+    def __init__(self, after: int | None, *, workflow: bool = False) -> None:
         self.last = after
         self.done = False
+        self.workflow = workflow
 
-    def call(self, job_id: str | uuid.UUID) -> Call:
-        return events_call(job_id, self.last)
+    def call(self, key: str | uuid.UUID) -> Call:
+        if self.workflow:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+            if self.last is not None:
+                headers["Last-Event-ID"] = str(self.last)
+            return Call("GET", f"/v1/workflows/{key}/events", headers=headers, read_s=STREAM_READ_S)
+        return events_call(key, self.last)
 
-    def take(self, sse: ServerSentEvent) -> Event | Reconnect | None:
+    def take(self, sse: ServerSentEvent) -> Event | WorkflowStreamEvent | Reconnect | None:
         """The typed event; a Reconnect; None for what is not for the caller (an event seen already, a name this
         client does not know)."""
         if sse.event == "reconnect":
@@ -278,9 +288,9 @@ class Resume:
         seq = int(sse.id)
         if self.last is not None and seq <= self.last:
             return None  # never twice, whatever a server or proxy replays
-        event = _typed(sse, seq)
+        event = _typed_workflow(sse, seq) if self.workflow else _typed(sse, seq)
         self.last = seq
-        if isinstance(event, StatusEvent) and event.job.done:
+        if (isinstance(event, StatusEvent) and event.job.done) or (isinstance(event, WorkflowEvent) and event.done):
             self.done = True
         return event
 
@@ -295,6 +305,32 @@ def _typed(sse: ServerSentEvent, seq: int) -> Event | None:
     if sse.event == "log":
         line = _log(data)
         return LogEvent(id=seq, level=line.level, message=line.message)
+    return None
+
+
+class _StepData(msgspec.Struct, frozen=True):
+    step: str
+    status: str
+
+
+class _WorkflowData(msgspec.Struct, frozen=True):
+    status: str
+    error: dict[str, Any] | None = None
+    finished_at: datetime | None = None
+
+
+_step = msgspec.json.Decoder(_StepData).decode
+_workflow_data = msgspec.json.Decoder(_WorkflowData).decode
+
+
+def _typed_workflow(sse: ServerSentEvent, seq: int) -> WorkflowStreamEvent | None:
+    data = sse.data.encode()
+    if sse.event == "step":
+        step = _step(data)
+        return StepEvent(id=seq, step=step.step, status=step.status)
+    if sse.event == "workflow":
+        found = _workflow_data(data)
+        return WorkflowEvent(id=seq, status=found.status, error=found.error, finished_at=found.finished_at)
     return None
 
 

@@ -15,7 +15,7 @@ import httpx
 from httpx_sse import EventSource
 
 from outlast_client.errors import error_of, retry_after, unreachable
-from outlast_client.models import Event, Job, JobSpec, StepSpec, Workflow
+from outlast_client.models import Event, Job, JobSpec, StepSpec, Workflow, WorkflowStreamEvent
 from outlast_client.protocol import (
     RETRY_STATUSES,
     TRANSIENT,
@@ -147,13 +147,19 @@ class Client:
         """The job's events, typed, from the first (or after event id `after`) until the terminal StatusEvent.
         A dropped connection or a stream the server ends early is resumed with Last-Event-ID: no event is missed,
         none comes twice."""
-        resume = Resume(after)
+        yield from self._follow(Resume(after), job_id, f"the events of job {job_id}")
+
+    def stream_workflow(self, workflow_id: JobId, *, after: int | None = None) -> Iterator[WorkflowStreamEvent]:
+        """A workflow's events (StepEvent, WorkflowEvent), resumed as a job's are, until the one that ends it."""
+        yield from self._follow(Resume(after, workflow=True), workflow_id, f"the events of workflow {workflow_id}")
+
+    def _follow(self, resume: Resume, key: JobId, what: str) -> Iterator[Any]:
         retrying = Retrying(self.options.retry_for_s)
         while True:
-            response = self._send(resume.call(job_id), stream=True)
+            response = self._send(resume.call(key), stream=True)
             pause: float | None = 0.0
             try:
-                if response.status_code == 204:  # the job had ended: nothing after `after`
+                if response.status_code == 204:  # it had ended: nothing after `after`
                     return
                 for sse in EventSource(response).iter_sse():
                     item = resume.take(sse)
@@ -166,16 +172,16 @@ class Client:
                         yield item
                         if resume.done:
                             return
-                else:  # the connection ended cleanly, but before the job did
+                else:  # the connection ended cleanly, but before the job (or workflow) did
                     pause = retrying.delay()
             except TRANSIENT as exc:
                 pause = retrying.delay()
                 if pause is None:
-                    raise unreachable(exc, retrying.tried_s, f"the events of job {job_id}") from exc
+                    raise unreachable(exc, retrying.tried_s, what) from exc
             finally:
                 response.close()
             if pause is None:
-                raise unreachable(EOFError("the stream kept ending"), retrying.tried_s, f"the events of job {job_id}")
+                raise unreachable(EOFError("the stream kept ending"), retrying.tried_s, what)
             time.sleep(pause)
 
     def result(self, job_id: JobId, *, to: str | os.PathLike[str] | IO[bytes] | None = None) -> Any:
