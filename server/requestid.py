@@ -27,14 +27,13 @@ class RequestId:
             return
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
         rid = given if _SANE.fullmatch(given) else uuid.uuid4().hex
-        token = logs.request_id.set(rid)
+        # Not reset afterwards: uvicorn runs each request in a task of its own, and the traceback of an error this
+        # request raised is logged outside this middleware, which should name the request too.
+        logs.request_id.set(rid)
 
         async def echoing(message: Message) -> None:
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message)[HEADER] = rid
             await send(message)
 
-        try:
-            await self.app(scope, receive, echoing)
-        finally:
-            logs.request_id.reset(token)
+        await self.app(scope, receive, echoing)

@@ -393,12 +393,18 @@ async def _resume_workflow(request: Request, web: Web, original: store.JobRow) -
     await web.submits.take(
         web.deps.redis, caller_of(request).limit_key, rate=web.config.submit_rate_per_s, burst=web.config.submit_burst
     )
+    tenant = tenant_of(request)
     try:
-        row, bells = await workflows.resume_from(
-            web.deps.db, tenant_of(request), original.id, ttl_s=web.config.job_ttl_s
-        )
+        row, bells = await workflows.resume_from(web.deps.db, tenant, original.id, ttl_s=web.config.job_ttl_s)
     except workflows.NotResumable as exc:
-        raise Conflict(str(exc)) from None
+        # Sent again with its Idempotency-Key (its answer was lost): the job the resume made, as a replay.
+        made = None
+        if idempotency_key(request) is not None and original.workflow_id is not None:
+            made = await store.retried_as(web.deps.db, tenant, original.workflow_id, original.id)
+        if made is None:
+            raise Conflict(str(exc)) from None
+        headers = {"Location": f"/v1/jobs/{made.id}", "Idempotent-Replayed": "true"}
+        return MsgspecResponse(present(request, made), status_code=202, headers=headers)
     if not await enqueue_many(web.deps.redis, bells, step_s=web.config.priority_step_s):
         await store.undispatch_many(web.deps.db, [(b.job_id, b.started) for b in bells])
     web.deps.notifier.notify(row.workflow_id)

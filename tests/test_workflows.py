@@ -8,6 +8,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+import msgspec
 import pytest
 
 import tests.jobs
@@ -158,10 +159,15 @@ async def test_retrying_the_failed_step_resumes_the_workflow_from_there(
     assert failed["status"] == "failed" and failed["error"]["step"] == "squares"
     first = set(failed["steps"]["squares"]["job_ids"])
     failed_job = failed["error"]["job_id"]
+    ended = await stream_of(client, workflow)  # a failed workflow's stream: its steps' last changes, then its end
+    assert ended[-1] == ("workflow", "failed") and ("step", "squares", "failed") in ended[:-1]
     tests.jobs.REPAIRED.add(7)  # the fix is out: the failed item succeeds from now on
     try:
-        answer = await client.post(f"/v1/jobs/{failed_job}/retry")
+        answer = await client.post(f"/v1/jobs/{failed_job}/retry", headers={"Idempotency-Key": "resume-1"})
         assert answer.status_code == 202, answer.text
+        replayed = await client.post(f"/v1/jobs/{failed_job}/retry", headers={"Idempotency-Key": "resume-1"})
+        assert replayed.status_code == 202 and replayed.headers["idempotent-replayed"] == "true"
+        assert replayed.json()["id"] == answer.json()["id"]  # the answer was lost: the same job, not a 409
         retried = answer.json()
         assert retried["retry_of"] == failed_job and retried["workflow_id"] == workflow["id"]
         assert retried["step"] == "squares" and retried["status"] == "queued"
@@ -186,6 +192,23 @@ async def test_retrying_the_failed_step_resumes_the_workflow_from_there(
     assert await results(client, [all_job]) == [{"squares": [n * n for n in range(40)]}]  # in item order, once each
     twice = await client.post(f"/v1/jobs/{failed_job}/retry")
     assert twice.status_code == 409 and "succeeded" in twice.json()["detail"], twice.text
+    # the whole stream from the start: it goes on past the old failure, to the end the resume reached
+    whole = await stream_of(client, workflow)
+    assert whole[-1] == ("workflow", "succeeded") and ("workflow", "failed") in whole[:-1]
+
+
+async def stream_of(client: httpx.AsyncClient, workflow: dict[str, Any]) -> list[tuple[str, ...]]:
+    """An ended workflow's stream, replayed whole: (event, step, status) for steps, (event, status) for the rest."""
+    answer = await client.get(f"/v1/workflows/{workflow['id']}/events")
+    assert answer.status_code == 200, answer.text
+    frames = []
+    for block in answer.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        data = msgspec.json.decode(fields["data"])
+        frames.append(
+            (fields["event"], data["step"], data["status"]) if "step" in data else (fields["event"], data["status"])
+        )
+    return frames
 
 
 async def test_cancel_ends_the_workflow_and_its_jobs_and_nothing_of_it_runs_afterwards(

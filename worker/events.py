@@ -122,10 +122,13 @@ async def latest_seqs(db: Database, job_ids: Sequence[UUID]) -> dict[UUID, int]:
 
 # A workflow's log (migrations/0015_workflow_events.sql): `step` and `workflow` events, written by triggers. A
 # workflow's id is a UUID in the same space as jobs', so the same Notifier and Hub carry it; only the reads differ.
+# Final: the workflow's last end. A resumed workflow ended before, and its stream goes on past that end.
 _READ_WORKFLOW = """
 SELECT seq, name, data,
-       name = 'workflow' AND data->>'status' IN ('succeeded', 'failed', 'cancelled') AS final
-  FROM workflow_events WHERE workflow_id = :id AND seq > :after ORDER BY seq LIMIT :limit
+       name = 'workflow' AND data->>'status' IN ('succeeded', 'failed', 'cancelled')
+       AND NOT EXISTS (SELECT 1 FROM workflow_events l
+                        WHERE l.workflow_id = e.workflow_id AND l.name = 'workflow' AND l.seq > e.seq) AS final
+  FROM workflow_events e WHERE workflow_id = :id AND seq > :after ORDER BY seq LIMIT :limit
 """
 _LATEST_WORKFLOW = "SELECT id, event_seq FROM workflows WHERE id = ANY(CAST(:ids AS uuid[]))"
 

@@ -53,7 +53,11 @@ class Superseded(JobError):
     retryable = False
 
 
-_CURRENT = "SELECT tenant_id, priority FROM jobs WHERE id = :id AND attempt = :attempt AND status = 'running'"
+# FOR SHARE: a rescue, a wait or the finish of this attempt waits for the child's commit, so a child is never made by
+# an attempt that was superseded between this check and the insert.
+_CURRENT = """
+SELECT tenant_id, priority FROM jobs WHERE id = :id AND attempt = :attempt AND status = 'running' FOR SHARE
+"""
 _EXISTING = "SELECT id FROM jobs WHERE parent_id = :parent AND spawn_key = :key"
 
 

@@ -243,6 +243,18 @@ async def get_job(db: Database, tenant: str | None, job_id: UUID) -> JobRow | No
     return None if record is None else _row(record)
 
 
+_RETRIED_AS = f"""
+SELECT {_COLUMNS} FROM jobs
+ WHERE workflow_id = :workflow AND retry_of = :id AND tenant_id = :tenant ORDER BY id DESC LIMIT 1
+"""
+
+
+async def retried_as(db: Database, tenant: str, workflow_id: UUID, job_id: UUID) -> JobRow | None:
+    """The job a workflow's resume made from `job_id` (the latest, should it have been resumed more than once)."""
+    record = await sql.fetch_one(db, _RETRIED_AS, {"workflow": workflow_id, "id": job_id, "tenant": tenant})
+    return None if record is None else _row(record)
+
+
 async def list_jobs(
     db: Database,
     tenant: str | None,

@@ -108,7 +108,8 @@ DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - ma
 # A workflow's jobs go with it, as one statement per workflow: a 10,000-way map is one large delete, so few a pass.
 _DELETE_OLD_WORKFLOWS = """
 DELETE FROM workflows
- WHERE id IN (SELECT id FROM workflows
+ WHERE status <> 'running'  -- again here: a resume that committed meanwhile is seen once the row is locked
+   AND id IN (SELECT id FROM workflows
                WHERE status <> 'running' AND finished_at < now() - make_interval(secs => :retention)
                ORDER BY finished_at LIMIT :batch)
 """
