@@ -67,15 +67,16 @@ async def working(deps: Deps, *, max_jobs: int, config: Config | None = None) ->
         async with sweep.sweeping(deps, runtime.capacity):
             yield
     finally:
-        task.cancel()  # the poll loop first: it may be starting jobs from a list it read before
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)  # what started, finishes
-        await worker.close()
-        # The cancel may have caught arq's poll loop inside a Redis pipeline, which is then dropped unclosed: collect
-        # it here, where that is this teardown's doing, rather than as a ResourceWarning in whichever test runs next.
+        # The cancel may catch arq's poll loop inside a Redis pipeline, which is then dropped unclosed: whenever the
+        # collector finds it during this teardown, that is this teardown's doing, not a ResourceWarning to fail on;
+        # and it is collected here, not in whichever test runs next.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
+            task.cancel()  # the poll loop first: it may be starting jobs from a list it read before
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.gather(*worker.tasks.values(), return_exceptions=True)  # what started, finishes
+            await worker.close()
             gc.collect()
 
 
