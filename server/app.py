@@ -27,12 +27,13 @@ from server import (
     ops,
     problems,
     schedules,
+    stats,
     stream,
     submit,
     workflows,
 )
 from server.follow import Hub
-from server.metrics import CountRequests, Metrics, metrics
+from server.metrics import CountRequests, Metrics, metrics, sampling
 from server.requestid import RequestId
 from server.state import Web
 from worker import Config, UrlGuard, connect, from_env, load_job_types
@@ -61,8 +62,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
                 timeout_s=config.redis_timeout_s,
                 tls=redis_tls(config),
             )
-            async with hub:
-                counters.watch(hub)
+            async with hub, sampling(counters, hub):
                 app.state.web = web = Web(
                     config=config,
                     deps=deps,
@@ -107,6 +107,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/workflows/{id}", workflows.show, methods=["GET"]),
             Route("/v1/workflows/{id}/events", workflows.follow, methods=["GET"]),
             Route("/v1/workflows/{id}/cancel", workflows.cancel, methods=["POST"]),
+            Route("/v1/stats", stats.show, methods=["GET"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -1,19 +1,26 @@
-"""GET /metrics: this process's counters and gauges in the Prometheus text format, and the middleware that counts
-requests.
+"""GET /metrics: the web's counters and gauges, the engine's (worker/metrics.py) and the queue's gauges from the
+table, in the Prometheus text format; and the middleware that counts requests.
 
-One registry per app, not prometheus_client's global one: each web process is scraped on its own (as uvicorn
-workers and dynos are), and an app built twice in one process (the tests) starts from zero.
+The web's own metrics are one registry per app, so that an app built twice in one process (the tests) starts from
+zero. With several uvicorn workers (`python -m server` then turns prometheus-client's multiprocess mode on) every
+process writes its values to a shared directory and a scrape reads the sum of all, whichever process answers.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.follow import Hub
 from server.state import web_of
+from worker import metrics as engine
+from worker.database import UNAVAILABLE
 
 
 class Metrics:
@@ -29,22 +36,50 @@ class Metrics:
             "outlast_jobs_submitted", "Jobs accepted by POST /v1/jobs, by type", ["type"], registry=self.registry
         )
         self.open_streams = Gauge(
-            "outlast_open_streams", "Event streams (GET /v1/jobs/{id}/events) open now", registry=self.registry
+            "outlast_open_streams",
+            "Event streams (GET /v1/jobs/{id}/events) open now",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.followed_jobs = Gauge(
             "outlast_followed_jobs",
-            "Jobs that streams and long polls in this process follow now",
+            "Jobs that streams and long polls follow now",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.subscribed = Gauge(
             "outlast_events_subscribed",
-            "1 while this process's Redis subscription to job events is up",
+            "Web processes whose Redis subscription to job events is up",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
+        self.queue = engine.QueueGauges()
 
-    def watch(self, hub: Hub) -> None:
-        self.followed_jobs.set_function(lambda: hub.followed)
-        self.subscribed.set_function(lambda: float(hub.subscribed))
+    def sample(self, hub: Hub) -> None:
+        """Read the hub's state into its gauges: at each scrape, and every few seconds where another process may
+        answer the scrape (set_function's gauges would be read from no file in multiprocess mode)."""
+        self.followed_jobs.set(hub.followed)
+        self.subscribed.set(float(hub.subscribed))
+
+
+@contextlib.asynccontextmanager
+async def sampling(metrics: Metrics, hub: Hub, *, every_s: float = 5.0) -> AsyncIterator[None]:
+    """In multiprocess mode, keep this process's hub gauges fresh for the scrapes the others answer."""
+    if engine.multiprocess_dir() is None:
+        yield
+        return
+
+    async def loop() -> None:
+        while True:
+            metrics.sample(hub)
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(loop(), name="outlast-metrics-sample")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class CountRequests:
@@ -84,5 +119,9 @@ class CountRequests:
 
 
 async def metrics(request: Request) -> Response:
-    registry: CollectorRegistry = web_of(request).metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    web = web_of(request)
+    web.metrics.sample(web.hub)
+    with contextlib.suppress(*UNAVAILABLE):  # the queue's gauges keep their last reading through an outage
+        await web.metrics.queue.refresh(web.deps.db)
+    body = engine.exposition([web.metrics.registry, engine.REGISTRY], web.metrics.queue)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

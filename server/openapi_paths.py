@@ -235,6 +235,13 @@ def _reads() -> dict[str, Any]:
                 "responses": {"200": {"description": "the types", "content": _json("JobTypeList")}},
             }
         },
+        "/v1/stats": {
+            "get": {
+                "operationId": "stats",
+                "summary": "The tenant's queue: live counts by type, the oldest due job's age, workers, the last hour",
+                "responses": {"200": {"description": "the queue", "content": _json("Stats")}},
+            }
+        },
     }
 
 
@@ -484,6 +491,7 @@ _ORDER = (
     "/v1/jobs/cancel",
     "/v1/jobs/{id}/retry",
     "/v1/job-types",
+    "/v1/stats",
     "/v1/jobs/{id}/deliveries",
     "/v1/jobs/{id}/deliveries/redeliver",
     "/v1/schedules",

@@ -38,7 +38,7 @@ from starlette.responses import Response
 
 from server.responses import ProblemResponse
 from server.state import web_of
-from worker import Error, database
+from worker import Error, database, metrics
 
 log = logging.getLogger("outlast.web")
 
@@ -244,6 +244,7 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
 async def on_database_down(request: Request, exc: Exception) -> Response:
     log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
+    metrics.database_errors.inc()
     retry_after = web_of(request).config.retry_after_s
     return await on_problem(request, Unavailable("the database is unreachable; retry shortly", retry_after))
 

@@ -57,6 +57,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Names this worker's health key, so `arq --check` checks this instance, not any sibling. Empty: the
     # platform's instance name (DYNO, FLY_MACHINE_ID, RENDER_INSTANCE_ID) or the host name.
     worker_name: str = ""
+    # The worker's GET /metrics (worker/metrics.py) listens here; unset: not served. 0: any free port (tests).
+    worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     shutdown_grace_s: Annotated[int, msgspec.Meta(ge=0)] = 25  # under Heroku's 30 s between SIGTERM and SIGKILL
     redis_outage_s: Seconds = 60.0  # the worker rides out a Redis outage this long, then exits non-zero
     db_pool_min: Annotated[int, msgspec.Meta(ge=0)] = 1

@@ -14,7 +14,7 @@ import asyncpg
 import msgspec
 from databases import Database
 
-from worker import retry
+from worker import metrics, retry
 from worker.config import Config
 
 log = logging.getLogger("outlast.db")
@@ -95,6 +95,7 @@ async def persist(call: Callable[[], Awaitable[T]], *, what: str, give_up_after_
             return await call()
         except UNAVAILABLE as exc:
             attempt += 1
+            metrics.database_errors.inc()
             if time.monotonic() > deadline:
                 raise
             delay = retry.reconnect(attempt)

@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import logs
+from worker import logs, metrics
 from worker.capacity import refresh
 from worker.config import Config
 from worker.connections import QUEUE, deserialize, redis_settings, serialize
@@ -64,6 +64,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["runtime"] = runtime = Runtime.of(deps, load(config.job_modules), name=instance_name(config))
     stack.push_async_callback(runtime.aclose)
     await stack.enter_async_context(webhooks.serving(deps))  # deliveries on their own tasks, not arq's
+    ctx["metrics_port"] = await stack.enter_async_context(metrics.serving(config.worker_metrics_port))
     # Before the first claim, so that tenants' default cap is in force from it on.
     await refresh(deps.db, runtime.capacity, fresh_s=fresh_s(config))
     # Its own task too: it must run when every slot is taken. Each pass tells the others this worker's slots.

@@ -22,6 +22,7 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix,
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_ms
 
+from worker import metrics
 from worker.connections import QUEUE, REDIS_DOWN, script, serialize
 
 RUN_JOB = "run_job"
@@ -165,6 +166,7 @@ async def enqueue_many(
     try:
         await script(redis, ENQUEUE_LUA)([QUEUE], args)
     except REDIS_DOWN:
+        metrics.redis_errors.inc()
         return False
     return True
 
@@ -183,6 +185,7 @@ async def request_abort_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int
     try:
         await redis.zadd(abort_jobs_ss, {message(job_id, attempt - 1): now_ms for job_id, attempt in attempts})
     except REDIS_DOWN:
+        metrics.redis_errors.inc()
         return False
     return True
 
@@ -209,6 +212,7 @@ async def ring_again(
                 return True  # being claimed right now
             await redis.delete(in_progress_key_prefix + text, job_key_prefix + text)
     except REDIS_DOWN:
+        metrics.redis_errors.inc()
         return False
     return await enqueue_many(redis, [bell], step_s=step_s)
 

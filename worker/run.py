@@ -17,7 +17,7 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, events, logs, spawn, store, workflows
+from worker import claim, database, events, logs, metrics, spawn, store, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
@@ -51,6 +51,7 @@ class Runtime:
     finishes: Batcher[store.Finish, bool]
     wakes: Batcher[Claimed, None]  # attempts that gave slots back: what waits for those slots is dispatched
     capacity: Capacity
+    slots: metrics.Slots
     later: set[asyncio.Task[None]] = field(default_factory=set)  # rings waiting for their time (ring_later)
 
     @classmethod
@@ -76,6 +77,7 @@ class Runtime:
             Batcher(finish, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
             Batcher(wakes, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
             capacity,
+            metrics.Slots(config.worker_max_jobs),
         )
 
     def ring_later(self, deps: Deps, bell: Bell) -> None:
@@ -144,6 +146,8 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         runtime.ring_later(deps, claimed)
         return
     logs.job.set((str(claimed.id), claimed.attempt, claimed.tenant_id))  # this task's log lines, and its children's
+    metrics.attempts.labels(claimed.type).inc()
+    metrics.queue_wait_seconds.labels(claimed.type).observe(claimed.waited_s)
     job_type = runtime.job_types.get(claimed.type)
     if job_type is None:
         error = Error("unknown_job_type", f"no worker here knows job type {claimed.type!r}", False)
@@ -182,6 +186,8 @@ async def _run(
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
     beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
     beat.start()
+    runtime.slots.take()
+    began = time.monotonic()
     try:
         result = await asyncio.wait_for(task, claimed.timeout_s)
     except TimeoutError:
@@ -206,6 +212,8 @@ async def _run(
         await _returned(deps, runtime, claimed, result, beat)
     finally:
         beat.stop()
+        runtime.slots.give_back()
+        metrics.run_seconds.labels(claimed.type).observe(time.monotonic() - began)
 
 
 async def _returned(deps: Deps, runtime: Runtime, claimed: Claimed, result: Any, beat: Heartbeat) -> None:
@@ -262,6 +270,7 @@ async def _stopped_from_outside(deps: Deps, runtime: Runtime, claimed: Claimed, 
     async def stop() -> None:
         if await store.cancel_requested(deps.db, claimed.id, claimed.attempt):
             if await store.finish(deps.jobs, claimed.id, claimed.attempt, "cancelled", error=CANCELLED):
+                metrics.finished.labels(claimed.type, "cancelled").inc()
                 await _gave_back(deps, runtime, claimed)
             return
         outcome = await store.interrupt(deps.jobs, claimed.id, claimed.attempt, ran=ran)
@@ -359,5 +368,9 @@ async def _end(
     finish = store.Finish(claimed.id, claimed.attempt, to, result, error, progress, retry_in_s)
     moved = await database.persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
     if moved:
+        if to == "queued":
+            metrics.retries.labels(claimed.type).inc()
+        else:
+            metrics.finished.labels(claimed.type, to).inc()
         await _gave_back(deps, runtime, claimed)
     return moved

@@ -17,7 +17,7 @@ from uuid import UUID
 import msgspec
 from databases import Database
 
-from worker import database, spawn, sql, workflows
+from worker import database, metrics, spawn, sql, workflows
 from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, forget_stale, leave, limit_values, refresh
 from worker.config import Config
 from worker.deps import Deps
@@ -173,7 +173,8 @@ async def sweeping(deps: Deps, capacity: Capacity | None = None) -> AsyncIterato
     async def loop() -> None:
         while True:
             try:
-                await sweep_once(deps, capacity)
+                with metrics.sweep_seconds.time():
+                    await sweep_once(deps, capacity)
             except database.UNAVAILABLE as exc:
                 log.warning("sweep skipped: database unavailable (%s)", exc)
             except Exception:
@@ -236,5 +237,7 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
         job_retention_s=config.job_retention_s,
     )
     await forget_stale(db, older_than_s=86_400)
+    metrics.rescued.inc(rescued)
+    metrics.expired.inc(expired)
     if rescued or expired or cancelled or due:
         log.info("sweep: rescued %d, expired %d, cancelled %d, dispatched %d", rescued, expired, cancelled, len(due))

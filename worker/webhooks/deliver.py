@@ -33,7 +33,7 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import database, resource, store, workflows
+from worker import database, metrics, resource, store, workflows
 from worker.config import Config
 from worker.database import open_database, persist
 from worker.deps import Deps
@@ -250,6 +250,9 @@ async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedu
     try:
         outcome = await _attempt(deps, sender, claimed)
         status, delay, error = verdict(outcome, claimed, schedule)
+        metrics.webhooks.labels("retrying" if status == "pending" else status).inc()
+        if outcome.status_code is not None:
+            metrics.webhook_seconds.observe(outcome.latency_ms / 1000)
         await persist(
             lambda: webhook_store.record(
                 deps.db,
