@@ -23,6 +23,7 @@ from worker.config import Config
 from worker.deps import Deps
 from worker.job import Error
 from worker.queue import Bell, forget, in_progress_mark_s, request_abort_many, ring_again
+from worker.retention import Retained, retain
 from worker.retry import envelope_sql
 from worker.status import insert_sql as status_event
 from worker.store import CANCELLED_JSON, Jobs
@@ -95,26 +96,6 @@ UPDATE jobs j SET dispatched_at = now() FROM due WHERE j.id = due.id
 RETURNING j.id, j.attempt, j.priority, j.tenant_id, due.promote
 """
 
-# A workflow's results stay while it is kept: a resumed workflow's next steps read them as ctx.upstream.
-_PURGE_RESULTS = """
-UPDATE jobs SET result = NULL, result_purged_at = now()
- WHERE id IN (SELECT id FROM jobs WHERE status = 'succeeded' AND result_purged_at IS NULL AND workflow_id IS NULL
-                AND finished_at < now() - make_interval(secs => :retention) LIMIT :batch)
-"""
-_DELETE_OLD = """
-DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :retention)
-                                AND workflow_id IS NULL LIMIT :batch)
-"""
-# A workflow's jobs go with it, as one statement per workflow: a 10,000-way map is one large delete, so few a pass.
-_DELETE_OLD_WORKFLOWS = """
-DELETE FROM workflows
- WHERE status <> 'running'  -- again here: a resume that committed meanwhile is seen once the row is locked
-   AND id IN (SELECT id FROM workflows
-               WHERE status <> 'running' AND finished_at < now() - make_interval(secs => :retention)
-               ORDER BY finished_at LIMIT :batch)
-"""
-WORKFLOWS_PER_PASS = 5
-
 
 async def rescue_lost(jobs: Jobs, *, batch: int, backoff_base_s: float, backoff_cap_s: float) -> list[tuple[UUID, int]]:
     """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`.
@@ -157,14 +138,6 @@ async def take_due(
     return [Bell(r["id"], r["attempt"], r["priority"], r["tenant_id"], promote=r["promote"]) for r in records]
 
 
-async def retain(db: Database, *, batch: int, result_retention_s: float, job_retention_s: float) -> None:
-    """Drop results past their retention (410 from then on), then whole jobs past theirs, and ended workflows past
-    theirs with all their jobs."""
-    await sql.execute(db, _PURGE_RESULTS, {"batch": batch, "retention": result_retention_s})
-    await sql.execute(db, _DELETE_OLD, {"batch": batch, "retention": job_retention_s})
-    await sql.execute(db, _DELETE_OLD_WORKFLOWS, {"batch": WORKFLOWS_PER_PASS, "retention": job_retention_s})
-
-
 @contextlib.asynccontextmanager
 async def sweeping(deps: Deps, capacity: Capacity | None = None) -> AsyncIterator[None]:
     """Sweep every `sweep_interval_s` (the first pass at once) while the block runs; with `capacity`, each pass also
@@ -198,7 +171,8 @@ def fresh_s(config: Config) -> float:
     return 3 * config.sweep_interval_s + config.lease_s
 
 
-async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
+async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> Retained:
+    """One pass; what its retention step did (bench/retention.py counts it)."""
     config, db = deps.config, deps.db
     if capacity is not None:
         await refresh(db, capacity, fresh_s=fresh_s(config))
@@ -230,14 +204,12 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> None:
     )
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
-    await retain(
-        db,
-        batch=config.sweep_batch,
-        result_retention_s=config.result_retention_s,
-        job_retention_s=config.job_retention_s,
-    )
+    retained = await retain(db, config)
     await forget_stale(db, older_than_s=86_400)
     metrics.rescued.inc(rescued)
     metrics.expired.inc(expired)
     if rescued or expired or cancelled or due:
         log.info("sweep: rescued %d, expired %d, cancelled %d, dispatched %d", rescued, expired, cancelled, len(due))
+    if retained.deleted or retained.workflows:
+        log.info("sweep: retention deleted %d jobs and %d workflows", retained.deleted, retained.workflows)
+    return retained

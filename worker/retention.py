@@ -1,0 +1,88 @@
+"""Retention, the sweep's last step: results, then whole jobs, then ended workflows past their retention, and
+Idempotency-Keys past their window released.
+
+Every statement takes one bounded batch, found through a partial index holding only the rows it is after
+(migrations/0022), and commits on its own: a pass costs its batches however large the table, and holds its row
+locks for milliseconds. A job's events, webhook deliveries and their attempts go with it by foreign-key cascade
+(each child indexed by its job), and a deleted parent leaves its children standing (`parent_id` set NULL).
+bench/retention.py measures passes over 1,000,000 jobs past retention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from databases import Database
+
+from worker import sql
+from worker.config import Config
+
+# A workflow's results stay while it is kept: a resumed workflow's next steps read them as ctx.upstream.
+# SKIP LOCKED here and below: two workers' passes take different batches instead of the second queueing on the
+# first's row locks.
+_PURGE_RESULTS = """
+WITH purged AS (
+    UPDATE jobs SET result = NULL, result_purged_at = now()
+     WHERE id IN (SELECT id FROM jobs WHERE status = 'succeeded' AND result_purged_at IS NULL AND workflow_id IS NULL
+                     AND finished_at < now() - make_interval(secs => :retention)
+                   ORDER BY finished_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+)
+SELECT count(*) FROM purged
+"""
+# A blob store (a later issue) deletes the blobs of the ids this returns, after this statement commits: a blob left
+# behind by a crash in between is garbage for a later pass to collect, whereas a blob deleted before its row would
+# leave a kept job pointing at nothing.
+_DELETE_OLD = """
+DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :retention)
+                                AND workflow_id IS NULL
+                              ORDER BY finished_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+# A workflow's jobs go with it, as one statement per workflow: a 10,000-way map is one large delete, so few a pass.
+_DELETE_OLD_WORKFLOWS = """
+WITH gone AS (
+    DELETE FROM workflows
+     WHERE status <> 'running'  -- again here: a resume that committed meanwhile is seen once the row is locked
+       AND id IN (SELECT id FROM workflows
+                   WHERE status <> 'running' AND finished_at < now() - make_interval(secs => :retention)
+                   ORDER BY finished_at LIMIT :batch)
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+WORKFLOWS_PER_PASS = 5
+# A key past its window answers no replay (the submit that meets it releases it, server/submit.py); released here
+# too, so a job kept for 30 days does not hold its key in the unique index for 29 of them.
+_RELEASE_KEYS = """
+WITH released AS (
+    UPDATE jobs SET idempotency_key = NULL
+     WHERE id IN (SELECT id FROM jobs WHERE idempotency_key IS NOT NULL
+                     AND created_at < now() - make_interval(secs => :window)
+                   ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+)
+SELECT count(*) FROM released
+"""
+
+
+@dataclass(frozen=True)
+class Retained:
+    """What one pass did, row counts: at most the batch each (WORKFLOWS_PER_PASS for workflows)."""
+
+    purged: int  # results dropped
+    deleted: int  # jobs deleted, with their events and deliveries
+    workflows: int  # ended workflows deleted whole
+    released: int  # Idempotency-Keys freed
+
+
+async def retain(db: Database, config: Config) -> Retained:
+    """Drop results past their retention (410 from then on), then whole jobs past theirs, and ended workflows past
+    theirs with all their jobs; release keys past `idempotency_ttl_s`."""
+    batch = config.sweep_batch
+    purged = await sql.fetch_val(db, _PURGE_RESULTS, {"batch": batch, "retention": config.result_retention_s})
+    deleted = await sql.fetch_all(db, _DELETE_OLD, {"batch": batch, "retention": config.job_retention_s})
+    values = {"batch": WORKFLOWS_PER_PASS, "retention": config.job_retention_s}
+    workflows = await sql.fetch_val(db, _DELETE_OLD_WORKFLOWS, values)
+    released = await sql.fetch_val(db, _RELEASE_KEYS, {"batch": batch, "window": config.idempotency_ttl_s})
+    return Retained(purged=purged, deleted=len(deleted), workflows=workflows, released=released)
