@@ -36,11 +36,13 @@ from server.follow import Hub
 from server.metrics import CountRequests, Metrics, metrics, sampling
 from server.requestid import RequestId
 from server.state import Web
-from worker import Config, UrlGuard, connect, from_env, load_job_types
+from server.tracing import Traced
+from worker import Config, UrlGuard, connect, from_env, load_job_types, tracing
 from worker.connections import tls as redis_tls
 from worker.webhooks.ssrf import Resolver, system_resolver
 
 _ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer", "X-Request-ID"]
+_ALLOWED_HEADERS += ["traceparent", "tracestate"]  # W3C Trace Context: a browser's trace goes on into its jobs
 _EXPOSED_HEADERS = ["Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied", "X-Request-ID"]
 
 
@@ -49,6 +51,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
     attacker would)."""
     config = config or from_env()
     accesslog.install()
+    tracing.setup(config, service="outlast-web")
     job_types = load_job_types(config.job_modules)
     counters = Metrics()
 
@@ -117,6 +120,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
         ],
         middleware=[
             Middleware(RequestId),  # outermost: every answer carries its X-Request-ID, and every log line of it
+            Middleware(Traced),  # the submit span, when tracing is on (server/tracing.py)
             Middleware(CountRequests, counter=counters.requests),  # 401s and 429s are counted too
             # Before authentication: a browser's preflight carries no credentials, and is answered here.
             Middleware(

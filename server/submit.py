@@ -26,7 +26,7 @@ from server.jobs import job_or_404, present, until_done, wait_preference
 from server.problems import Conflict, FieldError, IdempotencyKeyReused, InvalidBody, UnknownJobType, ValidationError
 from server.responses import MsgspecResponse
 from server.state import Web, web_of
-from worker import Forbidden, Job, control, database, store, workflows
+from worker import Forbidden, Job, control, database, store, tracing, workflows
 from worker.batch import Batcher
 from worker.queue import Bell, enqueue_many
 
@@ -190,6 +190,7 @@ def make_job(web: Web, tenant: str, body: SubmitJob, key: str | None, *, at: str
         run_at=run_at,
         priority=body.priority,
         concurrency_key=body.concurrency_key,
+        traceparent=tracing.traceparent(),  # the submit span's (server/tracing.py)
     )
 
 

@@ -39,6 +39,7 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     upstream: str | None = None  # JSON: ctx.upstream
     parent_id: UUID | None = None  # a spawned child: its parent may be waiting for it to end
     waits: int = 0  # how often it waited for its children: more than 0, they are its ctx.children
+    traceparent: str | None = None  # the trace its attempts join (worker/tracing.py)
     waited_s: float = 0.0  # from due (next_run_at) to claimed: its queue wait
 
     @property
@@ -48,7 +49,7 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
 
 _CLAIMED_COLUMNS = (
     "id, tenant_id, type, input, attempt, max_attempts, timeout_s, retry_safe, interrupted, priority,"
-    " concurrency_key, slots, workflow_id, upstream, parent_id, waits,"
+    " concurrency_key, slots, workflow_id, upstream, parent_id, waits, traceparent,"
     # LEAST: a parent resumed from its wait may read 'infinity' here, which has no epoch in an interval
     " greatest(0, extract(epoch FROM now() - LEAST(next_run_at, now()))) AS waited_s"
 )

@@ -72,6 +72,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     redis_tls_verify: Literal["required", "none"] = "required"
     # one JSON object per line (worker/logs.py), or the console lines uvicorn and arq write for a person
     log_format: Literal["console", "json"] = "console"
+    # OpenTelemetry traces (the `otel` extra, worker/tracing.py): `auto` traces when OTEL_EXPORTER_OTLP_ENDPOINT (or
+    # its _TRACES_ variant) is set, the variable every OTLP setup sets anyway; `on` always (to the SDK's default
+    # endpoint if none is set); `off` never. docs/operations.md "Tracing"
+    tracing: Literal["auto", "on", "off"] = "auto"
     redis_tls_ca_file: str = ""
     retry_after_s: Annotated[int, msgspec.Meta(ge=1)] = 5  # Retry-After on 503
     # -- security: docs/security.md -------------------------------------------------------------------

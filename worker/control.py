@@ -10,6 +10,7 @@ from uuid import UUID
 
 from uuid_utils.compat import uuid7
 
+from worker import tracing
 from worker.deps import Deps
 from worker.job import JobType, Status
 from worker.queue import request_abort
@@ -57,4 +58,5 @@ def retry_job(original: JobRow, tenant: str, job_types: Mapping[str, JobType], *
         retry_of=original.id,
         priority=original.priority,  # the same job again: as urgent, under the same key; but it runs now
         concurrency_key=original.concurrency_key,
+        traceparent=tracing.traceparent(),  # the retry request's span: a new job, a new trace of its own
     )

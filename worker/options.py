@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import logs, metrics
+from worker import logs, metrics, tracing
 from worker.capacity import refresh
 from worker.config import Config
 from worker.connections import QUEUE, deserialize, redis_settings, serialize
@@ -57,6 +57,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     """Connect, and start what runs beside arq's job slots: webhook deliveries, the sweep and the ticker."""
     config: Config = ctx["config"]
     logs.configure(config.log_format, worker=instance_name(config))
+    tracing.setup(config, service="outlast-worker")
     logging.getLogger("outlast").setLevel(logging.INFO)
     stack = contextlib.AsyncExitStack()
     stack.callback(shut_process_pool)

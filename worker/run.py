@@ -17,7 +17,7 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, events, logs, metrics, spawn, store, workflows
+from worker import claim, database, events, logs, metrics, spawn, store, tracing, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
@@ -120,6 +120,7 @@ async def after_job_end(ctx: dict[str, Any]) -> None:
         log.warning("after %s: database unavailable (%s); the sweep dispatches it", turned_away[0], exc)
 
 
+@tracing.attempts  # the attempt's span, once its claim has won (tracing.attempt_started)
 async def run_job(ctx: dict[str, Any], text: str) -> None:
     deps: Deps = ctx["deps"]
     runtime: Runtime = ctx["runtime"]
@@ -146,6 +147,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
         runtime.ring_later(deps, claimed)
         return
     logs.job.set((str(claimed.id), claimed.attempt, claimed.tenant_id))  # this task's log lines, and its children's
+    tracing.attempt_started(claimed)
     metrics.attempts.labels(claimed.type).inc()
     metrics.queue_wait_seconds.labels(claimed.type).observe(claimed.waited_s)
     job_type = runtime.job_types.get(claimed.type)
@@ -367,6 +369,7 @@ async def _end(
     won first."""
     finish = store.Finish(claimed.id, claimed.attempt, to, result, error, progress, retry_in_s)
     moved = await database.persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
+    tracing.attempt_ended(to, error)
     if moved:
         if to == "queued":
             metrics.retries.labels(claimed.type).inc()

@@ -25,7 +25,7 @@ import msgspec
 from databases import Database
 from uuid_utils.compat import uuid7
 
-from worker import database, sql, store
+from worker import database, sql, store, tracing
 from worker.deps import Deps
 from worker.job import Child, Error, JobError, JobType, Progress
 from worker.queue import Bell, enqueue_many
@@ -104,6 +104,7 @@ async def spawn(
             priority=current["priority"],  # as urgent as the work it is part of
             parent_id=parent_id,
             spawn_key=key,
+            traceparent=tracing.traceparent(),  # the spawning attempt's span: the child's attempts join its trace
         )
         (row,) = await store.insert_jobs(db, [child])
         if row is None:  # spawned before, by this attempt or an earlier one

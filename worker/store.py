@@ -49,7 +49,7 @@ class Jobs:
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
     " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of, run_at, priority,"
-    " concurrency_key, workflow_id, step, parent_id, tenant_id"
+    " concurrency_key, workflow_id, step, parent_id, tenant_id, traceparent"
 )
 
 
@@ -81,6 +81,7 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     step: str | None = None
     parent_id: UUID | None = None
     tenant_id: str = ""  # not part of the Job: the API answers within one tenant, an operator across them
+    traceparent: str | None = None  # nor this: the trace its submit began (worker/tracing.py)
 
     @property
     def done(self) -> bool:
@@ -97,22 +98,24 @@ _INSERT = f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
                       expires_at, dispatched_at, event_seq, idempotency_key, request_hash, retry_of, run_at,
-                      next_run_at, priority, concurrency_key, workflow_id, step, item, upstream, parent_id, spawn_key)
+                      next_run_at, priority, concurrency_key, workflow_id, step, item, upstream, parent_id, spawn_key,
+                      traceparent)
     SELECT id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata,
            -- a job asked to start later is kept that much longer: its time to live counts from its start
            greatest(run_at, now()) + make_interval(secs => ttl_s), now(), 1, idempotency_key, request_hash,
            retry_of, run_at, greatest(run_at, now()), priority, concurrency_key, workflow_id, step, item, upstream,
-           parent_id, spawn_key
+           parent_id, spawn_key, traceparent
       FROM unnest(CAST(:ids AS uuid[]), CAST(:tenants AS text[]), CAST(:types AS text[]), CAST(:inputs AS jsonb[]),
                   CAST(:max_attempts AS int[]), CAST(:timeouts AS int[]), CAST(:retry_safe AS bool[]),
                   CAST(:callback_urls AS text[]), CAST(:metadata AS jsonb[]), CAST(:ttls AS float8[]),
                   CAST(:idempotency_keys AS text[]), CAST(:request_hashes AS bytea[]), CAST(:retry_of AS uuid[]),
                   CAST(:run_at AS timestamptz[]), CAST(:priorities AS int[]), CAST(:concurrency_keys AS text[]),
                   CAST(:workflows AS uuid[]), CAST(:steps AS text[]), CAST(:items AS int[]),
-                  CAST(:upstreams AS jsonb[]), CAST(:parents AS uuid[]), CAST(:spawn_keys AS text[]))
+                  CAST(:upstreams AS jsonb[]), CAST(:parents AS uuid[]), CAST(:spawn_keys AS text[]),
+                  CAST(:traceparents AS text[]))
            AS new(id, tenant_id, type, input, max_attempts, timeout_s, retry_safe, callback_url, metadata, ttl_s,
                   idempotency_key, request_hash, retry_of, run_at, priority, concurrency_key, workflow_id, step,
-                  item, upstream, parent_id, spawn_key)
+                  item, upstream, parent_id, spawn_key, traceparent)
     -- an Idempotency-Key the tenant already used (or another job of the same batch uses), or a spawn key its parent
     -- already used: no row, no event; the caller finds the existing job
     ON CONFLICT DO NOTHING
@@ -151,6 +154,7 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     upstream: bytes | None = None  # JSON: ctx.upstream
     parent_id: UUID | None = None  # spawned by that job's code (worker/spawn.py), under `spawn_key`
     spawn_key: str | None = None
+    traceparent: str | None = None  # the trace it joins (worker/tracing.py); None: tracing is off
 
 
 async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | None]:
@@ -180,6 +184,7 @@ async def insert_jobs(db: Database, jobs: Sequence[NewJob]) -> list[JobRow | Non
         "upstreams": [None if j.upstream is None else j.upstream.decode() for j in jobs],
         "parents": [j.parent_id for j in jobs],
         "spawn_keys": [j.spawn_key for j in jobs],
+        "traceparents": [j.traceparent for j in jobs],
     }
     rows = {row.id: row for row in map(_row, await sql.fetch_all(db, _INSERT, values))}
     return [rows.pop(j.id, None) for j in jobs]

@@ -33,7 +33,7 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import database, metrics, resource, store, workflows
+from worker import database, metrics, resource, store, tracing, workflows
 from worker.config import Config
 from worker.database import open_database, persist
 from worker.deps import Deps
@@ -229,6 +229,7 @@ def verdict(outcome: Outcome, claimed: Claimed, schedule: Schedule) -> tuple[Del
 
 async def _attempt(deps: Deps, sender: Sender, claimed: Claimed) -> Outcome:
     config = deps.config
+    traceparent: str | None = None  # the trace the job's submit began (worker/tracing.py); a workflow's: none
     if claimed.workflow_id is not None:  # the final Workflow (worker/workflows.py), named by this delivery
         workflow = await workflows.get(deps.db, claimed.tenant_id, claimed.workflow_id)
         if workflow is None:
@@ -240,9 +241,17 @@ async def _attempt(deps: Deps, sender: Sender, claimed: Claimed) -> Outcome:
         if row is None:
             return Outcome(error="the job no longer exists", permanent=True)
         body, msg_id = payload(row, config.webhook_max_result_bytes), webhook_store.webhook_id(row.id)
+        traceparent = row.traceparent
     signing = [s for s, _ in await secrets_in_force(deps.db, claimed.tenant_id, config.webhook_secret)]
     headers = {"content-type": "application/json", **sign(signing, msg_id, claimed.now, body)}
-    return await sender.post(claimed.url, body, headers)
+    noted: dict[str, str | int] = {
+        "outlast.webhook.delivery": str(claimed.id),
+        "outlast.webhook.attempt": claimed.attempt,
+    }
+    with tracing.outgoing("POST", claimed.url, name="webhook POST", parent=traceparent, attributes=noted) as traced:
+        outcome = await sender.post(claimed.url, body, {**headers, **traced})
+        tracing.answered(outcome.status_code, error=outcome.error)
+    return outcome
 
 
 async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedule) -> None:
