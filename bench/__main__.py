@@ -26,6 +26,7 @@ from bench import (
     latency,
     noop_jobs,
     report,
+    retention,
     scheduling,
     submit_job,
     workflow,
@@ -47,6 +48,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "batch_submit": batch_submit.measure,
     "commits": commits.measure,
     "workflow": workflow.measure,
+    "retention": retention.measure,
 }
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
@@ -122,6 +124,14 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
         lines.append(
             f"workflow fan-in, last mapped job's finish to the fan-in's start: p50 {p50:.0f} ms, max"
             f" {flow['fan_in_ms_max']:.0f} ms (goal p50 <= {goal} ms: {'pass' if p50 <= goal else 'MISS'})"
+        )
+    kept = next((c.notes for c in comparisons if c.name == "retention"), None)
+    if kept is not None:
+        worst, goal = kept["pass_ms_max"], kept["pass_goal_ms"]
+        lines.append(
+            f"retention over {kept['jobs']:,} jobs past it: {kept['passes']} sweep passes, max {worst:.0f} ms, p99"
+            f" {kept['pass_ms_p99']:.0f} ms, {kept['deleted_per_pass_median']:.0f} jobs deleted a pass,"
+            f" {kept['jobs_left']} jobs left (goal every pass <= {goal:.0f} ms: {'pass' if worst <= goal else 'MISS'})"
         )
     return lines
 
