@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.outlast-installed
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast bench clean lock
 
-$(STAMP): pyproject.toml client/pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit("Outlast needs Python 3.11 or newer; set PYTHON=python3.X" if sys.version_info < (3, 11) else 0)'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./client
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements-dev.lock -e '.[dev]' -e ./client
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -20,7 +20,17 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python deploy/audit.py requirements.lock
 	$(BIN)/pytest
+
+# After a change to a dependency in pyproject.toml: the pinned sets the Dockerfile, the platforms (requirements.lock)
+# and `make test` (requirements-dev.lock, as constraints) install. Not through $(STAMP): the old pins may be what
+# conflicts with the change.
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 --custom-compile-command 'make lock' pyproject.toml -o requirements.lock
+	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 --custom-compile-command 'make lock' pyproject.toml client/pyproject.toml --extra dev -o requirements-dev.lock
 
 # The quick loop while working: every check but the tests that start real processes (`slow`; CI runs them).
 test-fast: $(STAMP)
