@@ -4,6 +4,7 @@ reads the queue's gauges from the table, and with several processes a scrape rea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Processes, eventually, free_port, process_env, wait_done
+from tests.conftest import ROOT, Processes, eventually, free_port, process_env, wait_done
 from worker import Config, Deps
 from worker import metrics as engine
 
@@ -172,3 +173,22 @@ async def test_with_three_web_processes_and_two_workers_every_scrape_reads_the_d
         assert {line.rpartition(" ")[2] for line in busy} == {"0.0"}
     finally:
         procs.stop()
+
+
+def _families(text: str) -> set[str]:
+    """Every metric family a scrape names (`# TYPE`; a counter's with its `_total`)."""
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+async def test_the_grafana_dashboard_and_the_alert_table_name_every_metric_served_and_no_other(
+    client: httpx.AsyncClient,
+) -> None:
+    served = _families((await client.get("/metrics")).text)  # the engine's registry is the process's: all of them
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {re.sub(r"_(bucket|count|sum)$", "", m) for e in exprs for m in re.findall(r"\boutlast_\w+", e)}
+    assert named == served
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {"${DS_PROMETHEUS}"}  # picked at import
+    table = (ROOT / "docs" / "operations.md").read_text().partition("## Metrics and alerts")[2].partition("\n## ")[0]
+    documented = set(re.findall(r"^\| `(outlast_\w+)", table, re.M)) | set(re.findall(r"`, `(outlast_\w+)`", table))
+    assert documented == served
