@@ -49,7 +49,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"
 
 # A `_created` series beside every counter and histogram doubles a scrape for what `rate()` never reads; the
 # multiprocess mode writes none anyway, so a scrape reads the same series in both modes.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry()
 attempts = Counter("outlast_job_attempts", "Attempts started, by job type", ["type"], registry=REGISTRY)
 finished = Counter(
