@@ -64,6 +64,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     db_pool_min: Annotated[int, msgspec.Meta(ge=0)] = 1
     db_pool_max: Annotated[int, msgspec.Meta(ge=1)] = 10
     db_timeout_s: Seconds = 5.0  # connect and command timeout: a down database answers 503 quickly
+    # `transaction`: DATABASE_URL is a transaction pooler (PgBouncer's pool_mode=transaction, as Heroku, Render and
+    # Supabase give), where a session lasts one transaction: no statement cache, and the key cache polls unless
+    # direct_database_url is set. docs/operations.md "PgBouncer"
+    database_pooler: Literal["none", "transaction"] = "none"
+    direct_database_url: str = ""  # PostgreSQL itself, past the pooler: the key cache's LISTEN, and migrations
     redis_timeout_s: Seconds = 2.0
     redis_pool_max: Annotated[int, msgspec.Meta(ge=1)] = 32  # Redis connections per web process
     # rediss:// only (worker/connections.py tls): `required` checks the server's certificate and name against the

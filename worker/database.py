@@ -43,6 +43,13 @@ def open_database(config: Config) -> Database:
     url = config.database_url
     if url.startswith("postgres://"):  # Heroku's spelling; SQLAlchemy's URL parser wants the long one
         url = "postgresql://" + url.removeprefix("postgres://")
+    pooled: dict[str, Any] = {}
+    if config.database_pooler == "transaction":
+        # Each transaction may get another server connection: a named statement prepared on one is missing on the
+        # next ("prepared statement does not exist") or, worse, another's of the same name runs with these
+        # parameters. Without its cache asyncpg prepares only unnamed statements, parsed again with each Bind before
+        # one Sync, so the pooler keeps the whole exchange on one server connection.
+        pooled["statement_cache_size"] = 0
     return Database(
         url,
         min_size=config.db_pool_min,
@@ -50,7 +57,16 @@ def open_database(config: Config) -> Database:
         timeout=config.db_timeout_s,
         command_timeout=config.db_timeout_s * 6,
         reset=_keep_session,
+        **pooled,
     )
+
+
+def session_url(config: Config) -> str | None:
+    """A URL whose connection stays one PostgreSQL session while it is open, for what must outlive a transaction
+    (LISTEN): the direct URL when set, else DATABASE_URL unless a transaction pooler is in front of it."""
+    if config.direct_database_url:
+        return config.direct_database_url
+    return None if config.database_pooler == "transaction" else config.database_url
 
 
 # -- what PostgreSQL can store ----------------------------------------------------------------------
