@@ -1,4 +1,5 @@
-"""The migration runner: plain SQL files from migrations/, applied in name order under an advisory lock.
+"""The migration runner: plain SQL files from migrations/, applied in name order, each in its own transaction under
+a transaction-scoped advisory lock, so that it works through a transaction pooler (PgBouncer) as well as direct.
 
 Raw asyncpg, not `databases`: SQLAlchemy's `text()` reads any `:word` as a parameter, even in a comment.
 """
@@ -30,20 +31,28 @@ def pending(done: set[str], folder: Path = MIGRATIONS) -> list[tuple[str, str]]:
 
 async def migrate(dsn: str, folder: Path = MIGRATIONS) -> list[str]:
     """Apply what is pending; return the names applied ([] when up to date)."""
-    conn = await asyncpg.connect(dsn)
+    # No statement cache: through a transaction pooler a named statement may be missing, or another's, at the next
+    # transaction; a few statements per file gain nothing from it anyway.
+    conn = await asyncpg.connect(dsn, statement_cache_size=0)
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
-        await conn.execute(_CREATE_LEDGER)
-        done = {row["name"] for row in await conn.fetch("SELECT name FROM schema_migrations")}
-        applied = []
-        for name, sql in pending(done, folder):
-            async with conn.transaction():  # DDL is transactional: a file applies whole or not at all
+        applied: list[str] = []
+        while True:
+            # DDL is transactional: a file applies whole or not at all. The lock ends with the transaction, so no
+            # pooled server connection keeps it once we are gone (a session lock would outlive the client); a
+            # second release run waits here, then reads the ledger again and finds the file applied.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+                await conn.execute(_CREATE_LEDGER)
+                done = {row["name"] for row in await conn.fetch("SELECT name FROM schema_migrations")}
+                todo = pending(done, folder)
+                if not todo:
+                    return applied
+                name, sql = todo[0]
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
             applied.append(name)
-        return applied
     finally:
-        await conn.close()  # closing the connection releases the lock
+        await conn.close()
 
 
 async def create_database(dsn: str) -> None:
@@ -64,7 +73,9 @@ async def create_database(dsn: str) -> None:
 
 
 def main() -> None:
-    applied = asyncio.run(migrate(from_env(needs=("DATABASE_URL",)).database_url))
+    config = from_env(needs=("DATABASE_URL",))
+    # Past the pooler when we can: a pooler's query_timeout or idle limits are set for requests, not for DDL.
+    applied = asyncio.run(migrate(config.direct_database_url or config.database_url))
     print("applied: " + ", ".join(applied) if applied else "migrations: up to date", file=sys.stderr)
 
 
