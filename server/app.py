@@ -39,6 +39,7 @@ from server.state import Web
 from server.tracing import Traced
 from worker import Config, UrlGuard, connect, from_env, load_job_types, tracing
 from worker.connections import tls as redis_tls
+from worker.database import session_url
 from worker.webhooks.ssrf import Resolver, system_resolver
 
 _ALLOWED_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer", "X-Request-ID"]
@@ -81,7 +82,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
                     job_type_list=jobs.job_type_list(job_types, config.default_max_attempts),
                     openapi=openapi.build(job_types),
                 )
-                async with web.auth.keys.listening(config.database_url, timeout_s=config.db_timeout_s):
+                async with web.auth.keys.listening(session_url(config), deps.db, timeout_s=config.db_timeout_s):
                     collector.settle()
                     yield
 

@@ -1,5 +1,6 @@
-"""The API keys this web process verified, kept in memory only while a LISTEN connection would hear them change
-(worker/keys.py makes, stores and verifies keys; migrations/0004 notifies on every change of one)."""
+"""The API keys this web process verified, kept in memory only while this process would hear them change: by LISTEN,
+or, with only a transaction pooler to reach PostgreSQL through, by polling the keys' revision (worker/keys.py makes,
+stores and verifies keys; migrations/0004 notifies on every change of one, and 0019 counts them)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,18 @@ class KeyCache:
     losing it drops everything, since changes made meanwhile went unheard. A lookup that raced a change does not
     cache its answer (the generation moved under it). `MAX_AGE_S` bounds what a connection that died without a word
     could leave behind; the listener also checks its connection every `CHECK_S`.
+
+    Through a transaction pooler a LISTEN lasts one transaction and hears nothing, so without a direct URL the cache
+    polls instead: every `POLL_S` it reads the keys' revision and empties itself when it moved, or when the poll
+    fails or takes longer than `POLL_S`. A revoked key then stops working within `POLL_BOUND_S` of the commit.
     """
 
     MAX_AGE_S = 60.0
     CHECK_S = 5.0
+    POLL_S = 2.0
+    # The poll in flight at the commit may miss it (its snapshot was older), and the next starts POLL_S after it
+    # ended and takes at most POLL_S: past that the cache is emptied either way.
+    POLL_BOUND_S = 3 * POLL_S
     MAX_KEYS = 10_000  # only valid keys get in, so this is a bound on memory, not a defence
 
     def __init__(self) -> None:
@@ -66,8 +75,20 @@ class KeyCache:
             self._keys.pop(id, None)
 
     @contextlib.asynccontextmanager
-    async def listening(self, database_url: str, *, timeout_s: float) -> AsyncIterator[None]:
-        task = asyncio.create_task(self._listen(database_url, timeout_s))
+    async def listening(self, listen_url: str | None, db: Database, *, timeout_s: float) -> AsyncIterator[None]:
+        """Keep the cache while key changes are heard: by LISTEN on `listen_url`, a connection that stays one
+        session, or with None (a transaction pooler, no direct URL) by polling `db`."""
+        if listen_url is None:
+            log.warning(
+                "keys: DATABASE_URL is a transaction pooler (OUTLAST_DATABASE_POOLER=transaction), where LISTEN hears"
+                " nothing, and OUTLAST_DIRECT_DATABASE_URL is unset: polling for key changes every %.0f s instead, so"
+                " a revoked key may still work for up to %.0f s here (set OUTLAST_DIRECT_DATABASE_URL to listen)",
+                self.POLL_S,
+                self.POLL_BOUND_S,
+            )
+            task = asyncio.create_task(self._poll(db))
+        else:
+            task = asyncio.create_task(self._listen(listen_url, timeout_s))
         try:
             # Start serving with the cache working, unless the listener can't connect in time (it keeps trying).
             with contextlib.suppress(TimeoutError):
@@ -100,6 +121,24 @@ class KeyCache:
                 if connection is not None:
                     connection.terminate()  # no goodbye over a connection that may be dead
             await asyncio.sleep(self.CHECK_S)
+
+    async def _poll(self, db: Database) -> None:
+        seen: int | None = None
+        while True:
+            try:
+                revision = await asyncio.wait_for(keys.revision(db), self.POLL_S)
+            except _LISTEN_LOST as exc:  # a slow poll too: TimeoutError is one
+                if self.listening_now or seen is None:
+                    log.warning("keys: can't poll for key changes (%r); every request looks its key up until then", exc)
+                self._deaf()
+                seen = -1  # whatever the next poll reads is news: nothing was cached meanwhile
+            else:
+                if revision != seen:
+                    self.forget()
+                    seen = revision
+                self.listening_now = True
+                self._heard_from.set()
+            await asyncio.sleep(self.POLL_S)
 
     def _deaf(self) -> None:
         self.listening_now = False

@@ -130,5 +130,11 @@ async def touch(db: Database, id: str) -> None:
     await sql.execute(db, "UPDATE api_keys SET last_used_at = now() WHERE id = :id", {"id": id})
 
 
+async def revision(db: Database) -> int:
+    """A number that changes whenever a key is revoked, deleted or rewritten (migrations/0019), for a process that
+    can't LISTEN for those changes."""
+    return int(await sql.fetch_val(db, "SELECT revision FROM api_key_revision"))
+
+
 async def any_active(db: Database) -> bool:
     return bool(await sql.fetch_val(db, "SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)"))
