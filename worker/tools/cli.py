@@ -41,7 +41,8 @@ def _migrate(dsn: str) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    _migrate(from_env(needs=DATABASE).database_url)
+    config = from_env(needs=DATABASE)
+    _migrate(config.direct_database_url or config.database_url)  # past a pooler when we can, as worker.migrate
     return 0
 
 
