@@ -11,17 +11,19 @@ import subprocess
 import sys
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from tests.conftest import ROOT, job_row
-from tests.receivers import Hooks, Receiver
-from worker import tracing
+from tests.conftest import ROOT, Processes, eventually, job_row, process_env, wait_done
+from tests.receivers import Hooks, Received, Receiver
+from worker import Deps, tracing
 from worker.config import Config
 
 Drain = Callable[[], Awaitable[None]]
@@ -296,6 +298,59 @@ print(json.dumps(told))
     assert export.method == "POST" and export.path == "/v1/traces"
     assert export.headers["content-type"] == "application/x-protobuf"
     assert b"exported POST" in export.body and b"outlast-test" in export.body
+
+
+def exported(requests: Sequence[Received]) -> list[tuple[str, Any]]:
+    """(service.name, span) for every span in the OTLP/HTTP export requests a collector received."""
+    found = []
+    for request in requests:
+        for resource_spans in ExportTraceServiceRequest.FromString(request.body).resource_spans:
+            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                found += [(attributes["service.name"], span) for span in scope_spans.spans]
+    return found
+
+
+@pytest.mark.slow
+async def test_real_web_and_worker_processes_export_one_trace_over_otlp_from_submit_to_webhook(
+    hooks_config: Config, deps: Deps, api_key: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    """As deployed: OTEL_EXPORTER_OTLP_ENDPOINT set on both processes, the trace context crossing from the web to the
+    worker through the job's row, each process exporting its own spans to the collector."""
+    collector = await Receiver().start()
+    try:
+        env = process_env(hooks_config, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url.removesuffix("/hooks"))
+        procs = Processes({**env, "OTEL_BSP_SCHEDULE_DELAY": "100"}, tmp_path, api_key)
+        procs.start_web()
+        procs.start_worker()
+        try:
+            await procs.ready()
+            async with procs.client() as client:
+                body = {"type": "square_sum", "input": {"data": [4]}, "callback_url": receiver.url}
+                caller = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+                response = await client.post("/v1/jobs", json=body, headers={"traceparent": caller})
+                assert response.status_code == 202, response.text
+                await wait_done(client, response.json()["id"])
+
+            async def all_three() -> list[tuple[str, Any]] | None:
+                spans = exported(collector.requests)
+                names = {span.name for _, span in spans}
+                return spans if {"POST /v1/jobs", "run square_sum", "webhook POST"} <= names else None
+
+            spans = await eventually(all_three, within=30)
+        finally:
+            procs.stop()
+    finally:
+        await collector.stop()
+    ours = {span.name: (service, span) for service, span in spans if span.trace_id == bytes.fromhex(CALLER_TRACE)}
+    assert ours["POST /v1/jobs"][0] == "outlast-web"
+    assert ours["run square_sum"][0] == ours["webhook POST"][0] == "outlast-worker"
+    submit = ours["POST /v1/jobs"][1]
+    assert submit.parent_span_id == bytes.fromhex(CALLER_SPAN)
+    assert ours["run square_sum"][1].parent_span_id == ours["webhook POST"][1].parent_span_id == submit.span_id
+    [request] = receiver.requests
+    assert request.headers["traceparent"].split("-")[1:3] == [CALLER_TRACE, ours["webhook POST"][1].span_id.hex()]
+    assert {export.path for export in collector.requests} == {"/v1/traces"}
 
 
 def test_a_span_shows_no_user_password_or_query_of_a_url() -> None:
