@@ -202,6 +202,34 @@ async def test_a_spawned_childs_attempts_join_the_trace_of_the_attempt_that_spaw
     assert (await job_row(hooks.deps, parent))["traceparent"] == traceparent_of(one(spans, "POST /v1/jobs"))
 
 
+async def test_a_retry_begins_the_new_jobs_trace_from_the_retry_request(
+    spans: InMemorySpanExporter, hooks: Hooks, drain: Drain
+) -> None:
+    failed = await hooks.submit("refuse", {})
+    await drain()
+    caller = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    response = await hooks.client.post(f"/v1/jobs/{failed}/retry", headers={"traceparent": caller})
+    assert response.status_code == 202, response.text
+    await drain()
+    retry = one(spans, "POST /v1/jobs/{id}/retry")
+    assert trace_ids([retry]) == {int(CALLER_TRACE, 16)} and retry.attributes is not None
+    assert retry.attributes["outlast.job.id"] == response.json()["id"]
+    second = max(named(spans, "run refuse"), key=lambda s: s.start_time or 0)
+    assert parent_id(second) == span_id(retry)
+
+
+def test_an_outbound_request_is_a_child_of_the_current_span_and_carries_its_own_context(
+    spans: InMemorySpanExporter,
+) -> None:
+    """What a job's ctx.http is to use: inside an attempt, its requests are the attempt's children."""
+    with tracing.incoming("POST", "/v1/jobs", {}), tracing.outgoing("GET", "https://api.example.com/x?key=k") as sent:
+        tracing.answered(503)
+    outbound, inbound = one(spans, "GET"), one(spans, "POST /v1/jobs")
+    assert parent_id(outbound) == span_id(inbound) and sent == {"traceparent": traceparent_of(outbound)}
+    assert outbound.status.status_code is StatusCode.ERROR and outbound.attributes is not None
+    assert outbound.attributes["url.full"] == "https://api.example.com/x"
+
+
 async def test_a_batch_is_one_span_and_each_of_its_jobs_stores_it(spans: InMemorySpanExporter, hooks: Hooks) -> None:
     jobs = [{"type": "square_sum", "input": {"data": [n]}} for n in range(3)]
     response = await hooks.client.post("/v1/jobs/batch", json={"jobs": jobs})
