@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -387,6 +388,29 @@ def lifecycle_problems(events: list[Event]) -> list[str]:
         previous = event.status
     if terminal != 1:
         problems.append(f"{terminal} terminal events")
+    return problems
+
+
+def overlapping_attempts(
+    ids: Iterable[str], attempts: dict[str, list[dict[str, Any]]], faults: list[Fault]
+) -> list[str]:
+    """What the attempts themselves recorded (tests/chaos/jobs.py), checked: each ended, or its process was killed,
+    before the next of its job started, and no attempt number ran twice."""
+    killed_at = {f.pid: f.at for f in faults}
+    problems = []
+    for job_id in ids:
+        spans = []
+        for a in attempts.get(job_id, []):
+            end = a["ended_at"] if a["ended_at"] is not None else killed_at.get(a["pid"])
+            if end is None:
+                problems.append(f"attempt {a['attempt']} of {job_id} never ended and its worker was not killed")
+                continue
+            spans.append((a["started_at"], end, a["attempt"]))
+        if [s[2] for s in spans] != sorted({s[2] for s in spans}):
+            problems.append(f"{job_id}: an attempt ran twice: {spans}")
+        for (_, end, n), (start, _, m) in itertools.pairwise(spans):
+            if end > start:
+                problems.append(f"{job_id}: attempt {m} started {end - start:.3f}s before attempt {n} ended")
     return problems
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import signal
 import statistics
@@ -12,7 +11,16 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.chaos.conftest import RESCUE_BOUND_S, Cluster, Event, Fault, holds, lifecycle_problems, percentile
+from tests.chaos.conftest import (
+    RESCUE_BOUND_S,
+    Cluster,
+    Event,
+    Fault,
+    holds,
+    lifecycle_problems,
+    overlapping_attempts,
+    percentile,
+)
 from tests.conftest import eventually
 from worker.connections import QUEUE
 
@@ -67,17 +75,8 @@ async def test_sigkill_storm_loses_no_job_rescues_within_the_bound_and_never_ove
     problems = {job_id: p for job_id in rows if (p := lifecycle_problems(events[job_id]))}
     assert not problems, problems
     # ...and by what the attempts themselves recorded: each ends (or its process was killed) before the next starts.
-    killed_at = {f.pid: f.at for f in cluster.faults}
     attempts = await cluster.attempts()
-    for job_id in ids:
-        spans = []
-        for a in attempts[job_id]:
-            end = a["ended_at"] if a["ended_at"] is not None else killed_at.get(a["pid"])
-            assert end is not None, f"attempt {a['attempt']} of {job_id} never ended and its worker was not killed"
-            spans.append((a["started_at"], end, a["attempt"]))
-        assert [s[2] for s in spans] == sorted({s[2] for s in spans}), f"{job_id}: an attempt ran twice: {spans}"
-        for (_, end, n), (start, _, m) in itertools.pairwise(spans):
-            assert end <= start, f"{job_id}: attempt {m} started {end - start:.3f}s before attempt {n} ended"
+    assert not (problems := overlapping_attempts(ids, attempts, cluster.faults)), problems
 
     # Recovery latency: from the SIGKILL of the worker holding an attempt to the rescue's status event (the sweep
     # moving the orphan back to queued), for every attempt that was still running when its worker was killed.
