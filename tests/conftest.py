@@ -130,6 +130,7 @@ def deployment_config(database_url: str, redis_url: str, **changes: Any) -> Conf
         "submit_rate_per_s": 100_000.0,
         "submit_burst": 100_000,
         "auth_failures_per_min": 100_000,
+        "tracing": "off",  # an OTEL_EXPORTER_OTLP_ENDPOINT in a developer's shell traces nothing here (test_tracing.py)
     }
     return Config(database_url=database_url, redis_url=redis_url, **{**settings, **changes})
 

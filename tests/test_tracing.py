@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -347,7 +348,8 @@ async def test_real_web_and_worker_processes_export_one_trace_over_otlp_from_sub
     worker through the job's row, each process exporting its own spans to the collector."""
     collector = await Receiver().start()
     try:
-        env = process_env(hooks_config, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url.removesuffix("/hooks"))
+        traced = msgspec.structs.replace(hooks_config, tracing="auto")  # the tests' own config says `off`
+        env = process_env(traced, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url.removesuffix("/hooks"))
         procs = Processes({**env, "OTEL_BSP_SCHEDULE_DELAY": "100"}, tmp_path, api_key)
         procs.start_web()
         procs.start_worker()
