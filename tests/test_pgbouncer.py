@@ -10,6 +10,7 @@ transaction that made it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 from server.keycache import KeyCache
 from tests.conftest import ROOT, Processes, bearer, eventually, free_port, process_env, running, wait_done
 from tests.test_auth import revoke_unheard
-from worker import Config, Deps, keys
+from worker import Config, Deps, connect, keys
 from worker.migrate import MIGRATIONS
 
 pytestmark = pytest.mark.slow
@@ -253,7 +254,6 @@ async def test_a_worker_sigkilled_mid_job_through_pgbouncer_has_its_job_rescued_
         procs.start_worker("rescuer")
         job = await wait_done(client, job_id, within=60)
     assert job["status"] == "succeeded" and job["attempt"] == 2, job
-    assert await advisory_locks(deps.config.database_url) == 0
 
 
 async def test_through_pgbouncer_a_named_statement_meets_a_server_connection_without_it_and_unnamed_ones_do_not(
@@ -276,3 +276,18 @@ async def test_through_pgbouncer_a_named_statement_meets_a_server_connection_wit
         finally:
             await holder.close()
             await other.close()
+
+
+async def test_a_process_not_told_of_the_pooler_logs_that_it_answers_through_one(
+    pooled: Config, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    advice = "set OUTLAST_DATABASE_POOLER=transaction"
+    with caplog.at_level(logging.WARNING, logger="outlast.db"):
+        async with connect(msgspec.structs.replace(pooled, database_pooler="none")):
+            pass
+        assert [advice in message for message in caplog.messages] == [True], caplog.messages
+        caplog.clear()
+        for told_or_direct in (pooled, config):
+            async with connect(told_or_direct):
+                pass
+        assert not any(advice in message for message in caplog.messages), caplog.messages

@@ -61,6 +61,32 @@ def open_database(config: Config) -> Database:
     )
 
 
+_STATEMENT_ELSEWHERE = (asyncpg.DuplicatePreparedStatementError, asyncpg.InvalidSQLStatementNameError)
+_NO_ANSWER: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
+
+
+async def warn_if_pooled(db: Database, config: Config) -> None:
+    """Log when DATABASE_URL answers through a pooler that OUTLAST_DATABASE_POOLER does not name: in transaction
+    pooling, what breaks then (prepared statements, the key cache's LISTEN) says nothing of the pooler itself."""
+    if config.database_pooler != "none":
+        return
+    try:
+        async with db.connection() as connection:
+            raw = connection.raw_connection
+            # A pooler answers the client's startup itself, with a cancel key (and so a backend pid) of its own.
+            pooled = raw.get_server_pid() != await raw.fetchval("SELECT pg_backend_pid()")
+    except _STATEMENT_ELSEWHERE:
+        pooled = True  # another client's statement of the same name, or ours gone: only a pooler does that
+    except _NO_ANSWER:
+        return  # no evidence; the process's own errors will say why
+    if pooled:
+        log.warning(
+            "database: DATABASE_URL answers through a connection pooler; if it pools transactions (PgBouncer's"
+            " pool_mode=transaction), set OUTLAST_DATABASE_POOLER=transaction, or prepared statements and key"
+            " revocations break (docs/operations.md, PgBouncer)"
+        )
+
+
 def session_url(config: Config) -> str | None:
     """A URL whose connection stays one PostgreSQL session while it is open, for what must outlive a transaction
     (LISTEN): the direct URL when set, else DATABASE_URL unless a transaction pooler is in front of it."""

@@ -12,7 +12,7 @@ from databases import Database
 
 from worker.config import Config
 from worker.connections import open_redis
-from worker.database import open_database
+from worker.database import open_database, warn_if_pooled
 from worker.events import Notifier
 from worker.store import Jobs
 
@@ -32,6 +32,7 @@ class Deps:
 async def connect(config: Config, *, redis: ArqRedis | None = None) -> AsyncIterator[Deps]:
     db = open_database(config)
     await db.connect()
+    await warn_if_pooled(db, config)
     own_redis = redis is None
     arq = redis or open_redis(config)
     notifier = Notifier(arq)
