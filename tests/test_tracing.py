@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -25,6 +27,7 @@ from opentelemetry.trace import StatusCode
 from tests.conftest import ROOT, Processes, eventually, job_row, process_env, wait_done
 from tests.receivers import Hooks, Received, Receiver
 from worker import Deps, tracing
+from worker.claim import Claimed
 from worker.config import Config
 
 Drain = Callable[[], Awaitable[None]]
@@ -229,6 +232,28 @@ def test_an_outbound_request_is_a_child_of_the_current_span_and_carries_its_own_
     assert parent_id(outbound) == span_id(inbound) and sent == {"traceparent": traceparent_of(outbound)}
     assert outbound.status.status_code is StatusCode.ERROR and outbound.attributes is not None
     assert outbound.attributes["url.full"] == "https://api.example.com/x"
+
+
+async def test_an_attempt_stopped_from_outside_ends_its_span_marked_stopped_and_leaves_no_context_behind(
+    spans: InMemorySpanExporter,
+) -> None:
+    """An abort or the shutdown cancels run_job: its span still ends, and the next run on this task starts clean."""
+    claimed = Claimed(
+        id=uuid.uuid4(), tenant_id="t", type="sleep", input="{}", attempt=1, max_attempts=1, timeout_s=9,
+        retry_safe=True, interrupted=0,
+    )  # fmt: skip
+
+    @tracing.attempts
+    async def run_job(ctx: dict[str, Any], text: str) -> None:
+        tracing.attempt_started(claimed)
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await run_job({}, "message")
+    stopped = one(spans, "run sleep")
+    assert stopped.attributes is not None and stopped.attributes["outlast.outcome"] == "stopped"
+    assert stopped.status.status_code is not StatusCode.ERROR  # a shutdown is not the job's failure
+    assert not trace.get_current_span().get_span_context().is_valid and tracing.traceparent() is None
 
 
 async def test_a_batch_is_one_span_and_each_of_its_jobs_stores_it(spans: InMemorySpanExporter, hooks: Hooks) -> None:

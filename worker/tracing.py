@@ -232,7 +232,8 @@ Run = TypeVar("Run", bound=Callable[[dict[str, Any], str], Awaitable[None]])
 
 def attempts(run: Run) -> Run:
     """Around arq's run_job: the attempt span that `attempt_started` opens once the claim has won ends when run_job
-    returns; a run stopped from outside (a shutdown, an abort) is marked `interrupted`."""
+    returns. One that ends by raising (an abort, the shutdown, a finish the database never took) is marked `stopped`:
+    what the row became then is the job's status, not this span's to guess."""
 
     @functools.wraps(run)
     async def traced(ctx: dict[str, Any], text: str) -> None:
@@ -244,7 +245,7 @@ def attempts(run: Run) -> Run:
             return await run(ctx, text)
         except BaseException as exc:
             if held.span is not None:
-                held.span.set_attribute("outlast.outcome", "interrupted")
+                held.span.set_attribute("outlast.outcome", "stopped")
                 if isinstance(exc, Exception):
                     held.span.record_exception(exc)
                     held.span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
