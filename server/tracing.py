@@ -1,7 +1,8 @@
-"""The submit span: a request that makes jobs (POST /v1/jobs, /v1/jobs/batch, /v1/jobs/{id}/retry) runs inside a
-SERVER span, a child of the caller's `traceparent` when it sent a valid one (an invalid one is ignored, as W3C Trace
-Context asks of a receiver), and the jobs it makes store that span's context (worker/tracing.py). Reads, streams and
-polls make no span: a trace is the life of a job, not of every GET on it."""
+"""The submit span: a request that makes jobs (POST /v1/jobs, /v1/jobs/batch, /v1/jobs/{id}/retry, /v1/workflows)
+runs inside a SERVER span, a child of the caller's `traceparent` when it sent a valid one (an invalid one is ignored,
+as W3C Trace Context asks of a receiver), and the jobs it makes store that span's context (worker/tracing.py): a
+workflow's later steps take their upstream steps'. Reads, streams and polls make no span: a trace is the life of a
+job, not of every GET on it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from worker import tracing
 
 _RETRY = re.compile(r"/v1/jobs/[^/]+/retry")
-_ROUTES = {"/v1/jobs": "/v1/jobs", "/v1/jobs/batch": "/v1/jobs/batch"}
+_ROUTES = {"/v1/jobs": "/v1/jobs", "/v1/jobs/batch": "/v1/jobs/batch", "/v1/workflows": "/v1/workflows"}
 
 
 def route(path: str) -> str | None:

@@ -256,6 +256,25 @@ async def test_an_attempt_stopped_from_outside_ends_its_span_marked_stopped_and_
     assert not trace.get_current_span().get_span_context().is_valid and tracing.traceparent() is None
 
 
+async def test_a_workflows_steps_join_the_trace_its_submit_began(
+    spans: InMemorySpanExporter, hooks: Hooks, drain: Drain
+) -> None:
+    steps = [
+        {"name": "numbers", "type": "count_up", "input": {"n": 2}},
+        {"name": "squares", "type": "square_item", "map": "numbers", "input": {"of": "numbers"}},
+        {"name": "both", "type": "upstream", "after": ["squares"]},
+    ]
+    caller = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+    response = await hooks.client.post("/v1/workflows", json={"steps": steps}, headers={"traceparent": caller})
+    assert response.status_code == 202, response.text
+    await drain()
+    submit = one(spans, "POST /v1/workflows")
+    runs = [*named(spans, "run count_up"), *named(spans, "run square_item"), *named(spans, "run upstream")]
+    assert len(runs) == 4  # one, a map over its two items, one
+    assert trace_ids([submit, *runs]) == {int(CALLER_TRACE, 16)}
+    assert {parent_id(run) for run in runs} == {span_id(submit)}
+
+
 async def test_a_batch_is_one_span_and_each_of_its_jobs_stores_it(spans: InMemorySpanExporter, hooks: Hooks) -> None:
     jobs = [{"type": "square_sum", "input": {"data": [n]}} for n in range(3)]
     response = await hooks.client.post("/v1/jobs/batch", json={"jobs": jobs})

@@ -20,7 +20,7 @@ import msgspec
 from databases import Database
 from uuid_utils.compat import uuid7
 
-from worker import sql, store
+from worker import sql, store, tracing
 from worker.bulk import cancel_matching
 from worker.deps import Deps
 from worker.queue import Bell
@@ -257,7 +257,7 @@ RETURNING name, after, map, type, input, metadata, max_attempts, timeout_s, retr
 """
 _STEP_MAPS = "SELECT name, map FROM workflow_steps WHERE workflow_id = :id"
 _UPSTREAM = """
-SELECT step, result FROM jobs
+SELECT step, result, traceparent FROM jobs
  WHERE workflow_id = :id AND step = ANY(CAST(:steps AS text[])) AND status = 'succeeded'
  ORDER BY step, item NULLS FIRST
 """
@@ -306,8 +306,10 @@ async def _jobs_of(
     and the workflow has failed for it."""
     name, source = step["name"], step["map"]
     results: dict[str, list[msgspec.Raw]] = {}
+    traced = None if step["after"] else tracing.traceparent()  # a first step: the submit's trace (worker/tracing.py)
     for row in await sql.fetch_all(db, _UPSTREAM, {"id": workflow_id, "steps": list(step["after"])}):
         results.setdefault(row["step"], []).append(msgspec.Raw(row["result"].encode()))
+        traced = traced or row["traceparent"]  # a later one: the trace of the steps it came after
     # a map step's results are its list; another step's, its one result
     upstream: dict[str, Any] = {
         after: results.get(after, []) if maps.get(after) else results.get(after, [msgspec.Raw(b"null")])[0]
@@ -315,7 +317,7 @@ async def _jobs_of(
     }
 
     def job(item: int | None, shared: dict[str, Any]) -> store.NewJob:
-        return _step_job(step, workflow_id, tenant, name, item, _encode(shared), ttl_s=ttl_s)
+        return _step_job(step, workflow_id, tenant, name, item, _encode(shared), ttl_s=ttl_s, traceparent=traced)
 
     if source is None:
         return [job(None, upstream)]
@@ -438,7 +440,15 @@ _GET_WORKFLOW_OF = "SELECT workflow_id FROM jobs WHERE id = :job AND tenant_id =
 def _made_again(job: Any, workflow_id: UUID, *, ttl_s: float) -> store.NewJob:
     upstream = None if job["upstream"] is None else job["upstream"].encode()
     return _step_job(
-        job, workflow_id, job["tenant_id"], job["step"], job["item"], upstream, ttl_s=ttl_s, retry_of=job["id"]
+        job,
+        workflow_id,
+        job["tenant_id"],
+        job["step"],
+        job["item"],
+        upstream,
+        ttl_s=ttl_s,
+        retry_of=job["id"],
+        traceparent=tracing.traceparent(),  # the retry request's: a resume is a new trace, as a job's retry is
     )
 
 
@@ -452,6 +462,7 @@ def _step_job(
     *,
     ttl_s: float,
     retry_of: UUID | None = None,
+    traceparent: str | None = None,
 ) -> store.NewJob:
     """A job of a step, from `template`: its step's row, or (made again) the job it replaces."""
     return store.NewJob(
@@ -471,4 +482,5 @@ def _step_job(
         step=step,
         item=item,
         upstream=upstream,
+        traceparent=traceparent,
     )
