@@ -66,7 +66,9 @@ async def pgbouncer(
     port = free_port()
     ini = root / "pgbouncer.ini"
     ini.write_text(
-        f"[databases]\n* = host={server.hostname} port={server.port} user={server.username or 'postgres'}\n"
+        f"[databases]\n* = host={server.hostname} port={server.port or 5432} user={server.username or 'postgres'}"
+        + (f" password={server.password}" if server.password else "")
+        + "\n"
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         "auth_type = any\npool_mode = transaction\n"
@@ -119,7 +121,9 @@ def command(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]
 async def advisory_locks(direct_dsn: str) -> int:
     conn = await asyncpg.connect(direct_dsn)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+        held = "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+        held += " WHERE l.locktype = 'advisory' AND d.datname = current_database()"
+        return int(await conn.fetchval(held))
     finally:
         await conn.close()
 
