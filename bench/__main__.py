@@ -1,6 +1,7 @@
 """`python -m bench [--quick]`: every comparison, a table on stdout, the whole record under bench/results/.
 
-At most 10 minutes with the defaults, about 2 with --quick. Progress goes to stderr.
+At most 10 minutes with the defaults, about 2 with --quick; `retention` adds about 4 (a million rows to load
+and delete). Progress goes to stderr.
 """
 
 from __future__ import annotations

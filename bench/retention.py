@@ -6,12 +6,15 @@ purged), each with its three status events; one in ten has a callback_url and a 
 one in ten an Idempotency-Key: all in a few `INSERT … SELECT generate_series` statements, then VACUUM ANALYZE, as a
 table whose rows aged for a month would be. A second database beside it (`outlast_bench_idle`) stays empty.
 
-Each round, alternating: POST /v1/jobs noop submits (bench/load.py `post`, the submit_job load) against a web
-process on the loaded database while this process runs the engine's sweep (worker/sweep.py `sweep_once`, with the
-worker's configuration) pass after pass, back to back, far more often than a worker's every 5 s; and the same
-load against a web process on the idle database with nothing else running. The rounds' submits are deleted after
-each, so neither side writes into the other's rows. After the rounds the passes go on until no job past retention
-is left. The pass goal is a figure, not a ratio: every pass under 250 ms (in the notes, and in the summary line).
+Each round, in an order that reverses every round, three sides of POST /v1/jobs noop submits (bench/load.py `post`,
+the submit_job load): at a web process on the loaded database while this process runs the engine's sweep
+(worker/sweep.py `sweep_once`, with the worker's configuration) a pass a second, as one worker at the shortest
+`OUTLAST_SWEEP_INTERVAL_S` does, or five at the default 5 s (`retention`, the goal); the same with passes back to
+back, as fast as one sweeper goes (`retention_flat_out`, no goal: the worst case, which on 2 cores mostly measures
+the CPU the passes take from the submits); and the same load at a web process on the idle database with nothing
+else running, the baseline of both. Each side's submits are deleted before the next, so no side writes into
+another's rows. After the rounds the passes go on back to back, alone, until no job past retention is left. The
+pass goal is a figure, not a ratio: every pass under 250 ms (in the notes, and in the summary line).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from bench.compare import Comparison, Figures, Metric, alternate
+from bench.compare import Comparison, Figures, Measure, Metric
 from bench.noop_jobs import reset_outlast
 from bench.procs import load
 from bench.run import Run, outlast_env
@@ -43,10 +46,15 @@ JOBS = int(os.environ.get("BENCH_RETENTION_JOBS", 1_000_000))  # fewer only for 
 PASS_GOAL_MS = 250.0
 IDLE_DATABASE = "outlast_bench_idle"
 LOADED, IDLE = "retention-loaded-web", "retention-idle-web"  # process names, and their logs' names
+PACE_S = 1.0  # between the starts of two passes on the `retention` side
 METRICS = [
-    Metric("p99_ms", "POST /v1/jobs p99 ms, retention sweeping 1M", higher_is_better=False, goal=1.5),
-    Metric("p50_ms", "POST /v1/jobs p50 ms, retention sweeping 1M", higher_is_better=False),
-    Metric("rps", "POST /v1/jobs accepted/s, retention sweeping 1M", higher_is_better=True),
+    Metric("p99_ms", "POST /v1/jobs p99 ms, a retention pass a second", higher_is_better=False, goal=1.5),
+    Metric("p50_ms", "POST /v1/jobs p50 ms, a retention pass a second", higher_is_better=False),
+    Metric("rps", "POST /v1/jobs accepted/s, a retention pass a second", higher_is_better=True),
+]
+FLAT_OUT_METRICS = [
+    Metric(m.key, m.label.replace("a retention pass a second", "retention passes back to back"), m.higher_is_better)
+    for m in METRICS
 ]
 BASELINE = "the same submits on an idle, empty jobs table"
 
@@ -97,11 +105,11 @@ SELECT (SELECT count(*) FROM jobs) AS jobs_left, (SELECT count(*) FROM job_event
 
 @dataclasses.dataclass
 class Passes:
-    """Every sweep pass: its duration, the jobs it deleted, and whether submits were landing meanwhile."""
+    """Every sweep pass: its duration, the jobs it deleted, and the side it ran in (`paced`, `flat_out`, `alone`)."""
 
     ms: list[float] = dataclasses.field(default_factory=list)
     deleted: list[int] = dataclasses.field(default_factory=list)
-    under_load: list[bool] = dataclasses.field(default_factory=list)
+    side: list[str] = dataclasses.field(default_factory=list)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -123,25 +131,28 @@ async def _load_table(conn: asyncpg.Connection, jobs: int) -> dict[str, float]:
     return took
 
 
-async def _pass(deps: engine.Deps, passes: Passes, *, under_load: bool) -> int:
+async def _pass(deps: engine.Deps, passes: Passes, side: str) -> int:
     """One timed sweep pass; the jobs it deleted."""
     started = time.perf_counter()
     retained = await sweep_once(deps)
     passes.ms.append(1000 * (time.perf_counter() - started))
     passes.deleted.append(retained.deleted)
-    passes.under_load.append(under_load)
+    passes.side.append(side)
     return retained.deleted
 
 
 @contextlib.asynccontextmanager
-async def _sweeping(deps: engine.Deps, passes: Passes) -> AsyncIterator[None]:
-    """Sweep passes back to back while the block runs; the last one ends before the block does (a pass cancelled
-    mid-statement would leave its pooled connection in doubt)."""
+async def _sweeping(deps: engine.Deps, passes: Passes, side: str, pace_s: float) -> AsyncIterator[None]:
+    """A pass every `pace_s` (0: back to back) while the block runs; the last one ends before the block does (a
+    pass cancelled mid-statement would leave its pooled connection in doubt)."""
     stop = asyncio.Event()
 
     async def loop() -> None:
         while not stop.is_set():
-            await _pass(deps, passes, under_load=True)
+            started = time.monotonic()
+            await _pass(deps, passes, side)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, pace_s - (time.monotonic() - started)))
 
     task = asyncio.create_task(loop())
     try:
@@ -164,7 +175,7 @@ async def _reset(database_url: str, redis_url: str, statement: str) -> None:
         await redis.aclose()
 
 
-async def measure(run: Run) -> Comparison:
+async def measure(run: Run) -> list[Comparison]:
     s, svc = run.settings, run.svc
     idle_url = _with_database(svc.database_url, IDLE_DATABASE)
     admin = await asyncpg.connect(svc.admin_url)
@@ -179,41 +190,55 @@ async def measure(run: Run) -> Comparison:
     await reset_outlast(run)
     conn = await asyncpg.connect(svc.database_url)
     config = from_env(outlast_env(svc))
-    comparison = Comparison("retention", BASELINE, METRICS)
+    paced = Comparison("retention", BASELINE, METRICS)
+    flat_out = Comparison("retention_flat_out", BASELINE, FLAT_OUT_METRICS)
     passes = Passes()
     try:
         print(f"bench: loading {JOBS:,} jobs past retention", file=sys.stderr, flush=True)
-        comparison.notes.update(jobs=JOBS, sweep_batch=config.sweep_batch, **await _load_table(conn, JOBS))
-        loaded_url, idle_url_web = await asyncio.gather(
+        paced.notes.update(jobs=JOBS, sweep_batch=config.sweep_batch, pace_s=PACE_S, **await _load_table(conn, JOBS))
+        loaded_url, idle_web = await asyncio.gather(
             run.fleet.outlast(LOADED, outlast_env(svc)),
             run.fleet.outlast(IDLE, {**outlast_env(svc), "DATABASE_URL": idle_url}),
         )
         timing = ["--concurrency", str(s.concurrency), "--warmup", str(s.warmup_s), "--duration", str(s.duration_s)]
+        submits_only = "DELETE FROM jobs WHERE status = 'queued'"  # no worker runs them; found by jobs_queued_due
 
         async with engine.connect(config) as deps:
 
-            async def loaded() -> Figures:
-                await _reset(svc.database_url, svc.redis_url, "DELETE FROM jobs WHERE finished_at IS NULL")
-                async with _sweeping(deps, passes):
-                    figures = await load("post", "--url", loaded_url, *timing, "--api-key", run.api_key)
-                return _figures(figures)
+            def loaded(side: str, pace_s: float) -> Measure:
+                async def one() -> Figures:
+                    await _reset(svc.database_url, svc.redis_url, submits_only)
+                    async with _sweeping(deps, passes, side, pace_s):
+                        figures = await load("post", "--url", loaded_url, *timing, "--api-key", run.api_key)
+                    return _figures(figures)
+
+                return one
 
             async def idle() -> Figures:
                 await _reset(idle_url, svc.redis_url, "TRUNCATE jobs CASCADE")
-                figures = await load("post", "--url", idle_url_web, *timing, "--api-key", idle_key)
-                return _figures(figures)
+                return _figures(await load("post", "--url", idle_web, *timing, "--api-key", idle_key))
 
-            await alternate(comparison, loaded, idle, s.rounds)
-            await _reset(svc.database_url, svc.redis_url, "DELETE FROM jobs WHERE finished_at IS NULL")
+            sides: list[tuple[str, Measure]] = [
+                ("paced", loaded("paced", PACE_S)), ("flat_out", loaded("flat_out", 0.0)), ("idle", idle),
+            ]  # fmt: skip
+            for i in range(s.rounds):  # the order reverses every round, as bench/compare.py's alternate does
+                figures: dict[str, Figures] = {}
+                for name, side in sides if i % 2 == 0 else reversed(sides):
+                    figures[name] = await side()
+                    shown = ", ".join(f"{k} {v:.4g}" for k, v in figures[name].items())
+                    print(f"bench: round {i + 1}/{s.rounds} {name}: {shown}", file=sys.stderr, flush=True)
+                paced.rounds.append((figures["paced"], figures["idle"]))
+                flat_out.rounds.append((figures["flat_out"], figures["idle"]))
+            await _reset(svc.database_url, svc.redis_url, submits_only)
             left_after_rounds = await conn.fetchval(_PAST_RETENTION, config.job_retention_s)
             print(f"bench: {left_after_rounds:,} jobs past retention left; sweeping on", file=sys.stderr, flush=True)
             # on alone until a pass finds nothing left to delete
-            while await _pass(deps, passes, under_load=False):
+            while await _pass(deps, passes, "alone"):
                 pass
-        comparison.notes.update(
-            _pass_notes(passes), left_after_rounds=left_after_rounds, **dict(await conn.fetchrow(_LEFT))
-        )
-        return comparison
+        left = await conn.fetchrow(_LEFT)
+        assert left is not None
+        paced.notes.update(_pass_notes(passes), left_after_rounds=left_after_rounds, **dict(left.items()))
+        return [paced, flat_out]
     finally:
         await run.fleet.stop(LOADED)
         await run.fleet.stop(IDLE)
@@ -228,8 +253,9 @@ def _figures(figures: dict[str, Any]) -> Figures:
 
 
 def _pass_notes(passes: Passes) -> dict[str, Any]:
-    loaded = [ms for ms, busy in zip(passes.ms, passes.under_load, strict=True) if busy]
-    alone = [ms for ms, busy in zip(passes.ms, passes.under_load, strict=True) if not busy]
+    def by(side: str) -> list[float]:
+        return [ms for ms, where in zip(passes.ms, passes.side, strict=True) if where == side]
+
     deleting = [n for n in passes.deleted if n]
     # the table as it shrank: jobs past retention left after every tenth of the passes
     left, curve = JOBS, []
@@ -237,16 +263,19 @@ def _pass_notes(passes: Passes) -> dict[str, Any]:
         left -= deleted
         if n % max(1, len(passes.deleted) // 10) == 0 or n == len(passes.deleted):
             curve.append((n, left))
+    sides = {
+        f"pass_ms_{stat}_{side}": figure
+        for side in ("paced", "flat_out", "alone")
+        if (ms := by(side))
+        for stat, figure in (("max", max(ms)), ("p99", _percentile(ms, 0.99)), ("p50", statistics.median(ms)))
+    }
     return {
         "passes": len(passes.ms),
         "pass_ms_max": max(passes.ms),
         "pass_ms_p99": _percentile(passes.ms, 0.99),
         "pass_ms_p50": statistics.median(passes.ms),
-        "pass_ms_max_under_load": max(loaded, default=float("nan")),
-        "pass_ms_p99_under_load": _percentile(loaded, 0.99) if loaded else float("nan"),
-        "passes_under_load": len(loaded),
-        "pass_ms_max_alone": max(alone),
-        "pass_ms_p99_alone": _percentile(alone, 0.99),
+        **{f"passes_{side}": len(by(side)) for side in ("paced", "flat_out", "alone")},
+        **sides,
         "passes_over_goal": sum(ms > PASS_GOAL_MS for ms in passes.ms),
         "pass_goal_ms": PASS_GOAL_MS,
         "deleted_per_pass_median": statistics.median(deleting) if deleting else 0,
