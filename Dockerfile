@@ -24,7 +24,7 @@ COPY . /app
 RUN pip install --no-deps --require-virtualenv -e . \
     && pip check \
     && python -m compileall -q server worker \
-    && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent outlast
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin outlast
 
 # A number, not a name, so Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER 10001

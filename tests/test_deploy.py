@@ -4,19 +4,23 @@ locks pin every dependency pyproject.toml names."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import asyncpg
 import msgspec
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -302,3 +306,79 @@ def test_advisories_out_of_reach_pass_saying_nothing_was_audited() -> None:
 def test_an_audit_that_breaks_otherwise_fails() -> None:
     code, message = audit().verdict(2, "", "usage: pip-audit: error: unrecognized arguments: --nope")
     assert code == 2 and "unrecognized arguments" in message
+
+
+# -- the image -------------------------------------------------------------------------------------------------------
+
+BUILDAH = ["buildah", "--storage-driver", "overlay"]
+
+
+def built(args: list[str], storage: Path) -> str:
+    """One buildah command in a storage of this test's own, daemonless (no docker engine runs here)."""
+    where = ["--root", str(storage / "root"), "--runroot", str(storage / "run")]
+    done = subprocess.run([*BUILDAH, *where, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"buildah {args[0]}: {done.stderr[-3000:]}"
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Path]:
+    if not (shutil.which("buildah") and shutil.which("mmdebstrap")):
+        pytest.skip("needs Debian's buildah and mmdebstrap (.ci/run installs them)")
+    yield tmp_path
+    # unmount and delete what the build made (hundreds of MB), then its directory
+    for args in (["rm", "--all"], ["rmi", "--all", "--force"]):
+        subprocess.run([*BUILDAH, "--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), *args])
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def build_image(storage: Path) -> str:
+    """A working container of the Dockerfile's image, built here; its id."""
+    # No registry but the package indexes is reachable here, so the base is python:3.11-slim's equal made from
+    # Debian's packages (bookworm, its python3.11 with venv), given to the Dockerfile as PYTHON_IMAGE.
+    rootfs = storage / "rootfs.tar"
+    base = ["--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", str(rootfs)]
+    debootstrap = subprocess.run(["mmdebstrap", "--quiet", *base], capture_output=True, text=True, timeout=600)
+    assert debootstrap.returncode == 0, debootstrap.stderr[-3000:]
+    scratch = built(["from", "scratch"], storage)
+    built(["add", scratch, str(rootfs), "/"], storage)
+    built(["config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", scratch], storage)
+    built(["commit", "--quiet", scratch, "localhost/outlast-base"], storage)
+    # This machine reaches PyPI through a proxy only its own trust store (and pip.conf) knows: mounted for the RUN
+    # steps, never part of the image.
+    trust = ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"]
+    trust += ["-v", "/etc/pip.conf:/etc/pip.conf:ro"] if Path("/etc/pip.conf").exists() else []
+    arg = ["--build-arg", "PYTHON_IMAGE=localhost/outlast-base"]
+    built(["bud", "--quiet", "--isolation", "chroot", *trust, *arg, "-t", "localhost/outlast:test", str(ROOT)], storage)
+    return built(["from", "--quiet", "localhost/outlast:test"], storage)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_the_image_builds_runs_as_non_root_and_migrates_from_its_own_tree(
+    storage: Path, config: Config, pg_connection: asyncpg.Connection
+) -> None:
+    container = await asyncio.to_thread(build_image, storage)
+
+    async def run(*command: str, **env: str) -> str:
+        variables = [a for name, value in env.items() for a in ("--env", f"{name}={value}")]
+        args = ["run", "--isolation", "chroot", *variables, container, "--", *command]
+        return await asyncio.to_thread(built, args, storage)
+
+    assert await run("id", "-u") == "10001"
+    imports = "import server, worker, server.app, worker.migrate; print('imported')"
+    assert await run("python", "-c", imports) == "imported"
+    assert await run("sh", "-c", "touch /app/x 2>/dev/null && echo writable || echo read-only") == "read-only"
+    # the release command, from the image's own tree, on a database of its own: every migration applies
+    name = "outlast_image_test"
+    await pg_connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await pg_connection.execute(f'CREATE DATABASE "{name}"')
+    database_url = config.database_url.rpartition("/")[0] + f"/{name}"
+    await run("python", "-m", "worker.migrate", DATABASE_URL=database_url)
+    applied = await asyncpg.connect(database_url)
+    try:
+        names = {r["name"] for r in await applied.fetch("SELECT name FROM schema_migrations")}
+    finally:
+        await applied.close()
+    await pg_connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    assert names == {p.name for p in (ROOT / "migrations").glob("*.sql")}
