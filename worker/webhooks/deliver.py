@@ -40,7 +40,7 @@ from worker.deps import Deps
 from worker.job import Job
 from worker.retry import envelope
 from worker.webhooks import store as webhook_store
-from worker.webhooks.ssrf import Forbidden, Resolver, Target, UrlGuard, system_resolver
+from worker.webhooks.ssrf import Forbidden, Resolver, Target, UrlGuard, send_pinned, system_resolver
 from worker.webhooks.store import Claimed, DeliveryStatus
 
 log = logging.getLogger("outlast.webhooks")
@@ -187,22 +187,10 @@ class Sender:
         return Outcome(status_code=status, latency_ms=took(), retry_after_s=retry)
 
     async def _send(self, target: Target, body: bytes, headers: Mapping[str, str]) -> tuple[int, float | None]:
-        extensions = {"sni_hostname": target.host} if target.is_name else {}
-        host = target.url.netloc.decode("ascii")
-        for i, address in enumerate(target.addresses):  # every one was checked; the next when one refuses
-            request = self.client.build_request(
-                "POST", target.pinned(address), content=body, headers={**headers, "host": host}, extensions=extensions
-            )
-            try:
-                response = await self.client.send(request, stream=True)
-            except httpx.ConnectError:
-                if i == len(target.addresses) - 1:
-                    raise
-                continue
-            await response.aclose()
-            wait = retry_after(response.headers.get("retry-after")) if response.status_code in (429, 503) else None
-            return response.status_code, wait
-        raise AssertionError("a Target has at least one address")
+        response = await send_pinned(self.client, "POST", target, headers=headers, content=body)
+        await response.aclose()
+        wait = retry_after(response.headers.get("retry-after")) if response.status_code in (429, 503) else None
+        return response.status_code, wait
 
 
 def verdict(outcome: Outcome, claimed: Claimed, schedule: Schedule) -> tuple[DeliveryStatus, float, str | None]:

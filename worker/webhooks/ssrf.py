@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
@@ -196,16 +196,36 @@ class UrlGuard:
 
     @classmethod
     def from_config(cls, config: Config, resolver: Resolver = system_resolver) -> UrlGuard:
-        """The deployment's guard; a bad network or port list stops the process, naming its variable."""
+        """The deployment's guard for callback URLs; a bad network or port list stops the process, naming its
+        variable."""
+        return cls.of(
+            ("OUTLAST_ALLOWED_CALLBACK_NETWORKS", config.allowed_callback_networks),
+            ("OUTLAST_CALLBACK_PORTS", config.callback_ports),
+            allow_http=config.allow_http_callbacks,
+            resolve_timeout_s=config.webhook_timeout_s,
+            resolver=resolver,
+        )
+
+    @classmethod
+    def of(
+        cls,
+        networks: tuple[str, str],
+        ports: tuple[str, str],
+        *,
+        allow_http: bool,
+        resolve_timeout_s: float,
+        resolver: Resolver = system_resolver,
+    ) -> UrlGuard:
+        """A guard from settings' text, each given as (variable, value): a bad one stops the process, naming it."""
         try:
-            networks = parse_networks(config.allowed_callback_networks)
+            allowed = parse_networks(networks[1])
         except ValueError as exc:
-            raise SystemExit(f"configuration error in OUTLAST_ALLOWED_CALLBACK_NETWORKS: {exc}") from None
+            raise SystemExit(f"configuration error in {networks[0]}: {exc}") from None
         try:
-            ports = parse_ports(config.callback_ports)
+            open_ports = parse_ports(ports[1])
         except ValueError as exc:
-            raise SystemExit(f"configuration error in OUTLAST_CALLBACK_PORTS: {exc}") from None
-        return cls(networks, ports, config.allow_http_callbacks, config.webhook_timeout_s, resolver)
+            raise SystemExit(f"configuration error in {ports[0]}: {exc}") from None
+        return cls(allowed, open_ports, allow_http, resolve_timeout_s, resolver)
 
     def parse(self, text: str) -> tuple[httpx.URL, str, int]:
         """The static checks: (url, ASCII host, port), or Forbidden for good."""
@@ -267,3 +287,28 @@ class UrlGuard:
                     detail=f"{host} resolves to {address}, which is {label}",
                 )
         return Target(url, host, addresses)
+
+
+async def send_pinned(
+    client: httpx.AsyncClient,
+    method: str,
+    target: Target,
+    *,
+    headers: Mapping[str, str],
+    content: bytes | None = None,
+) -> httpx.Response:
+    """Send to the first of the target's checked addresses that takes the connection, naming the original host in
+    `Host` and (httpx's `sni_hostname` extension) in SNI and the certificate check, never to a fresh DNS answer.
+    The response is streaming: the caller reads what it wants of the body and closes it."""
+    extensions = {"sni_hostname": target.host} if target.is_name else {}
+    host = target.url.netloc.decode("ascii")
+    for i, address in enumerate(target.addresses):  # every one was checked; the next when one refuses
+        request = client.build_request(
+            method, target.pinned(address), content=content, headers={**headers, "host": host}, extensions=extensions
+        )
+        try:
+            return await client.send(request, stream=True)
+        except httpx.ConnectError:
+            if i == len(target.addresses) - 1:
+                raise
+    raise AssertionError("a Target has at least one address")
