@@ -31,6 +31,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     webhook_retry_window_s: Annotated[float, msgspec.Meta(ge=86_400)] = 36 * 3600.0  # keep trying this long
     webhook_max_result_bytes: Annotated[int, msgspec.Meta(ge=0)] = 262_144  # larger results go as a link
     webhook_poll_s: Seconds = 1.0  # how often an idle worker looks for due deliveries
+    # A job's own requests (ctx.http, worker/egress.py): the same guard as callbacks, with a policy of its own, so
+    # opening a private network to webhook receivers never opens it to every job's code. docs/job-types.md
+    egress_allowed_networks: str = ""  # comma-separated CIDRs ctx.http may reach besides global addresses
+    egress_ports: str = "80,443,8080,8443"  # comma-separated ports and ranges
+    egress_allow_http: bool = True  # plain http too: much of the web a job reads is not https
+    egress_timeout_s: Seconds = 30.0  # one request, DNS to the last byte of the body, redirects included
+    egress_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 10_485_760  # a response body past this fails the request
+    egress_breaker_failures: Annotated[int, msgspec.Meta(ge=1)] = 5  # failures in a row that open a host's circuit
+    egress_breaker_cooldown_s: Seconds = 30.0  # an open circuit skips its host this long, then lets one request try
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
     max_batch_jobs: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1_000  # jobs in one POST /v1/jobs/batch
     max_timeout_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400

@@ -9,10 +9,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 from uuid import UUID
 
 import msgspec
+
+if TYPE_CHECKING:
+    from worker.egress import Http
 
 T = TypeVar("T")
 
@@ -153,6 +156,12 @@ async def _no_spawn(type: str, input: Any, key: str, metadata: Mapping[str, Any]
     raise RuntimeError("this Context was made without a worker: it can't spawn")
 
 
+def _no_http() -> Http:
+    from worker.egress import unattached  # here: worker.egress imports this module
+
+    return unattached()
+
+
 @dataclass(frozen=True)
 class Context:
     """What a job's coroutine gets besides its input."""
@@ -168,6 +177,8 @@ class Context:
     # The job's spawned children by key, once it waited for them (worker/spawn.py); empty on a run that did not.
     children: Mapping[str, Child] = field(default_factory=dict)
     _spawn: Callable[[str, Any, str, Mapping[str, Any] | None], Awaitable[UUID]] = field(default=_no_spawn, repr=False)
+    # The job's own HTTP requests, through the SSRF guard, with a circuit breaker per host (worker/egress.py).
+    http: Http = field(default_factory=_no_http, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""

@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import logs, metrics, tracing
+from worker import egress, logs, metrics, tracing
 from worker.capacity import refresh
 from worker.config import Config
 from worker.connections import QUEUE, deserialize, redis_settings, serialize
@@ -61,6 +61,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     logging.getLogger("outlast").setLevel(logging.INFO)
     stack = contextlib.AsyncExitStack()
     stack.callback(shut_process_pool)
+    stack.push_async_callback(egress.aclose)  # ctx.http's connections
     ctx["deps"] = deps = await stack.enter_async_context(connect(config, redis=ctx["redis"]))
     ctx["runtime"] = runtime = Runtime.of(deps, load(config.job_modules), name=instance_name(config))
     stack.push_async_callback(runtime.aclose)

@@ -17,7 +17,7 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, events, logs, metrics, spawn, store, tracing, workflows
+from worker import claim, database, egress, events, logs, metrics, spawn, store, tracing, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
@@ -182,8 +182,9 @@ async def _run(
 
     upstream = {} if claimed.upstream is None else msgspec.json.decode(claimed.upstream)
     children = await spawn.children(deps.db, claimed.id) if claimed.waits else {}
+    http = egress.for_job(deps.config, journal.write)  # the job's own requests: guarded (worker/egress.py)
     context = Context(
-        claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream, children, spawn_child
+        claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream, children, spawn_child, http
     )
     task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
     beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
