@@ -17,6 +17,7 @@ from starlette.responses import Response
 from server.bulk import CancelFilter, Cancelled
 from server.deliveries import DeliveryList
 from server.jobs import JobList, JobTypeList
+from server.openapi_ops import operations
 from server.openapi_paths import REF, paths
 from server.ops import Health, Readiness
 from server.problems import Problem
@@ -212,7 +213,7 @@ def build(
             },
             {"name": "operations", "description": "health, readiness, metrics and this document"},
         ],
-        "paths": paths(submit, batch),
+        "paths": {**paths(submit, batch), **operations()},
         "components": {"schemas": components, "securitySchemes": _SECURITY_SCHEMES},
     }
 

@@ -1,5 +1,5 @@
-"""The operations of /openapi.json: every route of server/app.py but /docs's assets, with its parameters, headers
-and answers. The schemas they name are built from the msgspec types in server/openapi.py."""
+"""The operations of /openapi.json under /v1, with their parameters, headers and answers (the public ones outside it
+are in server/openapi_ops.py). The schemas they name are built from the msgspec types in server/openapi.py."""
 
 from __future__ import annotations
 
@@ -421,43 +421,6 @@ def _workflows() -> dict[str, Any]:
     }
 
 
-def _public() -> dict[str, Any]:
-    def get(operation: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
-        return {"get": {"operationId": operation, "summary": summary, "responses": responses}}
-
-    text = {"schema": {"type": "string"}}
-    return {
-        "/healthz": get(
-            "healthz", "The process answers", {"200": {"description": "alive", "content": _json("Health")}}
-        ),
-        "/readyz": get(
-            "readyz",
-            "Both stores answer",
-            {
-                "200": {"description": "both stores answer", "content": _json("Readiness")},
-                "503": {
-                    "description": "a store is down",
-                    "headers": _RETRY_AFTER,
-                    "content": {"application/problem+json": {"schema": _ref("Readiness")}},
-                },
-            },
-        ),
-        "/metrics": get(
-            "metrics",
-            "Prometheus text exposition",
-            {"200": {"description": "the metrics", "content": {"text/plain": text}}},
-        ),
-        "/openapi.json": get(
-            "openApi",
-            "This document",
-            {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}},
-        ),
-        "/docs": get(
-            "docs", "This document, rendered", {"200": {"description": "a page", "content": {"text/html": text}}}
-        ),
-    }
-
-
 def paths(submit: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
     """Every operation, given the submit and batch body schemas (a union over the job types)."""
     found: dict[str, Any] = {}
@@ -473,11 +436,7 @@ def paths(submit: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         writes = _WRITES if operation["operationId"] in _WRITING else {}
         operation["responses"] = {**_GUARDED, **writes, **operation["responses"]}
     found = {path: found[path] for path in sorted(found, key=_ORDER.index)}
-    public = _public()
-    for operation in (op for ops in public.values() for op in ops.values()):
-        operation["tags"] = ["operations"]
-        operation["security"] = []  # health, the metrics and the docs are public
-    return {**found, **public}
+    return found
 
 
 # As /docs lists them: a job's life in order.
