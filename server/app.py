@@ -21,6 +21,7 @@ from server import (
     collector,
     deliveries,
     docs,
+    feed,
     jobs,
     limits,
     openapi,
@@ -71,6 +72,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
                     config=config,
                     deps=deps,
                     hub=hub,
+                    feeds=feed.Feeds(deps.db, hub),
                     auth=await auth.setup(config, deps.db),
                     callbacks=UrlGuard.from_config(config, resolver),  # and again at each delivery (the worker's)
                     inserts=submit.inserts(deps.db),
@@ -100,6 +102,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/jobs/{id}/deliveries", deliveries.list_deliveries, methods=["GET"]),
             Route("/v1/jobs/{id}/deliveries/redeliver", deliveries.redeliver, methods=["POST"]),
             Route("/v1/jobs/{id}/events", stream.follow, methods=["GET"]),
+            Route("/v1/events", feed.events, methods=["GET"]),
             Route("/v1/job-types", jobs.job_types, methods=["GET"]),
             Route("/v1/schedules", schedules.list_schedules, methods=["GET"]),
             Route("/v1/schedules", schedules.create, methods=["POST"]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, Final, TypeVar
 from uuid import UUID
 
@@ -186,6 +186,9 @@ class Hub:
             redis_url, socket_connect_timeout=timeout_s, health_check_interval=int(SUBSCRIBER_IDLE_S), **(tls or {})
         )
         self._feeds: dict[bytes, Feed] = {}  # by the id as published, so a notification needs no parsing
+        # Called on every notification and poll, whatever it names: the tenant feeds (server/feed.py), which can't
+        # tell a job's tenant from its id.
+        self.listeners: set[Callable[[], None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -238,6 +241,8 @@ class Hub:
                 del self._feeds[key]
 
     def _poke(self, payload: bytes) -> None:
+        for listener in self.listeners:
+            listener()
         for key in payload.split():  # a Notifier names many jobs in one message
             if key == EVERY_JOB:
                 self._poke_all()
@@ -246,6 +251,8 @@ class Hub:
                 feed.poke()
 
     def _poke_all(self) -> None:
+        for listener in self.listeners:
+            listener()
         for feed in list(self._feeds.values()):
             feed.poke()
 
@@ -276,6 +283,8 @@ class Hub:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._poll_s)
+            for listener in self.listeners:
+                listener()
             feeds = list(self._feeds.values())
             if not feeds:
                 continue

@@ -212,6 +212,35 @@ def _reads() -> dict[str, Any]:
             security=_READ,
             parameters=[_ID, _LAST_EVENT_ID, _TOKEN],
         ),
+        "/v1/events": {
+            "get": {
+                "operationId": "followEvents",
+                "summary": "The tenant's job changes as Server-Sent Events, resumable after Last-Event-ID",
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": _ref("JobStatus")},
+                    {"name": "type", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "follow",
+                        "in": "query",
+                        "description": "false: the changes after Last-Event-ID up to now, then the stream ends",
+                        "schema": {"type": "boolean", "default": True},
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}[.][0-9]{1,19}$"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "`job` events (data: the Job without input and result, as it is now), an"
+                        " `id:` line alone past changes the filters hid; `reconnect` when it ends",
+                        "content": {"text/event-stream": {"schema": _ref("ServerSentEvent")}},
+                    },
+                    "422": _problem("Last-Event-ID is not an event id of this stream, or a bad filter"),
+                },
+            },
+        },
         "/v1/jobs": {
             "get": {
                 "operationId": "listJobs",
@@ -449,6 +478,7 @@ _ORDER = (
     "/v1/jobs/{id}/cancel",
     "/v1/jobs/cancel",
     "/v1/jobs/{id}/retry",
+    "/v1/events",
     "/v1/job-types",
     "/v1/stats",
     "/v1/jobs/{id}/deliveries",

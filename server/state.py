@@ -15,6 +15,7 @@ from worker.queue import Bell
 
 if TYPE_CHECKING:  # each of these modules reads the state through web_of: only the names, not the modules
     from server.auth import AuthState
+    from server.feed import Feeds
     from server.follow import Hub
     from server.jobs import JobTypeList
     from server.limits import Budget
@@ -26,6 +27,7 @@ class Web:
     config: Config
     deps: Deps
     hub: Hub  # one Redis subscription, fanned out to every stream and long poll (server/follow.py)
+    feeds: Feeds  # the tenant feeds of GET /v1/events, woken through the hub (server/feed.py)
     auth: AuthState  # tokens, the failure throttle, open mode, the key cache (server/auth.py)
     callbacks: UrlGuard  # the SSRF guard a callback_url passes at submit (and again at each delivery)
     inserts: Batcher[store.NewJob, store.JobRow | None]  # submits' INSERTs, batched (server/submit.py)

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import cast
+from typing import Protocol, cast
 from uuid import UUID
 
 import anyio
@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from server import jobs
 from server.auth import caller_of, signed_links, tenant_of
-from server.follow import Follower, Hub
+from server.follow import Hub
 from server.limits import StreamSlot
 from server.metrics import Metrics
 from server.problems import FieldError, ValidationError
@@ -69,12 +69,16 @@ def reconnect(reason: str) -> bytes:
     return b"event: reconnect\ndata: %b\nretry: %d\n\n" % (_encode(Reconnect(reason)), random.randint(500, 3000))
 
 
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
 class _Shutdown:
     """Stands in for the anyio.Event that EventSourceResponse sets when the server shuts down (it only calls set()):
     it stops the stream's follower, so the stream ends with a `reconnect` event instead of being cut."""
 
     def __init__(self) -> None:
-        self._follower: Follower | None = None
+        self._follower: Stoppable | None = None
         self._set = False
 
     def set(self) -> None:
@@ -85,7 +89,7 @@ class _Shutdown:
     def is_set(self) -> bool:
         return self._set
 
-    def attach(self, follower: Follower) -> None:
+    def attach(self, follower: Stoppable) -> None:
         self._follower = follower
         if self._set:
             follower.stop()

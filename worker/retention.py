@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from databases import Database
 
-from worker import sql
+from worker import feed, sql
 from worker.config import Config
 
 # A workflow's results stay while it is kept: a resumed workflow's next steps read them as ctx.upstream.
@@ -74,6 +74,7 @@ class Retained:
     deleted: int  # jobs deleted, with their events and deliveries
     workflows: int  # ended workflows deleted whole
     released: int  # Idempotency-Keys freed
+    feed: int = 0  # rows of the tenant feeds' log past a day (worker/feed.py)
 
 
 async def retain(db: Database, config: Config) -> Retained:
@@ -85,4 +86,5 @@ async def retain(db: Database, config: Config) -> Retained:
     values = {"batch": WORKFLOWS_PER_PASS, "retention": config.job_retention_s}
     workflows = await sql.fetch_val(db, _DELETE_OLD_WORKFLOWS, values)
     released = await sql.fetch_val(db, _RELEASE_KEYS, {"batch": batch, "window": config.idempotency_ttl_s})
-    return Retained(purged=purged, deleted=len(deleted), workflows=workflows, released=released)
+    changes = await feed.delete_old(db, batch=batch)
+    return Retained(purged=purged, deleted=len(deleted), workflows=workflows, released=released, feed=changes)

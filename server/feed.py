@@ -1,0 +1,270 @@
+"""GET /v1/events: the tenant's job changes as Server-Sent Events, resumable with Last-Event-ID; it never ends by
+itself (worker/feed.py reads the log, migrations/0023 writes it).
+
+Each event is `id: <cursor>`, `event: job` and the Job without input and result, as it is when read; `type=` and
+`status=` filter them; `follow=false` ends the stream once it has caught up (a script's catch-up read). An `id:`
+line alone moves the client's Last-Event-ID past changes the filters hid, and comes first, so a client that
+reconnects before any event resumes where it began. Keep-alives, the slot per key, the maximum lifetime and the
+shutdown's `reconnect` event are the job stream's (server/stream.py).
+
+    Feeds       one per web process: a TenantFeed per tenant someone follows, woken by every notification (the Hub)
+    TenantFeed  one read at a time of what is new, shared by all the tenant's streams through a cache
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Final, cast
+
+import anyio
+import msgspec
+from databases import Database
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.auth import caller_of
+from server.follow import Hub
+from server.jobs import decode_query
+from server.limits import StreamSlot
+from server.metrics import Metrics
+from server.problems import FieldError, ValidationError
+from server.state import web_of
+from server.stream import (
+    KEEP_ALIVE,
+    SEND_TIMEOUT_S,
+    SHUTDOWN_GRACE_S,
+    EventStream,
+    _holding,
+    _Shutdown,
+    reconnect,
+)
+from worker import Config, Status, database, feed
+from worker.feed import Change, Cursor
+
+log = logging.getLogger("outlast.web")
+FEED_CACHE: Final = 2_000  # changes a TenantFeed keeps for the streams a little behind
+READ_GAP_S: Final = 0.1  # at most one shared read per tenant this often: a busy queue's changes come in batches
+_encode = msgspec.json.Encoder().encode
+
+
+class FeedQuery(msgspec.Struct, frozen=True, kw_only=True):
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    status: Status | msgspec.UnsetType = msgspec.UNSET
+    follow: bool = True  # false: the changes after Last-Event-ID up to now, then the stream ends
+
+
+class TenantFeed:
+    """One tenant followed in this process: what one shared read after another found, for all its streams."""
+
+    def __init__(self, db: Database, hub: Hub, tenant: str, start: Cursor) -> None:
+        self.db, self.hub, self.tenant = db, hub, tenant
+        self.followers: set[FeedFollower] = set()
+        self.base = self.high = start  # the cache holds every change after `base` up to `high`
+        self._cache: list[Change] = []
+        self._cursors: list[Cursor] = []
+        self._reading: asyncio.Task[None] | None = None
+        self._again = False
+
+    def poke(self) -> None:
+        if self._reading is None:
+            self._reading = self.hub.spawn(self._read())
+        else:
+            self._again = True
+
+    def after(self, cursor: Cursor) -> tuple[list[Change], Cursor] | None:
+        """The changes after `cursor` and where they end; None: the cache does not reach back that far."""
+        if cursor < self.base:
+            return None
+        return self._cache[bisect.bisect_right(self._cursors, cursor) :], max(cursor, self.high)
+
+    async def _read(self) -> None:
+        try:
+            again = True
+            while again and self.followers:
+                self._again = False
+                changes, high = await feed.read_after(self.db, self.tenant, self.high)
+                self._cache.extend(changes)
+                self._cursors.extend(c.cursor for c in changes)
+                self.high = high
+                if len(self._cache) > 2 * FEED_CACHE:
+                    self.base = self._cursors[-FEED_CACHE - 1]
+                    del self._cache[:-FEED_CACHE], self._cursors[:-FEED_CACHE]
+                self._wake_all()
+                again = self._again or len(changes) == feed.READ_BATCH
+                if again:
+                    await asyncio.sleep(READ_GAP_S)
+        except database.UNAVAILABLE as exc:
+            log.warning(
+                "events: reading the feed of %s failed (%s); the next notification reads again", self.tenant, exc
+            )
+        finally:
+            self._reading = None
+
+    def _wake_all(self) -> None:
+        for follower in self.followers:
+            follower.wake.set()
+
+
+class FeedFollower:
+    __slots__ = ("stopped", "wake")
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+
+class Feeds:
+    """The tenant feeds of this web process, each woken by every notification the Hub hears."""
+
+    def __init__(self, db: Database, hub: Hub) -> None:
+        self.db, self.hub = db, hub
+        self._feeds: dict[str, TenantFeed] = {}
+        hub.listeners.add(self._poke)
+
+    def _poke(self) -> None:
+        for tenant_feed in self._feeds.values():
+            tenant_feed.poke()
+
+    @contextlib.asynccontextmanager
+    async def follow(self, tenant: str) -> AsyncIterator[tuple[TenantFeed, FeedFollower]]:
+        tenant_feed = self._feeds.get(tenant)
+        if tenant_feed is None:
+            start = await feed.boundary(self.db)
+            tenant_feed = self._feeds.setdefault(tenant, TenantFeed(self.db, self.hub, tenant, start))
+        follower = FeedFollower()
+        tenant_feed.followers.add(follower)
+        try:
+            yield tenant_feed, follower
+        finally:
+            tenant_feed.followers.discard(follower)
+            if not tenant_feed.followers and self._feeds.get(tenant) is tenant_feed:
+                del self._feeds[tenant]
+
+
+def last_event_id(request: Request) -> Cursor | None:
+    raw = request.headers.get("last-event-id")
+    if raw is None:
+        return None
+    cursor = Cursor.parse(raw.strip())
+    if cursor is None:
+        msg = "Last-Event-ID must be the id of an event of this stream"
+        raise ValidationError(msg, [FieldError("Last-Event-ID", msg)])
+    return cursor
+
+
+def query_of(request: Request) -> FeedQuery:
+    params = request.query_params
+    for name in params:
+        if len(params.getlist(name)) > 1:
+            msg = f"{name} may be given once"
+            raise ValidationError(msg, [FieldError(name, msg)])
+    return decode_query(params, FeedQuery)
+
+
+def frame(change: Change) -> bytes:
+    return b"id: %b\nevent: job\ndata: %b\n\n" % (str(change.cursor).encode(), _encode(change.job))
+
+
+async def events(request: Request) -> Response:
+    """GET /v1/events (and the dashboard's live lists, with the session's caller)."""
+    web = web_of(request)
+    query, after = query_of(request), last_event_id(request)
+    caller = caller_of(request)
+    config = web.config
+    slot = await StreamSlot.take(
+        web.deps.redis,
+        caller.limit_key,
+        limit=config.max_streams_per_key,
+        retry_after=config.retry_after_s,
+        holder="this API key",
+    )
+    shutdown = _Shutdown()
+    if query.follow:
+        frames = _frames(web.feeds, web.metrics, config, caller.tenant, query, after, shutdown)
+    else:
+        frames = _replay(web.deps.db, caller.tenant, query, after)
+    return EventStream(
+        _holding(slot, frames),
+        ping=0,
+        sep="\n",
+        send_timeout=SEND_TIMEOUT_S,
+        shutdown_event=cast(anyio.Event, shutdown),
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+    )
+
+
+def _wanted(change: Change, query: FeedQuery) -> bool:
+    job = change.job
+    return (query.type is msgspec.UNSET or job.type == query.type) and (
+        query.status is msgspec.UNSET or job.status == query.status
+    )
+
+
+async def _replay(db: Database, tenant: str, query: FeedQuery, after: Cursor | None) -> AsyncIterator[bytes]:
+    """`follow=false`: what is final after `after` now, ending with an `id:` line alone that says where to resume."""
+    now = await feed.boundary(db)  # what a busy queue changes meanwhile is the next read's
+    cursor = now if after is None else after
+    while cursor < now:
+        changes, cursor = await feed.read_after(db, tenant, cursor)
+        for change in changes:
+            if _wanted(change, query):
+                yield frame(change)
+    yield b"id: %b\n\n" % str(cursor).encode()
+
+
+async def _frames(
+    feeds: Feeds,
+    metrics: Metrics,
+    config: Config,
+    tenant: str,
+    query: FeedQuery,
+    after: Cursor | None,
+    shutdown: _Shutdown,
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    until = loop.time() + config.stream_max_s
+    tick_s = config.stream_keepalive_s
+    metrics.open_streams.inc()
+    try:
+        async with feeds.follow(tenant) as (tenant_feed, follower):
+            shutdown.attach(follower)
+            cursor = tenant_feed.high if after is None else after
+            sent = None if after is None else cursor  # the client's Last-Event-ID
+            next_tick = loop.time() + tick_s
+            while not follower.stopped and loop.time() < until:
+                follower.wake.clear()
+                found = tenant_feed.after(cursor)
+                if found is None:  # behind the cache: read on our own until we reach it
+                    found = await feed.read_after(feeds.db, tenant, cursor)
+                changes, cursor = found
+                shown = False
+                for change in changes:
+                    if _wanted(change, query):
+                        yield frame(change)
+                        sent, shown = change.cursor, True
+                tick = loop.time() >= next_tick
+                if sent != cursor and (not shown or tick):
+                    yield b"id: %b\n\n" % str(cursor).encode()  # Last-Event-ID past what the filters hid
+                    sent = cursor
+                if tick:
+                    yield KEEP_ALIVE
+                    next_tick = loop.time() + tick_s
+                if cursor < tenant_feed.base:
+                    continue  # still behind the cache: read on at once
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(min(until, next_tick)):
+                        await follower.wake.wait()
+            yield reconnect("shutdown" if follower.stopped else "max-lifetime")
+    except database.UNAVAILABLE as exc:
+        log.warning("event feed of %s: database unavailable (%s); the client will reconnect", tenant, exc)
+        yield reconnect("unavailable")
+    finally:
+        metrics.open_streams.dec()
