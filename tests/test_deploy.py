@@ -382,3 +382,27 @@ async def test_the_image_builds_runs_as_non_root_and_migrates_from_its_own_tree(
         await applied.close()
     await pg_connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     assert names == {p.name for p in (ROOT / "migrations").glob("*.sql")}
+
+
+# -- the guides ------------------------------------------------------------------------------------------------------
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's ids for a page's headings."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_link_in_the_readme_and_the_deploy_guides_leads_somewhere() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs" / "deploy").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # another site
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists() or (anchor and file.is_file() and anchor not in anchors(file.read_text())):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+    assert {p.stem for p in pages} >= {"heroku", "render", "fly", "dokku", "kubernetes"}
