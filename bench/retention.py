@@ -6,13 +6,14 @@ purged), each with its three status events; one in ten has a callback_url and a 
 one in ten an Idempotency-Key: all in a few `INSERT … SELECT generate_series` statements, then VACUUM ANALYZE, as a
 table whose rows aged for a month would be. A second database beside it (`outlast_bench_idle`) stays empty.
 
-Each round, in an order that reverses every round, three sides of POST /v1/jobs noop submits (bench/load.py `post`,
+Each round, in an order that reverses every round, four sides of POST /v1/jobs noop submits (bench/load.py `post`,
 the submit_job load): at a web process on the loaded database while this process runs the engine's sweep
 (worker/sweep.py `sweep_once`, with the worker's configuration) a pass a second, as one worker at the shortest
 `OUTLAST_SWEEP_INTERVAL_S` does, or five at the default 5 s (`retention`, the goal); the same with passes back to
 back, as fast as one sweeper goes (`retention_flat_out`, no goal: the worst case, which on 2 cores mostly measures
-the CPU the passes take from the submits); and the same load at a web process on the idle database with nothing
-else running, the baseline of both. Each side's submits are deleted before the next, so no side writes into
+the CPU the passes take from the submits); the same with no pass at all (`retention_unswept`, no goal: what the
+million rows cost a submit by themselves); and the same load at a web process on the idle database with nothing
+else running, the baseline of all three. Each side's submits are deleted before the next, so no side writes into
 another's rows. After the rounds the passes go on back to back, alone, until no job past retention is left. The
 pass goal is a figure, not a ratio: every pass under 250 ms (in the notes, and in the summary line).
 """
@@ -54,6 +55,10 @@ METRICS = [
 ]
 FLAT_OUT_METRICS = [
     Metric(m.key, m.label.replace("a retention pass a second", "retention passes back to back"), m.higher_is_better)
+    for m in METRICS
+]
+UNSWEPT_METRICS = [
+    Metric(m.key, m.label.replace("a retention pass a second", "on the 1M table, no pass"), m.higher_is_better)
     for m in METRICS
 ]
 BASELINE = "the same submits on an idle, empty jobs table"
@@ -192,6 +197,7 @@ async def measure(run: Run) -> list[Comparison]:
     config = from_env(outlast_env(svc))
     paced = Comparison("retention", BASELINE, METRICS)
     flat_out = Comparison("retention_flat_out", BASELINE, FLAT_OUT_METRICS)
+    unswept = Comparison("retention_unswept", BASELINE, UNSWEPT_METRICS)
     passes = Passes()
     try:
         print(f"bench: loading {JOBS:,} jobs past retention", file=sys.stderr, flush=True)
@@ -205,10 +211,12 @@ async def measure(run: Run) -> list[Comparison]:
 
         async with engine.connect(config) as deps:
 
-            def loaded(side: str, pace_s: float) -> Measure:
+            def loaded(side: str, pace_s: float | None) -> Measure:
                 async def one() -> Figures:
                     await _reset(svc.database_url, svc.redis_url, submits_only)
-                    async with _sweeping(deps, passes, side, pace_s):
+                    async with contextlib.AsyncExitStack() as stack:
+                        if pace_s is not None:
+                            await stack.enter_async_context(_sweeping(deps, passes, side, pace_s))
                         figures = await load("post", "--url", loaded_url, *timing, "--api-key", run.api_key)
                     return _figures(figures)
 
@@ -219,7 +227,8 @@ async def measure(run: Run) -> list[Comparison]:
                 return _figures(await load("post", "--url", idle_web, *timing, "--api-key", idle_key))
 
             sides: list[tuple[str, Measure]] = [
-                ("paced", loaded("paced", PACE_S)), ("flat_out", loaded("flat_out", 0.0)), ("idle", idle),
+                ("paced", loaded("paced", PACE_S)), ("flat_out", loaded("flat_out", 0.0)),
+                ("unswept", loaded("unswept", None)), ("idle", idle),
             ]  # fmt: skip
             for i in range(s.rounds):  # the order reverses every round, as bench/compare.py's alternate does
                 figures: dict[str, Figures] = {}
@@ -229,6 +238,7 @@ async def measure(run: Run) -> list[Comparison]:
                     print(f"bench: round {i + 1}/{s.rounds} {name}: {shown}", file=sys.stderr, flush=True)
                 paced.rounds.append((figures["paced"], figures["idle"]))
                 flat_out.rounds.append((figures["flat_out"], figures["idle"]))
+                unswept.rounds.append((figures["unswept"], figures["idle"]))
             await _reset(svc.database_url, svc.redis_url, submits_only)
             left_after_rounds = await conn.fetchval(_PAST_RETENTION, config.job_retention_s)
             print(f"bench: {left_after_rounds:,} jobs past retention left; sweeping on", file=sys.stderr, flush=True)
@@ -238,7 +248,7 @@ async def measure(run: Run) -> list[Comparison]:
         left = await conn.fetchrow(_LEFT)
         assert left is not None
         paced.notes.update(_pass_notes(passes), left_after_rounds=left_after_rounds, **dict(left.items()))
-        return [paced, flat_out]
+        return [paced, flat_out, unswept]
     finally:
         await run.fleet.stop(LOADED)
         await run.fleet.stop(IDLE)
