@@ -4,6 +4,7 @@ job's log; and they carry the job's trace context when tracing is on. Nothing re
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import msgspec
@@ -102,6 +103,47 @@ async def test_a_request_reaches_an_allowed_address_by_name_with_the_name_in_hos
     assert (response.status_code, response.text) == (200, "hello")
     assert str(response.url) == f"http://site.test:{site.port}/"  # the name, never the pinned address
     assert site.requests[0].headers["host"] == f"site.test:{site.port}"
+
+
+class KeepAlive(Receiver):
+    """A server that keeps each connection open for as many requests as the client sends on it."""
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                method, path, _ = head[0].split(" ", 2)
+                headers = dict((k.strip().lower(), v.strip()) for k, _, v in (h.partition(":") for h in head[1:] if h))
+                self.requests.append(Received(method, path, headers, b""))
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+async def test_a_connection_is_reused_for_its_own_name_only_never_for_another_name_on_the_same_address(
+    http: Http, dns: FakeDNS
+) -> None:
+    dns.table["alias.test"] = ["127.0.0.1"]
+    server = await KeepAlive().start()
+    try:
+        for _ in range(3):
+            assert (await http.get(f"http://site.test:{server.port}/")).text == "ok"
+        reused = server.connections
+        await http.get(f"http://alias.test:{server.port}/")  # same address: a connection of its own
+        await http.get(f"http://site.test:{server.port}/")
+    finally:
+        await server.stop()
+    assert (reused, server.connections) == (1, 2)
+    assert [r.headers["host"].partition(":")[0] for r in server.requests] == ["site.test"] * 3 + [
+        "alias.test",
+        "site.test",
+    ]
 
 
 async def test_a_forbidden_address_fails_the_request_and_nothing_connects(

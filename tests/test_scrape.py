@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import eventually
 from tests.receivers import Received, Receiver
-from worker import Config, Context, JobError, Progress
+from worker import Config, Context, JobError, Progress, tracing
 from worker.egress import Egress
 from worker.job_types import scrape
 
@@ -222,3 +224,30 @@ async def test_a_submitted_scrape_runs_in_the_worker_through_its_guard(
     assert pages[0]["title"] == "A" and pages[0]["links"] == [f"{site.root}/c", f"{site.root}/"]
     assert (job["result"]["succeeded"], job["result"]["failed"], job["progress"]["fraction"]) == (1, 2, 1.0)
     assert [canary.connections for canary in canaries] == [0, 0, 0, 0]
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = tracing.provider(SimpleSpanProcessor(exporter), service="outlast-test", environ={})
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.uninstall()
+        provider.shutdown()
+
+
+async def test_with_tracing_on_each_request_of_a_scrape_is_a_child_of_its_attempt_and_carries_its_trace(
+    spans: InMemorySpanExporter, client: httpx.AsyncClient, drain: Callable[[], Awaitable[None]], site: Site
+) -> None:
+    submitted = await client.post("/v1/jobs", json={"type": "scrape", "input": {"urls": [site.root + "/a"]}})
+    assert submitted.status_code == 202, submitted.text
+    await drain()
+    finished = spans.get_finished_spans()
+    (attempt,) = [s for s in finished if s.name == "run scrape"]
+    requests = [s for s in finished if s.name == "ctx.http GET"]
+    assert len(requests) == 2  # robots.txt, then the page
+    assert all(s.parent is not None and s.parent.span_id == attempt.context.span_id for s in requests)
+    trace_id = f"{attempt.context.trace_id:032x}"
+    assert [r.headers["traceparent"].split("-")[1] for r in site.requests] == [trace_id, trace_id]

@@ -340,11 +340,11 @@ class Http:
         except TimeoutError:
             if hop.host is not None:  # the deadline cut a request short: the host did not answer in time
                 self._note(egress.breaker.failed(hop.host, "timed out"))
+                hop.host = None
             raise EgressTimeout(f"{_shown(text)}: no complete answer within {within:g} s") from None
-        except asyncio.CancelledError:
-            if hop.host is not None:
+        finally:
+            if hop.host is not None:  # no verdict on the host (cancelled, or a bug): a trial it was lets another try
                 egress.breaker.released(hop.host)
-            raise
 
     async def _hop(
         self,
