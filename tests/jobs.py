@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from typing import Any, Literal
 
 import msgspec
 
-from worker import Context, JobError, JobType, Rate, RetryableError, Waiting, in_process_pool
+from worker import Context, JobError, JobType, Rate, RetryableError, SyncContext, Waiting, in_process_pool
 
 
 class Nothing(msgspec.Struct, forbid_unknown_fields=True):
@@ -149,7 +150,41 @@ async def fan_out(input: FanOut, ctx: Context) -> dict[str, Any] | Waiting:
     return ctx.wait_for_children()
 
 
+def blocking_sleep(input: Seconds, ctx: SyncContext) -> dict[str, Any]:
+    """A Celery-style task: plain, blocking, in ten steps, reporting progress from its thread."""
+    for step in range(1, 11):
+        time.sleep(input.seconds / 10)
+        ctx.progress(step / 10, f"step {step}")
+    return {"slept": input.seconds, "thread": threading.current_thread().name}
+
+
+def cpu_loop(input: Seconds, ctx: SyncContext) -> dict[str, Any]:
+    """Pure-Python CPU work for `seconds`, holding its own GIL: in a process of its own, the worker's loop runs on."""
+    ctx.log("info", f"pid {os.getpid()}")
+    began = reported = time.monotonic()
+    loops = 0
+    while (now := time.monotonic()) - began < input.seconds:
+        loops += sum(i * i for i in range(2_000)) > 0
+        if now - reported > 0.5:
+            ctx.progress(min(1.0, (now - began) / input.seconds), f"{loops} loops")
+            reported = now
+    return {"pid": os.getpid(), "loops": loops}
+
+
+def plain_refuse(input: Nothing, ctx: SyncContext) -> None:
+    raise JobError("the input can never work", type="bad_input")
+
+
+def plain_unencodable(input: Nothing, ctx: SyncContext) -> object:
+    return object()
+
+
 JOB_TYPES = (
+    # plain functions: tests/test_executors.py
+    JobType("blocking_sleep", Seconds, blocking_sleep, timeout_s=60),
+    JobType("cpu_loop", Seconds, cpu_loop, executor="process", timeout_s=600),
+    JobType("plain_refuse", Nothing, plain_refuse, executor="process", timeout_s=10),
+    JobType("plain_unencodable", Nothing, plain_unencodable, executor="process", timeout_s=10),
     # spawned children: tests/test_spawn.py
     JobType("fan_out", FanOut, fan_out, timeout_s=30),
     # workflows: tests/test_workflows.py

@@ -25,10 +25,10 @@ def test_the_engine_exports_exactly_its_public_names() -> None:
     """What server/ and a user's job module may use; a change here is a change of the engine's interface."""
     assert sorted(worker.__all__) == [
         "Child", "Config", "Context", "Deps", "Error", "Forbidden", "Job", "JobError", "JobType", "LIVE", "Links",
-        "NEXT", "Progress", "Rate", "RetryableError", "Schedule", "Status", "TERMINAL", "UrlGuard", "Waiting",
-        "connect", "control", "cron", "database", "enqueue", "events", "from_env", "in_process_pool", "keys",
-        "load_job_types", "request_abort", "resource", "schedules", "status", "store", "sweep", "ticker",
-        "webhook_store",
+        "NEXT", "Progress", "Rate", "RetryableError", "Schedule", "Status", "Stopped", "SyncContext", "TERMINAL",
+        "UrlGuard", "Waiting", "connect", "control", "cron", "database", "enqueue", "events", "from_env",
+        "in_process_pool", "keys", "load_job_types", "request_abort", "resource", "schedules", "status", "store",
+        "sweep", "ticker", "webhook_store",
     ]  # fmt: skip
     assert all(hasattr(worker, name) for name in worker.__all__)
 

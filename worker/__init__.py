@@ -6,6 +6,7 @@ Both processes import it; the server uses only the names below.
 from worker import control, cron, database, events, keys, resource, schedules, status, store, sweep, ticker
 from worker.config import Config, from_env
 from worker.deps import Deps, connect
+from worker.executors import Stopped, SyncContext
 from worker.job import (
     LIVE,
     NEXT,
@@ -49,6 +50,8 @@ __all__ = [
     "RetryableError",
     "Schedule",
     "Status",
+    "Stopped",
+    "SyncContext",
     "UrlGuard",
     "Waiting",
     "connect",

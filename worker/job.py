@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import multiprocessing as mp
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -212,11 +213,12 @@ class Rate:
 
 @dataclass(frozen=True)
 class JobType:
-    """A registered kind of job: a msgspec Input type and one coroutine."""
+    """A registered kind of job: a msgspec Input type and one function: a coroutine, run on the worker's loop, or a
+    plain `def` taking a SyncContext, run in a thread or (`executor="process"`) a process (worker/executors.py)."""
 
     name: str
     input: type[msgspec.Struct]
-    run: Callable[[Any, Context], Awaitable[Any]]
+    run: Callable[[Any, Any], Any]  # (input, Context) -> Awaitable, or (input, SyncContext) -> result
     retry_safe: bool = True  # may run again after a crash: at-least-once is fine for it
     timeout_s: int = 3600
     max_attempts: int | None = None  # None: the deployment's default
@@ -224,6 +226,7 @@ class JobType:
     # At most this many jobs of one `concurrency_key` run at once, across every worker. None: the type takes no key.
     concurrency: int | None = None
     rate: Rate | None = None  # starts beyond it wait queued (worker/claim.py); None: as fast as workers take them
+    executor: Literal["thread", "process"] = "thread"  # where a plain `def` runs; a coroutine runs on the loop
     decoder: msgspec.json.Decoder[Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -231,4 +234,13 @@ class JobType:
             raise ValueError(f"job type {self.name!r}: concurrency must be at least 1")
         if self.rate is not None and (self.rate.count < 1 or self.rate.per_s <= 0):
             raise ValueError(f"job type {self.name!r}: a rate needs a count of at least 1 per a positive per_s")
+        if self.executor not in ("thread", "process"):
+            raise ValueError(f"job type {self.name!r}: executor must be 'thread' or 'process'")
+        if self.executor == "process" and not self.plain:
+            raise ValueError(f"job type {self.name!r}: executor='process' runs a plain def, not a coroutine")
         object.__setattr__(self, "decoder", msgspec.json.Decoder(self.input))
+
+    @property
+    def plain(self) -> bool:
+        """A plain function, run off the loop, rather than a coroutine."""
+        return not inspect.iscoroutinefunction(self.run)

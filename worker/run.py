@@ -22,6 +22,7 @@ from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
 from worker.deps import Deps
+from worker.executors import Executors
 from worker.heartbeat import Heartbeat
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status, Waiting
 from worker.queue import Bell, enqueue, enqueue_many, parse_message
@@ -52,6 +53,7 @@ class Runtime:
     wakes: Batcher[Claimed, None]  # attempts that gave slots back: what waits for those slots is dispatched
     capacity: Capacity
     slots: metrics.Slots
+    executors: Executors  # where plain-function job types run
     later: set[asyncio.Task[None]] = field(default_factory=set)  # rings waiting for their time (ring_later)
 
     @classmethod
@@ -78,6 +80,7 @@ class Runtime:
             Batcher(wakes, shared=database.UNAVAILABLE, linger_s=WRITE_LINGER_S),
             capacity,
             metrics.Slots(config.worker_max_jobs),
+            Executors(config.worker_max_jobs),
         )
 
     def ring_later(self, deps: Deps, bell: Bell) -> None:
@@ -102,6 +105,7 @@ class Runtime:
         await self.claims.aclose()
         await self.finishes.aclose()
         await self.wakes.aclose()
+        self.executors.shutdown()
 
 
 TURNED_AWAY = "outlast_turned_away"  # in a message's arq ctx: its claim started nothing
@@ -186,7 +190,7 @@ async def _run(
     context = Context(
         claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream, children, spawn_child, http
     )
-    task = asyncio.ensure_future(journal.around(job_type.run(value, context)))
+    task = asyncio.ensure_future(journal.around(runtime.executors.call(job_type, value, context)))
     beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
     beat.start()
     runtime.slots.take()
