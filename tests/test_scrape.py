@@ -16,7 +16,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.conftest import eventually
+from tests.conftest import Processes, eventually, wait_done
 from tests.receivers import Received, Receiver
 from worker import Config, Context, JobError, Progress, tracing
 from worker.egress import Egress
@@ -251,3 +251,24 @@ async def test_with_tracing_on_each_request_of_a_scrape_is_a_child_of_its_attemp
     assert all(s.parent is not None and s.parent.span_id == attempt.context.span_id for s in requests)
     trace_id = f"{attempt.context.trace_id:032x}"
     assert [r.headers["traceparent"].split("-")[1] for r in site.requests] == [trace_id, trace_id]
+
+
+@pytest.mark.slow
+async def test_real_web_and_worker_processes_scrape_through_the_deployments_egress_policy(
+    processes: Processes, site: Site, canaries: list[Receiver]
+) -> None:
+    """The worker builds ctx.http from OUTLAST_EGRESS_* at its start and closes it at its stop, without a traceback."""
+    urls = [site.root + "/", f"http://127.0.0.5:{canaries[0].port}/"]
+    async with processes.client() as client:
+        submitted = await client.post(
+            "/v1/jobs", json={"type": "scrape", "input": {"urls": urls, "max_depth": 1, "page_timeout_s": 1}}
+        )
+        assert submitted.status_code == 202, submitted.text
+        job = await wait_done(client, submitted.json()["id"])
+    assert job["status"] == "succeeded", job
+    errors = {p["url"].removeprefix(site.root): p.get("error", {}).get("type") for p in job["result"]["pages"]}
+    assert errors[f"http://127.0.0.5:{canaries[0].port}/"] == "forbidden_address"
+    assert (errors["/"], errors["/a"], errors["/away"]) == (None, None, "forbidden_address")
+    processes.stop()
+    assert [canary.connections for canary in canaries] == [0, 0, 0, 0]
+    assert "Traceback" not in processes.log("worker")
