@@ -14,6 +14,7 @@ A page that fails (a forbidden address, robots.txt, over the byte cap, its timeo
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from ipaddress import ip_address, ip_network
 from typing import TYPE_CHECKING, Annotated, Final
@@ -28,6 +29,7 @@ from worker.webhooks.ssrf import Forbidden, UrlGuard, refusal
 if TYPE_CHECKING:
     from protego import Protego
 
+log = logging.getLogger("outlast.scrape")
 AGENT: Final = "Outlast"  # the product token robots.txt groups are matched against
 ROBOTS_MAX_BYTES: Final = 512 * 1024  # RFC 9309: a crawler parses at least 500 KiB
 CONCURRENCY: Final = 16  # pages in flight per job, whatever the hosts
@@ -223,7 +225,12 @@ class _Crawl:
             return page
         kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
         if kind in ("text/html", "application/xhtml+xml", ""):
-            found = extract(response.text, page.final_url or url)
+            try:
+                found = extract(response.text, page.final_url or url)
+            except Exception as exc:  # a parser's bug is this page's failure, never the job's traceback
+                log.warning("scrape: %s could not be parsed", page.final_url, exc_info=True)
+                page.error = PageError("parse_error", f"the page could not be parsed ({type(exc).__name__})")
+                return page
             page.title, page.text, page.truncated, page.links = found.title, found.text, found.truncated, found.links
         elif kind.startswith("text/"):
             text = response.text.replace("\x00", "")
