@@ -31,6 +31,8 @@ from server import (
     stats,
     stream,
     submit,
+    ui,
+    uploads,
     workflows,
 )
 from server.follow import Hub
@@ -38,6 +40,7 @@ from server.metrics import CountRequests, Metrics, metrics, sampling
 from server.requestid import RequestId
 from server.state import Web
 from server.tracing import Traced
+from server.ui.session import UiAccess
 from worker import Config, UrlGuard, connect, from_env, load_job_types, tracing
 from worker.connections import tls as redis_tls
 from worker.database import session_url
@@ -115,12 +118,14 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/workflows/{id}/events", workflows.follow, methods=["GET"]),
             Route("/v1/workflows/{id}/cancel", workflows.cancel, methods=["POST"]),
             Route("/v1/stats", stats.show, methods=["GET"]),
+            Route("/v1/uploads", uploads.create, methods=["POST"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/openapi.json", openapi.openapi, methods=["GET"]),
             Route("/docs", docs.page, methods=["GET"]),
             Route("/docs/assets/{name}", docs.asset, methods=["GET"]),
+            *ui.ROUTES,  # the dashboard (server/ui/)
         ],
         middleware=[
             Middleware(RequestId),  # outermost: every answer carries its X-Request-ID, and every log line of it
@@ -136,6 +141,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
                 max_age=3600,
             ),
             Middleware(auth.Authenticate),  # every /v1 route, present or future, is authenticated here
+            Middleware(UiAccess),  # and every /ui route by its session (server/ui/session.py)
         ],
         exception_handlers=problems.HANDLERS,
         lifespan=lifespan,

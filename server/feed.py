@@ -38,8 +38,8 @@ from server.stream import (
     SEND_TIMEOUT_S,
     SHUTDOWN_GRACE_S,
     EventStream,
-    _holding,
-    _Shutdown,
+    Shutdown,
+    holding,
     reconnect,
 )
 from worker import Config, Status, database, feed
@@ -186,13 +186,13 @@ async def events(request: Request) -> Response:
         retry_after=config.retry_after_s,
         holder="this API key",
     )
-    shutdown = _Shutdown()
+    shutdown = Shutdown()
     if query.follow:
         frames = _frames(web.feeds, web.metrics, config, caller.tenant, query, after, shutdown)
     else:
         frames = _replay(web.deps.db, caller.tenant, query, after)
     return EventStream(
-        _holding(slot, frames),
+        holding(slot, frames),
         ping=0,
         sep="\n",
         send_timeout=SEND_TIMEOUT_S,
@@ -227,7 +227,7 @@ async def _frames(
     tenant: str,
     query: FeedQuery,
     after: Cursor | None,
-    shutdown: _Shutdown,
+    shutdown: Shutdown,
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     until = loop.time() + config.stream_max_s

@@ -73,7 +73,7 @@ class Stoppable(Protocol):
     def stop(self) -> None: ...
 
 
-class _Shutdown:
+class Shutdown:
     """Stands in for the anyio.Event that EventSourceResponse sets when the server shuts down (it only calls set()):
     it stops the stream's follower, so the stream ends with a `reconnect` event instead of being cut."""
 
@@ -159,10 +159,10 @@ async def open_stream(
         retry_after=deps.config.retry_after_s,
         holder=caller_holder if caller.job else "this API key",
     )
-    shutdown = _Shutdown()
+    shutdown = Shutdown()
     frames = _frames(web.hub, web.metrics, deps.config, source, key, render, after, first, shutdown, caller.expires_at)
     return EventStream(
-        _holding(slot, frames),
+        holding(slot, frames),
         ping=0,  # the stream's own loop sends the keep-alive: a task per stream less (memory, GC time)
         sep="\n",
         send_timeout=SEND_TIMEOUT_S,
@@ -171,7 +171,7 @@ async def open_stream(
     )
 
 
-async def _holding(slot: StreamSlot, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def holding(slot: StreamSlot, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`frames`, holding the caller's stream slot: renewed with each keep-alive, released however the stream ends."""
     try:
         async with contextlib.aclosing(frames):  # type: ignore[type-var]
@@ -192,7 +192,7 @@ async def _frames(
     render: Callable[[events.Event], Awaitable[bytes]],
     after: int,
     first: list[events.Event],
-    shutdown: _Shutdown,
+    shutdown: Shutdown,
     expires_at: float | None,
 ) -> AsyncIterator[bytes]:
     lifetime, ends = config.stream_max_s, "max-lifetime"

@@ -1,0 +1,180 @@
+"""What the dashboard (server/ui/) reads beyond the API's own reads: the last hour by minute, filtered job lists,
+a job's children, how many jobs a bulk action would touch, a tenant's recent workflows.
+
+Each statement goes through an index of the tenant's jobs (newest first, or by status) or the last hour's finished
+jobs (`jobs_finished`); none reads the whole table. A created range is an id range: v7 ids begin with their
+creation time in milliseconds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+from uuid import UUID
+
+import msgspec
+from databases import Database
+
+from worker import sql, store
+from worker.job import Status
+
+MAX_BULK: Final = 1_000  # jobs one bulk action of the dashboard touches at most; it says so, and how many match
+
+
+class Minute(msgspec.Struct, frozen=True):
+    at: datetime
+    finished: int
+    failed: int
+
+
+_BY_MINUTE = """
+SELECT date_trunc('minute', finished_at) AS at, count(*) AS finished,
+       count(*) FILTER (WHERE status = 'failed') AS failed
+  FROM jobs
+ WHERE finished_at > now() - interval '1 hour' AND tenant_id = :tenant
+ GROUP BY 1 ORDER BY 1
+"""
+
+
+async def by_minute(db: Database, tenant: str) -> list[Minute]:
+    """The tenant's jobs that ended in each minute of the last hour (minutes with none are absent)."""
+    return [msgspec.convert(dict(r), Minute) for r in await sql.fetch_all(db, _BY_MINUTE, {"tenant": tenant})]
+
+
+def id_at(when: datetime, *, end: bool = False) -> UUID:
+    """The smallest (or with `end`, the largest) v7 id a job created at `when`'s millisecond could have."""
+    ms = int(when.timestamp() * 1000)
+    rest = (1 << 80) - 1 if end else 0
+    return UUID(int=(ms << 80) | rest)
+
+
+class Filter(msgspec.Struct, frozen=True, kw_only=True):
+    """A selection of the tenant's jobs: every field given must match."""
+
+    status: Status | None = None
+    type: str | None = None
+    metadata: dict[str, Any] | None = None  # contained in the job's: {"customer": "acme"}
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+
+def _where(tenant: str, wanted: Filter, statuses: list[str] | None = None) -> tuple[list[str], dict[str, Any]]:
+    where: list[str] = ["tenant_id = :tenant"]
+    values: dict[str, Any] = {"tenant": tenant}
+    if statuses is not None:
+        where.append("status = ANY(CAST(:statuses AS text[]))")
+        values["statuses"] = statuses
+    elif wanted.status is not None:
+        where.append("status = :status")
+        values["status"] = wanted.status
+    if wanted.type is not None:
+        where.append("type = :type")
+        values["type"] = wanted.type
+    if wanted.metadata:
+        where.append("metadata @> CAST(:metadata AS jsonb)")
+        values["metadata"] = msgspec.json.encode(wanted.metadata).decode()
+    if wanted.created_from is not None:
+        where.append("id >= :from_id")
+        values["from_id"] = id_at(wanted.created_from)
+    if wanted.created_to is not None:
+        where.append("id <= :to_id")
+        values["to_id"] = id_at(wanted.created_to, end=True)
+    return where, values
+
+
+async def find_jobs(
+    db: Database, tenant: str, wanted: Filter, *, limit: int, before: UUID | None = None
+) -> list[store.JobRow]:
+    """The tenant's jobs that match, newest first, `before` an id for the next page."""
+    where, values = _where(tenant, wanted)
+    if before is not None:
+        where.append("id < :before")
+        values["before"] = before
+    values["limit"] = limit
+    query = f"SELECT {store.COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
+    return [msgspec.convert(dict(r), store.JobRow) for r in await sql.fetch_all(db, query, values)]
+
+
+async def count_matching(db: Database, tenant: str, wanted: Filter, statuses: list[str], *, cap: int) -> int:
+    """How many of the tenant's jobs in `statuses` match, counted up to `cap` + 1 at most (more: "over cap")."""
+    where, values = _where(tenant, wanted, statuses)
+    values["cap"] = cap + 1
+    query = f"SELECT count(*) FROM (SELECT 1 FROM jobs WHERE {' AND '.join(where)} LIMIT :cap) AS matching"
+    return int(await sql.fetch_val(db, query, values))
+
+
+async def matching_ids(db: Database, tenant: str, wanted: Filter, statuses: list[str], *, limit: int) -> list[UUID]:
+    """The ids of up to `limit` matching jobs in `statuses`, oldest first."""
+    where, values = _where(tenant, wanted, statuses)
+    values["limit"] = limit
+    query = f"SELECT id FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT :limit"
+    return [r["id"] for r in await sql.fetch_all(db, query, values)]
+
+
+_CHILDREN = f"""
+SELECT {store.COLUMNS} FROM jobs WHERE parent_id = :id AND tenant_id = :tenant ORDER BY id LIMIT :limit
+"""
+_RETRIES = f"SELECT {store.COLUMNS} FROM jobs WHERE retry_of = :id AND tenant_id = :tenant ORDER BY id LIMIT :limit"
+
+
+async def children(db: Database, tenant: str, job_id: UUID, *, limit: int = 100) -> list[store.JobRow]:
+    """The jobs this job spawned (through `jobs_spawned`)."""
+    rows = await sql.fetch_all(db, _CHILDREN, {"id": job_id, "tenant": tenant, "limit": limit})
+    return [msgspec.convert(dict(r), store.JobRow) for r in rows]
+
+
+async def retries(db: Database, tenant: str, job_id: UUID, *, limit: int = 20) -> list[store.JobRow]:
+    """The jobs a retry made from this one."""
+    rows = await sql.fetch_all(db, _RETRIES, {"id": job_id, "tenant": tenant, "limit": limit})
+    return [msgspec.convert(dict(r), store.JobRow) for r in rows]
+
+
+class WorkflowRow(msgspec.Struct, frozen=True):
+    id: UUID
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+    steps: int
+
+
+_WORKFLOWS = """
+SELECT w.id, w.status, w.created_at, w.finished_at,
+       (SELECT count(*) FROM workflow_steps s WHERE s.workflow_id = w.id) AS steps
+  FROM workflows w WHERE w.tenant_id = :tenant ORDER BY w.id DESC LIMIT :limit
+"""
+
+
+async def recent_workflows(db: Database, tenant: str, *, limit: int = 50) -> list[WorkflowRow]:
+    rows = await sql.fetch_all(db, _WORKFLOWS, {"tenant": tenant, "limit": limit})
+    return [msgspec.convert(dict(r), WorkflowRow) for r in rows]
+
+
+class StepNode(msgspec.Struct, frozen=True):
+    name: str
+    after: list[str]
+    type: str
+    map: str | None
+
+
+_STEPS = """
+SELECT s.name, s.after, s.type, s.map FROM workflow_steps s JOIN workflows w ON w.id = s.workflow_id
+ WHERE s.workflow_id = :id AND w.tenant_id = :tenant ORDER BY s.position
+"""
+
+
+async def steps(db: Database, tenant: str, workflow_id: UUID) -> list[StepNode]:
+    """A workflow's steps in the request's order, each with the steps it waits for: the DAG's edges."""
+    rows = await sql.fetch_all(db, _STEPS, {"id": workflow_id, "tenant": tenant})
+    return [msgspec.convert(dict(r), StepNode) for r in rows]
+
+
+def layers(nodes: list[StepNode]) -> list[list[StepNode]]:
+    """The steps by depth: each after every step it waits for (a workflow's graph has no cycle)."""
+    depth = dict.fromkeys((node.name for node in nodes), 0)
+    for _ in nodes:  # a step may be listed before those it waits for: settle, at most one pass per step
+        for node in nodes:
+            depth[node.name] = 1 + max((depth[a] for a in node.after if a in depth), default=-1)
+    found: list[list[StepNode]] = [[] for _ in range(1 + max(depth.values(), default=-1))]
+    for node in nodes:
+        found[depth[node.name]].append(node)
+    return found
