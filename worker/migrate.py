@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 
 from worker.config import from_env
+from worker.vectors import schema as vector_schema
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 LOCK_KEY = 0x6F75746C617374  # "outlast": a second release run waits for the first
@@ -29,8 +31,13 @@ def pending(done: set[str], folder: Path = MIGRATIONS) -> list[tuple[str, str]]:
     return [(p.name, p.read_text()) for p in sorted(folder.glob("*.sql")) if p.name not in done]
 
 
-async def migrate(dsn: str, folder: Path = MIGRATIONS) -> list[str]:
-    """Apply what is pending; return the names applied ([] when up to date)."""
+def _to_stderr(line: str) -> None:
+    print(f"migrate: {line}", file=sys.stderr)
+
+
+async def migrate(dsn: str, folder: Path = MIGRATIONS, *, say: Callable[[str], None] = _to_stderr) -> list[str]:
+    """Apply what is pending; return the names applied ([] when up to date). Then the optional vectors track where
+    the server has pgvector (worker/vectors/schema.py), whose outcome `say` tells."""
     # No statement cache: through a transaction pooler a named statement may be missing, or another's, at the next
     # transaction; a few statements per file gain nothing from it anyway.
     conn = await asyncpg.connect(dsn, statement_cache_size=0)
@@ -46,6 +53,8 @@ async def migrate(dsn: str, folder: Path = MIGRATIONS) -> list[str]:
                 done = {row["name"] for row in await conn.fetch("SELECT name FROM schema_migrations")}
                 todo = pending(done, folder)
                 if not todo:
+                    if folder == MIGRATIONS and await vector_schema.apply(conn, done, say) is not None:
+                        continue
                     return applied
                 name, sql = todo[0]
                 await conn.execute(sql)
