@@ -17,6 +17,7 @@ import msgspec
 
 if TYPE_CHECKING:
     from worker.egress import Http
+    from worker.vectors.store import Vectors
 
 T = TypeVar("T")
 
@@ -157,6 +158,12 @@ async def _no_spawn(type: str, input: Any, key: str, metadata: Mapping[str, Any]
     raise RuntimeError("this Context was made without a worker: it can't spawn")
 
 
+def _no_vectors() -> Vectors:
+    from worker.vectors.store import Vectors  # here: worker.vectors imports this module
+
+    return Vectors(None, "default")
+
+
 def _no_http() -> Http:
     from worker.egress import unattached  # here: worker.egress imports this module
 
@@ -180,6 +187,8 @@ class Context:
     _spawn: Callable[[str, Any, str, Mapping[str, Any] | None], Awaitable[UUID]] = field(default=_no_spawn, repr=False)
     # The job's own HTTP requests, through the SSRF guard, with a circuit breaker per host (worker/egress.py).
     http: Http = field(default_factory=_no_http, repr=False)
+    # The tenant's vector collections in PostgreSQL with pgvector (worker/vectors/store.py).
+    vectors: Vectors = field(default_factory=_no_vectors, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""

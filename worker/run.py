@@ -28,6 +28,7 @@ from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, S
 from worker.queue import Bell, enqueue, enqueue_many, parse_message
 from worker.retry import backoff
 from worker.sweep import cancel_requeued
+from worker.vectors import store as vector_store
 
 log = logging.getLogger("outlast.worker")
 T = TypeVar("T")
@@ -188,8 +189,9 @@ async def _run(
     children = await spawn.children(deps.db, claimed.id) if claimed.waits else {}
     http = egress.for_job(deps.config, journal.write)  # the job's own requests: guarded (worker/egress.py)
     context = Context(
-        claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream, children, spawn_child, http
-    )
+        claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream, children, spawn_child, http,
+        vectors=vector_store.for_job(deps.db, claimed.tenant_id),
+    )  # fmt: skip
     task = asyncio.ensure_future(journal.around(runtime.executors.call(job_type, value, context)))
     beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
     beat.start()
