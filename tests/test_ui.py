@@ -280,7 +280,7 @@ async def test_bulk_cancel_confirms_the_count_and_the_cap_then_cancels_that_sele
     confirm = await app_client.get("/ui/jobs/bulk?action=cancel&meta=batch=b1")
     assert confirm.status_code == 200
     assert re.search(r"<strong data-count>3</strong>", confirm.text)
-    assert "At most 10000 jobs per action" in confirm.text
+    assert "At most 10,000 jobs per action" in confirm.text
     response = await app_client.post(
         "/ui/jobs/bulk", data={"csrf": csrf_of(confirm), "action": "cancel", "meta": "batch=b1"}
     )

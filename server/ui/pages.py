@@ -175,7 +175,9 @@ def timeline(row: store.JobRow, found: list[events.Event]) -> tuple[list[Attempt
         else:
             change = status.decode(event.data)
             attempt = attempts.setdefault(change.attempt, Attempt(change.attempt, []))
+            # A retry's `queued` says when it runs again instead; started_at is still the failed attempt's.
             when = change.finished_at if change.status in TERMINAL else change.started_at
+            when = None if change.status == "queued" else when
             note = "" if change.next_run_at is None else f"again at {change.next_run_at:%H:%M:%S}"
             attempt.statuses.append((change.status, when if isinstance(when, datetime) else None, note))
             if change.error is not None:

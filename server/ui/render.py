@@ -4,10 +4,12 @@ only this package's own script and styles."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import jinja2
+import markupsafe
 import msgspec
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
@@ -56,6 +58,11 @@ def pretty(value: Any) -> str:
     return bytes(msgspec.json.format(msgspec.json.encode(value), indent=2)).decode()
 
 
+def ticks(text: str) -> markupsafe.Markup:
+    """A description's `code` spans as <code>, everything else escaped."""
+    return markupsafe.Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(markupsafe.escape(text))))
+
+
 def stamp(when: datetime | None) -> str:
     return "—" if when is None else when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -66,7 +73,7 @@ _env = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_env.filters.update(ago=ago, duration=duration, pretty=pretty, stamp=stamp)
+_env.filters.update(ago=ago, duration=duration, pretty=pretty, stamp=stamp, ticks=ticks)
 
 
 def page(request: Request, template: str, *, status_code: int = 200, **context: Any) -> HTMLResponse:
