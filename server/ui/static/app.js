@@ -80,6 +80,8 @@ function followJob(id) {
     const job = JSON.parse(event.data);
     setStatus(document.querySelector("h1 [data-status]"), job.status);
     setProgress(id, job.progress.fraction);
+    const attempt = document.querySelector("[data-attempt]");
+    if (attempt) attempt.textContent = job.attempt + " / " + job.max_attempts;
     if (job.done) {
       source.close();
       replaceFrom("#job");  // the result, the error, the buttons a finished job has
