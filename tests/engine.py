@@ -13,6 +13,8 @@ from databases import Database
 from server.limits import StreamSlot
 from worker import Deps, claim, store
 from worker.capacity import Capacity
+from worker.heartbeat import beat_many
+from worker.job import Progress
 from worker.queue import Bell
 from worker.webhooks.deliver import Schedule, Sender, deliver, lease_s
 from worker.webhooks.store import claim_due
@@ -65,3 +67,20 @@ async def stream_slot(
     finally:
         renewing.cancel()
         await slot.release()
+
+
+async def beat(
+    jobs: store.Jobs,
+    job_id: UUID,
+    attempt: int,
+    *,
+    lease_s: float,
+    progress: Progress | None = None,
+    logs: Sequence[tuple[str, str]] = (),
+) -> str:
+    """One attempt's heartbeat, as `heartbeat.beat_many`: `renewed`, `cancel` (renewed, but a cancel was asked for)
+    or `superseded` (not its job's running attempt). Log lines go first, then the progress."""
+    events: list[Any] = [("log", {"level": level, "message": message}) for level, message in logs]
+    events += [] if progress is None else [("progress", progress)]
+    verdicts = await beat_many(jobs, [(job_id, attempt, events)], lease_s=lease_s)
+    return verdicts.get(job_id, "superseded")

@@ -221,10 +221,10 @@ async def test_an_attempt_that_cannot_renew_its_lease_stops_before_the_lease_run
     job_id = await submit(client, "sleep", {"seconds": 600, "steps": 1})
     short = dataclasses.replace(deps, config=msgspec.structs.replace(config, lease_s=lease_s))
 
-    async def unreachable(*args: object, **kwargs: object) -> heartbeat.Beat:
+    async def unreachable(*args: object, **kwargs: object) -> dict[uuid.UUID, heartbeat.Verdict]:
         raise OSError("connection refused")
 
-    monkeypatch.setattr(heartbeat, "heartbeat", unreachable)
+    monkeypatch.setattr(heartbeat, "beat_many", unreachable)
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(run.run_job(job_ctx(config, short), message(uuid.UUID(job_id), 0)), lease_s + 10)
     took = asyncio.get_running_loop().time() - started

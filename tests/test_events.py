@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from uuid import UUID
 
@@ -17,7 +18,8 @@ from tests.conftest import eventually, notified
 from tests.test_store import OWNER, new_job
 from tests.test_store import events as stored_events
 from worker import Config, Deps, events, resource, store
-from worker.events import LOG_MAX_CHARS, LOG_MAX_PENDING, Journal, LogLine
+from worker.heartbeat import LOG_MAX_CHARS, LOG_MAX_PENDING, Pulse
+from worker.job import Progress
 
 Drain = Callable[[], Awaitable[None]]
 
@@ -64,24 +66,57 @@ async def test_an_unknown_log_level_fails_the_job_as_its_own_bug(
 
 async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps) -> None:
     job_id = await new_job(deps.db)
-    await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
-    journal = Journal(deps.db, deps.notifier, job_id, 1, interval_s=0.25)
-    for i in range(LOG_MAX_PENDING + 50):
-        journal.write("debug", f"{i} " + "x" * 5_000)
-    await journal.flush()
+    claimed = await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    assert claimed is not None
+    pulse = Pulse(deps)
+    beat = pulse.attach(claimed, leased_at=time.monotonic())
+    try:
+
+        async def flood() -> None:
+            for i in range(LOG_MAX_PENDING + 50):
+                beat.log("debug", f"{i} " + "x" * 5_000)
+
+        await beat.around(flood())  # its last lines are written before it returns
+    finally:
+        beat.stop()
+        await pulse.aclose()
     logged = [data for _, name, data in await stored_events(deps, job_id) if name == "log"]
     assert len(logged) == LOG_MAX_PENDING + 1
     assert all(len(d["message"]) == LOG_MAX_CHARS for d in logged[:-1])
     assert logged[-1] == {"level": "warning", "message": f"50 log lines dropped: over {LOG_MAX_PENDING} per write"}
 
 
+async def test_progress_and_log_lines_are_written_in_the_order_the_code_reported_them(deps: Deps) -> None:
+    """One writer for both: a progress reported before a line comes before it in the log, and after it, after."""
+    job_id = await new_job(deps.db)
+    claimed = await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    assert claimed is not None
+    pulse = Pulse(deps)
+    beat = pulse.attach(claimed, leased_at=time.monotonic())
+    try:
+
+        async def code() -> None:
+            beat.report(Progress(0.1, "a"))
+            beat.report(Progress(0.2, "b"))  # a run of reports collapses into its latest
+            beat.log("info", "one")
+            beat.report(Progress(0.3, "c"))
+            beat.log("info", "two")
+
+        await beat.around(code())
+    finally:
+        beat.stop()
+        await pulse.aclose()
+    written = [(n, d.get("message")) for _, n, d in await stored_events(deps, job_id) if n in ("progress", "log")]
+    assert written == [("progress", "b"), ("log", "one"), ("progress", "c"), ("log", "two")]
+
+
 async def test_log_lines_of_an_attempt_that_is_over_are_not_written(deps: Deps) -> None:
     job_id = await new_job(deps.db)
     await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
-    assert await events.append_logs(deps.db, job_id, 1, [LogLine("info", "while running")])
+    assert await engine.beat(deps.jobs, job_id, 1, lease_s=30, logs=[("info", "while running")]) == "renewed"
     await store.finish(deps.jobs, job_id, 1, "succeeded", result=b"1")
-    assert not await events.append_logs(deps.db, job_id, 1, [LogLine("info", "too late")])
-    assert not await events.append_logs(deps.db, job_id, 0, [LogLine("info", "an old attempt")])
+    assert await engine.beat(deps.jobs, job_id, 1, lease_s=30, logs=[("info", "too late")]) == "superseded"
+    assert await engine.beat(deps.jobs, job_id, 0, lease_s=30, logs=[("info", "an old attempt")]) == "superseded"
     assert [d.get("message") for _, n, d in await stored_events(deps, job_id) if n == "log"] == ["while running"]
 
 
@@ -146,8 +181,8 @@ async def _subscribed(hub: Hub) -> bool | None:
 
 async def _write_logs(deps: Deps, job_id: UUID, count: int, *, start: int = 0) -> None:
     for first in range(start, start + count, 50):
-        lines = [LogLine("info", str(i)) for i in range(first, min(first + 50, start + count))]
-        assert await events.append_logs(deps.db, job_id, 1, lines)
+        lines = [("info", str(i)) for i in range(first, min(first + 50, start + count))]
+        assert await engine.beat(deps.jobs, job_id, 1, lease_s=30, logs=lines) == "renewed"
         await notified(deps, job_id)
 
 

@@ -11,8 +11,8 @@ from uuid_utils.compat import uuid7
 
 from tests import engine
 from tests.conftest import job_row
+from tests.engine import beat
 from worker import Deps, Error, Progress, claim, store, sweep
-from worker.heartbeat import heartbeat as beat
 
 OWNER = "test-owner"
 

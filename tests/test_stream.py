@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from tests import engine
 from tests.conftest import eventually, free_port, notified
+from tests.engine import beat
 from tests.sse import Frame, Live, RawStream, live_server, read_stream
 from worker import Config, Deps, Progress, events, status, store
-from worker.heartbeat import heartbeat as beat
 from worker.sweep import sweep_once
 from worker.tools.embedded import EmbeddedValkey
 
@@ -156,7 +156,7 @@ async def _append(deps: Deps, job_id: UUID, n: int, *, start: int = 0) -> None:
         if i % 2:
             await beat(deps.jobs, job_id, 1, lease_s=60, progress=Progress(i / 1000, f"step {i}"))
         else:
-            await events.append_logs(deps.db, job_id, 1, [events.LogLine("info", f"line {i}")])
+            await beat(deps.jobs, job_id, 1, lease_s=60, logs=[("info", f"line {i}")])
         await notified(deps, job_id)
 
 

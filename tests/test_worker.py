@@ -246,16 +246,16 @@ async def test_a_heartbeat_write_refused_once_does_not_end_the_heartbeat(
 ) -> None:
     """The heartbeat alone keeps the lease: a write refused for any reason must not end it, or the sweep would
     hand the job, still running here, to another worker."""
-    beat = heartbeat.heartbeat
-    refused: list[UUID] = []
+    beat = heartbeat.beat_many
+    refused: list[object] = []
 
-    async def refused_once(jobs: store.Jobs, job_id: UUID, *args: Any, **kwargs: Any) -> heartbeat.Beat:
+    async def refused_once(jobs: store.Jobs, *args: Any, **kwargs: Any) -> dict[UUID, heartbeat.Verdict]:
         if not refused:
-            refused.append(job_id)
+            refused.append(args)
             raise ValueError("a value the database refused")
-        return await beat(jobs, job_id, *args, **kwargs)
+        return await beat(jobs, *args, **kwargs)
 
-    monkeypatch.setattr(heartbeat, "heartbeat", refused_once)
+    monkeypatch.setattr(heartbeat, "beat_many", refused_once)
     job_id = await outlives_its_first_lease(client, deps, drain, config)
     assert refused and (await job_row(deps, job_id))["status"] == "succeeded"
 

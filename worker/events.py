@@ -1,14 +1,13 @@
-"""A job's event log: append (log lines), read, and publish (the doorbell on Redis). server/follow.py follows it.
+"""A job's event log: read, and publish (the doorbell on Redis). server/follow.py follows it.
 
 PostgreSQL is the truth here too. `job_events` holds every event, numbered by `jobs.event_seq` in the statement
 that makes the change: the transitions (store.py, sweep.py) write `status` events, the heartbeat (heartbeat.py)
-`progress` events, and this module `log` lines. After the commit the writer publishes the job's id on Redis. A
-notification only says "look": a follower reads the log after the last seq it delivered, so a lost notification
-can delay an event but never lose or repeat one. Followers also re-read the log when the subscription
-(re)connects, and every `events_poll_s`.
+`progress` events and `log` lines, in the order the job's code reported them. After the commit the writer publishes
+the job's id on Redis. A notification only says "look": a follower reads the log after the last seq it delivered,
+so a lost notification can delay an event but never lose or repeat one. Followers also re-read the log when the
+subscription (re)connects, and every `events_poll_s`.
 
     Notifier  publishes after commits, many jobs per message (every process that changes jobs has one)
-    Journal   a running attempt's `ctx.log` lines, buffered and written in batches (the worker)
 """
 
 from __future__ import annotations
@@ -23,17 +22,15 @@ import msgspec
 from databases import Database
 from redis.asyncio import Redis
 
-from worker import database, sql
+from worker import sql
 from worker.connections import REDIS_DOWN
-from worker.job import LOG_LEVELS, TERMINAL, LogLevel
+from worker.job import TERMINAL
 
 log = logging.getLogger("outlast.events")
 T = TypeVar("T")
 
 EVERY_JOB: Final = b"*"  # the payload that pokes every followed job: the sweep moved some it does not name
 READ_BATCH: Final = 500  # events per read of the log
-LOG_MAX_CHARS: Final = 2_000  # a longer log message is cut
-LOG_MAX_PENDING: Final = 100  # log lines waiting for a write; more are dropped and counted
 
 
 def channel(redis: Redis) -> str:
@@ -156,118 +153,3 @@ class Source(NamedTuple):
 
 JOB_LOG: Final = Source(read_after, latest_seqs)
 WORKFLOW_LOG: Final = Source(read_workflow_after, workflow_latest_seqs)
-
-
-# -- appending log lines (the worker) ---------------------------------------------------------------
-
-
-class LogLine(msgspec.Struct, frozen=True):
-    """A `log` event's data."""
-
-    level: LogLevel
-    message: str
-
-
-_APPEND_LOGS = """
-WITH job AS (
-    UPDATE jobs SET event_seq = event_seq + :n
-     WHERE id = :id AND attempt = :attempt AND status = 'running'
-    RETURNING id, event_seq
-)
-INSERT INTO job_events (job_id, seq, name, data)
-SELECT job.id, job.event_seq - :n + line.n, 'log', line.data
-  FROM job, jsonb_array_elements(CAST(:lines AS jsonb)) WITH ORDINALITY AS line(data, n)
-RETURNING seq
-"""
-
-
-async def append_logs(db: Database, job_id: UUID, attempt: int, lines: Sequence[LogLine]) -> bool:
-    """Append log lines to a running attempt's log, in one statement. False: the attempt is over or superseded."""
-    if not lines:
-        return False
-    values = {"id": job_id, "attempt": attempt, "n": len(lines), "lines": database.storable(lines)}
-    return bool(await sql.fetch_all(db, _APPEND_LOGS, values))
-
-
-class Journal:
-    """A running attempt's log lines (`ctx.log`): buffered, capped, and written in batches while the job runs.
-
-    A write happens at most once per `interval_s` (the progress interval), so a chatty job costs a few commits a
-    second however much it logs. At most LOG_MAX_PENDING lines wait for a write, each cut to LOG_MAX_CHARS;
-    lines past that are dropped, and a `warning` line says how many.
-    """
-
-    def __init__(self, db: Database, notifier: Notifier, job_id: UUID, attempt: int, *, interval_s: float) -> None:
-        self._db, self._notifier, self._job_id, self._attempt = db, notifier, job_id, attempt
-        self._interval_s = interval_s
-        self._pending: list[LogLine] = []
-        self._dropped = 0
-        self._ready = asyncio.Event()
-        self._writing = asyncio.Lock()
-        self._writer: asyncio.Task[None] | None = None  # started by the first line: most jobs never log
-        self._over = False  # the job has returned: a line a task it left behind writes now is refused anyway
-
-    def write(self, level: LogLevel, message: str) -> None:
-        if level not in LOG_LEVELS:
-            raise ValueError(f"log level must be one of {', '.join(sorted(LOG_LEVELS))}, not {level!r}")
-        if self._over:
-            return
-        if len(self._pending) >= LOG_MAX_PENDING:
-            self._dropped += 1
-            return
-        if len(message) > LOG_MAX_CHARS:
-            message = message[: LOG_MAX_CHARS - 1] + "…"
-        self._pending.append(LogLine(level, message))
-        self._ready.set()
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_while_running())
-
-    async def flush(self) -> None:
-        """Write what is pending. A database outage drops the batch: the job goes on, its log has a gap."""
-        async with self._writing:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        lines, self._pending = self._pending, []
-        if self._dropped:
-            lines.append(LogLine("warning", f"{self._dropped} log lines dropped: over {LOG_MAX_PENDING} per write"))
-            self._dropped = 0
-        if not lines:
-            return
-        try:
-            written = await append_logs(self._db, self._job_id, self._attempt, lines)
-        except database.UNAVAILABLE as exc:
-            log.warning("log of %s: database unavailable (%s); %d lines lost", self._job_id, exc, len(lines))
-            return
-        if written:
-            self._notifier.notify(self._job_id)
-
-    async def around(self, job: Awaitable[T]) -> T:
-        """Run the job's coroutine while writing its log; the last lines are written before it returns or raises,
-        so they come before the status event that ends the attempt."""
-        try:
-            return await job
-        finally:
-            self._over = True
-            if (writer := self._writer) is not None:
-                await self._last(writer)
-
-    async def _last(self, writer: asyncio.Task[None]) -> None:
-        """Stop the writer, then write what it left."""
-        try:
-            async with self._writing:
-                pass  # a write under way ends first: cancelling it would lose its lines
-        finally:
-            writer.cancel()  # at once, before the writer can start another write
-        await asyncio.wait([writer])  # unlike `await writer`, never mistakes its cancellation for ours
-        try:
-            await self.flush()
-        except Exception:  # the job's own outcome matters more than its last log lines
-            log.exception("log of %s: the last lines were not written", self._job_id)
-
-    async def _write_while_running(self) -> None:
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            await self.flush()
-            await asyncio.sleep(self._interval_s)

@@ -17,18 +17,17 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, egress, events, logs, metrics, spawn, store, tracing, workflows
+from worker import claim, database, egress, logs, metrics, spawn, store, tracing, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
 from worker.deps import Deps
 from worker.executors import Executors
-from worker.heartbeat import Heartbeat
+from worker.heartbeat import Heartbeat, Pulse
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status, Waiting
 from worker.queue import Bell, enqueue, enqueue_many, parse_message
 from worker.retry import backoff
 from worker.sweep import cancel_requeued
-from worker.vectors import store as vector_store
 
 log = logging.getLogger("outlast.worker")
 T = TypeVar("T")
@@ -55,6 +54,7 @@ class Runtime:
     capacity: Capacity
     slots: metrics.Slots
     executors: Executors  # where plain-function job types run
+    pulse: Pulse  # the one writer of every running attempt's lease, progress and log (worker/heartbeat.py)
     later: set[asyncio.Task[None]] = field(default_factory=set)  # rings waiting for their time (ring_later)
 
     @classmethod
@@ -82,6 +82,7 @@ class Runtime:
             capacity,
             metrics.Slots(config.worker_max_jobs),
             Executors(config.worker_max_jobs),
+            Pulse(deps),
         )
 
     def ring_later(self, deps: Deps, bell: Bell) -> None:
@@ -107,6 +108,7 @@ class Runtime:
         await self.finishes.aclose()
         await self.wakes.aclose()
         self.executors.shutdown()
+        await self.pulse.aclose()
 
 
 TURNED_AWAY = "outlast_turned_away"  # in a message's arq ctx: its claim started nothing
@@ -171,14 +173,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
 async def _run(
     deps: Deps, runtime: Runtime, job_type: JobType, claimed: Claimed, value: Any, *, leased_at: float
 ) -> None:
-    journal = events.Journal(
-        deps.db, deps.notifier, claimed.id, claimed.attempt, interval_s=deps.config.progress_interval_s
-    )
-    beat: Heartbeat | None = None
-
-    def report(progress: Progress) -> None:
-        assert beat is not None
-        beat.report(progress)
+    beat = runtime.pulse.attach(claimed, leased_at=leased_at)  # its lease, progress and log, written each tick
 
     async def spawn_child(type: str, input: Any, key: str, metadata: Mapping[str, Any] | None) -> UUID:
         return await spawn.spawn(
@@ -187,14 +182,11 @@ async def _run(
 
     upstream = {} if claimed.upstream is None else msgspec.json.decode(claimed.upstream)
     children = await spawn.children(deps.db, claimed.id) if claimed.waits else {}
-    http = egress.for_job(deps.config, journal.write)  # the job's own requests: guarded (worker/egress.py)
+    http = egress.for_job(deps.config, beat.log)  # the job's own requests: guarded (worker/egress.py)
     context = Context(
-        claimed.id, claimed.attempt, claimed.max_attempts, report, journal.write, upstream, children, spawn_child, http,
-        vectors=vector_store.for_job(deps.db, claimed.tenant_id),
-    )  # fmt: skip
-    task = asyncio.ensure_future(journal.around(runtime.executors.call(job_type, value, context)))
-    beat = Heartbeat(deps, claimed, task, leased_at=leased_at)
-    beat.start()
+        claimed.id, claimed.attempt, claimed.max_attempts, beat.report, beat.log, upstream, children, spawn_child, http
+    )
+    task = beat.task = asyncio.ensure_future(beat.around(runtime.executors.call(job_type, value, context)))
     runtime.slots.take()
     began = time.monotonic()
     try:

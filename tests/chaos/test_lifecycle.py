@@ -16,10 +16,10 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initial
 from redis.asyncio import Redis
 
 from tests import engine
+from tests.engine import beat
 from tests.test_store import new_job
 from worker import TERMINAL, Config, Error, Progress, store, sweep
 from worker.events import Notifier
-from worker.heartbeat import heartbeat as beat
 
 T = TypeVar("T")
 pytestmark = pytest.mark.slow
