@@ -147,4 +147,3 @@ async def grant_of(db: Database, id: str) -> Grant | None:
     """What the key with this id grants while it is usable (a dashboard session holds the id, never the key)."""
     row = await sql.fetch_one(db, _GRANT, {"id": id})
     return None if row is None else Grant(str(row["tenant_id"]), bool(row["read_only"]))
-
