@@ -25,7 +25,7 @@ HOW_TO_ADD = (
 UNAVAILABLE = f"vectors are off: this database has no `vector` extension (pgvector) — {HOW_TO_ADD}"
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_of(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".") if part.isdigit())
 
 
@@ -68,7 +68,7 @@ async def apply(conn: asyncpg.Connection, done: set[str], say: Callable[[str], N
     except _Off as off:
         say(str(off))
         return None
-    if _version(version) < MIN_VERSION:
+    if version_of(version) < MIN_VERSION:
         say(f"vectors are off: pgvector {version} is older than 0.5, which brought HNSW indexes — update it, then run"
             " `outlast migrate` again")  # fmt: skip
         return None

@@ -19,7 +19,7 @@ from databases import Database
 
 from worker import sql
 from worker.job import JobError
-from worker.vectors.schema import UNAVAILABLE, _version
+from worker.vectors.schema import UNAVAILABLE, version_of
 
 INDEXED_SIZES = frozenset((256, 384, 512, 768, 1024, 1536))  # migrations/vectors/0027_vectors.sql
 _encode = msgspec.json.Encoder().encode
@@ -157,7 +157,7 @@ class Vectors:
         key = id(self.db)
         if key not in _versions:
             found = await sql.fetch_val(self.db, "SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-            _versions[key] = _version(found or "0")
+            _versions[key] = version_of(found or "0")
         return _versions[key]
 
     @staticmethod
