@@ -37,7 +37,7 @@ from bench.compare import Comparison, Figures, Measure, Metric
 from bench.noop_jobs import reset_outlast
 from bench.procs import load
 from bench.run import Run, outlast_env
-from bench.services import _with_database, api_key
+from bench.services import api_key, with_database
 from worker import deps as engine
 from worker.config import from_env
 from worker.migrate import create_database, migrate
@@ -182,7 +182,7 @@ async def _reset(database_url: str, redis_url: str, statement: str) -> None:
 
 async def measure(run: Run) -> list[Comparison]:
     s, svc = run.settings, run.svc
-    idle_url = _with_database(svc.database_url, IDLE_DATABASE)
+    idle_url = with_database(svc.database_url, IDLE_DATABASE)
     admin = await asyncpg.connect(svc.admin_url)
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {IDLE_DATABASE} WITH (FORCE)")

@@ -43,7 +43,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _with_database(dsn: str, name: str) -> str:
+def with_database(dsn: str, name: str) -> str:
     base, _, query = dsn.partition("?")
     return f"{base.rpartition('/')[0]}/{name}" + (f"?{query}" if query else "")
 
@@ -71,7 +71,7 @@ def services() -> Iterator[Services]:
             redis_url = stack.enter_context(EmbeddedValkey(DATA / "valkey", port=free_port())).url()
         yield Services(
             admin_url=database_url,
-            database_url=_with_database(database_url, DATABASE),
+            database_url=with_database(database_url, DATABASE),
             redis_url=redis_url,
             baseline_redis_url=_next_index(redis_url),
             naive_redis_url=_next_index(redis_url, 2),
