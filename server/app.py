@@ -32,6 +32,7 @@ from server import (
     stream,
     submit,
     ui,
+    uploads,
     workflows,
 )
 from server.follow import Hub
@@ -117,6 +118,7 @@ def create_app(config: Config | None = None, *, resolver: Resolver = system_reso
             Route("/v1/workflows/{id}/events", workflows.follow, methods=["GET"]),
             Route("/v1/workflows/{id}/cancel", workflows.cancel, methods=["POST"]),
             Route("/v1/stats", stats.show, methods=["GET"]),
+            Route("/v1/uploads", uploads.create, methods=["POST"]),
             Route("/healthz", ops.healthz, methods=["GET"]),
             Route("/readyz", ops.readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -41,13 +41,13 @@ from server.keycache import KeyCache
 from server.limits import AuthThrottle, pruned
 from server.problems import Forbidden, ProblemError, RateLimited, Unauthorized, Unavailable, as_response
 from server.state import Web, web_of
-from worker import Config, Deps, Job, Links, database, keys
+from worker import Config, Deps, Job, Links, database, keys, tokens
 
 log = logging.getLogger("outlast.web")
 
 SCOPE_KEY = "outlast.caller"
 DEFAULT_TENANT = "default"
-TOKEN_PREFIX = "olt_"
+TOKEN_PREFIX = tokens.PREFIX
 # The routes a job read token opens: GET (and HEAD) only, and only for the job named in the path. Data: a route
 # that should follow a job from a browser is one more line here.
 TOKEN_ROUTES: tuple[re.Pattern[str], ...] = (
@@ -59,7 +59,7 @@ TOKEN_ROUTES: tuple[re.Pattern[str], ...] = (
 # under any name, `token` included).
 KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "access_token", "auth", "authorization"})
 TOUCH_EVERY_S = 300.0  # api_keys.last_used_at is written at most this often per key and process
-_TOKEN_CONTEXT = b"outlast job read token v1\0"
+_TOKEN_CONTEXT = tokens.CONTEXT
 LINK_TOKEN_REUSE_S = 60.0
 READS = frozenset({"GET", "HEAD", "OPTIONS"})  # what a read-only credential may send; anything else is a write
 
@@ -134,10 +134,7 @@ class AuthState:
 
     def token(self, tenant: str, job_id: UUID, *, ttl_s: int | None = None) -> str:
         """A read-only token for one job: its id, its tenant and an expiry, signed with HMAC-SHA256."""
-        expires = int(time.time()) + (self.config.token_ttl_s if ttl_s is None else ttl_s)
-        payload = job_id.bytes + expires.to_bytes(8, "big") + tenant.encode()
-        mac = hmac.digest(self.secret, _TOKEN_CONTEXT + payload, "sha256")
-        return f"{TOKEN_PREFIX}{b64.encode(payload)}.{b64.encode(mac)}"
+        return tokens.mint(self.secret, tenant, job_id, self.config.token_ttl_s if ttl_s is None else ttl_s)
 
     def link_token(self, tenant: str, job_id: UUID) -> str:
         """`token` for a Job's links, minted again at most once a minute per job (and at least every quarter of the

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from server import b64
+from server import blobs as blob_answer
 from server.auth import signed_links, tenant_of
 from server.problems import (
     Conflict,
@@ -25,7 +26,7 @@ from server.problems import (
 )
 from server.responses import JSONResponse, MsgspecResponse
 from server.state import web_of
-from worker import Job, JobType, Status, control, database, resource, store
+from worker import Job, JobType, Status, blobs, control, database, resource, store
 from worker.job_types import JobTypeInfo, describe
 
 MAX_WAIT_S = 60
@@ -120,8 +121,20 @@ async def cancel(request: Request) -> Response:
 
 
 async def result(request: Request) -> Response:
+    """The result; one kept in the blob store streams, with Range. `?file=name`: a file the job wrote (ctx.output)."""
     row = await job_or_404(request)
+    web = web_of(request)
+    if "file" in request.query_params:
+        store = blobs.of(web.config, web.deps.db)
+        blob = await store.of_job(row.id, row.attempt, "output", request.query_params["file"])
+        if blob is None:
+            raise NotFound("this job wrote no file of that name")
+        return blob_answer.stream(request, store, blob, attachment=True)
     if row.status == "succeeded":
+        if row.result_size is not None and row.result_purged_at is None:
+            store = blobs.of(web.config, web.deps.db)
+            if (blob := await store.of_job(row.id, row.attempt, "result")) is not None:
+                return blob_answer.stream(request, store, blob)
         if row.result is None:
             raise Gone("the result was deleted after the retention period")
         return JSONResponse(row.result)

@@ -25,6 +25,7 @@ from server.responses import MsgspecResponse
 from server.schedules import NewSchedule, ScheduleChange, ScheduleList
 from server.state import web_of
 from server.submit import JobItems, SubmitBatch, SubmitJob
+from server.uploads import Upload
 from server.workflows import SubmitWorkflow
 from worker import Job, JobType, Status, schedules, stats, webhook_store, workflows
 
@@ -59,7 +60,7 @@ _TYPES: tuple[type, ...] = (SubmitJob, SubmitBatch, Job, JobItems, JobList, JobT
 _TYPES += (webhook_store.Delivery, Problem, Health, Readiness, CancelFilter, Cancelled)
 _TYPES += (NewSchedule, ScheduleChange, schedules.ScheduleResource, ScheduleList)
 _TYPES += (SubmitWorkflow, workflows.Workflow)
-_TYPES += (stats.Stats,)
+_TYPES += (stats.Stats, Upload)
 
 
 def _schema_hook(t: type) -> dict[str, Any]:

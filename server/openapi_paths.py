@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.openapi_blobs import RESULT_ANSWERS, RESULT_PARAMETERS, uploads
 from worker.schedules import ID_PATTERN
 
 REF = "#/components/schemas/{name}"
@@ -190,10 +191,11 @@ def _reads() -> dict[str, Any]:
             "get": {
                 "operationId": "getJobResult",
                 "security": _READ,
-                "summary": "The result alone, as the job's code returned it",
-                "parameters": [_ID, _TOKEN],
+                "summary": "The result alone, as the job's code returned it; a large one streams, with Range",
+                "parameters": [_ID, _TOKEN, *RESULT_PARAMETERS],
                 "responses": {
                     "200": {"description": "the result", "content": {"application/json": {"schema": {}}}},
+                    **RESULT_ANSWERS,
                     **_NOT_FOUND,
                     "409": _problem(
                         "not done yet (job-not-done, with Retry-After), or ended without a result (job-failed,"
@@ -453,7 +455,7 @@ def _workflows() -> dict[str, Any]:
 def paths(submit: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
     """Every operation, given the submit and batch body schemas (a union over the job types)."""
     found: dict[str, Any] = {}
-    for group in (_submits(submit, batch), _reads(), _changes()):
+    for group in (_submits(submit, batch), _reads(), _changes(), uploads()):
         for path, operations in group.items():
             found.setdefault(path, {}).update(operations)
     for path, operations in _schedules().items():
@@ -481,6 +483,7 @@ _ORDER = (
     "/v1/events",
     "/v1/job-types",
     "/v1/stats",
+    "/v1/uploads",
     "/v1/jobs/{id}/deliveries",
     "/v1/jobs/{id}/deliveries/redeliver",
     "/v1/schedules",
@@ -493,4 +496,4 @@ _ORDER = (
 )
 _WRITING = frozenset({"submitJob", "submitJobs", "retryJob", "cancelJob", "cancelJobs", "redeliver"})
 _WRITING |= {"createSchedule", "changeSchedule", "deleteSchedule", "triggerSchedule"}
-_WRITING |= {"submitWorkflow", "cancelWorkflow"}
+_WRITING |= {"submitWorkflow", "cancelWorkflow", "createUpload"}

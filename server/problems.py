@@ -15,6 +15,7 @@
      ├── Gone                    410 gone
      ├── PayloadTooLarge         413 payload-too-large
      ├── UnsupportedMediaType    415 unsupported-media-type (the body is not declared JSON)
+     ├── RangeNotSatisfiable     416 range-not-satisfiable (with Content-Range: bytes */size)
      ├── HeaderTooLarge          431 header-too-large (the request line and headers; server/protocol.py)
      ├── RateLimited             429 rate-limited (with Retry-After)
      └── Unavailable             503 unavailable (with Retry-After)
@@ -186,6 +187,16 @@ class UnsupportedMediaType(ProblemError):
     """The request body is not of a media type this route takes."""
 
     status = 415
+
+
+class RangeNotSatisfiable(ProblemError):
+    """The range asked for is not within the content."""
+
+    status = 416
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the content is {size} bytes long: a range must start before its end")
+        self.headers = {"Content-Range": f"bytes */{size}"}
 
 
 class HeaderTooLarge(ProblemError):

@@ -448,4 +448,5 @@ def test_problem_slugs_are_stable() -> None:
         "header-too-large",
         "rate-limited",
         "unsupported-media-type",
+        "range-not-satisfiable",
     }

@@ -41,6 +41,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     egress_breaker_failures: Annotated[int, msgspec.Meta(ge=1)] = 5  # failures in a row that open a host's circuit
     egress_breaker_cooldown_s: Seconds = 30.0  # an open circuit skips its host this long, then lets one request try
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    # The blob store (worker/blobs.py): results past inline_result_bytes, ctx.output files and uploads. Empty
+    # blob_url: chunks in PostgreSQL; `s3://bucket/prefix`: S3-compatible storage (credentials from AWS_* variables).
+    blob_url: Annotated[str, msgspec.Meta(pattern=r"^(s3://[^/]+(/.*)?)?$")] = ""
+    inline_result_bytes: Annotated[int, msgspec.Meta(ge=0)] = 262_144  # a larger result goes to the blob store
+    max_upload_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1_073_741_824  # POST /v1/uploads past this: 413
     max_batch_jobs: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1_000  # jobs in one POST /v1/jobs/batch
     max_timeout_s: Annotated[int, msgspec.Meta(ge=1)] = 86_400
     default_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3

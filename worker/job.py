@@ -16,6 +16,7 @@ from uuid import UUID
 import msgspec
 
 if TYPE_CHECKING:
+    from worker.blobs import File, Source, Upload
     from worker.egress import Http
     from worker.vectors.store import Vectors
 
@@ -74,6 +75,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int
     timeout_s: int
     result: msgspec.Raw | None
+    result_size: int | None  # a result kept in the blob store (`result` is then null): GET …/result streams it
     error: Error | None
     callback_url: str | None
     metadata: dict[str, Any]
@@ -158,6 +160,14 @@ async def _no_spawn(type: str, input: Any, key: str, metadata: Mapping[str, Any]
     raise RuntimeError("this Context was made without a worker: it can't spawn")
 
 
+async def _no_output(name: str, data: Source, content_type: str) -> File:
+    raise RuntimeError("this Context was made without a worker: it can't write files")
+
+
+async def _no_open(upload_id: str) -> Upload:
+    raise RuntimeError("this Context was made without a worker: it can't open uploads")
+
+
 def _no_vectors() -> Vectors:
     from worker.vectors.store import Vectors  # here: worker.vectors imports this module
 
@@ -189,6 +199,8 @@ class Context:
     http: Http = field(default_factory=_no_http, repr=False)
     # The tenant's vector collections in PostgreSQL with pgvector (worker/vectors/store.py).
     vectors: Vectors = field(default_factory=_no_vectors, repr=False)
+    _output: Callable[[str, Source, str], Awaitable[File]] = field(default=_no_output, repr=False)
+    _open: Callable[[str], Awaitable[Upload]] = field(default=_no_open, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""
@@ -205,6 +217,17 @@ class Context:
         """Start a child job of `type` in this job's tenant; its id. The same `key` on a later attempt (or run)
         of this job returns the same child, never a second one. `input` is checked against the type's schema."""
         return await self._spawn(type, input, key, metadata)
+
+    async def output(self, name: str, data: Source, *, content_type: str = "application/octet-stream") -> File:
+        """Keep a file this attempt made (bytes, a str, or an iterable or async iterable of bytes) in the blob store
+        under `name`; its name, size, content type and link (`GET /v1/jobs/{id}/result?file=name`), which the job's
+        result may list. Written again under the same name, the later file is the one served."""
+        return await self._output(name, data, content_type)
+
+    async def open(self, upload_id: str) -> Upload:
+        """An upload of this job's tenant (POST /v1/uploads) by its id, to read whole or a chunk at a time; an id
+        that names none of the tenant's uploads fails the job with error type `unknown_upload`."""
+        return await self._open(upload_id)
 
     def wait_for_children(self) -> Waiting:
         """`return ctx.wait_for_children()`: this run ends, holding no worker slot, and the job's code runs again

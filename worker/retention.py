@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from databases import Database
 
-from worker import feed, sql
+from worker import blobs, feed, sql
 from worker.config import Config
 
 # A workflow's results stay while it is kept: a resumed workflow's next steps read them as ctx.upstream.
@@ -30,9 +30,8 @@ WITH purged AS (
 )
 SELECT count(*) FROM purged
 """
-# A blob store (a later issue) deletes the blobs of the ids this returns, after this statement commits: a blob left
-# behind by a crash in between is garbage for a later pass to collect, whereas a blob deleted before its row would
-# leave a kept job pointing at nothing.
+# A deleted job's blobs lose their job_id (ON DELETE SET NULL) in this statement, and worker/blobs.py's `retain`
+# deletes them after it commits: a blob deleted before its row would leave a kept job pointing at nothing.
 _DELETE_OLD = """
 DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :retention)
                                 AND workflow_id IS NULL
@@ -75,6 +74,7 @@ class Retained:
     workflows: int  # ended workflows deleted whole
     released: int  # Idempotency-Keys freed
     feed: int = 0  # rows of the tenant feeds' log past a day (worker/feed.py)
+    blobs: int = 0  # blobs of deleted jobs, old uploads and unfinished writes (worker/blobs.py)
 
 
 async def retain(db: Database, config: Config) -> Retained:
@@ -87,4 +87,7 @@ async def retain(db: Database, config: Config) -> Retained:
     workflows = await sql.fetch_val(db, _DELETE_OLD_WORKFLOWS, values)
     released = await sql.fetch_val(db, _RELEASE_KEYS, {"batch": batch, "window": config.idempotency_ttl_s})
     changes = await feed.delete_old(db, batch=batch)
-    return Retained(purged=purged, deleted=len(deleted), workflows=workflows, released=released, feed=changes)
+    gone = await blobs.of(config, db).retain(retention_s=config.job_retention_s)
+    return Retained(
+        purged=purged, deleted=len(deleted), workflows=workflows, released=released, feed=changes, blobs=gone
+    )

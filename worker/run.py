@@ -17,7 +17,7 @@ from uuid import UUID
 
 import msgspec
 
-from worker import claim, database, egress, logs, metrics, spawn, store, tracing, workflows
+from worker import blobs, claim, database, egress, logs, metrics, spawn, store, tracing, workflows
 from worker.batch import Batcher
 from worker.capacity import Capacity, wake, wake_keys
 from worker.claim import Claimed
@@ -28,6 +28,7 @@ from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, S
 from worker.queue import Bell, enqueue, enqueue_many, parse_message
 from worker.retry import backoff
 from worker.sweep import cancel_requeued
+from worker.vectors import store as vector_store
 
 log = logging.getLogger("outlast.worker")
 T = TypeVar("T")
@@ -181,11 +182,14 @@ async def _run(
         )
 
     upstream = {} if claimed.upstream is None else msgspec.json.decode(claimed.upstream)
+    files = blobs.ForJob(blobs.of(deps.config, deps.db), claimed.tenant_id, claimed.id, claimed.attempt)
     children = await spawn.children(deps.db, claimed.id) if claimed.waits else {}
     http = egress.for_job(deps.config, beat.log)  # the job's own requests: guarded (worker/egress.py)
     context = Context(
-        claimed.id, claimed.attempt, claimed.max_attempts, beat.report, beat.log, upstream, children, spawn_child, http
-    )
+        claimed.id, claimed.attempt, claimed.max_attempts, beat.report, beat.log, upstream, children, spawn_child, http,
+        _output=files.output, _open=files.open,
+        vectors=vector_store.for_job(deps.db, claimed.tenant_id),
+    )  # fmt: skip
     task = beat.task = asyncio.ensure_future(beat.around(runtime.executors.call(job_type, value, context)))
     runtime.slots.take()
     began = time.monotonic()
@@ -240,7 +244,16 @@ async def _succeeded(deps: Deps, runtime: Runtime, claimed: Claimed, result: Any
         await _end(deps, runtime, claimed, "failed", error=error)
         return
     try:
-        await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=progress)
+        if len(encoded) > deps.config.inline_result_bytes and claimed.workflow_id is None and claimed.parent_id is None:
+            # claim-check: the blob store keeps the bytes, the row their size (a workflow step's or a spawned child's
+            # result stays in the row, where the next steps and the parent read it)
+            blob = await blobs.of(deps.config, deps.db).write(
+                encoded, tenant=claimed.tenant_id, kind="result", content_type="application/json",
+                job_id=claimed.id, attempt=claimed.attempt,
+            )  # fmt: skip
+            await _end(deps, runtime, claimed, "succeeded", result_size=blob.size, progress=progress)
+        else:
+            await _end(deps, runtime, claimed, "succeeded", result=encoded, progress=progress)
     except database.UNAVAILABLE:
         raise  # retried for minutes already: the lease runs out and the sweep decides
     except Exception as exc:
@@ -363,10 +376,11 @@ async def _end(
     error: Error | None = None,
     progress: Progress | None = None,
     retry_in_s: float = 0.0,
+    result_size: int | None = None,
 ) -> bool:
     """Move the attempt to `to` (`queued`: a retry in `retry_in_s`) through the batched finishes. False: someone
     won first."""
-    finish = store.Finish(claimed.id, claimed.attempt, to, result, error, progress, retry_in_s)
+    finish = store.Finish(claimed.id, claimed.attempt, to, result, error, progress, retry_in_s, result_size)
     moved = await database.persist(lambda: runtime.finishes(finish), what=f"finish {claimed.id}")
     tracing.attempt_ended(to, error)
     if moved:

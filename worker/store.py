@@ -49,7 +49,7 @@ class Jobs:
 _COLUMNS = (
     "id, type, status, input, progress, attempt, max_attempts, timeout_s, result, result_purged_at, error,"
     " callback_url, metadata, created_at, started_at, finished_at, expires_at, retry_of, run_at, priority,"
-    " concurrency_key, workflow_id, step, parent_id, tenant_id, traceparent"
+    " concurrency_key, workflow_id, step, parent_id, tenant_id, traceparent, result_size"
 )
 COLUMNS = _COLUMNS  # what a JobRow reads, for the queries of other modules (worker/dashboard.py)
 
@@ -83,6 +83,7 @@ class JobRow(msgspec.Struct, frozen=True, kw_only=True):
     parent_id: UUID | None = None
     tenant_id: str = ""  # not part of the Job: the API answers within one tenant, an operator across them
     traceparent: str | None = None  # nor this: the trace its submit began (worker/tracing.py)
+    result_size: int | None = None  # a result in the blob store (worker/blobs.py): its size; `result` is NULL
 
     @property
     def done(self) -> bool:
@@ -293,13 +294,13 @@ WITH wanted AS (  -- a pair given twice moves as its first place says; in id ord
     SELECT DISTINCT ON (id, attempt) *
       FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:targets AS text[]),
                   CAST(:allowed AS text[]), CAST(:results AS jsonb[]), CAST(:errors AS jsonb[]),
-                  CAST(:progresses AS jsonb[]), CAST(:delays AS float8[]))
-           WITH ORDINALITY AS w(id, attempt, target, allowed, result, error, progress, delay, place)
+                  CAST(:progresses AS jsonb[]), CAST(:delays AS float8[]), CAST(:result_sizes AS bigint[]))
+           WITH ORDINALITY AS w(id, attempt, target, allowed, result, error, progress, delay, result_size, place)
      ORDER BY id, attempt, place
 ), moved AS (
     UPDATE jobs
        SET status = w.target,
-           result = w.result,
+           result = w.result, result_size = w.result_size,
            -- a retry's error lives in its status event only: `error` is for jobs that ended
            error = CASE WHEN w.target = 'queued' THEN NULL ELSE w.error END,
            progress = COALESCE(w.progress, jobs.progress),
@@ -326,6 +327,7 @@ class Finish(msgspec.Struct, frozen=True):
     error: Error | None = None
     progress: Progress | None = None
     retry_in_s: float = 0.0
+    result_size: int | None = None  # the result is in the blob store (worker/blobs.py), this large; `result` is None
 
 
 async def finish_many(jobs: Jobs, finishes: Sequence[Finish]) -> list[bool]:
@@ -342,6 +344,7 @@ async def finish_many(jobs: Jobs, finishes: Sequence[Finish]) -> list[bool]:
         "errors": [None if f.error is None else storable(f.error) for f in finishes],
         "progresses": [None if f.progress is None else storable(f.progress) for f in finishes],
         "delays": [f.retry_in_s for f in finishes],
+        "result_sizes": [f.result_size for f in finishes],
         "terminal": sorted(TERMINAL),
     }
     moved = {(r["id"], r["attempt"]) for r in await sql.fetch_all(jobs.db, _FINISH, values)}

@@ -33,7 +33,7 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import database, metrics, resource, store, tracing, workflows
+from worker import database, metrics, resource, store, tokens, tracing, workflows
 from worker.config import Config
 from worker.database import open_database, persist
 from worker.deps import Deps
@@ -111,12 +111,17 @@ class Payload(Job, frozen=True, kw_only=True, omit_defaults=True):
     result_link: str | None = None
 
 
-def payload(row: store.JobRow, max_result_bytes: int) -> bytes:
+def payload(row: store.JobRow, max_result_bytes: int, *, secret: str = "", token_ttl_s: int = 900) -> bytes:
+    """The Job; a result in the blob store, or larger than `max_result_bytes`, as `result_link`, which carries a
+    read token (signed with `secret`, for `token_ttl_s` from this attempt) so that the receiver needs no API key."""
     job = resource.as_job(row)
-    if row.result is None or len(row.result.encode()) <= max_result_bytes:
+    if row.result_size is None and (row.result is None or len(row.result.encode()) <= max_result_bytes):
         return _encode(job)
+    link = job.links.result
+    if secret:  # else development's open mode, whose web signs with a key of its own: the link alone
+        link += f"?token={tokens.mint(secret.encode(), row.tenant_id, row.id, token_ttl_s)}"
     fields = msgspec.structs.asdict(job) | {"result": None}
-    return _encode(Payload(**fields, result_link=job.links.result))
+    return _encode(Payload(**fields, result_link=link))
 
 
 # -- sending ----------------------------------------------------------------------------------------
@@ -228,7 +233,8 @@ async def _attempt(deps: Deps, sender: Sender, claimed: Claimed) -> Outcome:
         row = await store.get_job(deps.db, claimed.tenant_id, claimed.job_id)
         if row is None:
             return Outcome(error="the job no longer exists", permanent=True)
-        body, msg_id = payload(row, config.webhook_max_result_bytes), webhook_store.webhook_id(row.id)
+        body = payload(row, config.webhook_max_result_bytes, secret=config.secret_key, token_ttl_s=config.token_ttl_s)
+        msg_id = webhook_store.webhook_id(row.id)
         traceparent = row.traceparent
     signing = [s for s, _ in await secrets_in_force(deps.db, claimed.tenant_id, config.webhook_secret)]
     headers = {"content-type": "application/json", **sign(signing, msg_id, claimed.now, body)}
