@@ -12,7 +12,7 @@ from starlette.responses import RedirectResponse, Response
 
 from server.auth import tenant_of
 from server.state import web_of
-from server.ui.render import page
+from server.ui.render import ago, page, stamp
 from worker import dashboard, events, resource, schedules, stats, status, store, workflows
 from worker.dashboard import Filter
 from worker.job import TERMINAL, Progress
@@ -136,14 +136,14 @@ async def jobs_list(request: Request) -> Response:
         errors["q"] = "a job's id, e.g. 0193b7c2-5f1e-7c3a-9d2e-8f0a1b2c3d4e"
     before = job_id(params.get("before", "")) if params.get("before") else None
     rows = [] if errors else await dashboard.find_jobs(web.deps.db, tenant, wanted, limit=PAGE_SIZE + 1, before=before)
-    shown = rows[:PAGE_SIZE]
+    now = datetime.now(UTC)
+    shown = [row_view(row, now) for row in rows[:PAGE_SIZE]] if rows else []
     keep = {k: v for k, v in params.items() if k in ("status", "type", "meta", "from", "to") and v}
     return page(
         request,
         "jobs.html",
         status_code=422 if errors else 200,
         rows=shown,
-        progress={row.id: progress_of(row) for row in shown},
         next_before=shown[-1].id if len(rows) > PAGE_SIZE else None,
         params=params,
         keep=keep,
@@ -152,6 +152,33 @@ async def jobs_list(request: Request) -> Response:
         types=sorted(web.job_types),
         bulk_cancel=wanted.status in (None, "queued", "running"),
         bulk_retry=wanted.status in (None, "failed", "cancelled", "expired"),
+    )
+
+
+class RowView(msgspec.Struct, frozen=True):
+    """A row of the jobs list, its values formatted once: the page renders 50 without a macro call."""
+
+    id: str
+    short: str
+    type: str
+    status: str
+    pct: float
+    attempt: str
+    ago: str
+    stamp: str
+
+
+def row_view(row: store.JobRow, now: datetime) -> RowView:
+    text = str(row.id)
+    return RowView(
+        id=text,
+        short=f"{text[:8]}…{text[-4:]}",
+        type=row.type,
+        status=row.status,
+        pct=round(100 * progress_of(row).fraction, 1),
+        attempt=f"{row.attempt} / {row.max_attempts}",
+        ago=ago(row.created_at, now),
+        stamp=stamp(row.created_at),
     )
 
 
