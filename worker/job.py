@@ -9,7 +9,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 from uuid import UUID
 
@@ -18,6 +18,7 @@ import msgspec
 if TYPE_CHECKING:
     from worker.blobs import File, Source, Upload
     from worker.egress import Http
+    from worker.job_types.report import DailyJobs
     from worker.vectors.store import Vectors
 
 T = TypeVar("T")
@@ -168,6 +169,10 @@ async def _no_open(upload_id: str) -> Upload:
     raise RuntimeError("this Context was made without a worker: it can't open uploads")
 
 
+async def _no_job_stats(since: date, until: date) -> list[DailyJobs]:
+    raise RuntimeError("this Context was made without a worker: it can't read the tenant's jobs")
+
+
 def _no_vectors() -> Vectors:
     from worker.vectors.store import Vectors  # here: worker.vectors imports this module
 
@@ -201,6 +206,7 @@ class Context:
     vectors: Vectors = field(default_factory=_no_vectors, repr=False)
     _output: Callable[[str, Source, str], Awaitable[File]] = field(default=_no_output, repr=False)
     _open: Callable[[str], Awaitable[Upload]] = field(default=_no_open, repr=False)
+    _job_stats: Callable[[date, date], Awaitable[list[DailyJobs]]] = field(default=_no_job_stats, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]. Cheap: only the latest value is written, a few times a second at most."""
@@ -228,6 +234,11 @@ class Context:
         """An upload of this job's tenant (POST /v1/uploads) by its id, to read whole or a chunk at a time; an id
         that names none of the tenant's uploads fails the job with error type `unknown_upload`."""
         return await self._open(upload_id)
+
+    async def job_stats(self, since: date, until: date) -> list[DailyJobs]:
+        """The tenant's jobs per type and UTC day from `since` to `until` (both included, a year at most): how many,
+        how they stand, their mean run time (the `report` job type's table)."""
+        return await self._job_stats(since, until)
 
     def wait_for_children(self) -> Waiting:
         """`return ctx.wait_for_children()`: this run ends, holding no worker slot, and the job's code runs again

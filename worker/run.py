@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -25,6 +26,7 @@ from worker.deps import Deps
 from worker.executors import Executors
 from worker.heartbeat import Heartbeat, Pulse
 from worker.job import CANCELLED, Context, Error, JobError, JobType, Progress, Status, Waiting
+from worker.job_types.report import job_stats
 from worker.queue import Bell, enqueue, enqueue_many, parse_message
 from worker.retry import backoff
 from worker.sweep import cancel_requeued
@@ -187,7 +189,7 @@ async def _run(
     http = egress.for_job(deps.config, beat.log)  # the job's own requests: guarded (worker/egress.py)
     context = Context(
         claimed.id, claimed.attempt, claimed.max_attempts, beat.report, beat.log, upstream, children, spawn_child, http,
-        _output=files.output, _open=files.open,
+        _output=files.output, _open=files.open, _job_stats=partial(job_stats, deps.db, claimed.tenant_id),
         vectors=vector_store.for_job(deps.db, claimed.tenant_id),
     )  # fmt: skip
     task = beat.task = asyncio.ensure_future(beat.around(runtime.executors.call(job_type, value, context)))

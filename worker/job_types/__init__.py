@@ -9,12 +9,13 @@ from typing import Any
 import msgspec
 
 from worker.job import JobType
-from worker.job_types import chunks, flaky, scrape, sleep, sums, vectors
+from worker.job_types import chunks, flaky, report, scrape, sleep, sums, vectors
 
 BUILT_IN: tuple[JobType, ...] = (sums.SQUARE_SUM, sums.CUBE_SUM, sleep.JOB_TYPE, flaky.JOB_TYPE)
 BUILT_IN += (chunks.SPLIT, chunks.CHUNK_SUM, chunks.TOTAL, chunks.SPAWN_SUM)  # the workflow demos
 BUILT_IN += (scrape.JOB_TYPE,)  # real work: the web, through ctx.http's guard
 BUILT_IN += (vectors.VECTOR_INDEX, vectors.VECTOR_SEARCH)  # real work: pgvector, a bundled model
+BUILT_IN += (report.JOB_TYPE,)  # real work: CSV and Parquet files in the blob store
 
 
 def load(modules: str = "") -> Mapping[str, JobType]:
