@@ -29,8 +29,9 @@ test: $(STAMP)
 lock:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 --custom-compile-command 'make lock' pyproject.toml -o requirements.lock
 	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 --custom-compile-command 'make lock' pyproject.toml client/pyproject.toml --extra dev -o requirements-dev.lock
+	@# the shipped set within the tested one, so each package has one version in both
+	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 --custom-compile-command 'make lock' pyproject.toml -c requirements-dev.lock -o requirements.lock
 
 # The quick loop while working: every check but the tests that start real processes (`slow`; CI runs them).
 test-fast: $(STAMP)

@@ -19,13 +19,14 @@ from types import ModuleType
 from typing import Any
 
 import asyncpg
+import httpx
 import msgspec
 import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, wait_ready
 from worker.config import Config, env_name, from_env
 
 SETTINGS = {env_name(f.name) for f in msgspec.structs.fields(Config)}
@@ -317,7 +318,7 @@ def built(args: list[str], storage: Path) -> str:
     """One buildah command in a storage of this test's own, daemonless (no docker engine runs here)."""
     where = ["--root", str(storage / "root"), "--runroot", str(storage / "run")]
     done = subprocess.run([*BUILDAH, *where, *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"buildah {args[0]}: {done.stderr[-3000:]}"
+    assert done.returncode == 0, f"buildah {args[0]}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout.strip()
 
 
@@ -355,7 +356,7 @@ def build_image(storage: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-async def test_the_image_builds_runs_as_non_root_and_migrates_from_its_own_tree(
+async def test_the_image_builds_runs_as_non_root_migrates_from_its_own_tree_and_serves(
     storage: Path, config: Config, pg_connection: asyncpg.Connection
 ) -> None:
     container = await asyncio.to_thread(build_image, storage)
@@ -381,7 +382,27 @@ async def test_the_image_builds_runs_as_non_root_and_migrates_from_its_own_tree(
     finally:
         await applied.close()
     await pg_connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    assert names == {p.name for p in (ROOT / "migrations").glob("*.sql")}
+    # every file of migrations/ (an optional track in a folder of its own applies where its extension exists)
+    folder = ROOT / "migrations"
+    every = {p.relative_to(folder).as_posix() for p in folder.rglob("*.sql")}
+    assert {p.name for p in folder.glob("*.sql")} <= names <= every
+
+    # the web, as the image's default command, on this session's stores: it serves, and reaches both
+    port = free_port()
+    env = {"PORT": str(port), "DATABASE_URL": config.database_url, "REDIS_URL": config.redis_url}
+    env["OUTLAST_SECRET_KEY"] = config.secret_key
+    where = ["--root", str(storage / "root"), "--runroot", str(storage / "run")]
+    variables = [a for name, value in env.items() for a in ("--env", f"{name}={value}")]
+    run_web = [*BUILDAH, *where, "run", "--isolation", "chroot", *variables, container, "--", "python", "-m", "server"]
+    web = await asyncio.create_subprocess_exec(*run_web)
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}", within=60)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            ready = (await client.get("/readyz")).json()
+    finally:
+        web.terminate()  # buildah passes it on to the process in the container
+        await asyncio.wait_for(web.wait(), 30)
+    assert (ready["status"], ready["database"], ready["redis"]) == ("ok", "ok", "ok")
 
 
 # -- the guides ------------------------------------------------------------------------------------------------------
