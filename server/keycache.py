@@ -66,6 +66,23 @@ class KeyCache:
             self._keys[id] = (hashed, grant, time.monotonic() + self.MAX_AGE_S)
         return grant
 
+    async def grant_of(self, db: Database, id: str) -> keys.Grant | None:
+        """What the usable key with this id grants, from memory under the same rules as `verify` (a dashboard
+        session holds the key's id, never the key)."""
+        entry = self._keys.get(id)
+        if entry is not None and entry[2] > time.monotonic():
+            return entry[1]
+        generation = self._generation
+        found = await keys.grant_of(db, id)
+        if found is None:
+            return None
+        grant, hashed = found
+        if self.listening_now and generation == self._generation:
+            if len(self._keys) >= self.MAX_KEYS:
+                self._keys.clear()
+            self._keys[id] = (hashed, grant, time.monotonic() + self.MAX_AGE_S)
+        return grant
+
     def forget(self, id: str | None = None) -> None:
         """Drop one key, or all of them."""
         self._generation += 1

@@ -140,10 +140,11 @@ async def any_active(db: Database) -> bool:
     return bool(await sql.fetch_val(db, "SELECT EXISTS (SELECT 1 FROM api_keys WHERE revoked_at IS NULL)"))
 
 
-_GRANT = "SELECT tenant_id, read_only FROM api_keys WHERE id = :id AND revoked_at IS NULL"
+_GRANT = "SELECT tenant_id, read_only, key_hash FROM api_keys WHERE id = :id AND revoked_at IS NULL"
 
 
-async def grant_of(db: Database, id: str) -> Grant | None:
-    """What the key with this id grants while it is usable (a dashboard session holds the id, never the key)."""
+async def grant_of(db: Database, id: str) -> tuple[Grant, bytes] | None:
+    """What the key with this id grants while it is usable, and its hash (a dashboard session holds the id, never
+    the key)."""
     row = await sql.fetch_one(db, _GRANT, {"id": id})
-    return None if row is None else Grant(str(row["tenant_id"]), bool(row["read_only"]))
+    return None if row is None else (Grant(str(row["tenant_id"]), bool(row["read_only"])), bytes(row["key_hash"]))

@@ -3,8 +3,8 @@ development's open mode; and the checks every /ui request passes before its hand
 
     outlast_session   HttpOnly, SameSite=Strict (Secure over https): the key's id, an expiry and a nonce, signed
                       with HMAC-SHA256 under OUTLAST_SECRET_KEY as job read tokens are. Never the key itself: the
-                      key's tenant and read-only flag are read again on every request, so revoking it ends the
-                      session at once.
+                      key's tenant and read-only flag are looked up on every request through the API's key cache
+                      (server/keycache.py), so revoking the key ends its sessions as it ends its API access.
     csrf              every POST carries a token derived from the session's nonce (a form field, or the
                       X-CSRF-Token header), and an Origin, when sent, that is this server's.
 
@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import b64
 from server.auth import DEFAULT_TENANT, SCOPE_KEY, Caller
 from server.state import Web
-from worker import database, keys
+from worker import database
 
 log = logging.getLogger("outlast.web")
 COOKIE: Final = "outlast_session"
@@ -187,7 +187,7 @@ class UiAccess:
         cookie = _cookie(scope)
         session = None if cookie is None else read(secret, cookie)
         if session is not None:
-            grant = await keys.grant_of(web.deps.db, session.key_id)
+            grant = await web.auth.keys.grant_of(web.deps.db, session.key_id)  # cached as an API key is
             if grant is not None:
                 caller = Caller(grant.tenant, session.key_id, read_only=grant.read_only)
                 return Viewer(caller, csrf_token(secret, session.nonce), open_mode=False)
