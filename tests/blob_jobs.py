@@ -8,7 +8,7 @@ from typing import Annotated
 
 import msgspec
 
-from worker import Context, JobType
+from worker import Context, JobType, SyncContext
 from worker.blobs import File
 
 
@@ -51,7 +51,14 @@ async def read_upload(input: Opened, ctx: Context) -> dict[str, object]:
     return {"size": upload.size, "sha256": digest.hexdigest(), "head": head.decode(), "type": upload.content_type}
 
 
+def plain_output(input: Size, ctx: SyncContext) -> File:
+    """A plain function, run in a thread, writing a file."""
+    file: File = ctx.output("plain.txt", pattern(input.bytes), content_type="text/plain")
+    return file
+
+
 JOB_TYPES = (
+    JobType("plain_output", Size, plain_output, timeout_s=60),
     JobType("big_result", Size, big_result, timeout_s=60),
     JobType("write_files", Size, write_files, timeout_s=60),
     JobType("read_upload", Opened, read_upload, timeout_s=60),

@@ -215,6 +215,15 @@ async def test_files_a_job_writes_are_listed_in_its_result_and_served_by_their_l
     assert missing.status_code == 404 and missing.json()["type"] == "/problems/not-found"
 
 
+async def test_a_plain_function_in_a_thread_writes_a_file_with_ctx_output(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    job = await _done(client, drain, "plain_output", {"bytes": 1000})
+    assert job["status"] == "succeeded", job
+    assert job["result"]["size"] == 1000
+    assert (await client.get(job["result"]["link"])).text == pattern(1000)
+
+
 async def _streamed(data: bytes, piece: int = 65_536) -> AsyncIterator[bytes]:
     for i in range(0, len(data), piece):
         yield data[i : i + piece]

@@ -44,6 +44,7 @@ class SyncContext:
     upstream: Mapping[str, Any] = field(default_factory=dict)
     _send: Callable[[tuple[Any, ...]], None] = field(default=lambda message: None, repr=False)
     _over: threading.Event = field(default_factory=threading.Event, repr=False)
+    _output: Callable[[str, Any, str], Any] | None = field(default=None, repr=False)  # in a thread only
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         self._check()
@@ -54,6 +55,14 @@ class SyncContext:
             raise ValueError(f"log level must be one of {', '.join(sorted(LOG_LEVELS))}, not {level!r}")
         self._check()
         self._send(("log", level, str(message)))
+
+    def output(self, name: str, data: bytes | str, *, content_type: str = "application/octet-stream") -> Any:
+        """`ctx.output` from a thread: the file is stored by the worker's loop, and this waits for it. Not in a
+        process of its own (`executor="process"`), which has no connection to store it with: return the bytes."""
+        self._check()
+        if self._output is None:
+            raise RuntimeError("ctx.output is not available to a job that runs in a process of its own")
+        return self._output(name, data, content_type)
 
     @property
     def stopped(self) -> bool:
@@ -106,6 +115,9 @@ class Executors:
                 loop.call_soon_threadsafe(relay, message)
 
             sync._send = send
+            sync._output = lambda name, data, kind: asyncio.run_coroutine_threadsafe(
+                ctx.output(name, data, content_type=kind), loop
+            ).result()
             try:
                 return await asyncio.wrap_future(self.threads.submit(fn, value, sync))
             finally:
