@@ -1,0 +1,187 @@
+"""A 100 MB result streamed by GET /v1/jobs/{id}/result (the blob store, PostgreSQL chunks) against a bare Starlette
+FileResponse of the same bytes from a file, each one uvicorn process with the same flags, downloads alternating;
+and how much the web's resident memory grows while it streams (issue 17: >= 0.8x the FileResponse, <= 20 MB).
+
+    python -m bench.blob_stream [--mb 100] [--rounds 5]
+
+The store is read as a job's code would leave it: the result written through worker/blobs.py, the row pointing at
+it. One client at a time (a download is bandwidth, not a request rate); the client discards what it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+from databases import Database
+from uuid_utils.compat import uuid7
+
+from bench.run import outlast_env
+from bench.services import Services, api_key, free_port, prepare, services
+
+_JOB = """
+INSERT INTO jobs (id, type, status, input, attempt, max_attempts, timeout_s, retry_safe, progress, result_size,
+                  started_at, finished_at, expires_at, event_seq)
+VALUES (:id, 'noop', 'succeeded', '{}', 1, 3, 60, true, '{"fraction": 1.0, "message": null}', :size,
+        now(), now(), now() + interval '7 days', 3)
+"""
+_FILE_APP = """
+import os
+from starlette.applications import Starlette
+from starlette.responses import FileResponse
+from starlette.routing import Route
+
+PATH = os.environ["BENCH_FILE"]
+
+async def file(request):
+    return FileResponse(PATH, media_type="application/json")
+
+app = Starlette(routes=[Route("/file", file)])
+"""
+UVICORN = [
+    "--host",
+    "127.0.0.1",
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--no-access-log",
+    "--log-level",
+    "warning",
+]
+
+
+def _pieces(total: int) -> Iterator[bytes]:
+    block = (b'"' + b"0123456789abcdef" * 65_536)[: 1 << 20]
+    sent = 0
+    while sent < total:
+        piece = block[: min(len(block), total - sent)]
+        sent += len(piece)
+        yield piece
+
+
+async def _aiter(total: int) -> AsyncIterator[bytes]:
+    for piece in _pieces(total):
+        yield piece
+
+
+async def seed(svc: Services, total: int) -> str:
+    from worker import Config, blobs
+
+    db = Database(svc.database_url)
+    await db.connect()
+    try:
+        job_id = uuid7()
+        await db.execute(_JOB, {"id": job_id, "size": total})
+        store = blobs.of(Config(database_url=svc.database_url), db)
+        await store.write(
+            _aiter(total), tenant="default", kind="result", content_type="application/json", job_id=job_id, attempt=1
+        )
+        await db.execute("VACUUM ANALYZE blob_chunks")
+        return str(job_id)
+    finally:
+        await db.disconnect()
+
+
+def start(argv: list[str], env: dict[str, str], cwd: str | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "uvicorn", *argv, *UVICORN], env=env, cwd=cwd)
+
+
+def write_file(path: Path, total: int) -> None:
+    with path.open("wb") as out:
+        for piece in _pieces(total):
+            out.write(piece)
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+async def download(url: str, headers: dict[str, str], pid: int) -> tuple[float, int, int]:
+    """(MB/s, bytes, the server's peak RSS growth in KiB) of one whole download."""
+    base = rss_kib(pid)
+    peak = base
+    got = 0
+    async with httpx.AsyncClient(timeout=120) as client:
+        began = time.perf_counter()
+        async with client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200, response.status_code
+            async for piece in response.aiter_raw(1 << 20):
+                got += len(piece)
+                peak = max(peak, rss_kib(pid))
+        elapsed = time.perf_counter() - began
+    return got / elapsed / 1e6, got, peak - base
+
+
+async def wait_up(url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                await client.get(url)
+                return
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def main(mb: int, rounds: int) -> dict[str, object]:
+    total = mb * 1_000_000
+    with services() as svc, tempfile.TemporaryDirectory() as scratch:
+        await prepare(svc)
+        key = await api_key(svc)
+        job_id = await seed(svc, total)
+        path = Path(scratch) / "result.json"
+        write_file(path, total)
+        (Path(scratch) / "file_app.py").write_text(_FILE_APP)
+        ours_port, file_port = free_port(), free_port()
+        ours = start(["--factory", "server.app:create_app", "--port", str(ours_port)], outlast_env(svc))
+        bare = start(["file_app:app", "--port", str(file_port)], {**os.environ, "BENCH_FILE": str(path)}, scratch)
+        try:
+            await wait_up(f"http://127.0.0.1:{ours_port}/healthz")
+            await wait_up(f"http://127.0.0.1:{file_port}/file")
+            ours_url = f"http://127.0.0.1:{ours_port}/v1/jobs/{job_id}/result"
+            auth = {"Authorization": f"Bearer {key}"}
+            await download(ours_url, auth, ours.pid)  # warm: connections, caches, the page cache
+            await download(f"http://127.0.0.1:{file_port}/file", {}, bare.pid)
+            outlast, baseline, grew = [], [], []
+            for _ in range(rounds):
+                rate, got, rss = await download(ours_url, auth, ours.pid)
+                assert got == total, got
+                outlast.append(rate)
+                grew.append(rss)
+                rate, got, _ = await download(f"http://127.0.0.1:{file_port}/file", {}, bare.pid)
+                assert got == total, got
+                baseline.append(rate)
+        finally:
+            for proc in (ours, bare):
+                proc.terminate()
+                proc.wait(10)
+    figures: dict[str, object] = {
+        "mb": mb,
+        "rounds": rounds,
+        "outlast_mb_s": round(statistics.median(outlast), 1),
+        "file_response_mb_s": round(statistics.median(baseline), 1),
+        "ratio": round(statistics.median(outlast) / statistics.median(baseline), 2),
+        "rss_growth_mb_max": round(max(grew) / 1024, 1),
+        "goal": "ratio >= 0.8, rss_growth_mb_max <= 20",
+    }
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.mb, args.rounds)), indent=2))
