@@ -108,6 +108,25 @@ async def test_a_result_past_the_inline_limit_goes_to_the_store_and_streams_back
     assert response.content == expected
 
 
+async def test_only_the_succeeded_status_event_shows_the_stored_results_size(
+    client: httpx.AsyncClient, drain: Drain
+) -> None:
+    job = await _done(client, drain, "big_result", {"bytes": 300 * 1024})
+    stream = (await client.get(f"/v1/jobs/{job['id']}/events")).text  # a finished job's replay ends
+    shown = [
+        msgspec.json.decode(line.removeprefix("data: "))
+        for block in stream.split("\n\n")
+        if "event: status" in block
+        for line in block.splitlines()
+        if line.startswith("data: ")
+    ]
+    assert [(e["status"], e["result"], e["result_size"]) for e in shown] == [
+        ("queued", None, None),
+        ("running", None, None),
+        ("succeeded", None, job["result_size"]),
+    ]
+
+
 async def test_a_small_result_stays_in_the_row_with_no_size(client: httpx.AsyncClient, drain: Drain) -> None:
     job = await _done(client, drain, "big_result", {"bytes": 1000})
     assert job["result"] == pattern(1000)

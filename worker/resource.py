@@ -70,8 +70,8 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def status_job(row: JobRow, data: bytes, job_links: Links | None = None) -> StatusJob:
     """Render a status event as the Job it describes: the change's fields from the event, the rest (which never
-    change) from the row, and `job_links` as the reader's GET would show them. The result belongs to the
-    `succeeded` event only: it is set by that change."""
+    change) from the row, and `job_links` as the reader's GET would show them. The result (or its size, when the
+    blob store keeps it) belongs to the `succeeded` event only: it is set by that change."""
     event = status.decode(data)
     job = as_job(row)
     fields = msgspec.structs.asdict(job)
@@ -82,6 +82,7 @@ def status_job(row: JobRow, data: bytes, job_links: Links | None = None) -> Stat
         done=event.status in TERMINAL,
         attempt=event.attempt,
         result=job.result if event.status == "succeeded" else None,
+        result_size=job.result_size if event.status == "succeeded" else None,
         error=event.error if event.status in TERMINAL else None,
     )
     if event.progress is not msgspec.UNSET:
