@@ -28,6 +28,7 @@ from bench import (
     noop_jobs,
     report,
     retention,
+    running,
     scheduling,
     submit_job,
     workflow,
@@ -50,6 +51,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "commits": commits.measure,
     "workflow": workflow.measure,
     "retention": retention.measure,
+    "running": running.measure,
 }
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
@@ -74,6 +76,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         latency_samples=base.latency_samples,
         drain_jobs=base.drain_jobs,
         progress_jobs=base.progress_jobs,
+        running_jobs=args.scale or 2_000,
     )
 
 
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds of load per side per round")
     parser.add_argument("--jobs", type=int, help="noop jobs per batch")
     parser.add_argument("--concurrency", type=int, help="keep-alive connections / concurrent submitters")
+    parser.add_argument("--scale", type=int, help="jobs running at once in `running` (2,000; the issue's 10,000)")
     args = parser.parse_args(argv)
     settings = _settings(args)
     if settings.rounds < 3:

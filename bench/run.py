@@ -27,6 +27,7 @@ class Settings:
     latency_samples: int  # idle submits per side per round
     drain_jobs: int  # preloaded noop jobs per drain
     progress_jobs: int  # jobs per commits-per-job batch
+    running_jobs: int = 2_000  # jobs running at once on one worker (bench/running.py); --scale
 
 
 @dataclass(frozen=True)
