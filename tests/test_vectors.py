@@ -61,6 +61,23 @@ async def test_the_seeds_own_body_is_indexed_and_answers_as_the_seed_did(
     assert [m["id"] for m in found["result"]["matches"]] == [many["result"]["ids"][1], many["result"]["ids"][0]]
 
 
+async def test_more_vectors_than_one_insert_holds_are_stored_every_one_in_order(
+    client: httpx.AsyncClient, drain: Drain, deps: Deps
+) -> None:
+    count = store.CHUNK * 2 + 500
+    job = await run(
+        client, drain, "vector_index", {"collection": "big", "vector_data": [[n + 1, 1] for n in range(count)]}
+    )
+    assert job["status"] == "succeeded", job
+    ids = job["result"]["ids"]
+    assert len(ids) == job["result"]["indexed"] == count and ids == sorted(ids)
+    rows = await deps.db.fetch_all(
+        "SELECT id, embedding::text AS e FROM vector_items WHERE collection = 'big' ORDER BY id"
+    )
+    assert [r["id"] for r in rows] == ids and [r["e"] for r in rows[:2]] == ["[1,1]", "[2,1]"]
+    assert rows[-1]["e"] == f"[{count},1]" and job["progress"]["message"] == f"{count} vectors indexed in big"
+
+
 async def test_texts_indexed_then_searched_find_the_right_one_first(client: httpx.AsyncClient, drain: Drain) -> None:
     texts = [
         "The stock market fell sharply as interest rates rose.",
@@ -99,7 +116,7 @@ async def test_a_tenant_never_sees_another_tenants_collection(
     assert sorted(m["id"] for m in found["result"]["matches"]) == sorted(mine["result"]["ids"])
 
 
-async def test_a_vector_of_another_size_than_its_collections_fails_the_job_and_stores_nothing(
+async def test_vectors_of_another_size_or_kind_than_their_collections_fail_the_job_and_store_nothing(
     client: httpx.AsyncClient, drain: Drain, deps: Deps
 ) -> None:
     first = await run(client, drain, "vector_index", {"collection": "c3", "vector_data": [0.1, 0.2, 0.3]})
@@ -113,6 +130,10 @@ async def test_a_vector_of_another_size_than_its_collections_fails_the_job_and_s
     assert text_query["error"]["type"] == "dimension_mismatch", text_query  # 256 from the model, 3 here
     count = await deps.db.fetch_val("SELECT count(*) FROM vector_items WHERE collection = 'c3'")
     assert count == 1
+    numbers = await run(client, drain, "vector_index", {"collection": "n256", "vector_data": [1.0] * 256})
+    assert numbers["status"] == "succeeded", numbers
+    texts = await run(client, drain, "vector_index", {"collection": "n256", "texts": ["same size, another kind"]})
+    assert (texts["status"], texts["error"]["type"]) == ("failed", "model_mismatch"), texts
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ Vector = Annotated[list[float], msgspec.Meta(min_length=1, max_length=2_000)]  #
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=20_000)]
 Metadata = dict[str, Any]
 MAX_ITEMS = 10_000
+EMBED_SHARE = 0.2  # of the progress bar: embedding is the quick part, each vector's HNSW insert the slow one
 
 
 def _vectors(data: list[float | list[float]]) -> list[list[float]]:
@@ -81,13 +82,18 @@ async def index(input: IndexInput, ctx: Context) -> Indexed:
     texts: list[str | None] | None = None
     model = None
     if input.texts is not None:
-        vectors = await embed.embed(input.texts, ctx)
+        vectors = await embed.embed(input.texts, ctx, share=EMBED_SHARE)
         texts, model = list(input.texts), embed.MODEL
     else:
         vectors = input.items()
     metadata = input.metadata if isinstance(input.metadata, list) else [input.metadata] * len(vectors)
+    start = EMBED_SHARE if texts is not None else 0.0
+
+    async def stored(n: int) -> None:
+        await ctx.progress(start + (1 - start) * n / len(vectors), f"stored {n} of {len(vectors)} vectors")
+
     ids = await ctx.vectors.add(
-        input.collection, vectors, texts=texts, metadata=metadata, model=model, job_id=ctx.job_id
+        input.collection, vectors, texts=texts, metadata=metadata, model=model, job_id=ctx.job_id, stored=stored
     )
     await ctx.progress(1.0, f"{len(ids)} vectors indexed in {input.collection}")
     processed = len(input.texts) if input.texts is not None else len(input.vector_data or [])

@@ -9,7 +9,7 @@ many still gets its k; other sizes are searched exactly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -22,6 +22,7 @@ from worker.job import JobError
 from worker.vectors.schema import UNAVAILABLE, version_of
 
 INDEXED_SIZES = frozenset((256, 384, 512, 768, 1024, 1536))  # migrations/vectors/0027_vectors.sql
+CHUNK = 1_000  # rows per INSERT: progress between them, in one transaction
 _encode = msgspec.json.Encoder().encode
 
 
@@ -95,9 +96,11 @@ class Vectors:
         metadata: Sequence[Mapping[str, Any]] | None = None,
         model: str | None = None,
         job_id: UUID | None = None,
+        stored: Callable[[int], Awaitable[None]] | None = None,
     ) -> list[int]:
         """Store `vectors` (all of one size) in `collection`, created by the first; their ids, in order. All or
-        nothing: a vector of another size than the collection's stores none."""
+        nothing: a vector of another size than the collection's stores none. `stored(n)` is awaited after each
+        chunk, with the count so far: each row's HNSW insert makes storing the slow half of indexing."""
         dims = len(vectors[0])
         values = {"tenant": self.tenant, "collection": collection}
         try:
@@ -111,20 +114,21 @@ class Vectors:
                 row = await sql.fetch_one(self.db, _COLLECTION + " FOR SHARE", values)
                 assert row is not None
                 self._check(collection, row, dims, model)
-                flat = [float(x) for vector in vectors for x in vector]
-                records = await sql.fetch_all(
-                    self.db,
-                    _INSERT,
-                    {
+                records = []
+                for start in range(0, len(vectors), CHUNK):
+                    part = range(start, min(start + CHUNK, len(vectors)))
+                    args = {
                         **values,
                         "dims": dims,
-                        "flat": flat,
-                        "texts": list(texts) if texts is not None else [None] * len(vectors),
-                        "metadata": [_encode(m or {}).decode() for m in (metadata or [{}] * len(vectors))],
+                        "flat": [float(x) for n in part for x in vectors[n]],
+                        "texts": [texts[n] for n in part] if texts is not None else [None] * len(part),
+                        "metadata": [_encode(metadata[n] if metadata else {}).decode() for n in part],
                         "job_id": job_id,
-                        "n": len(vectors),
-                    },
-                )
+                        "n": len(part),
+                    }
+                    records += await sql.fetch_all(self.db, _INSERT, args)
+                    if stored is not None:
+                        await stored(len(records))
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedObjectError) as exc:
             raise _unavailable(exc) from None
         return [int(r["id"]) for r in records]
