@@ -305,3 +305,23 @@ async def test_open_mode_opens_the_dashboard_without_sign_in_and_says_so_on_ever
                 assert page.status_code == 200 and "Open mode" in page.text, path
             await keys.create(deps.db, "default")  # a key closes open mode
             assert (await client.get("/ui/")).status_code == 303
+
+
+async def test_the_overview_shows_the_counts_and_the_last_hour_of_v1_stats(
+    app_client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    key = await signed_in(app_client, deps)
+    for body in (SQUARES, SQUARES, {"type": "explode", "input": {}}):
+        await submit(app_client, key, body)
+    await drain()
+    await submit(app_client, key, {"type": "sleep", "input": {"seconds": 30}})  # stays queued
+    stats = (await app_client.get("/v1/stats", headers=bearer(key))).json()
+    page = (await app_client.get("/ui/")).text
+    tiles = dict(
+        (label, int(n)) for n, label in re.findall(r'<span class="n"[^>]*>(\d+)</span><span class="label">(\w+)', page)
+    )
+    assert tiles["queued"] == stats["queued"] == 1
+    assert tiles["succeeded"] == stats["last_hour"]["succeeded"] == 2
+    assert tiles["failed"] == stats["last_hour"]["failed"] == 1
+    assert re.search(r"<strong>33\.3 %</strong> failed", page), "the failure rate is not the last hour's"
+    assert page.count('class="fail"') == 1  # one minute had a failure: its red bar

@@ -28,17 +28,24 @@ class Minute(msgspec.Struct, frozen=True):
 
 
 _BY_MINUTE = """
-SELECT date_trunc('minute', finished_at) AS at, count(*) AS finished,
-       count(*) FILTER (WHERE status = 'failed') AS failed
+SELECT date_trunc('minute', finished_at) AS at, type, status, count(*) AS n
   FROM jobs
  WHERE finished_at > now() - interval '1 hour' AND tenant_id = :tenant
- GROUP BY 1 ORDER BY 1
+ GROUP BY 1, 2, 3
 """
 
 
-async def by_minute(db: Database, tenant: str) -> list[Minute]:
-    """The tenant's jobs that ended in each minute of the last hour (minutes with none are absent)."""
-    return [msgspec.convert(dict(r), Minute) for r in await sql.fetch_all(db, _BY_MINUTE, {"tenant": tenant})]
+async def last_hour(db: Database, tenant: str) -> tuple[list[Minute], dict[str, dict[str, int]]]:
+    """The tenant's jobs that ended in the last hour: per minute (minutes with none are absent), and as
+    `worker.stats.last_hour` counts them (type -> status -> n), from one read of those rows."""
+    minutes: dict[datetime, list[int]] = {}
+    by_type: dict[str, dict[str, int]] = {}
+    for r in await sql.fetch_all(db, _BY_MINUTE, {"tenant": tenant}):
+        counts = minutes.setdefault(r["at"], [0, 0])
+        counts[0] += r["n"]
+        counts[1] += r["n"] if r["status"] == "failed" else 0
+        by_type.setdefault(r["type"], {})[r["status"]] = by_type.get(r["type"], {}).get(r["status"], 0) + r["n"]
+    return [Minute(at, f, failed) for at, (f, failed) in sorted(minutes.items())], by_type
 
 
 def id_at(when: datetime, *, end: bool = False) -> UUID:

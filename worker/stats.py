@@ -108,9 +108,11 @@ async def workers(db: Database, *, fresh_s: float, tenant: str | None = None) ->
     return [msgspec.convert(dict(row), LiveWorker) for row in rows]
 
 
-async def stats(db: Database, tenant: str, *, fresh_s: float) -> Stats:
+async def stats(db: Database, tenant: str, *, fresh_s: float, hour: dict[str, dict[str, int]] | None = None) -> Stats:
+    """`hour`: the last hour's counts (`last_hour`'s), when the caller read them already (the dashboard, with its
+    chart's)."""
     now = await live(db, tenant)
-    hour = await last_hour(db, tenant)
+    hour = await last_hour(db, tenant) if hour is None else hour
     totals: dict[str, int] = {}
     for by_status in hour.values():
         for status, n in by_status.items():
