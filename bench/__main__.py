@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from bench import (
     batch_submit,
     commits,
+    dashboard,
     drain,
     get_job,
     latency,
@@ -52,6 +53,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "workflow": workflow.measure,
     "retention": retention.measure,
     "running": running.measure,
+    "dashboard": dashboard.measure,
 }
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,

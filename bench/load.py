@@ -142,6 +142,22 @@ async def get(
     return await _hammer(url, lambda _: random.choice(requests), 200, concurrency, warmup_s, duration_s)
 
 
+async def paths(
+    url: str,
+    paths: list[str],
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    api_key: str = "",
+    cookie: str = "",
+) -> dict[str, Any]:
+    """GET random paths of a list (a page of the dashboard with its session cookie, an API list)."""
+    host, _ = _host_port(url)
+    extra = _auth(api_key) + (f"Cookie: {cookie}\r\n" if cookie else "")
+    requests = [f"GET {p} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode() for p in paths]
+    return await _hammer(url, lambda _: random.choice(requests), 200, concurrency, warmup_s, duration_s)
+
+
 def _post(host: str, body: bytes, api_key: str = "", path: str = "/v1/jobs") -> bytes:
     head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
     return f"{head}\r\n{_auth(api_key)}\r\n".encode() + body
@@ -392,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     timed.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
     p = sub.add_parser("get", parents=[timed], help="GET /v1/jobs/{id} with random ids")
     p.add_argument("--ids", required=True, help="a file of job ids, one a line")
+    p = sub.add_parser("paths", parents=[timed], help="GET random paths of a file, one a line")
+    p.add_argument("--paths", required=True, help="a file of paths, one a line")
+    p.add_argument("--cookie", default="", help="sent as `Cookie` (a dashboard session)")
     sub.add_parser("post", parents=[timed], help="POST /v1/jobs noop submits for a fixed time")
     p = sub.add_parser("submit", help="jobs through an HTTP API, until its status table says all succeeded")
     p.add_argument("--url", required=True)
@@ -432,6 +451,10 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.ids) as f:
             ids = f.read().split()
         coro = get(args.url, ids, args.concurrency, args.warmup, args.duration, args.api_key)
+    elif args.command == "paths":
+        with open(args.paths) as f:
+            wanted = f.read().split()
+        coro = paths(args.url, wanted, args.concurrency, args.warmup, args.duration, args.api_key, args.cookie)
     elif args.command == "post":
         coro = post(args.url, args.concurrency, args.warmup, args.duration, args.api_key)
     elif args.command == "submit":
