@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import msgspec
 import pytest
 from databases import Database
 
-from tests.conftest import eventually, free_port, open_app, running, wait_done
+from tests.conftest import ROOT, eventually, free_port, open_app, running, wait_done
 from worker import Config, Deps, keys
 from worker.migrate import MIGRATIONS, create_database, migrate
 from worker.vectors import store
@@ -166,6 +168,32 @@ async def test_bad_index_input_is_a_422_at_submit_naming_it(
 async def test_bad_search_input_is_a_422_at_submit(client: httpx.AsyncClient, input: dict[str, Any]) -> None:
     answer = await client.post("/v1/jobs", json={"type": "vector_search", "input": input})
     assert answer.status_code == 422, answer.text
+
+
+NO_NETWORK = """
+import socket, sys
+
+def refuse(*args, **kwargs):
+    raise OSError(f"network used: {args}")
+
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.getaddrinfo = refuse
+from worker.vectors.embed import embed_batch
+
+vectors = embed_batch(["a kitten asleep", "kittens sleeping", "the stock market fell"])
+print(vectors.shape[1], round(float(vectors[0] @ vectors[1]), 3), round(float(vectors[0] @ vectors[2]), 3))
+"""
+
+
+def test_the_model_loads_and_embeds_with_no_network_and_writes_no_cache(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", NO_NETWORK], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    size, near, far = done.stdout.split()
+    assert size == "256" and float(near) > float(far)  # a real model: kittens are nearer each other than markets
+    assert list(home.rglob("*")) == []  # nothing fetched into ~/.cache, nothing written
 
 
 # -- a server without pgvector ----------------------------------------------------------------------------------
