@@ -15,6 +15,7 @@ deletes such blobs, their bytes before their rows, a bounded batch a pass.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
@@ -33,6 +34,7 @@ from worker.config import Config
 
 log = logging.getLogger("outlast.blobs")
 CHUNK_BYTES: Final = 1 << 20
+READ_AHEAD: Final = 2  # chunks a stream fetches ahead of the one it sends (bench/blob_stream.py)
 UNFINISHED_AFTER_S: Final = 86_400.0  # a blob still without its size this long after it began: its writer died
 RETAIN_BATCH: Final = 50  # blobs deleted a pass at most: a blob may be a GiB, so fewer than the sweep's rows
 
@@ -120,17 +122,20 @@ class Chunks:
                 raise LookupError(f"blob {blob_id} lost its chunk {seq}")
             return bytes(data)
 
-        # The next chunk is on its way while this one is sent: a stream waits for the database once, not per chunk
-        # (1.3x the throughput of one at a time, bench/blob_stream.py), and holds two chunks at most.
-        ahead: asyncio.Task[bytes] | None = None
+        # The next chunks are on their way (each on a connection of its own) while this one is sent: a stream waits
+        # for PostgreSQL's reads side by side rather than one after another, and holds 1 + READ_AHEAD chunks at most.
+        ahead: collections.deque[asyncio.Task[bytes]] = collections.deque()
+        pending = iter(seqs)
         try:
-            for i, seq in enumerate(seqs):
-                this = ahead if ahead is not None else asyncio.ensure_future(fetch(seq))
-                ahead = asyncio.ensure_future(fetch(seqs[i + 1])) if i + 1 < len(seqs) else None
-                yield await this
+            while True:
+                while len(ahead) <= READ_AHEAD and (seq := next(pending, None)) is not None:
+                    ahead.append(asyncio.ensure_future(fetch(seq)))
+                if not ahead:
+                    return
+                yield await ahead.popleft()
         finally:
-            if ahead is not None:
-                ahead.cancel()
+            for task in ahead:
+                task.cancel()
 
     async def delete(self, blob_ids: Sequence[UUID]) -> None:
         pass  # the chunks go with their blob's row (ON DELETE CASCADE)
