@@ -127,6 +127,19 @@ async def test_only_the_succeeded_status_event_shows_the_stored_results_size(
     ]
 
 
+async def test_a_stored_result_past_result_retention_answers_410_and_shows_no_size(
+    config: Config, client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    job = await _done(client, drain, "big_result", {"bytes": 300 * 1024})
+    await deps.db.execute(
+        "UPDATE jobs SET finished_at = now() - interval '8 days' WHERE id = CAST(:id AS uuid)", {"id": job["id"]}
+    )
+    assert (await retain(deps.db, config)).purged == 1
+    assert (await client.get(f"/v1/jobs/{job['id']}")).json()["result_size"] is None
+    gone = await client.get(f"/v1/jobs/{job['id']}/result")
+    assert gone.status_code == 410 and gone.json()["type"] == "/problems/gone"
+
+
 async def test_a_small_result_stays_in_the_row_with_no_size(client: httpx.AsyncClient, drain: Drain) -> None:
     job = await _done(client, drain, "big_result", {"bytes": 1000})
     assert job["result"] == pattern(1000)

@@ -30,7 +30,7 @@ def as_job(row: JobRow) -> Job:
         max_attempts=row.max_attempts,
         timeout_s=row.timeout_s,
         result=None if row.result is None else msgspec.Raw(row.result.encode()),
-        result_size=row.result_size,
+        result_size=None if row.result_purged_at is not None else row.result_size,  # past retention: 410, as inline
         error=None if row.error is None else msgspec.json.decode(row.error, type=Error),
         callback_url=row.callback_url,
         metadata=msgspec.json.decode(row.metadata),
