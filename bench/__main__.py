@@ -32,6 +32,7 @@ from bench import (
     running,
     scheduling,
     submit_job,
+    vectors,
     workflow,
 )
 from bench.compare import Comparison
@@ -52,6 +53,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "commits": commits.measure,
     "workflow": workflow.measure,
     "retention": retention.measure,
+    "vectors": vectors.measure,
     "running": running.measure,
     "dashboard": dashboard.measure,
 }
