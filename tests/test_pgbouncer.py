@@ -146,7 +146,8 @@ async def test_migrate_through_pgbouncer_twice_at_once_then_again_and_no_lock_ou
     first, second = await asyncio.gather(*(asyncio.to_thread(command, env, *argv) for _ in range(2)))
     assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
     everything = sorted(p.name for p in MIGRATIONS.glob("*.sql"))
-    applied = [line.removeprefix("applied: ").split(", ") for line in (first.stderr, second.stderr)]
+    lines = [line for out in (first.stderr, second.stderr) for line in out.splitlines()]
+    applied = [line.removeprefix("applied: ").split(", ") for line in lines if line.startswith("applied: ")]
     # The lock made them take turns: each file applied once, by one of them.
     assert sorted(n.strip() for names in applied for n in names if n.strip().endswith(".sql")) == everything
     again = await asyncio.to_thread(command, env, *argv)

@@ -84,8 +84,11 @@ async def create_database(dsn: str) -> None:
 def main() -> None:
     config = from_env(needs=("DATABASE_URL",))
     # Past the pooler when we can: a pooler's query_timeout or idle limits are set for requests, not for DDL.
-    applied = asyncio.run(migrate(config.direct_database_url or config.database_url))
+    said: list[str] = []
+    applied = asyncio.run(migrate(config.direct_database_url or config.database_url, say=said.append))
     print("applied: " + ", ".join(applied) if applied else "migrations: up to date", file=sys.stderr)
+    for line in said:  # the vectors track's outcome, after what the core applied
+        _to_stderr(line)
 
 
 if __name__ == "__main__":
