@@ -45,10 +45,11 @@ _SECURITY_SCHEMES = {
 # One Server-Sent Event as a client parses it: `data` is the JSON text of the Job, the progress or the log line.
 _SSE_EVENT = {
     "title": "ServerSentEvent",
-    "description": "one event of a job's stream, as an SSE client parses it; `data` is JSON text",
+    "description": "one event of a job's stream (or of the tenant feed: `job`), as an SSE client parses it; `data` is"
+    " JSON text",
     "type": "object",
     "properties": {
-        "event": {"type": "string", "enum": ["status", "progress", "log", "reconnect"]},
+        "event": {"type": "string", "enum": ["status", "progress", "log", "job", "reconnect"]},
         "data": {"type": "string"},
         "id": {"type": "string"},
         "retry": {"type": "integer"},
