@@ -180,9 +180,11 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> Retained:
     lost = await rescue_lost(
         deps.jobs, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
     )
-    await forget(deps.redis, lost)
     rescued = len(lost)
+    metrics.rescued.inc(rescued)  # at once: a kill later in the pass must not lose the count
+    await forget(deps.redis, lost)
     expired = await expire_late(deps.jobs, batch=config.sweep_batch)
+    metrics.expired.inc(expired)
     # the live children of parents that ended otherwise than succeeded: marked first, so the queued end just below
     if running_orphans := await spawn.cascade(db, batch=config.sweep_batch):
         await request_abort_many(deps.redis, running_orphans)
@@ -206,8 +208,6 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> Retained:
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
     retained = await retain(db, config)
     await forget_stale(db, older_than_s=86_400)
-    metrics.rescued.inc(rescued)
-    metrics.expired.inc(expired)
     if rescued or expired or cancelled or due:
         log.info("sweep: rescued %d, expired %d, cancelled %d, dispatched %d", rescued, expired, cancelled, len(due))
     if retained.deleted or retained.workflows:

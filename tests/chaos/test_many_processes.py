@@ -118,8 +118,9 @@ async def test_two_webs_and_four_killed_workers_run_5000_jobs_each_once_and_stat
         counted_attempts = scraped(worker_text, "outlast_job_attempts_total", type="chaos_sleep")
         assert JOBS - KILLS <= succeeded <= JOBS, succeeded
         assert total_attempts - KILLS <= counted_attempts <= total_attempts, (counted_attempts, total_attempts)
+        # Each extra attempt is a rescue (no job failed one); a kill may land between a rescue's commit and its count.
         rescued = scraped(worker_text, "outlast_jobs_rescued_total")
-        assert rescued == total_attempts - JOBS  # each extra attempt is a rescue: no job failed an attempt
+        assert total_attempts - JOBS - KILLS <= rescued <= total_attempts - JOBS, (rescued, total_attempts - JOBS)
         figure(
             f"{JOBS}/{JOBS} succeeded in {elapsed:.1f}s on 2 web + 4 workers; {KILLS} SIGKILLs, {len(cluster.exits)} "
             f"restarts, {total_attempts - JOBS} rescued attempts; metrics: {succeeded:.0f} succeeded, "
