@@ -272,6 +272,8 @@ async def test_the_jobs_list_filters_by_metadata_and_created_range(app_client: h
     assert acme in page and other not in page
     assert acme not in (await app_client.get("/ui/jobs?to=2000-01-01T00:00")).text
     assert acme in (await app_client.get("/ui/jobs?from=2000-01-01T00:00")).text
+    for edge in ("from=0001-01-01T00:00", "to=9999-12-31T23:59", "from=1969-12-31T23:59%2B05:00"):
+        assert acme in (await app_client.get(f"/ui/jobs?{edge}")).text, edge
     assert (await app_client.get(f"/ui/jobs?q={acme}")).headers["location"] == f"/ui/jobs/{acme}"
 
 

@@ -50,7 +50,7 @@ async def last_hour(db: Database, tenant: str) -> tuple[list[Minute], dict[str, 
 
 def id_at(when: datetime, *, end: bool = False) -> UUID:
     """The smallest (or with `end`, the largest) v7 id a job created at `when`'s millisecond could have."""
-    ms = int(when.timestamp() * 1000)
+    ms = min(max(int(when.timestamp() * 1000), 0), (1 << 48) - 1)  # a v7 id's 48 bits: before 1970 is its 0
     rest = (1 << 80) - 1 if end else 0
     return UUID(int=(ms << 80) | rest)
 
