@@ -46,6 +46,23 @@ async def _within(body: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[by
         yield piece
 
 
+async def _not_empty(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body, once its first byte has come: an empty upload is refused before anything is stored."""
+    async for first in body:
+        if first:
+            break
+    else:
+        msg = "an upload needs a body: this one is empty"
+        raise ValidationError(msg, [FieldError("body", msg)])
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        async for piece in body:
+            yield piece
+
+    return rest()
+
+
 async def create(request: Request) -> Response:
     web = web_of(request)
     limit = web.config.max_upload_bytes
@@ -60,8 +77,9 @@ async def create(request: Request) -> Response:
     content_type = request.headers.get("content-type", "") or "application/octet-stream"
     store = blobs.of(web.config, web.deps.db)
     try:
+        body = await _not_empty(_within(request.stream(), web.config.body_timeout_s))
         blob = await store.write(
-            _within(request.stream(), web.config.body_timeout_s),
+            body,
             tenant=tenant_of(request),
             kind="upload",
             content_type=content_type[:255],

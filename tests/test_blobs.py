@@ -315,6 +315,14 @@ async def test_an_upload_name_too_long_is_a_422_naming_the_parameter(client: htt
     assert response.json()["errors"][0]["loc"] == "name"
 
 
+async def test_an_empty_upload_is_a_422_and_stores_nothing(client: httpx.AsyncClient, deps: Deps) -> None:
+    for body in (b"", _streamed(b"")):
+        response = await client.post("/v1/uploads?name=empty.csv", content=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["errors"][0]["loc"] == "body"
+    assert await deps.db.fetch_val("SELECT count(*) FROM blobs") == 0
+
+
 def _objects(config: Config) -> int:
     """How many objects the test's prefix of the bucket holds."""
     return len(obstore.list(S3Store.from_url(config.blob_url)).collect())
