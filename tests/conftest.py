@@ -136,6 +136,25 @@ def deployment_config(database_url: str, redis_url: str, **changes: Any) -> Conf
 
 
 @pytest.fixture
+def spans() -> Iterator[Any]:
+    """Tracing on in this process, as `tracing.setup` turns it on, but every span kept in memory as it ends: the
+    InMemorySpanExporter (the `otel` extra, which the dev install has)."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from worker import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = tracing.provider(SimpleSpanProcessor(exporter), service="outlast-test", environ={})
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.uninstall()
+        provider.shutdown()
+
+
+@pytest.fixture
 async def deps(config: Config) -> AsyncIterator[Deps]:
     async with connect(config) as deps:
         await reset(deps)

@@ -5,11 +5,10 @@ job's log; and they carry the job's trace context when tracing is on. Nothing re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -259,18 +258,6 @@ async def test_connection_failures_count_toward_the_circuit_and_a_failed_trial_o
     with pytest.raises(CircuitOpen):
         await http.get(url)
     assert "open again: the trial request could not connect" in lines.text()
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = tracing.provider(SimpleSpanProcessor(exporter), service="outlast-test", environ={})
-    tracing.install(provider)
-    try:
-        yield exporter
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
 
 
 async def test_with_tracing_on_a_request_carries_the_current_trace_and_is_a_client_span_of_it(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import UUID
 
 import httpx
@@ -18,7 +19,7 @@ from tests.conftest import eventually, notified
 from tests.test_store import OWNER, new_job
 from tests.test_store import events as stored_events
 from worker import Config, Deps, events, resource, store
-from worker.heartbeat import LOG_MAX_CHARS, LOG_MAX_PENDING, Pulse
+from worker.heartbeat import LOG_MAX_CHARS, LOG_MAX_PENDING, Heartbeat, Pulse
 from worker.job import Progress
 
 Drain = Callable[[], Awaitable[None]]
@@ -64,23 +65,29 @@ async def test_an_unknown_log_level_fails_the_job_as_its_own_bug(
     assert job["status"] == "failed" and "log level must be one of" in job["error"]["message"]
 
 
-async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps) -> None:
-    job_id = await new_job(deps.db)
-    claimed = await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+@contextlib.asynccontextmanager
+async def a_running_attempt(deps: Deps) -> AsyncIterator[Heartbeat]:
+    """A claimed job's attempt, its heartbeat on a pulse of its own: what the worker's run gives a job's code."""
+    claimed = await engine.claim_one(deps.jobs, await new_job(deps.db), 0, owner=OWNER, lease_s=30)
     assert claimed is not None
     pulse = Pulse(deps)
     beat = pulse.attach(claimed, leased_at=time.monotonic())
     try:
+        yield beat
+    finally:
+        beat.stop()
+        await pulse.aclose()
+
+
+async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps) -> None:
+    async with a_running_attempt(deps) as beat:
 
         async def flood() -> None:
             for i in range(LOG_MAX_PENDING + 50):
                 beat.log("debug", f"{i} " + "x" * 5_000)
 
         await beat.around(flood())  # its last lines are written before it returns
-    finally:
-        beat.stop()
-        await pulse.aclose()
-    logged = [data for _, name, data in await stored_events(deps, job_id) if name == "log"]
+    logged = [data for _, name, data in await stored_events(deps, beat.id) if name == "log"]
     assert len(logged) == LOG_MAX_PENDING + 1
     assert all(len(d["message"]) == LOG_MAX_CHARS for d in logged[:-1])
     assert logged[-1] == {"level": "warning", "message": f"50 log lines dropped: over {LOG_MAX_PENDING} per write"}
@@ -88,12 +95,7 @@ async def test_a_flood_of_log_lines_is_thinned_and_long_lines_are_cut(deps: Deps
 
 async def test_progress_and_log_lines_are_written_in_the_order_the_code_reported_them(deps: Deps) -> None:
     """One writer for both: a progress reported before a line comes before it in the log, and after it, after."""
-    job_id = await new_job(deps.db)
-    claimed = await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
-    assert claimed is not None
-    pulse = Pulse(deps)
-    beat = pulse.attach(claimed, leased_at=time.monotonic())
-    try:
+    async with a_running_attempt(deps) as beat:
 
         async def code() -> None:
             beat.report(Progress(0.1, "a"))
@@ -103,10 +105,7 @@ async def test_progress_and_log_lines_are_written_in_the_order_the_code_reported
             beat.log("info", "two")
 
         await beat.around(code())
-    finally:
-        beat.stop()
-        await pulse.aclose()
-    written = [(n, d.get("message")) for _, n, d in await stored_events(deps, job_id) if n in ("progress", "log")]
+    written = [(n, d.get("message")) for _, n, d in await stored_events(deps, beat.id) if n in ("progress", "log")]
     assert written == [("progress", "b"), ("log", "one"), ("progress", "c"), ("log", "two")]
 
 

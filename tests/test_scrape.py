@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import Processes, eventually, wait_done
 from tests.receivers import Received, Receiver
-from worker import Config, Context, JobError, Progress, tracing
+from worker import Config, Context, JobError, Progress
 from worker.egress import Egress
 from worker.job_types import scrape
 
@@ -224,18 +223,6 @@ async def test_a_submitted_scrape_runs_in_the_worker_through_its_guard(
     assert pages[0]["title"] == "A" and pages[0]["links"] == [f"{site.root}/c", f"{site.root}/"]
     assert (job["result"]["succeeded"], job["result"]["failed"], job["progress"]["fraction"]) == (1, 2, 1.0)
     assert [canary.connections for canary in canaries] == [0, 0, 0, 0]
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = tracing.provider(SimpleSpanProcessor(exporter), service="outlast-test", environ={})
-    tracing.install(provider)
-    try:
-        yield exporter
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
 
 
 async def test_with_tracing_on_each_request_of_a_scrape_is_a_child_of_its_attempt_and_carries_its_trace(

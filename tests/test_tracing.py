@@ -11,7 +11,7 @@ import subprocess
 import sys
 import uuid
 from asyncio.subprocess import PIPE
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -33,19 +32,6 @@ from worker.config import Config
 Drain = Callable[[], Awaitable[None]]
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Tracing on in this process, as `setup` turns it on, but every span kept in memory as it ends."""
-    exporter = InMemorySpanExporter()
-    provider = tracing.provider(SimpleSpanProcessor(exporter), service="outlast-test", environ={})
-    tracing.install(provider)
-    try:
-        yield exporter
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
 
 
 def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
