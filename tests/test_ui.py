@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from uuid import UUID
 
 import httpx
 import msgspec
@@ -15,7 +16,8 @@ import pytest
 from server.app import create_app
 from server.ui import session
 from tests.conftest import TEST_SECRET, bearer, eventually
-from worker import Config, Deps, keys
+from worker import Config, Deps, dashboard, keys, stats
+from worker.sweep import fresh_s
 
 Drain = Callable[[], Awaitable[None]]
 SQUARES = {"type": "square_sum", "input": {"data": [1, 2, 3]}}
@@ -327,3 +329,28 @@ async def test_the_overview_shows_the_counts_and_the_last_hour_of_v1_stats(
     assert tiles["failed"] == stats["last_hour"]["failed"] == 1
     assert re.search(r"<strong>33\.3 %</strong> failed", page), "the failure rate is not the last hour's"
     assert page.count('class="fail"') == 1  # one minute had a failure: its red bar
+
+
+async def test_the_overviews_one_statement_reads_what_v1_stats_reads_and_the_newest_failures(
+    app_client: httpx.AsyncClient, deps: Deps, drain: Drain, config: Config
+) -> None:
+    key = await signed_in(app_client, deps)
+    for body in (SQUARES, {"type": "explode", "input": {}}, {"type": "explode", "input": {}}):
+        await submit(app_client, key, body)
+    await drain()
+    await submit(app_client, key, {"type": "sleep", "input": {"seconds": 30}})  # queued: no worker runs now
+    await submit(app_client, key, {"type": "flaky", "input": {"failures": 0}, "delay_s": 3600})  # scheduled
+    await deps.db.execute("INSERT INTO workers (name, host, pid, slots) VALUES ('w1', 'h', 1, 8)")
+    api = msgspec.json.decode((await app_client.get("/v1/stats", headers=bearer(key))).content, type=stats.Stats)
+    found = await dashboard.overview(deps.db, "default", fresh_s=fresh_s(config))
+    assert found.stats.oldest_queued_age_s is not None and api.oldest_queued_age_s is not None
+    assert abs(found.stats.oldest_queued_age_s - api.oldest_queued_age_s) < 60  # read a moment apart
+    ages = {"oldest_queued_age_s": 0.0, "oldest_queued_age_s_by_type": {}}
+    assert msgspec.structs.replace(found.stats, **ages) == msgspec.structs.replace(api, **ages)
+    assert set(found.stats.oldest_queued_age_s_by_type) == {"sleep"}
+    assert (api.queued, api.scheduled, api.last_hour["failed"], len(api.workers)) == (1, 1, 2, 1)
+    failed = (await app_client.get("/v1/jobs?status=failed", headers=bearer(key))).json()["items"]
+    assert [f.id for f in found.failures] == [UUID(job["id"]) for job in failed]  # newest first
+    errors = [(f.error.type, f.error.message) if f.error else None for f in found.failures]
+    assert errors == [(job["error"]["type"], job["error"]["message"]) for job in failed]
+    assert sum(n for _, n, _ in found.minutes) == 3 and sum(f for _, _, f in found.minutes) == 2

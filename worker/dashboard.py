@@ -1,5 +1,5 @@
-"""What the dashboard (server/ui/) reads beyond the API's own reads: the last hour by minute, filtered job lists,
-a job's children, how many jobs a bulk action would touch, a tenant's recent workflows.
+"""What the dashboard (server/ui/) reads beyond the API's own reads: the overview in one statement, filtered job
+lists, a job's children, how many jobs a bulk action would touch, a tenant's recent workflows.
 
 Each statement goes through an index of the tenant's jobs (newest first, or by status) or the last hour's finished
 jobs (`jobs_finished`); none reads the whole table. A created range is an id range: v7 ids begin with their
@@ -15,37 +15,80 @@ from uuid import UUID
 import msgspec
 from databases import Database
 
-from worker import sql, store
-from worker.job import Status
+from worker import sql, stats, store
+from worker.job import Error, Status
 
 MAX_BULK: Final = 1_000  # jobs one bulk action of the dashboard touches at most; it says so, and how many match
 
 
-class Minute(msgspec.Struct, frozen=True):
-    at: datetime
-    finished: int
-    failed: int
+class Failure(msgspec.Struct, frozen=True):
+    id: UUID
+    type: str
+    status: str
+    finished_at: datetime | None
+    error: Error | None
 
 
-_BY_MINUTE = """
-SELECT date_trunc('minute', finished_at) AS at, type, status, count(*) AS n
-  FROM jobs
- WHERE finished_at > now() - interval '1 hour' AND tenant_id = :tenant
- GROUP BY 1, 2, 3
+class Overview(msgspec.Struct, frozen=True):
+    stats: stats.Stats  # what GET /v1/stats answers
+    minutes: list[tuple[int, int, int]]  # (minute since the epoch, jobs ended, of them failed); none ended: absent
+    failures: list[Failure]  # the newest failed jobs
+
+
+class _Read(msgspec.Struct, frozen=True):
+    live: stats.Live
+    hour: dict[str, dict[str, int]]
+    minutes: list[tuple[int, int, int]]
+    workers: list[stats.LiveWorker]
+    failures: list[Failure]
+
+
+# The overview in one statement, one JSON value: four statements one after another cost the web process four round
+# trips' CPU through asyncpg and a Record per row (bench/dashboard.py), where the API's list costs one. The live
+# counts and the workers are GET /v1/stats' own statements; the last hour is read once, by minute, type and status,
+# for the chart and the counts; the failures go through the tenant's by-status index.
+_OVERVIEW = f"""
+WITH live AS ({stats.LIVE}),
+ended AS (
+    SELECT date_trunc('minute', finished_at) AS at, type, status, count(*) AS n
+      FROM jobs
+     WHERE finished_at > now() - interval '1 hour' AND tenant_id = :tenant
+     GROUP BY 1, 2, 3
+),
+by_type AS (
+    SELECT type, json_object_agg(status, n ORDER BY status) AS counts
+      FROM (SELECT type, status, sum(n) AS n FROM ended GROUP BY 1, 2) AS s
+     GROUP BY type
+),
+per_minute AS (
+    SELECT (extract(epoch FROM at) / 60)::bigint AS m, sum(n) AS n,
+           coalesce(sum(n) FILTER (WHERE status = 'failed'), 0) AS failed
+      FROM ended
+     GROUP BY at
+),
+failures AS (
+    SELECT id, type, status, finished_at, error
+      FROM jobs WHERE tenant_id = :tenant AND status = 'failed' ORDER BY id DESC LIMIT :failures
+)
+SELECT json_build_object(
+    'live', json_build_object(
+        'types', (SELECT coalesce(json_object_agg(type, json_build_object(
+                      'queued', queued, 'scheduled', scheduled, 'waiting', waiting, 'running', running) ORDER BY type),
+                      '{{}}') FROM live),
+        'oldest_s', (SELECT coalesce(json_object_agg(type, greatest(0, oldest_queued_s) ORDER BY type)
+                             FILTER (WHERE oldest_queued_s IS NOT NULL), '{{}}') FROM live)),
+    'hour', (SELECT coalesce(json_object_agg(type, counts ORDER BY type), '{{}}') FROM by_type),
+    'minutes', (SELECT coalesce(json_agg(json_build_array(m, n, failed) ORDER BY m), '[]') FROM per_minute),
+    'workers', (SELECT coalesce(json_agg(w ORDER BY w.name), '[]') FROM ({stats.WORKERS}) AS w),
+    'failures', (SELECT coalesce(json_agg(f ORDER BY f.id DESC), '[]') FROM failures AS f))
 """
+_read = msgspec.json.Decoder(_Read).decode
 
 
-async def last_hour(db: Database, tenant: str) -> tuple[list[Minute], dict[str, dict[str, int]]]:
-    """The tenant's jobs that ended in the last hour: per minute (minutes with none are absent), and as
-    `worker.stats.last_hour` counts them (type -> status -> n), from one read of those rows."""
-    minutes: dict[datetime, list[int]] = {}
-    by_type: dict[str, dict[str, int]] = {}
-    for r in await sql.fetch_all(db, _BY_MINUTE, {"tenant": tenant}):
-        counts = minutes.setdefault(r["at"], [0, 0])
-        counts[0] += r["n"]
-        counts[1] += r["n"] if r["status"] == "failed" else 0
-        by_type.setdefault(r["type"], {})[r["status"]] = by_type.get(r["type"], {}).get(r["status"], 0) + r["n"]
-    return [Minute(at, f, failed) for at, (f, failed) in sorted(minutes.items())], by_type
+async def overview(db: Database, tenant: str, *, fresh_s: float, failures: int = 8) -> Overview:
+    """The tenant's queue at a glance (`GET /v1/stats`'s Stats), its last hour by minute, its newest failures."""
+    read = _read(await sql.fetch_val(db, _OVERVIEW, {"tenant": tenant, "fresh": fresh_s, "failures": failures}))
+    return Overview(stats.summary(read.live, read.hour, read.workers), read.minutes, read.failures)
 
 
 def id_at(when: datetime, *, end: bool = False) -> UUID:

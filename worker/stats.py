@@ -49,6 +49,7 @@ SELECT w.name, w.host, w.slots, w.started_at, w.seen_at,
  WHERE w.seen_at > now() - make_interval(secs => :fresh)
  ORDER BY w.name
 """
+LIVE, WORKERS = _LIVE, _WORKERS  # for worker/dashboard.py's overview, one statement of them
 
 
 class TypeCounts(msgspec.Struct, frozen=True):
@@ -108,11 +109,8 @@ async def workers(db: Database, *, fresh_s: float, tenant: str | None = None) ->
     return [msgspec.convert(dict(row), LiveWorker) for row in rows]
 
 
-async def stats(db: Database, tenant: str, *, fresh_s: float, hour: dict[str, dict[str, int]] | None = None) -> Stats:
-    """`hour`: the last hour's counts (`last_hour`'s), when the caller read them already (the dashboard, with its
-    chart's)."""
-    now = await live(db, tenant)
-    hour = await last_hour(db, tenant) if hour is None else hour
+def summary(now: Live, hour: dict[str, dict[str, int]], live_workers: list[LiveWorker]) -> Stats:
+    """The Stats of what `live`, `last_hour` and `workers` read (or worker/dashboard.py's one statement did)."""
     totals: dict[str, int] = {}
     for by_status in hour.values():
         for status, n in by_status.items():
@@ -128,5 +126,11 @@ async def stats(db: Database, tenant: str, *, fresh_s: float, hour: dict[str, di
         oldest_queued_age_s_by_type=now.oldest_s,
         last_hour={s: totals.get(s, 0) for s in ("succeeded", "failed", "cancelled", "expired")},
         last_hour_by_type=hour,
-        workers=await workers(db, fresh_s=fresh_s, tenant=tenant),
+        workers=live_workers,
     )
+
+
+async def stats(db: Database, tenant: str, *, fresh_s: float) -> Stats:
+    now = await live(db, tenant)
+    hour = await last_hour(db, tenant)
+    return summary(now, hour, await workers(db, fresh_s=fresh_s, tenant=tenant))

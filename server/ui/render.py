@@ -72,6 +72,7 @@ _env = jinja2.Environment(
     autoescape=jinja2.select_autoescape(default=True),
     trim_blocks=True,
     lstrip_blocks=True,
+    auto_reload=False,  # the package's templates change with a deploy, not under a running process: no stat per page
 )
 _env.filters.update(ago=ago, duration=duration, pretty=pretty, stamp=stamp, ticks=ticks)
 
