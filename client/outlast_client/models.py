@@ -68,6 +68,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     workflow_id: UUID | None = None  # a workflow step's job: its workflow and step
     step: str | None = None
     parent_id: UUID | None = None  # spawned by that job's code (ctx.spawn)
+    # A result kept in the blob store: its size in bytes, `result` then None; read it with client.result(id)
+    result_size: int | None = None
 
 
 class JobPage(msgspec.Struct, frozen=True):
