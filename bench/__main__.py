@@ -23,6 +23,7 @@ from bench import (
     batch_submit,
     commits,
     dashboard,
+    dashboard_feed,
     drain,
     get_job,
     latency,
@@ -56,6 +57,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "vectors": vectors.measure,
     "running": running.measure,
     "dashboard": dashboard.measure,
+    "dashboard_feed": dashboard_feed.measure,
 }
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
