@@ -47,7 +47,11 @@ from worker.feed import Change, Cursor
 
 log = logging.getLogger("outlast.web")
 FEED_CACHE: Final = 2_000  # changes a TenantFeed keeps for the streams a little behind
-READ_GAP_S: Final = 0.1  # at most one shared read per tenant this often: a busy queue's changes come in batches
+# At most one shared read per tenant this often: a busy queue's changes come in batches, each job once per read
+# however often it changed, and each read wakes every stream of the tenant (bench/dashboard_feed.py, 50 streams
+# under the noop load: 0.1 s gave 1.2-1.9x the web's CPU in ad hoc runs, 0.25 s 1.27x, 0.5 s 1.21x: past 0.25 s the
+# cost is each change sent to each stream, not the wakes).
+READ_GAP_S: Final = 0.25
 _encode = msgspec.json.Encoder().encode
 
 
@@ -65,6 +69,7 @@ class TenantFeed:
         self.followers: set[FeedFollower] = set()
         self.base = self.high = start  # the cache holds every change after `base` up to `high`
         self._cache: list[Change] = []
+        self._frames: list[bytes] = []  # each change's frame, encoded once for every stream
         self._cursors: list[Cursor] = []
         self._reading: asyncio.Task[None] | None = None
         self._again = False
@@ -75,11 +80,13 @@ class TenantFeed:
         else:
             self._again = True
 
-    def after(self, cursor: Cursor) -> tuple[list[Change], Cursor] | None:
-        """The changes after `cursor` and where they end; None: the cache does not reach back that far."""
+    def after(self, cursor: Cursor) -> tuple[list[Change], list[bytes], Cursor] | None:
+        """The changes after `cursor`, their frames, and where they end; None: the cache does not reach back that
+        far."""
         if cursor < self.base:
             return None
-        return self._cache[bisect.bisect_right(self._cursors, cursor) :], max(cursor, self.high)
+        first = bisect.bisect_right(self._cursors, cursor)
+        return self._cache[first:], self._frames[first:], max(cursor, self.high)
 
     async def _read(self) -> None:
         try:
@@ -88,11 +95,12 @@ class TenantFeed:
                 self._again = False
                 changes, high = await feed.read_after(self.db, self.tenant, self.high)
                 self._cache.extend(changes)
+                self._frames.extend(frame(c) for c in changes)
                 self._cursors.extend(c.cursor for c in changes)
                 self.high = high
                 if len(self._cache) > 2 * FEED_CACHE:
                     self.base = self._cursors[-FEED_CACHE - 1]
-                    del self._cache[:-FEED_CACHE], self._cursors[:-FEED_CACHE]
+                    del self._cache[:-FEED_CACHE], self._frames[:-FEED_CACHE], self._cursors[:-FEED_CACHE]
                 self._wake_all()
                 again = self._again or len(changes) == feed.READ_BATCH
                 if again:
@@ -208,6 +216,11 @@ def _wanted(change: Change, query: FeedQuery) -> bool:
     )
 
 
+def _filtered(changes: list[Change], frames: list[bytes], query: FeedQuery) -> tuple[list[Change], list[bytes]]:
+    kept = [(c, f) for c, f in zip(changes, frames, strict=True) if _wanted(c, query)]
+    return [c for c, _ in kept], [f for _, f in kept]
+
+
 async def _replay(db: Database, tenant: str, query: FeedQuery, after: Cursor | None) -> AsyncIterator[bytes]:
     """`follow=false`: what is final after `after` now, ending with an `id:` line alone that says where to resume."""
     now = await feed.boundary(db)  # what a busy queue changes meanwhile is the next read's
@@ -243,13 +256,18 @@ async def _frames(
                 follower.wake.clear()
                 found = tenant_feed.after(cursor)
                 if found is None:  # behind the cache: read on our own until we reach it
-                    found = await feed.read_after(feeds.db, tenant, cursor)
-                changes, cursor = found
-                shown = False
-                for change in changes:
-                    if _wanted(change, query):
-                        yield frame(change)
-                        sent, shown = change.cursor, True
+                    changes, cursor = await feed.read_after(feeds.db, tenant, cursor)
+                    frames = [frame(change) for change in changes]
+                else:
+                    changes, frames, cursor = found
+                # What one wake found goes out as one chunk: a send per event, for each of a tenant's streams,
+                # was most of what following the feed cost the web (bench/dashboard_feed.py).
+                if query.type is not msgspec.UNSET or query.status is not msgspec.UNSET:
+                    changes, frames = _filtered(changes, frames, query)
+                shown = bool(changes)
+                if shown:
+                    yield b"".join(frames)
+                    sent = changes[-1].cursor
                 tick = loop.time() >= next_tick
                 if sent != cursor and (not shown or tick):
                     yield b"id: %b\n\n" % str(cursor).encode()  # Last-Event-ID past what the filters hid
