@@ -49,8 +49,8 @@ log = logging.getLogger("outlast.web")
 FEED_CACHE: Final = 2_000  # changes a TenantFeed keeps for the streams a little behind
 # At most one shared read per tenant this often: a busy queue's changes come in batches, each job once per read
 # however often it changed, and each read wakes every stream of the tenant (bench/dashboard_feed.py, 50 streams
-# under the noop load: 0.1 s gave 1.2-1.9x the web's CPU in ad hoc runs, 0.25 s 1.27x, 0.5 s 1.21x: past 0.25 s the
-# cost is each change sent to each stream, not the wakes).
+# under the noop load: 0.1 s gave 1.2-1.9x the web's CPU in ad hoc runs, 0.25 s 1.27x, 0.5 s 1.21x: past 0.25 s a
+# longer gap buys little and delays every list).
 READ_GAP_S: Final = 0.25
 _encode = msgspec.json.Encoder().encode
 
