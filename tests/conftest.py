@@ -108,6 +108,13 @@ async def config(service_urls: tuple[str, str], worker_id: str) -> Config:
     finally:
         await conn.close()
     await create_database(dsn)
+    # The suite's commits need not outlive a power cut, and waiting for each one's WAL flush was half its time: the
+    # crash tests (tests/chaos/, a private server in test_processes.py) keep every commit durable on their own servers.
+    conn = await asyncpg.connect(_with_database(admin, "postgres"))
+    try:
+        await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+    finally:
+        await conn.close()
     await migrate(dsn)
     index = 1 + int(worker_id.removeprefix("gw") or 0)
     return deployment_config(dsn, urlsplit(redis_url)._replace(path=f"/{index}").geturl())

@@ -97,8 +97,8 @@ async def test_a_report_of_an_uploaded_csv_summarises_each_column(client: httpx.
 
 @pytest.mark.parametrize(
     "body",
-    [b"a,b\n1,2\n3,4,5\n", b'a,b\n1,"never closed\n', b"a,b\n1,\x002\n", b"a,b\n1,\xff\xfe\n", b""],
-    ids=["ragged", "unterminated quote", "NUL", "not UTF-8", "empty"],
+    [b"a,b\n1,2\n3,4,5\n", b'a,b\n1,"never closed\n', b"a,b\n1,\x002\n", b"a,b\n1,\xff\xfe\n"],
+    ids=["ragged", "unterminated quote", "NUL", "not UTF-8"],  # empty: a 422 at the upload (test_blobs)
 )
 async def test_an_upload_that_is_no_csv_fails_the_report_with_invalid_csv(
     client: httpx.AsyncClient, drain: Drain, body: bytes
