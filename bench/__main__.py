@@ -1,7 +1,7 @@
 """`python -m bench [--quick]`: every comparison, a table on stdout, the whole record under bench/results/.
 
-At most 10 minutes with the defaults, about 2 with --quick; `retention` adds about 4 (a million rows to load
-and delete). Progress goes to stderr.
+About 10 to 14 minutes with the defaults, about 2 with --quick; `retention` adds about 4 (a million rows to load
+and delete), `running --scale 10000` about 13 (docs/performance.md §11). Progress goes to stderr.
 """
 
 from __future__ import annotations
