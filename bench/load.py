@@ -23,6 +23,7 @@ import asyncpg
 import httptools
 import uvloop
 from arq.connections import RedisSettings, create_pool
+from redis.asyncio import Redis
 
 POLL_S = 0.02  # how often "is everything done?" is asked: the resolution of the end-to-end figures
 LATENCY_POLL_S = 0.01  # how often one job is looked at; its timestamps, not this, make the figure
@@ -245,37 +246,41 @@ async def outlast_batch(
     table: str = "jobs",
     body: bytes = NOOP,
     api_key: str = "",
+    done: str = "table",
+    redis_url: str = "",
 ) -> dict[str, Any]:
-    """POST `jobs` jobs; seconds from the first POST until `table` says all succeeded.
+    """POST `jobs` jobs; seconds from the first POST until all are done.
 
-    The same for Outlast (`jobs`) and the baselines that keep a status row of their own.
+    Done is what each side's own record says, read every POLL_S: `table` (Outlast, and the baselines that keep a
+    status row, procrastinate's included) counts its `succeeded` rows; `arq` counts the result keys of the ids the
+    202s carried (no database: S6's bare arq); `saq` counts the accepted jobs no longer in SAQ's incomplete set.
     """
     raw = _post(_host_port(url)[0], body, api_key)
     conns = [await Connection.open(*_host_port(url)) for _ in range(concurrency)]
-    db = await asyncpg.connect(database_url)
     refused = accepted = 0
     submitted_at: float | None = None
+    result_keys: list[str] = []
+    for conn in conns:
+        conn.keep_body = done == "arq"
 
     def lane(conn: Connection) -> Callable[[], Awaitable[None]]:
         async def one() -> None:
             nonlocal refused, accepted, submitted_at
             refused += await conn.request(raw) != 202
+            if done == "arq":
+                result_keys.append(f"arq:result:{json.loads(conn.body)['id']}")
             accepted += 1
             if accepted == jobs:
                 submitted_at = time.perf_counter() - t0
 
         return one
 
+    counted, close = await _done_counter(done, database_url, table, redis_url, result_keys, lambda: accepted)
+
     async def succeeded() -> int:
-        row = await db.fetchrow(
-            "SELECT count(*) FILTER (WHERE status = 'succeeded'),"
-            f" count(*) FILTER (WHERE status IN ('failed', 'cancelled', 'expired')) FROM {table}"
-        )
-        assert row is not None
-        ok, ended = row
-        if ended or refused:
-            raise SystemExit(f"{ended} jobs ended other than succeeded, {refused} submits refused")
-        return int(ok)
+        if refused:
+            raise SystemExit(f"{refused} submits refused")
+        return await counted()
 
     try:
         t0 = time.perf_counter()
@@ -285,10 +290,44 @@ async def outlast_batch(
         await submitting
         assert submitted_at is not None  # every lane has returned
     finally:
-        await db.close()
+        await close()
         for conn in conns:
             conn.close()
     return {"elapsed_s": elapsed, "submitted_s": submitted_at, "jobs_per_s": jobs / elapsed, "polls": polls}
+
+
+SAQ_INCOMPLETE = "saq:default:incomplete"  # bench/baselines/saq_app.py's INCOMPLETE_KEY (not imported: saq)
+
+
+async def _done_counter(
+    done: str, database_url: str, table: str, redis_url: str, result_keys: list[str], accepted: Callable[[], int]
+) -> tuple[Callable[[], Awaitable[int]], Callable[[], Awaitable[None]]]:
+    """How many jobs are done, by the record `done` names (see `outlast_batch`), and how to let go of it."""
+    if done == "table":
+        db = await asyncpg.connect(database_url)
+
+        async def rows() -> int:
+            row = await db.fetchrow(
+                "SELECT count(*) FILTER (WHERE status::text = 'succeeded'), count(*) FILTER (WHERE status::text"
+                f" IN ('failed', 'cancelled', 'expired', 'aborted')) FROM {table}"
+            )
+            assert row is not None
+            ok, ended = row
+            if ended:
+                raise SystemExit(f"{ended} jobs ended other than succeeded")
+            return int(ok)
+
+        return rows, db.close
+    redis = Redis.from_url(redis_url)
+
+    async def results() -> int:
+        return int(await redis.exists(*result_keys)) if result_keys else 0
+
+    async def finished() -> int:
+        now = accepted()  # first: a job accepted after it is still in the set, or already counted here
+        return now - int(await redis.zcard(SAQ_INCOMPLETE))
+
+    return (results if done == "arq" else finished), redis.aclose
 
 
 async def arq_batch(redis_url: str, jobs: int, concurrency: int) -> dict[str, Any]:
@@ -414,10 +453,12 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("post", parents=[timed], help="POST /v1/jobs noop submits for a fixed time")
     p = sub.add_parser("submit", help="jobs through an HTTP API, until its status table says all succeeded")
     p.add_argument("--url", required=True)
-    p.add_argument("--database-url", required=True)
+    p.add_argument("--database-url", default="")
     p.add_argument("--jobs", type=int, required=True)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--table", default="jobs", help="where the status rows are: jobs, or a baseline's table")
+    p.add_argument("--done", choices=("table", "arq", "saq"), default="table", help="what says a job is done")
+    p.add_argument("--redis-url", default="", help="the Redis of --done arq or saq")
     p.add_argument("--body", default=NOOP.decode(), help="the JSON submitted for each job")
     p.add_argument("--api-key", default="", help="sent as `Authorization: Bearer`")
     p = sub.add_parser("burst", help="a fixed number of noop submits, single or batched, as fast as taken")
@@ -459,7 +500,10 @@ def main(argv: list[str] | None = None) -> None:
         coro = post(args.url, args.concurrency, args.warmup, args.duration, args.api_key)
     elif args.command == "submit":
         body = args.body.encode()
-        coro = outlast_batch(args.url, args.database_url, args.jobs, args.concurrency, args.table, body, args.api_key)
+        coro = outlast_batch(
+            args.url, args.database_url, args.jobs, args.concurrency, args.table, body, args.api_key, args.done,
+            args.redis_url,
+        )  # fmt: skip
     elif args.command == "burst":
         coro = burst(args.url, args.jobs, args.batch, args.concurrency, args.api_key)
     elif args.command == "arq":

@@ -14,8 +14,8 @@ from bench.compare import Comparison
 from bench.services import ROOT
 
 PACKAGES = ("arq", "asyncpg", "databases", "httptools", "msgspec", "redis", "starlette", "uvicorn", "uvloop")
-# The FastAPI + Celery baseline's own stack (the `bench` extra).
-BASELINE_PACKAGES = ("celery", "fastapi", "kombu", "psycopg", "pydantic", "sqlalchemy")
+# The baselines' own stacks (the `bench` extra): FastAPI + Celery's, and the peers of issue 20's S10.
+BASELINE_PACKAGES = ("celery", "fastapi", "kombu", "psycopg", "pydantic", "sqlalchemy", "saq", "procrastinate")
 
 
 def machine() -> dict[str, Any]:
