@@ -56,9 +56,11 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "retention": retention.measure,
     "vectors": vectors.measure,
     "running": running.measure,
+    "idle": running.measure_idle,  # running's S7 alone, quickly: only when asked for (PART_OF)
     "dashboard": dashboard.measure,
     "dashboard_feed": dashboard_feed.measure,
 }
+PART_OF = {"idle": "running"}  # a part of another measurement, to run alone: left out of a full run
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
     latency_samples=20, drain_jobs=2000, progress_jobs=200,
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings(args)
     if settings.rounds < 3:
         parser.error("--rounds must be at least 3: one round's ratio says nothing about its spread")
-    names = args.only or list(MEASUREMENTS)
+    names = args.only or [name for name in MEASUREMENTS if name not in PART_OF]
 
     started, stamp, load_before = time.monotonic(), datetime.now(UTC), os.getloadavg()
     if load_before[0] > (os.cpu_count() or 1) / 2:

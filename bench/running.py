@@ -19,7 +19,7 @@ S1's "baseline" is its bound, 4 writes a second per worker process (one statemen
 that finished per second in the window (none, in a window before the first finish): the ratio is writes ÷ bound.
 S4's is OUTLAST_LEASE_S, and N for the first-attempt count. Before the rounds, **S7**: a fresh worker with nothing
 to run is left alone for 5 s, then every statement it sends in 30 s is counted, by its text (in the record), against
-the bound of 1 a second.
+the bound of 1 a second; `python -m bench --only idle` runs S7 alone, once a round.
 
 Scale: N = `--scale` (2,000 by default, so that the module takes about 4 minutes; the issue's 10,000 with `--scale
 10000`, about 12). Jobs last 30 s at N <= 2,000 and 90 s above (the issue asks 60: at 10,000 the submit and the
@@ -286,6 +286,44 @@ def _shown(figures: Figures) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
 
 
+def idle_comparison() -> Comparison:
+    return Comparison(
+        "idle_statements",
+        f"{IDLE_BOUND_PER_S:g} a second",
+        [
+            Metric("statements_per_s", "S7 an idle worker's statements/s to PostgreSQL", False, goal=1.0),
+            Metric("round_trips_per_s", "S7 an idle worker's round trips/s to PostgreSQL", False),
+        ],
+    )
+
+
+async def idle_round(bench: Bench, idle: Comparison) -> None:
+    """One S7 count, added to `idle` with what was sent, statement by statement."""
+    figures = await bench.idle()
+    print(f"bench: running idle: {_shown(figures)}", file=sys.stderr, flush=True)
+    idle.rounds.append((figures, {"statements_per_s": IDLE_BOUND_PER_S, "round_trips_per_s": IDLE_BOUND_PER_S}))
+    idle.notes.setdefault("sent_by_round", []).append(bench.idle_sent)
+    idle.notes["counted_s"] = IDLE_COUNT_S
+
+
+async def measure_idle(run: Run) -> Comparison:
+    """S7 alone (`python -m bench --only idle --rounds 3`, about 40 s a round): a fresh idle worker's statements in
+    each round, with no web process and no running jobs."""
+    idle = idle_comparison()
+    admin = await asyncpg.connect(run.svc.admin_url)
+    db = await asyncpg.connect(run.svc.database_url)
+    try:
+        async with counting(run.svc.database_url) as (proxy_url, tally):
+            bench = Bench(run, admin, db, tally, proxy_url)
+            for _ in range(run.settings.rounds):
+                await idle_round(bench, idle)
+    finally:
+        await run.fleet.stop(WORKER)
+        await db.close()
+        await admin.close()
+    return idle
+
+
 async def measure(run: Run) -> list[Comparison]:
     n = run.settings.running_jobs
     running = f"{n:,} running"
@@ -314,24 +352,14 @@ async def measure(run: Run) -> list[Comparison]:
             Metric("first_attempt", "S4 jobs succeeded on their first attempt ÷ N", True, goal=1.0),
         ],
     )
-    idle = Comparison(
-        "idle_statements",
-        f"{IDLE_BOUND_PER_S:g} a second",
-        [
-            Metric("statements_per_s", "S7 an idle worker's statements/s to PostgreSQL", False, goal=1.0),
-            Metric("round_trips_per_s", "S7 an idle worker's round trips/s to PostgreSQL", False),
-        ],
-    )
+    idle = idle_comparison()
     admin = await asyncpg.connect(run.svc.admin_url)
     db = await asyncpg.connect(run.svc.database_url)
     try:
         async with counting(run.svc.database_url) as (proxy_url, tally):
             bench = Bench(run, admin, db, tally, proxy_url)
             bench.web_url = await run.fleet.outlast(WEB, bench.env)
-            figures = await bench.idle()
-            print(f"bench: running idle: {_shown(figures)}", file=sys.stderr, flush=True)
-            idle.rounds.append((figures, {"statements_per_s": IDLE_BOUND_PER_S, "round_trips_per_s": IDLE_BOUND_PER_S}))
-            idle.notes.update(counted_s=IDLE_COUNT_S, sent=bench.idle_sent)
+            await idle_round(bench, idle)
             busy: list[list[dict[str, Any]]] = []
             for i in range(ROUNDS):
                 sides = [("outlast", bench.outlast), ("arq", bench.arq)]
