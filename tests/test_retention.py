@@ -1,18 +1,20 @@
-"""Retention (worker/retention.py): what goes with a job past it, what stays, and that each pass takes one batch."""
+"""Retention (worker/retention.py): what goes with a job past it, what stays, that each pass takes one batch, and
+that the sweep retains once a minute, or at every pass while a backlog fills its batches."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import msgspec
 
-from tests.conftest import job_row
+from tests.conftest import eventually, job_row
 from tests.test_worker import submit
-from worker import Deps
-from worker.retention import retain
-from worker.sweep import sweep_once
+from worker import Deps, metrics
+from worker.retention import Cadence, Retained, retain
+from worker.sweep import sweep_once, sweeping
 
 Drain = Callable[[], Awaitable[None]]
 
@@ -133,3 +135,50 @@ async def test_the_sweep_releases_an_idempotency_key_past_its_window_and_keeps_o
     assert again.status_code == 202 and again.json()["id"] != old and "idempotent-replayed" not in again.headers
     replay = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "kept"})
     assert replay.json()["id"] == kept and replay.headers["idempotent-replayed"] == "true"
+
+
+def _deleted(n: int) -> Retained:
+    return Retained(purged=0, deleted=n, workflows=0, released=0)
+
+
+def test_the_sweep_retains_on_its_first_pass_then_once_a_minute_and_at_the_next_pass_after_a_full_batch() -> None:
+    cadence = Cadence(every_s=60.0)
+    assert cadence.due(0.0)
+    cadence.done(0.0, _deleted(3), batch=500)
+    assert not cadence.due(59.9) and cadence.due(60.0)
+    cadence.done(60.0, _deleted(500), batch=500)  # a full batch: more is waiting, so the very next pass retains
+    assert cadence.due(60.1)
+    cadence.done(61.0, Retained(purged=500, deleted=0, workflows=0, released=0), batch=500)
+    assert cadence.due(61.1)
+    cadence.done(62.0, _deleted(0), batch=500)
+    assert not cadence.due(121.9) and cadence.due(122.0)
+
+
+def _passes() -> float:
+    return metrics.REGISTRY.get_sample_value("outlast_sweep_seconds_count") or 0.0
+
+
+async def test_the_sweep_loop_takes_a_backlog_a_batch_a_pass_then_waits_a_minute(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    ended = [await submit(client, "square_sum", {"data": [n]}) for n in range(5)]
+    later = await submit(client, "square_sum", {"data": [9]})
+    await drain()
+    for job_id in ended:
+        await _finished_days_ago(deps, job_id, 31)
+    small = dataclasses.replace(deps, config=msgspec.structs.replace(deps.config, sweep_batch=2))
+
+    async def gone() -> bool | None:
+        left = await deps.db.fetch_val("SELECT count(*) FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))", {"ids": ended})
+        return left == 0 or None
+
+    async with sweeping(small):
+        await eventually(gone)  # 2, 2, then 1: three passes in a row, not three minutes
+        await _finished_days_ago(deps, later, 31)
+        seen = _passes()
+
+        async def two_more_passes() -> bool | None:
+            return _passes() >= seen + 2 or None
+
+        await eventually(two_more_passes)
+        assert (await job_row(deps, later))["status"] == "succeeded"  # the last pass took less than a batch

@@ -11,19 +11,20 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from uuid import UUID
 
 import msgspec
 from databases import Database
 
-from worker import database, metrics, spawn, sql, workflows
-from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, forget_stale, leave, limit_values, refresh
+from worker import database, metrics, retention, spawn, sql, workflows
+from worker.capacity import CAP_SQL, KEY_FULL_SQL, Capacity, ensure_buckets, leave, limit_values, refresh
 from worker.config import Config
 from worker.deps import Deps
 from worker.job import Error
 from worker.queue import Bell, forget, in_progress_mark_s, request_abort_many, ring_again
-from worker.retention import Retained, retain
+from worker.retention import NOTHING, Cadence, Retained
 from worker.retry import envelope_sql
 from worker.status import insert_sql as status_event
 from worker.store import CANCELLED_JSON, Jobs
@@ -140,14 +141,18 @@ async def take_due(
 
 @contextlib.asynccontextmanager
 async def sweeping(deps: Deps, capacity: Capacity | None = None) -> AsyncIterator[None]:
-    """Sweep every `sweep_interval_s` (the first pass at once) while the block runs; with `capacity`, each pass also
-    says this worker is alive and recomputes the tenants' default cap."""
+    """Sweep every `sweep_interval_s` (the first pass at once) while the block runs, retaining as its Cadence says;
+    with `capacity`, each pass also says this worker is alive and recomputes the tenants' default cap."""
+    cadence = Cadence()
 
     async def loop() -> None:
         while True:
             try:
+                retaining = cadence.due(time.monotonic())
                 with metrics.sweep_seconds.time():
-                    await sweep_once(deps, capacity)
+                    retained = await sweep_once(deps, capacity, retain=retaining)
+                if retaining:
+                    cadence.done(time.monotonic(), retained, deps.config.sweep_batch)
             except database.UNAVAILABLE as exc:
                 log.warning("sweep skipped: database unavailable (%s)", exc)
             except Exception:
@@ -171,8 +176,8 @@ def fresh_s(config: Config) -> float:
     return 3 * config.sweep_interval_s + config.lease_s
 
 
-async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> Retained:
-    """One pass; what its retention step did (bench/retention.py counts it)."""
+async def sweep_once(deps: Deps, capacity: Capacity | None = None, *, retain: bool = True) -> Retained:
+    """One pass, retention last unless told not to; what retention did (bench/retention.py counts it)."""
     config, db = deps.config, deps.db
     if capacity is not None:
         await refresh(db, capacity, fresh_s=fresh_s(config))
@@ -206,8 +211,7 @@ async def sweep_once(deps: Deps, capacity: Capacity | None = None) -> Retained:
     )
     if due and not all(rung):
         log.warning("sweep: Redis unavailable; %d jobs wait for the next pass", rung.count(False))
-    retained = await retain(db, config)
-    await forget_stale(db, older_than_s=86_400)
+    retained = await retention.retain(db, config) if retain else NOTHING
     if rescued or expired or cancelled or due:
         log.info("sweep: rescued %d, expired %d, cancelled %d, dispatched %d", rescued, expired, cancelled, len(due))
     if retained.deleted or retained.workflows:
