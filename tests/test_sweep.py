@@ -1,4 +1,5 @@
-"""The cron pass: re-dispatch what Redis lost, expire late jobs, rescue lost leases, retain."""
+"""The cron pass: re-dispatch what Redis lost, expire late jobs, rescue lost leases, retain; and which of its steps a
+pass runs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import msgspec
 from tests.conftest import job_row
 from tests.test_worker import submit
 from worker import Deps
-from worker.sweep import sweep_once
+from worker.sweep import STEPS, steps_to_run, sweep_once
 
 Drain = Callable[[], Awaitable[None]]
 
@@ -162,3 +163,22 @@ async def test_retention_takes_an_ended_workflow_whole_and_keeps_its_jobs_until_
     assert kept["status"] == "succeeded" and len(kept["steps"]["squares"]["job_ids"]) == 3  # its jobs stay with it
     [first] = kept["steps"]["numbers"]["job_ids"]
     assert (await client.get(f"/v1/jobs/{first}/result")).json() == [0, 1, 2]  # and their results
+
+
+async def test_a_pass_with_nothing_live_runs_none_of_its_steps(
+    client: httpx.AsyncClient, deps: Deps, drain: Drain
+) -> None:
+    await submit(client, "square_sum", {"data": [1]})
+    await drain()  # ended: no step has anything to do with it
+    assert await steps_to_run(deps.db) == frozenset()
+
+
+async def test_a_pass_runs_from_the_first_step_with_work_on(client: httpx.AsyncClient, deps: Deps) -> None:
+    job_id = await submit(client, "square_sum", {"data": [1]})  # queued and due: the dispatch's, and what follows
+    assert await steps_to_run(deps.db) == frozenset(("dispatch", "resume"))
+    await deps.db.execute(
+        "UPDATE jobs SET status = 'running', attempt = 1, lease_expires_at = now() - interval '1 second'"
+        " WHERE id = CAST(:id AS uuid)",
+        {"id": job_id},
+    )
+    assert await steps_to_run(deps.db) == frozenset(STEPS)  # a rescue may make any later step's work

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -84,6 +85,10 @@ class Capacity:
     rates: Mapping[str, Rate] = field(default_factory=dict)  # each job type's `rate`, those that declare one
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
+    refreshed_at: float = -math.inf  # time.monotonic() of its last `refresh`
+
+    def refreshed_s_ago(self) -> float:
+        return time.monotonic() - self.refreshed_at
 
 
 _REFRESH = """
@@ -108,6 +113,7 @@ async def refresh(db: Database, capacity: Capacity, *, fresh_s: float) -> None:
     row = await sql.fetch_one(db, _REFRESH, {**values, "fresh": fresh_s})
     assert row is not None
     capacity.default_cap = default_cap(int(row["slots"]), int(row["tenants"]), capacity.share)
+    capacity.refreshed_at = time.monotonic()
 
 
 def default_cap(slots: int, tenants: int, share: float) -> int | None:

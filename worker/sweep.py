@@ -98,6 +98,32 @@ RETURNING j.id, j.attempt, j.priority, j.tenant_id, due.promote
 """
 
 
+# Which of the pass's steps have anything to do, in one statement: each EXISTS is its step's selection or wider (no
+# locks, no caps, no batch), so a step it skips would have found nothing either. A pass runs from the first step with
+# work on, every step after it included, since what one step changes is the next ones' work (a rescued job may be due
+# at once, a cascade's marks are the cancel's, an ended child may wake its parent). Idle, a pass is this statement.
+STEPS = ("rescue", "expire", "cascade", "cancel", "ready", "dispatch", "resume")
+_WORK = """
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'running' AND lease_expires_at < now()) AS rescue,
+       EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') AND expires_at <= now()) AS expire,
+       EXISTS (SELECT 1 FROM jobs c JOIN jobs p ON p.id = c.parent_id
+                WHERE c.parent_id IS NOT NULL AND c.status IN ('queued', 'running') AND c.cancel_requested_at IS NULL
+                  AND p.status IN ('failed', 'cancelled', 'expired')) AS cascade,
+       EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND cancel_requested_at IS NOT NULL) AS cancel,
+       EXISTS (SELECT 1 FROM workflow_steps WHERE status = 'ready') AS ready,
+       EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND next_run_at <= now()) AS dispatch,
+       EXISTS (SELECT 1 FROM jobs WHERE waiting AND status = 'queued') AS resume
+"""
+
+
+async def steps_to_run(db: Database) -> frozenset[str]:
+    """The steps of STEPS this pass runs: from the first that has work on."""
+    found = await sql.fetch_one(db, _WORK)
+    assert found is not None  # one row, always
+    first = next((i for i, step in enumerate(STEPS) if found[step]), len(STEPS))
+    return frozenset(STEPS[first:])
+
+
 async def rescue_lost(jobs: Jobs, *, batch: int, backoff_base_s: float, backoff_cap_s: float) -> list[tuple[UUID, int]]:
     """Running jobs whose lease expired: back to queued (retry-safe, attempts left) or failed `worker_lost`.
     Returns each rescued job with the attempt that was lost."""
@@ -176,30 +202,51 @@ def fresh_s(config: Config) -> float:
     return 3 * config.sweep_interval_s + config.lease_s
 
 
+async def _alive(db: Database, capacity: Capacity, config: Config) -> None:
+    """This worker's slots in `workers`, for the tenants' default cap: every third pass or so, which keeps it seen well
+    within fresh_s; the rate buckets of its types every pass."""
+    if capacity.refreshed_s_ago() >= fresh_s(config) / 3:
+        await refresh(db, capacity, fresh_s=fresh_s(config))
+    await ensure_buckets(db, capacity)
+
+
+async def _to_ring(deps: Deps, steps: frozenset[str], capacity: Capacity | None) -> list[Bell]:
+    """The pass's dispatch steps: the jobs of ready workflow steps, the due jobs, the resumed parents."""
+    config, db, batch = deps.config, deps.db, deps.config.sweep_batch
+    due: list[Bell] = []
+    if "ready" in steps:
+        # Steps a worker made ready and died before it started them; their jobs go out with the due ones below.
+        due += await workflows.start_ready(db, None, ttl_s=config.job_ttl_s, batch=batch)
+    if "dispatch" in steps:
+        # After rescue, so a rescued job whose backoff is already over goes out in this same pass.
+        due += await take_due(db, batch=batch, redispatch_after_s=config.redispatch_after_s, capacity=capacity)
+    if "resume" in steps:
+        # Parents whose last child ended without waking them (cancelled, expired, or as the parent began to wait).
+        due += await spawn.resume(db, None, batch=batch)
+    return due
+
+
 async def sweep_once(deps: Deps, capacity: Capacity | None = None, *, retain: bool = True) -> Retained:
     """One pass, retention last unless told not to; what retention did (bench/retention.py counts it)."""
-    config, db = deps.config, deps.db
+    config, db, batch = deps.config, deps.db, deps.config.sweep_batch
     if capacity is not None:
-        await refresh(db, capacity, fresh_s=fresh_s(config))
-        await ensure_buckets(db, capacity)
-    lost = await rescue_lost(
-        deps.jobs, batch=config.sweep_batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
-    )
+        await _alive(db, capacity, config)
+    steps = await steps_to_run(db)
+    lost: list[tuple[UUID, int]] = []
+    if "rescue" in steps:
+        lost = await rescue_lost(
+            deps.jobs, batch=batch, backoff_base_s=config.backoff_base_s, backoff_cap_s=config.backoff_cap_s
+        )
     rescued = len(lost)
     metrics.rescued.inc(rescued)  # at once: a kill later in the pass must not lose the count
     await forget(deps.redis, lost)
-    expired = await expire_late(deps.jobs, batch=config.sweep_batch)
+    expired = await expire_late(deps.jobs, batch=batch) if "expire" in steps else 0
     metrics.expired.inc(expired)
     # the live children of parents that ended otherwise than succeeded: marked first, so the queued end just below
-    if running_orphans := await spawn.cascade(db, batch=config.sweep_batch):
+    if "cascade" in steps and (running_orphans := await spawn.cascade(db, batch=batch)):
         await request_abort_many(deps.redis, running_orphans)
-    cancelled = await cancel_requeued(deps.jobs, batch=config.sweep_batch)
-    # Steps a worker made ready and died before it started them; their jobs go out with the due ones below.
-    started = await workflows.start_ready(db, None, ttl_s=config.job_ttl_s, batch=config.sweep_batch)
-    # Dispatch after rescue, so a rescued job whose backoff is already over goes out in this same pass.
-    due = await take_due(db, batch=config.sweep_batch, redispatch_after_s=config.redispatch_after_s, capacity=capacity)
-    # Parents whose last child ended without waking them (cancelled, expired, or as the parent began to wait).
-    due += started + await spawn.resume(db, None, batch=config.sweep_batch)
+    cancelled = await cancel_requeued(deps.jobs, batch=batch) if "cancel" in steps else 0
+    due = await _to_ring(deps, steps, capacity)
     # A claim commits within milliseconds of arq taking its message: a mark half a lease old is a dead worker's, and
     # clearing it then (not at a full lease) leaves a row that became due for redispatch no pass to wait out.
     mark_s, stale_after_s = in_progress_mark_s(config.max_timeout_s), config.lease_s / 2
