@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from bench import (
     batch_submit,
+    blob_stream,
     commits,
     dashboard,
     dashboard_feed,
@@ -55,6 +56,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "workflow": workflow.measure,
     "retention": retention.measure,
     "vectors": vectors.measure,
+    "blob_stream": blob_stream.measure,
     "running": running.measure,
     "idle": running.measure_idle,  # running's S7 alone, quickly: only when asked for (PART_OF)
     "dashboard": dashboard.measure,
@@ -144,6 +146,13 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
             f"retention over {kept['jobs']:,} jobs past it: {kept['passes']} sweep passes, max {worst:.0f} ms, p99"
             f" {kept['pass_ms_p99']:.0f} ms, {kept['deleted_per_pass_median']:.0f} jobs deleted a pass,"
             f" {kept['jobs_left']} jobs left (goal every pass <= {goal:.0f} ms: {'pass' if worst <= goal else 'MISS'})"
+        )
+    blob = next((c.notes for c in comparisons if c.name == "blob_stream"), None)
+    if blob is not None:
+        worst, goal = max(blob["rss_growth_mb"]), blob["rss_goal_mb"]
+        lines.append(
+            f"blob_stream: the web's RSS grew {worst:.1f} MB at most while it streamed {blob['mb']} MB"
+            f" (goal <= {goal:.0f} MB: {'pass' if worst <= goal else 'MISS'})"
         )
     return lines
 

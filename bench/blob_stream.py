@@ -2,6 +2,7 @@
 FileResponse of the same bytes from a file, each one uvicorn process with the same flags, downloads alternating;
 and how much the web's resident memory grows while it streams (issue 17: >= 0.8x the FileResponse, <= 20 MB).
 
+    python -m bench --only blob_stream            (in the whole run too: about 40 s of it)
     python -m bench.blob_stream [--mb 100] [--rounds 5]
 
 The store is read as a job's code would leave it: the result written through worker/blobs.py, the row pointing at
@@ -14,9 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +25,16 @@ import httpx
 from databases import Database
 from uuid_utils.compat import uuid7
 
-from bench.run import outlast_env
+from bench.compare import Comparison, Figures, Metric, alternate
+from bench.procs import Fleet
+from bench.report import table
+from bench.run import Run, baseline_env, outlast_env
 from bench.services import Services, api_key, free_port, prepare, services
+
+WEB, BARE = "blob-web", "blob-file-response"
+MB = 100
+RSS_GOAL_MB = 20.0  # the web's resident memory may grow this much at most while it streams
+STREAM = [Metric("mb_s", "GET …/result of a 100 MB stored result, MB/s", higher_is_better=True, goal=0.8)]
 
 _JOB = """
 INSERT INTO jobs (id, type, status, input, attempt, max_attempts, timeout_s, retry_safe, progress, result_size,
@@ -94,10 +100,6 @@ async def seed(svc: Services, total: int) -> str:
         await db.disconnect()
 
 
-def start(argv: list[str], env: dict[str, str], cwd: str | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "uvicorn", *argv, *UVICORN], env=env, cwd=cwd)
-
-
 def write_file(path: Path, total: int) -> None:
     with path.open("wb") as out:
         for piece in _pieces(total):
@@ -125,9 +127,57 @@ async def download(url: str, headers: dict[str, str], pid: int) -> tuple[float, 
     return got / elapsed / 1e6, got, peak - base
 
 
+async def measure(run: Run) -> Comparison:
+    """`python -m bench --only blob_stream`: the comparison, one download a side a round."""
+    return await compare(run.svc, run.fleet, run.scratch, run.api_key, MB, run.settings.rounds)
+
+
+async def compare(svc: Services, fleet: Fleet, scratch: Path, key: str, mb: int, rounds: int) -> Comparison:
+    total = mb * 1_000_000
+    job_id = await seed(svc, total)
+    folder = scratch / "blob_stream"
+    folder.mkdir(exist_ok=True)
+    path = folder / "result.json"
+    write_file(path, total)
+    (folder / "file_app.py").write_text(_FILE_APP)
+    ours_port, file_port = free_port(), free_port()
+    uvicorn = [sys.executable, "-m", "uvicorn", *UVICORN]
+    await fleet.start(WEB, [*uvicorn, "--factory", "server.app:create_app", "--port", str(ours_port)], outlast_env(svc))
+    await fleet.start(BARE, [*uvicorn, "--app-dir", str(folder), "file_app:app", "--port", str(file_port)],
+                      {**baseline_env(svc), "BENCH_FILE": str(path)})  # fmt: skip
+    try:
+        ours_url = f"http://127.0.0.1:{ours_port}/v1/jobs/{job_id}/result"
+        bare_url = f"http://127.0.0.1:{file_port}/file"
+        await wait_up(f"http://127.0.0.1:{ours_port}/healthz")
+        await wait_up(bare_url)
+        auth = {"Authorization": f"Bearer {key}"}
+        await download(ours_url, auth, fleet.pid(WEB))  # warm: connections, caches, the page cache
+        await download(bare_url, {}, fleet.pid(BARE))
+        grew: list[float] = []
+
+        async def outlast() -> Figures:
+            rate, got, rss = await download(ours_url, auth, fleet.pid(WEB))
+            assert got == total, got
+            grew.append(rss / 1024)
+            return {"mb_s": rate}
+
+        async def bare() -> Figures:
+            rate, got, _ = await download(bare_url, {}, fleet.pid(BARE))
+            assert got == total, got
+            return {"mb_s": rate}
+
+        comparison = Comparison("blob_stream", "a bare Starlette FileResponse of the same bytes", STREAM)
+        await alternate(comparison, outlast, bare, rounds)
+        comparison.notes.update(mb=mb, rss_growth_mb=[round(g, 1) for g in grew], rss_goal_mb=RSS_GOAL_MB)
+        return comparison
+    finally:
+        await fleet.stop(WEB)
+        await fleet.stop(BARE)
+
+
 async def wait_up(url: str) -> None:
     async with httpx.AsyncClient() as client:
-        for _ in range(600):
+        for _ in range(1200):
             with contextlib.suppress(httpx.TransportError):
                 await client.get(url)
                 return
@@ -135,53 +185,21 @@ async def wait_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def main(mb: int, rounds: int) -> dict[str, object]:
-    total = mb * 1_000_000
+async def main(mb: int, rounds: int) -> Comparison:
     with services() as svc, tempfile.TemporaryDirectory() as scratch:
         await prepare(svc)
-        key = await api_key(svc)
-        job_id = await seed(svc, total)
-        path = Path(scratch) / "result.json"
-        write_file(path, total)
-        (Path(scratch) / "file_app.py").write_text(_FILE_APP)
-        ours_port, file_port = free_port(), free_port()
-        ours = start(["--factory", "server.app:create_app", "--port", str(ours_port)], outlast_env(svc))
-        bare = start(["file_app:app", "--port", str(file_port)], {**os.environ, "BENCH_FILE": str(path)}, scratch)
+        fleet = Fleet(Path(scratch))
         try:
-            await wait_up(f"http://127.0.0.1:{ours_port}/healthz")
-            await wait_up(f"http://127.0.0.1:{file_port}/file")
-            ours_url = f"http://127.0.0.1:{ours_port}/v1/jobs/{job_id}/result"
-            auth = {"Authorization": f"Bearer {key}"}
-            await download(ours_url, auth, ours.pid)  # warm: connections, caches, the page cache
-            await download(f"http://127.0.0.1:{file_port}/file", {}, bare.pid)
-            outlast, baseline, grew = [], [], []
-            for _ in range(rounds):
-                rate, got, rss = await download(ours_url, auth, ours.pid)
-                assert got == total, got
-                outlast.append(rate)
-                grew.append(rss)
-                rate, got, _ = await download(f"http://127.0.0.1:{file_port}/file", {}, bare.pid)
-                assert got == total, got
-                baseline.append(rate)
+            return await compare(svc, fleet, Path(scratch), await api_key(svc), mb, rounds)
         finally:
-            for proc in (ours, bare):
-                proc.terminate()
-                proc.wait(10)
-    figures: dict[str, object] = {
-        "mb": mb,
-        "rounds": rounds,
-        "outlast_mb_s": round(statistics.median(outlast), 1),
-        "file_response_mb_s": round(statistics.median(baseline), 1),
-        "ratio": round(statistics.median(outlast) / statistics.median(baseline), 2),
-        "rss_growth_mb_max": round(max(grew) / 1024, 1),
-        "goal": "ratio >= 0.8, rss_growth_mb_max <= 20",
-    }
-    return figures
+            await fleet.stop_all()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--mb", type=int, default=MB)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.mb, args.rounds)), indent=2))
+    comparison = asyncio.run(main(args.mb, args.rounds))
+    print(table([comparison]))
+    print(json.dumps({"summary": comparison.summary(), "notes": comparison.notes}, indent=2, default=str))
