@@ -1,7 +1,8 @@
 """`python -m bench [--quick]`: every comparison, a table on stdout, the whole record under bench/results/.
 
 About 10 to 14 minutes with the defaults, about 2 with --quick; `retention` adds about 4 (a million rows to load
-and delete), `running --scale 10000` about 13 (docs/performance.md §11). Progress goes to stderr.
+and delete), `running --scale 10000` about 13 (docs/performance.md §11). `scaling` (1, 2 and 4 worker processes,
+the scaling model's figures) runs only with `--only scaling`: about 4 minutes. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bench import (
     report,
     retention,
     running,
+    scaling,
     scheduling,
     submit_job,
     vectors,
@@ -61,7 +63,10 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "idle": running.measure_idle,  # running's S7 alone, quickly: only when asked for (PART_OF)
     "dashboard": dashboard.measure,
     "dashboard_feed": dashboard_feed.measure,
+    "scaling": scaling.measure,
 }
+# Run only when named with --only: longer than the default run can spare.
+ON_REQUEST = ("scaling",)
 PART_OF = {"idle": "running"}  # a part of another measurement, to run alone: left out of a full run
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings(args)
     if settings.rounds < 3:
         parser.error("--rounds must be at least 3: one round's ratio says nothing about its spread")
-    names = args.only or [name for name in MEASUREMENTS if name not in PART_OF]
+    names = args.only or [name for name in MEASUREMENTS if name not in PART_OF and name not in ON_REQUEST]
 
     started, stamp, load_before = time.monotonic(), datetime.now(UTC), os.getloadavg()
     if load_before[0] > (os.cpu_count() or 1) / 2:

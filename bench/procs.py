@@ -144,6 +144,18 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds of any process by its pid, with its live descendants' and those of the children it has reaped
+    (`cutime`/`cstime`): for a server that forks a process per connection (PostgreSQL's postmaster) a backend that
+    ended still counts."""
+    try:
+        fields = _stat(root)
+    except OSError:
+        return 0.0
+    reaped = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS  # cutime, cstime: fields 16 and 17 of stat
+    return reaped + sum(_cpu_s(pid) for pid in _tree(root))
+
+
 def _tree(root: int) -> list[int]:
     """`root` and every live process descended from it."""
     parents: dict[int, int] = {}
