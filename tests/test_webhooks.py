@@ -1,16 +1,18 @@
 """Webhook delivery (worker/webhooks/deliver.py): the outbox, signatures, the retry schedule, the delivery log,
-redelivery, rebinding and redirects, and a hostile receiver that never holds up a job."""
+redelivery, rebinding and redirects, a hostile receiver that never holds up a job, and what wakes the delivery loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+import math
 import os
 import random
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from tests.conftest import ROOT, Processes, bearer, eventually, free_port, process_env
 from tests.engine import deliver_due
 from tests.receivers import DribblingReceiver, Hooks, Received, Receiver, answer, fail_first
-from worker import Config
+from worker import Config, notify
 from worker.sweep import sweep_once
 from worker.webhooks.deliver import Schedule, Sender, serving, tenant_secrets
 
@@ -396,6 +398,66 @@ async def test_a_receiver_that_dribbles_forever_is_cut_off_and_never_delays_a_jo
         assert attempt["error"] == "no answer within 2 s" and attempt["status_code"] is None
     finally:
         await slow.stop()
+
+
+# -- what wakes the delivery loop --------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def asleep(hooks: Hooks) -> AsyncIterator[None]:
+    """The worker's delivery loop, listening, once it sleeps with nothing it knows to be due: unwoken, it would look
+    again in notify.IDLE_S."""
+    async with serving(hooks.deps, resolver=hooks.dns), notify.hearing(hooks.deps) as ear:
+
+        async def idle() -> bool | None:
+            alarms = ear.alarms.get(notify.WEBHOOKS, [])
+            return (ear.listening and [a.at for a in alarms] == [math.inf]) or None
+
+        await eventually(idle)
+        yield
+
+
+async def delivered_after(hooks: Hooks, job_id: str, attempts: int) -> None:
+    async def done() -> bool | None:
+        [delivery] = await hooks.deliveries(job_id) or [{}]
+        return (delivery.get("status") == "delivered" and len(delivery["attempts"]) == attempts) or None
+
+    await eventually(done)
+
+
+async def test_a_job_that_ends_with_a_callback_wakes_the_sleeping_delivery_loop(
+    hooks: Hooks, receiver: Receiver, drain: Drain
+) -> None:
+    async with asleep(hooks):
+        job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
+        await drain()  # the finish inserts the delivery, and its commit notifies every worker
+        await delivered_after(hooks, job_id, attempts=1)
+
+
+async def test_a_retry_wakes_the_loop_that_booked_it_when_it_is_due(
+    hooks: Hooks, receiver: Receiver, drain: Drain
+) -> None:
+    receiver.script = fail_first(1, 503)  # the retry is due 2.5 to 5 s later
+    async with asleep(hooks):
+        job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=receiver.url)
+        await drain()
+        await delivered_after(hooks, job_id, attempts=2)
+
+
+async def test_a_dead_workers_attempt_is_taken_again_when_its_lease_ends(
+    hooks: Hooks, receiver: Receiver, drain: Drain
+) -> None:
+    job_id = await hooks.submit("square_sum", {"data": [1]})
+    await drain()
+    # attempt 1 in flight on a worker that died: due again once its lease ends, 3 s from now; no one will say so
+    delivery = await hooks.deps.db.fetch_val(
+        "INSERT INTO webhook_deliveries (job_id, url, reason, attempts, next_try_at)"
+        " VALUES (CAST(:id AS uuid), :url, 'finished', 1, now() + interval '3 seconds') RETURNING id",
+        {"id": job_id, "url": receiver.url},
+    )
+    await hooks.deps.db.execute("INSERT INTO webhook_attempts (delivery_id, n) VALUES (:d, 1)", {"d": delivery})
+    async with serving(hooks.deps, resolver=hooks.dns):  # its first claim sees when the lease ends
+        await delivered_after(hooks, job_id, attempts=2)
 
 
 # -- `outlast webhooks secret` ----------------------------------------------------------------------

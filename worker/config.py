@@ -30,7 +30,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     webhook_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 16  # attempts in flight per worker process
     webhook_retry_window_s: Annotated[float, msgspec.Meta(ge=86_400)] = 36 * 3600.0  # keep trying this long
     webhook_max_result_bytes: Annotated[int, msgspec.Meta(ge=0)] = 262_144  # larger results go as a link
-    webhook_poll_s: Seconds = 1.0  # how often an idle worker looks for due deliveries
+    # The least time between a worker's claims of deliveries while new ones keep coming (each notifies the workers:
+    # worker/notify.py), and its poll when it can't LISTEN (a transaction pooler without direct_database_url).
+    webhook_poll_s: Seconds = 1.0
     # A job's own requests (ctx.http, worker/egress.py): the same guard as callbacks, with a policy of its own, so
     # opening a private network to webhook receivers never opens it to every job's code. docs/job-types.md
     egress_allowed_networks: str = ""  # comma-separated CIDRs ctx.http may reach besides global addresses

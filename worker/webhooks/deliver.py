@@ -1,7 +1,7 @@
 """Signed webhook delivery, its retry schedule and the signing secrets.
 
-    a job ends ──trigger (same transaction)──▶ webhook_deliveries: pending, due now
-    serving(): claim due rows (SKIP LOCKED) while a slot is free ──▶ deliver(): one attempt each
+    a job ends ──trigger (same transaction)──▶ webhook_deliveries: pending, due now ──NOTIFY at commit──▶ every worker
+    serving(): claim due rows (SKIP LOCKED) when woken, while a slot is free ──▶ deliver(): one attempt each
     deliver(): the final Job ─▶ signed (Standard Webhooks, every secret in force) ─▶ SSRF guard ─▶ POST to
                the checked address, naming the original host; redirects never followed, no body read
       2xx ─▶ delivered    410 ─▶ failed    anything else ─▶ pending again after Schedule.next_delay(),
@@ -20,6 +20,7 @@ import base64
 import contextlib
 import email.utils
 import logging
+import math
 import random
 import secrets
 import ssl
@@ -33,7 +34,7 @@ import msgspec
 from databases import Database
 from standardwebhooks import Webhook
 
-from worker import database, metrics, resource, store, tokens, tracing, workflows
+from worker import database, metrics, notify, resource, store, tokens, tracing, workflows
 from worker.config import Config
 from worker.database import open_database, persist
 from worker.deps import Deps
@@ -248,8 +249,9 @@ async def _attempt(deps: Deps, sender: Sender, claimed: Claimed) -> Outcome:
     return outcome
 
 
-async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedule) -> None:
-    """One attempt of one claimed delivery, recorded whatever happens (a lost record: the lease runs out)."""
+async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedule) -> float | None:
+    """One attempt of one claimed delivery, recorded whatever happens (a lost record: the lease runs out). Returns
+    the seconds until its next attempt when it was booked one."""
     try:
         outcome = await _attempt(deps, sender, claimed)
         status, delay, error = verdict(outcome, claimed, schedule)
@@ -269,10 +271,12 @@ async def deliver(deps: Deps, sender: Sender, claimed: Claimed, schedule: Schedu
             ),
             what=f"webhook {claimed.id}",
         )
+        return delay if status == "pending" else None
     except database.UNAVAILABLE as exc:
         log.warning("webhook %s attempt %d: database unavailable (%s)", claimed.id, claimed.attempt, exc)
     except Exception:
         log.exception("webhook %s attempt %d failed", claimed.id, claimed.attempt)
+    return None
 
 
 def lease_s(config: Config) -> float:
@@ -280,27 +284,48 @@ def lease_s(config: Config) -> float:
     return 2 * config.webhook_timeout_s + 30
 
 
-async def serve(deps: Deps, sender: Sender) -> None:
-    """Claim due deliveries whenever a slot is free; each attempt runs on its own task. Runs until cancelled."""
+async def serve(deps: Deps, sender: Sender, ear: notify.Ear | None = None) -> None:
+    """Claim due deliveries whenever a slot is free and one may be due; each attempt runs on its own task. Runs until
+    cancelled.
+
+    A claim happens when the `ear` hears of a new delivery (at most one claim per OUTLAST_WEBHOOK_POLL_S while they
+    keep coming, so a stream of ends costs no more claims than the poll did), when a retry this worker booked is due,
+    when the earliest delivery the last claim left is due (another worker's retry, or its attempt's lease: a dead
+    worker's deliveries are found then), and at least every notify.IDLE_S. Not listening, it polls every
+    OUTLAST_WEBHOOK_POLL_S."""
     config = deps.config
     schedule = Schedule(window_s=config.webhook_retry_window_s)
-    running: set[asyncio.Task[None]] = set()
+    poll_s = config.webhook_poll_s
+    alarm = notify.Alarm() if ear is None else ear.alarm(notify.WEBHOOKS, heard_every_s=poll_s)
+    running: set[asyncio.Task[float | None]] = set()
+
+    def ended(task: asyncio.Task[float | None]) -> None:
+        running.discard(task)
+        if not task.cancelled() and (delay := task.result()) is not None:
+            alarm.ring(time.monotonic() + delay)
+
     try:
         while True:
-            free = config.webhook_concurrency - len(running)
-            try:
-                claimed = await webhook_store.claim_due(deps.db, limit=free, lease_s=lease_s(config)) if free else []
-            except database.UNAVAILABLE as exc:
-                log.warning("webhooks: database unavailable (%s)", exc)
-                claimed = []
-            for one in claimed:
-                task = asyncio.create_task(deliver(deps, sender, one, schedule))
-                running.add(task)
-                task.add_done_callback(running.discard)
+            if free := config.webhook_concurrency - len(running):
+                claimed_at = time.monotonic()
+                alarm.looking()
+                try:
+                    got = await webhook_store.claim(deps.db, limit=free, lease_s=lease_s(config))
+                except database.UNAVAILABLE as exc:
+                    log.warning("webhooks: database unavailable (%s)", exc)
+                    got = webhook_store.Claim([], poll_s)
+                for one in got.taken:
+                    task = asyncio.create_task(deliver(deps, sender, one, schedule))
+                    running.add(task)
+                    task.add_done_callback(ended)
+                next_in = math.inf if got.next_in_s is None else got.next_in_s
+                if len(got.taken) < free:  # what it left due, another worker's claim holds: not this loop's
+                    next_in = max(next_in, poll_s)
+                alarm.learned(claimed_at + next_in)
             if len(running) >= config.webhook_concurrency:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)  # full: wait for a slot
             else:
-                await asyncio.sleep(config.webhook_poll_s)  # all that was due is under way
+                await alarm.sleep(notify.IDLE_S if ear is not None and ear.listening else poll_s)
     finally:
         for task in running:
             task.cancel()
@@ -311,14 +336,15 @@ async def serve(deps: Deps, sender: Sender) -> None:
 async def serving(deps: Deps, *, resolver: Resolver = system_resolver) -> AsyncIterator[Sender]:
     """Run the delivery loop in the background for as long as the context lasts (the worker's lifetime)."""
     sender = Sender(UrlGuard.from_config(deps.config, resolver), timeout_s=deps.config.webhook_timeout_s)
-    task = asyncio.create_task(serve(deps, sender))
-    try:
-        yield sender
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await sender.aclose()
+    async with notify.hearing(deps) as ear:
+        task = asyncio.create_task(serve(deps, sender, ear))
+        try:
+            yield sender
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await sender.aclose()
 
 
 # -- `outlast webhooks secret TENANT` ---------------------------------------------------------------

@@ -101,17 +101,37 @@ WITH due AS (
     RETURNING d.*
 ), started AS (
     INSERT INTO webhook_attempts (delivery_id, n) SELECT id, attempts FROM claimed
+), taken AS (
+    SELECT c.id, c.job_id, c.workflow_id, COALESCE(j.tenant_id, w.tenant_id) AS tenant_id, c.url,
+           c.attempts AS attempt, CAST(extract(epoch FROM now() - c.created_at) AS float8) AS elapsed_s, now() AS now
+      FROM claimed c LEFT JOIN jobs j ON j.id = c.job_id LEFT JOIN workflows w ON w.id = c.workflow_id
+), next AS (
+    -- the earliest of the rest: a retry's time, or another worker's attempt in flight, due again if it dies
+    SELECT CAST(extract(epoch FROM min(next_try_at) - now()) AS float8) AS next_in_s FROM webhook_deliveries
+     WHERE status = 'pending' AND id NOT IN (SELECT id FROM claimed)
 )
-SELECT c.id, c.job_id, c.workflow_id, COALESCE(j.tenant_id, w.tenant_id) AS tenant_id, c.url, c.attempts AS attempt,
-       CAST(extract(epoch FROM now() - c.created_at) AS float8) AS elapsed_s, now() AS now
-  FROM claimed c LEFT JOIN jobs j ON j.id = c.job_id LEFT JOIN workflows w ON w.id = c.workflow_id
+SELECT taken.*, next.next_in_s FROM next LEFT JOIN taken ON true
 """
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """What one claim took, and in how many seconds the earliest delivery it left is due (None: none is pending)."""
+
+    taken: list[Claimed]
+    next_in_s: float | None
+
+
+async def claim(db: Database, *, limit: int, lease_s: float) -> Claim:
+    """Take up to `limit` due deliveries for one attempt each (the attempt's row is started now), and say when the
+    earliest of the others is due."""
+    records = [dict(r) for r in await sql.fetch_all(db, _CLAIM, {"limit": limit, "lease": lease_s})]
+    taken = [msgspec.convert({k: v for k, v in r.items() if k != "next_in_s"}, Claimed) for r in records if r["id"]]
+    return Claim(taken, records[0]["next_in_s"])
 
 
 async def claim_due(db: Database, *, limit: int, lease_s: float) -> list[Claimed]:
     """Take up to `limit` due deliveries for one attempt each; the attempt's row is started now."""
-    records = await sql.fetch_all(db, _CLAIM, {"limit": limit, "lease": lease_s})
-    return [msgspec.convert(dict(r), Claimed) for r in records]
+    return (await claim(db, limit=limit, lease_s=lease_s)).taken
 
 
 _RECORD = """
