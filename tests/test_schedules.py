@@ -4,6 +4,7 @@ and Redis. Ticks are driven with a fixed `now`: no test waits for a minute to pa
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Processes, bearer, deployment_config, eventually, job_row, process_env
-from worker import Config, Deps, Schedule, connect, cron, keys, schedules
+from worker import Config, Deps, Schedule, connect, cron, keys, notify, schedules
 from worker.job_types import load
 from worker.ticker import tick, ticking
 
@@ -282,6 +283,26 @@ async def test_the_workers_ticker_makes_the_job_of_a_due_schedule(
 
         assert len(await eventually(made)) == 1
     assert parse((await client.get("/v1/schedules/looped")).json()["next_run_at"]) > datetime.now(UTC)
+
+
+async def test_a_schedule_resumed_a_second_before_its_tick_wakes_the_ticker_asleep_without_one(
+    client: httpx.AsyncClient, deps: Deps, job_types: Any
+) -> None:
+    await create(client, id="soon", paused=True)
+    async with ticking(deps, job_types), notify.hearing(deps) as ear:
+
+        async def asleep() -> bool | None:
+            alarms = ear.alarms.get(notify.SCHEDULES, [])  # no schedule will run: it sleeps its longest
+            return (ear.listening and [a.at for a in alarms] == [math.inf]) or None
+
+        await eventually(asleep)
+        # as a resume does, its tick a second away; unwoken, the ticker would look again in notify.IDLE_S
+        await deps.db.execute("UPDATE schedules SET paused = false, next_run_at = now() + interval '1 second'")
+
+        async def made() -> list[dict[str, Any]] | None:
+            return await jobs_of(deps, "soon") or None
+
+        assert len(await eventually(made)) == 1
 
 
 # -- declared in code -------------------------------------------------------------------------------

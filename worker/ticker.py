@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import msgspec
 from uuid_utils.compat import uuid7
 
-from worker import database, schedules, store
+from worker import database, notify, schedules, store
 from worker.config import Config
 from worker.deps import Deps
 from worker.job import JobType
@@ -96,7 +98,8 @@ async def tick(deps: Deps, job_types: Mapping[str, JobType], *, now: datetime | 
             else schedules.Advance(row.tenant_id, row.id, latest, following, job.id)
             for (row, latest, following), job in zip(ticks, made, strict=True)
         ]
-        await schedules.advance(db, runs)
+        if runs:
+            await schedules.advance(db, runs)
     await _ring(deps, [job for job in made if job is not None])
     return len(due)
 
@@ -126,28 +129,42 @@ async def trigger(
 async def ticking(
     deps: Deps, job_types: Mapping[str, JobType], declared: Sequence[schedules.Definition] = ()
 ) -> AsyncIterator[None]:
-    """Write the declared schedules, then tick while the block runs: at each schedule's next tick, and at least every
-    `sweep_interval_s` (so a schedule made or resumed meanwhile is seen)."""
+    """Write the declared schedules, then tick while the block runs: a look at the earliest next run (`due_in`), a
+    pass when one is due, then sleep until the next one, woken sooner when a schedule is made, resumed or moved
+    earlier (worker/notify.py). Not listening, it looks every `sweep_interval_s` as well."""
     await schedules.sync_declared(deps.db, declared)
     interval = deps.config.sweep_interval_s
 
-    async def loop() -> None:
+    async def loop(ear: notify.Ear) -> None:
+        alarm = ear.alarm(notify.SCHEDULES)
         while True:
-            wait: float = interval
+            alarm.looking()
             try:
-                while await tick(deps, job_types) >= deps.config.sweep_batch:
-                    pass  # a full batch: more may be due
-                due_in = await schedules.due_in(deps.db)
-                wait = interval if due_in is None else min(interval, due_in)
+                alarm.learned(await _next_run(deps, job_types))
             except database.UNAVAILABLE as exc:
                 log.warning("schedules: tick skipped, database unavailable (%s)", exc)
+                alarm.learned(time.monotonic() + interval)
             except Exception:
                 log.exception("schedules: tick failed; the next pass tries again")
-            await asyncio.sleep(max(wait, _MIN_SLEEP_S))
+                alarm.learned(time.monotonic() + interval)
+            await alarm.sleep(notify.IDLE_S if ear.listening else interval)
 
-    task = asyncio.create_task(loop(), name="outlast-ticker")
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async with notify.hearing(deps) as ear:
+        task = asyncio.create_task(loop(ear), name="outlast-ticker")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _next_run(deps: Deps, job_types: Mapping[str, JobType]) -> float:
+    """Tick if a schedule is due; when (time.monotonic()) the next one is."""
+    due_in = await schedules.due_in(deps.db)
+    if due_in is not None and due_in <= 0:
+        while await tick(deps, job_types) >= deps.config.sweep_batch:
+            pass  # a full batch: more may be due
+        due_in = await schedules.due_in(deps.db)
+    if due_in is None:
+        return math.inf
+    return time.monotonic() + max(due_in, _MIN_SLEEP_S)
