@@ -83,4 +83,4 @@ async def beat(
     events: list[Any] = [("log", {"level": level, "message": message}) for level, message in logs]
     events += [] if progress is None else [("progress", progress)]
     verdicts = await beat_many(jobs, [(job_id, attempt, events)], lease_s=lease_s)
-    return verdicts.get(job_id, "superseded")
+    return verdicts.get((job_id, attempt), "renewed")
