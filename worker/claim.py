@@ -21,7 +21,7 @@ from worker.store import Jobs
 EARLY_S = 1.0
 
 
-class Claimed(msgspec.Struct, frozen=True, kw_only=True):
+class Claimed(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # strs, ints, a list of strs: no cycle
     id: UUID
     tenant_id: str
     type: str

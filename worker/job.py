@@ -43,7 +43,7 @@ def allowed_from(to: Status) -> list[Status]:
     return sorted(status for status, nxt in NEXT.items() if to in nxt)
 
 
-class Progress(msgspec.Struct, frozen=True):
+class Progress(msgspec.Struct, frozen=True, gc=False):  # a float and a str: never in a cycle, so never tracked
     fraction: float = 0.0
     message: str | None = None
 
@@ -185,7 +185,7 @@ def _no_http() -> Http:
     return unattached()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per running attempt: no __dict__ each
 class Context:
     """What a job's coroutine gets besides its input."""
 

@@ -170,6 +170,7 @@ async def run_job(ctx: dict[str, Any], text: str) -> None:
     except msgspec.ValidationError as exc:
         await _end(deps, runtime, claimed, "failed", error=Error("invalid_input", str(exc), False))
         return
+    claimed = msgspec.structs.replace(claimed, input="")  # parsed: its text need not live as long as the attempt
     await _run(deps, runtime, job_type, claimed, value, leased_at=claim_sent_at)
 
 
@@ -195,17 +196,24 @@ async def _run(
     task = beat.task = asyncio.ensure_future(beat.around(runtime.executors.call(job_type, value, context)))
     runtime.slots.take()
     began = time.monotonic()
+    # The timeout cancels the job's task, as asyncio.wait_for would, without wait_for's frame, future and callback
+    # per running attempt.
+    loop, this = asyncio.get_running_loop(), asyncio.current_task()
+    assert this is not None  # arq's task for this message
+    deadline = loop.call_later(claimed.timeout_s, task.cancel)
     try:
-        result = await asyncio.wait_for(task, claimed.timeout_s)
-    except TimeoutError:
-        await _failed(
-            deps, runtime, claimed, Error("timeout", f"the job ran past its timeout_s of {claimed.timeout_s}", True)
-        )
+        result = await task
+        if this.cancelling():
+            raise asyncio.CancelledError  # arq cancelled us, and the job's code returned all the same
     except asyncio.CancelledError:
         if beat.stopped == "superseded":
             return  # a newer attempt owns the row: this one writes nothing
         if beat.stopped == "cancelled":
             await _end(deps, runtime, claimed, "cancelled", error=CANCELLED)
+            return
+        if not this.cancelling() and loop.time() >= deadline.when():
+            error = Error("timeout", f"the job ran past its timeout_s of {claimed.timeout_s}", True)
+            await _failed(deps, runtime, claimed, error)
             return
         # arq cancelled us: a cancel request (arq abort) or the worker's shutdown after its grace period.
         await asyncio.shield(_stopped_from_outside(deps, runtime, claimed))
@@ -218,6 +226,7 @@ async def _run(
     else:
         await _returned(deps, runtime, claimed, result, beat)
     finally:
+        deadline.cancel()
         beat.stop()
         runtime.slots.give_back()
         metrics.run_seconds.labels(claimed.type).observe(time.monotonic() - began)
