@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message
+
+from server.ui.session import replay
 
 Handler = Callable[[Request], Awaitable[Response]]
 _DROPPED = {b"content-type", b"content-length", b"idempotency-key", b"prefer", b"last-event-id"}
@@ -26,14 +27,5 @@ async def call(
     headers += [(b"content-type", b"application/json"), (b"content-length", str(len(encoded)).encode())]
     scope = {**request.scope, "method": "POST", "headers": headers, "path_params": path_params or {}}
     scope["query_string"] = b""
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": encoded, "more_body": False}
-        return {"type": "http.disconnect"}
-
-    response = await handler(Request(scope, receive))
+    response = await handler(Request(scope, replay(encoded)))
     return msgspec.json.decode(response.body) if response.body else None

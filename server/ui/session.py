@@ -180,7 +180,7 @@ class UiAccess:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        await self.app(scope, _replay(body), send)
+        await self.app(scope, replay(body), send)
 
     async def _viewer(self, scope: Scope, web: Web) -> Viewer:
         secret = web.auth.secret
@@ -235,7 +235,9 @@ async def _body(receive: Receive) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes) -> Receive:
+def replay(body: bytes) -> Receive:
+    """An ASGI receive that gives `body` as the whole request, then a disconnect: for a handler that reads a body
+    already read (the middleware's CSRF check), or one never sent (server/ui/api.py's in-process call)."""
     sent = False
 
     async def receive() -> Message:
