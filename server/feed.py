@@ -18,7 +18,8 @@ import bisect
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Final, cast
+from typing import Annotated, Final, NamedTuple, cast
+from uuid import UUID
 
 import anyio
 import msgspec
@@ -44,6 +45,7 @@ from server.stream import (
 )
 from worker import Config, Status, database, feed
 from worker.feed import Change, Cursor
+from worker.job import Progress
 
 log = logging.getLogger("outlast.web")
 FEED_CACHE: Final = 2_000  # changes a TenantFeed keeps for the streams a little behind
@@ -52,6 +54,10 @@ FEED_CACHE: Final = 2_000  # changes a TenantFeed keeps for the streams a little
 # under the noop load: 0.1 s gave 1.2-1.9x the web's CPU in ad hoc runs, 0.25 s 1.27x, 0.5 s 1.21x: past 0.25 s a
 # longer gap buys little and delays every list).
 READ_GAP_S: Final = 0.25
+# The dashboard's stream (GET /ui/events) wakes at most this often, with each job once at its latest state: a list
+# row and a count need nothing in between, and each wake of a stream is Python of its own (the overview reloads its
+# counts at most every 2 s anyway). A tenant only dashboards follow is read this often too.
+DASHBOARD_GAP_S: Final = 1.0
 _encode = msgspec.json.Encoder().encode
 
 
@@ -59,6 +65,27 @@ class FeedQuery(msgspec.Struct, frozen=True, kw_only=True):
     type: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
     status: Status | msgspec.UnsetType = msgspec.UNSET
     follow: bool = True  # false: the changes after Last-Event-ID up to now, then the stream ends
+
+
+class RowJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A `job` event's data on the dashboard's stream: what a list row and a count show of the job."""
+
+    id: UUID
+    type: str
+    status: Status
+    done: bool
+    progress: Progress
+    attempt: int
+    max_attempts: int
+
+
+class Chunk(NamedTuple):
+    """What one wake of a stream sends: its frames as one chunk (b"" for none), the last frame's id, and where
+    the stream reads on from."""
+
+    data: bytes
+    last: Cursor | None
+    high: Cursor
 
 
 class TenantFeed:
@@ -69,10 +96,14 @@ class TenantFeed:
         self.followers: set[FeedFollower] = set()
         self.base = self.high = start  # the cache holds every change after `base` up to `high`
         self._cache: list[Change] = []
-        self._frames: list[bytes] = []  # each change's frame, encoded once for every stream
         self._cursors: list[Cursor] = []
+        # Since the last read, the chunk each (place, filter, latest) asked for: the streams a read woke together
+        # are at one place, so one of them builds and encodes the chunk and the others send the same bytes.
+        self._chunks: dict[tuple[Cursor, FeedQuery, bool], Chunk] = {}
         self._reading: asyncio.Task[None] | None = None
         self._again = False
+        self._paced_at = -DASHBOARD_GAP_S  # when the dashboards' streams were last woken
+        self._pacer: asyncio.TimerHandle | None = None
 
     def poke(self) -> None:
         if self._reading is None:
@@ -80,31 +111,40 @@ class TenantFeed:
         else:
             self._again = True
 
-    def after(self, cursor: Cursor) -> tuple[list[Change], list[bytes], Cursor] | None:
-        """The changes after `cursor`, their frames, and where they end; None: the cache does not reach back that
-        far."""
+    def chunk(self, cursor: Cursor, query: FeedQuery, *, latest: bool) -> Chunk | None:
+        """What a stream at `cursor` is sent now (`latest`: each job once, at its latest state); None: the cache
+        does not reach back that far."""
         if cursor < self.base:
             return None
-        first = bisect.bisect_right(self._cursors, cursor)
-        return self._cache[first:], self._frames[first:], max(cursor, self.high)
+        key = (cursor, query, latest)
+        found = self._chunks.get(key)
+        if found is None:
+            changes = self._cache[bisect.bisect_right(self._cursors, cursor) :]
+            found = self._chunks[key] = built(changes, query, max(cursor, self.high), latest=latest)
+        return found
+
+    def close(self) -> None:
+        if self._pacer is not None:
+            self._pacer.cancel()
+            self._pacer = None
 
     async def _read(self) -> None:
         try:
             again = True
             while again and self.followers:
                 self._again = False
-                changes, high = await feed.read_after(self.db, self.tenant, self.high)
-                self._cache.extend(changes)
-                self._frames.extend(frame(c) for c in changes)
-                self._cursors.extend(c.cursor for c in changes)
-                self.high = high
+                batch = await feed.read_after(self.db, self.tenant, self.high)
+                self._cache.extend(batch.changes)
+                self._cursors.extend(c.cursor for c in batch.changes)
+                self.high = batch.high
+                self._chunks.clear()
                 if len(self._cache) > 2 * FEED_CACHE:
                     self.base = self._cursors[-FEED_CACHE - 1]
-                    del self._cache[:-FEED_CACHE], self._frames[:-FEED_CACHE], self._cursors[:-FEED_CACHE]
+                    del self._cache[:-FEED_CACHE], self._cursors[:-FEED_CACHE]
                 self._wake_all()
-                again = self._again or len(changes) == feed.READ_BATCH
-                if again:
-                    await asyncio.sleep(READ_GAP_S)
+                again = self._again or batch.full
+                if again and not batch.full:  # a full read: more is there already
+                    await asyncio.sleep(self._gap())
         except database.UNAVAILABLE as exc:
             log.warning(
                 "events: reading the feed of %s failed (%s); the next notification reads again", self.tenant, exc
@@ -112,16 +152,34 @@ class TenantFeed:
         finally:
             self._reading = None
 
+    def _gap(self) -> float:
+        return DASHBOARD_GAP_S if all(f.paced for f in self.followers) else READ_GAP_S
+
     def _wake_all(self) -> None:
+        paced = False
         for follower in self.followers:
-            follower.wake.set()
+            if follower.paced:
+                paced = True
+            else:
+                follower.wake.set()
+        if paced and self._pacer is None:
+            loop = asyncio.get_running_loop()
+            self._pacer = loop.call_at(max(loop.time(), self._paced_at + DASHBOARD_GAP_S), self._wake_paced)
+
+    def _wake_paced(self) -> None:
+        self._pacer = None
+        self._paced_at = asyncio.get_running_loop().time()
+        for follower in self.followers:
+            if follower.paced:
+                follower.wake.set()
 
 
 class FeedFollower:
-    __slots__ = ("stopped", "wake")
+    __slots__ = ("paced", "stopped", "wake")
 
-    def __init__(self) -> None:
+    def __init__(self, *, paced: bool) -> None:
         self.wake = asyncio.Event()
+        self.paced = paced  # woken at most every DASHBOARD_GAP_S
         self.stopped = False
 
     def stop(self) -> None:
@@ -142,12 +200,12 @@ class Feeds:
             tenant_feed.poke()
 
     @contextlib.asynccontextmanager
-    async def follow(self, tenant: str) -> AsyncIterator[tuple[TenantFeed, FeedFollower]]:
+    async def follow(self, tenant: str, *, paced: bool) -> AsyncIterator[tuple[TenantFeed, FeedFollower]]:
         tenant_feed = self._feeds.get(tenant)
         if tenant_feed is None:
             start = await feed.boundary(self.db)
             tenant_feed = self._feeds.setdefault(tenant, TenantFeed(self.db, self.hub, tenant, start))
-        follower = FeedFollower()
+        follower = FeedFollower(paced=paced)
         tenant_feed.followers.add(follower)
         try:
             yield tenant_feed, follower
@@ -155,6 +213,7 @@ class Feeds:
             tenant_feed.followers.discard(follower)
             if not tenant_feed.followers and self._feeds.get(tenant) is tenant_feed:
                 del self._feeds[tenant]
+                tenant_feed.close()
 
 
 def last_event_id(request: Request) -> Cursor | None:
@@ -181,8 +240,50 @@ def frame(change: Change) -> bytes:
     return b"id: %b\nevent: job\ndata: %b\n\n" % (str(change.cursor).encode(), _encode(change.job))
 
 
+def row_frame(change: Change) -> bytes:
+    job = change.job
+    row = RowJob(
+        id=job.id,
+        type=job.type,
+        status=job.status,
+        done=job.done,
+        progress=job.progress,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+    )
+    return b"id: %b\nevent: job\ndata: %b\n\n" % (str(change.cursor).encode(), _encode(row))
+
+
+def built(changes: list[Change], query: FeedQuery, high: Cursor, *, latest: bool) -> Chunk:
+    """`changes` as a stream with `query` is sent them, up to `high`. `latest`: each job once, where it changed
+    last, as the dashboard's row: every change after the cursor is the same job read again (a job's state is
+    whatever the newest read found), so the last one is all a row needs, and a job that ended ends in it."""
+    if latest:
+        newest: dict[UUID, Change] = {}
+        for change in changes:
+            newest.pop(change.job.id, None)  # in the order of each job's last change, so ids still only grow
+            newest[change.job.id] = change
+        changes = list(newest.values())
+    if query.type is not msgspec.UNSET or query.status is not msgspec.UNSET:
+        changes = [c for c in changes if _wanted(c, query)]
+    if not changes:
+        return Chunk(b"", None, high)
+    encode = row_frame if latest else frame
+    return Chunk(b"".join(encode(c) for c in changes), changes[-1].cursor, high)
+
+
 async def events(request: Request) -> Response:
-    """GET /v1/events (and the dashboard's live lists, with the session's caller)."""
+    """GET /v1/events: every change, for any client."""
+    return await _events(request, latest=False)
+
+
+async def dashboard_events(request: Request) -> Response:
+    """GET /ui/events, the dashboard's stream (with the session's caller): at most every DASHBOARD_GAP_S, each
+    job that changed once, at its latest state, as a RowJob."""
+    return await _events(request, latest=True)
+
+
+async def _events(request: Request, *, latest: bool) -> Response:
     web = web_of(request)
     query, after = query_of(request), last_event_id(request)
     caller = caller_of(request)
@@ -196,9 +297,9 @@ async def events(request: Request) -> Response:
     )
     shutdown = Shutdown()
     if query.follow:
-        frames = _frames(web.feeds, web.metrics, config, caller.tenant, query, after, shutdown)
+        frames = _frames(web.feeds, web.metrics, config, caller.tenant, query, after, shutdown, latest=latest)
     else:
-        frames = _replay(web.deps.db, caller.tenant, query, after)
+        frames = _replay(web.deps.db, caller.tenant, query, after, latest=latest)
     return EventStream(
         holding(slot, frames),
         ping=0,
@@ -216,20 +317,17 @@ def _wanted(change: Change, query: FeedQuery) -> bool:
     )
 
 
-def _filtered(changes: list[Change], frames: list[bytes], query: FeedQuery) -> tuple[list[Change], list[bytes]]:
-    kept = [(c, f) for c, f in zip(changes, frames, strict=True) if _wanted(c, query)]
-    return [c for c, _ in kept], [f for _, f in kept]
-
-
-async def _replay(db: Database, tenant: str, query: FeedQuery, after: Cursor | None) -> AsyncIterator[bytes]:
+async def _replay(
+    db: Database, tenant: str, query: FeedQuery, after: Cursor | None, *, latest: bool
+) -> AsyncIterator[bytes]:
     """`follow=false`: what is final after `after` now, ending with an `id:` line alone that says where to resume."""
     now = await feed.boundary(db)  # what a busy queue changes meanwhile is the next read's
     cursor = now if after is None else after
     while cursor < now:
-        changes, cursor = await feed.read_after(db, tenant, cursor)
-        for change in changes:
-            if _wanted(change, query):
-                yield frame(change)
+        batch = await feed.read_after(db, tenant, cursor)
+        cursor = batch.high
+        if chunk := built(batch.changes, query, cursor, latest=latest).data:
+            yield chunk
     yield b"id: %b\n\n" % str(cursor).encode()
 
 
@@ -241,35 +339,34 @@ async def _frames(
     query: FeedQuery,
     after: Cursor | None,
     shutdown: Shutdown,
+    *,
+    latest: bool,
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     until = loop.time() + config.stream_max_s
     tick_s = config.stream_keepalive_s
     metrics.open_streams.inc()
     try:
-        async with feeds.follow(tenant) as (tenant_feed, follower):
+        async with feeds.follow(tenant, paced=latest) as (tenant_feed, follower):
             shutdown.attach(follower)
             cursor = tenant_feed.high if after is None else after
             sent = None if after is None else cursor  # the client's Last-Event-ID
             next_tick = loop.time() + tick_s
             while not follower.stopped and loop.time() < until:
                 follower.wake.clear()
-                found = tenant_feed.after(cursor)
+                # What one wake found goes out as one chunk, the same bytes for every stream at the same place: a
+                # send per event, for each of a tenant's streams, was most of what following the feed cost the
+                # web (bench/dashboard_feed.py).
+                found = tenant_feed.chunk(cursor, query, latest=latest)
                 if found is None:  # behind the cache: read on our own until we reach it
-                    changes, cursor = await feed.read_after(feeds.db, tenant, cursor)
-                    frames = [frame(change) for change in changes]
-                else:
-                    changes, frames, cursor = found
-                # What one wake found goes out as one chunk: a send per event, for each of a tenant's streams,
-                # was most of what following the feed cost the web (bench/dashboard_feed.py).
-                if query.type is not msgspec.UNSET or query.status is not msgspec.UNSET:
-                    changes, frames = _filtered(changes, frames, query)
-                shown = bool(changes)
-                if shown:
-                    yield b"".join(frames)
-                    sent = changes[-1].cursor
+                    batch = await feed.read_after(feeds.db, tenant, cursor)
+                    found = built(batch.changes, query, batch.high, latest=latest)
+                cursor = found.high
+                if found.data:
+                    yield found.data
+                    sent = found.last
                 tick = loop.time() >= next_tick
-                if sent != cursor and (not shown or tick):
+                if sent != cursor and (not found.data or tick):
                     yield b"id: %b\n\n" % str(cursor).encode()  # Last-Event-ID past what the filters hid
                     sent = cursor
                 if tick:

@@ -35,13 +35,15 @@ class Feed:
     def __init__(self) -> None:
         self.frames: asyncio.Queue[tuple[str | None, str | None, Any]] = asyncio.Queue()
         self.last_id: str | None = None
+        self.job_event_id: str | None = None  # the last `job` event's that job() returned
 
     async def job(self, within: float = 15.0) -> dict[str, Any]:
         """The next `job` event's data."""
         async with asyncio.timeout(within):
             while True:
-                _, event, data = await self.frames.get()
+                event_id, event, data = await self.frames.get()
                 if event == "job":
+                    self.job_event_id = event_id
                     job: dict[str, Any] = data
                     return job
 
@@ -54,14 +56,19 @@ class Feed:
 
 @contextlib.asynccontextmanager
 async def following(
-    live: Live, *, key: str | None = None, last_event_id: str | None = None, query: str = ""
+    live: Live, *, key: str | None = None, last_event_id: str | None = None, query: str = "", dashboard: bool = False
 ) -> AsyncIterator[Feed]:
-    headers = bearer(key or live.key)
+    """/v1/events with a key, or with `dashboard` the dashboard's /ui/events with a session signed in with it."""
+    headers = {} if dashboard else bearer(key or live.key)
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
     opened = Feed()
     async with httpx.AsyncClient(base_url=live.url, timeout=30.0) as client:
-        async with client.stream("GET", f"/v1/events{query}", headers=headers) as response:
+        if dashboard:
+            signed = await client.post("/ui/login", data={"key": key or live.key, "next": "/ui/"})
+            assert signed.status_code == 303, signed.text
+        path = "/ui/events" if dashboard else "/v1/events"
+        async with client.stream("GET", f"{path}{query}", headers=headers) as response:
             assert response.status_code == 200, await response.aread()
 
             async def read() -> None:
@@ -165,6 +172,55 @@ async def test_a_job_read_token_does_not_open_the_tenant_feed(client: httpx.Asyn
     assert response.status_code == 401
 
 
+async def test_the_dashboards_stream_sends_a_job_that_changed_between_its_wakes_once_at_its_latest_state(
+    live: Live, drain: Drain
+) -> None:
+    async with live.client() as client, following(live) as every:
+        start = every.last_id
+        job_id = await submit(client)
+        assert (await every.job())["status"] == "queued"
+        await drain()
+        changes = await every.jobs_until(lambda job: job["status"] == "succeeded")
+        assert all(job["id"] == job_id for job in changes)
+        # The job's queued and later states are separate changes of the process's feed now; a dashboard that
+        # resumes from before them gets the job once, ended, as a row.
+        async with following(live, last_event_id=start, dashboard=True) as dashboard:
+            row = await dashboard.job()
+            assert (row["id"], row["status"], row["done"]) == (job_id, "succeeded", True)
+            assert set(row) == {"id", "type", "status", "done", "progress", "attempt", "max_attempts"}
+            assert dashboard.job_event_id == every.job_event_id, "the row's id is not where the job last changed"
+            later = await submit(client)
+            assert (await dashboard.job())["id"] == later, "the job came to the dashboard twice"
+
+
+async def test_the_dashboards_stream_never_loses_a_jobs_end(live: Live, drain: Drain) -> None:
+    async with live.client() as client, following(live, dashboard=True) as dashboard:
+        ended = {await submit(client): "succeeded" for _ in range(20)}
+        ended |= {await submit(client, {"type": "explode", "input": {}}): "failed" for _ in range(5)}
+        cancelled = [await submit(client) for _ in range(5)]
+        for job_id in cancelled:
+            assert (await client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 202
+        ended |= dict.fromkeys(cancelled, "cancelled")
+        await drain()
+        latest: dict[str, str] = {}
+        while any(latest.get(job_id) != status for job_id, status in ended.items()):
+            job = await dashboard.job()  # a job's end lost: no more events, and this times out
+            latest[job["id"]] = job["status"]
+        assert latest == ended
+
+
+async def test_a_read_of_a_full_batch_ends_at_its_last_change_and_the_next_reads_on(
+    deps: Deps, client: httpx.AsyncClient
+) -> None:
+    start = await feed.boundary(deps.db)
+    made = [UUID(await submit(client)) for _ in range(3)]
+    first = await feed.read_after(deps.db, "default", start, limit=2)
+    assert first.full and first.high == first.changes[-1].cursor
+    rest = await feed.read_after(deps.db, "default", first.high, limit=2)
+    assert not rest.full
+    assert [c.job.id for c in first.changes + rest.changes] == made
+
+
 async def test_a_change_committed_late_is_read_after_the_changes_that_committed_before_it(
     deps: Deps, client: httpx.AsyncClient, pg_connection: asyncpg.Connection
 ) -> None:
@@ -175,12 +231,12 @@ async def test_a_change_committed_late_is_read_after_the_changes_that_committed_
     # The older transaction changes `early` and stays open while a newer one changes `late` and commits.
     await pg_connection.execute("UPDATE jobs SET progress = '{\"fraction\": 0.5}' WHERE id = $1", early)
     await deps.db.execute("UPDATE jobs SET progress = '{\"fraction\": 0.7}' WHERE id = :id", {"id": late})
-    changes, cursor = await feed.read_after(deps.db, "default", start)
-    assert changes == [], "a reader went past a change whose transaction was still open"
+    batch = await feed.read_after(deps.db, "default", start)
+    assert batch.changes == [], "a reader went past a change whose transaction was still open"
     await transaction.commit()
-    changes, cursor = await feed.read_after(deps.db, "default", cursor)
-    assert [c.job.id for c in changes] == [early, late]
-    assert (await feed.read_after(deps.db, "default", cursor))[0] == []
+    batch = await feed.read_after(deps.db, "default", batch.high)
+    assert [c.job.id for c in batch.changes] == [early, late]
+    assert (await feed.read_after(deps.db, "default", batch.high)).changes == []
 
 
 async def test_follow_false_replays_the_changes_after_last_event_id_and_ends_where_to_resume(

@@ -1,6 +1,7 @@
 """The dashboard in a real Chromium: sign in, submit a `sleep` job from its form and watch its progress reach 100 %
-without a reload, cancel a second job, see a failed job's error, bulk-cancel a filtered set, and find no buttons for
-a read-only key. Each page is photographed at 1,280 and 390 px wide into .outlast/screenshots/.
+without a reload, cancel a second job, see a failed job's error, bulk-cancel a filtered set, watch the jobs list's rows
+and its count of new jobs follow the tenant feed, and find no buttons for a read-only key. Each page is photographed
+at 1,280 and 390 px wide into .outlast/screenshots/.
 
 The server runs in the test's loop (tests/sse.py) and jobs run in an in-process worker started when the test wants
 them to run, so a page is open before the events it must show exist.
@@ -132,6 +133,19 @@ async def test_the_dashboard_in_a_browser(config: Config, deps: Deps, drain: Dra
         async with live.client() as client:
             statuses = [(await client.get(f"/v1/jobs/{j}")).json()["status"] for j in [*batch, kept["id"]]]
         assert statuses == ["cancelled"] * 3 + ["queued"]
+
+        # The jobs list follows the dashboard's stream: a row's status changes in place, and a job created since the
+        # page was read is counted above the table, though the stream may first show it already ended.
+        await visit(browser, live, "/ui/jobs")
+        await browser.js("window.__same_page = true")
+        assert await browser.js("document.querySelector('tr[data-job]').dataset.job") == kept["id"]
+        await api(live, "POST", "/v1/jobs", json={"type": "square_sum", "input": {"data": [1, 2]}})
+        await drain()
+        kept_status = f"document.querySelector('tr[data-job=\"{kept['id']}\"] .status').textContent"
+        await browser.until(f"{kept_status} === 'succeeded'", within=30)
+        await browser.until("!document.querySelector('[data-new-jobs]').hidden", within=30)
+        assert await browser.js("document.querySelector('[data-new-jobs] span').textContent") == "1"
+        assert await browser.js("window.__same_page === true"), "the page was reloaded"
 
         # The other pages, with something on them.
         await api(

@@ -69,6 +69,14 @@ class Change(NamedTuple):
     job: FeedJob
 
 
+class Batch(NamedTuple):
+    """One read: its changes, the cursor to read on from, and whether it was full (more is there already)."""
+
+    changes: list[Change]
+    high: Cursor
+    full: bool
+
+
 _READ = """
 WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
 SELECT CAST(snap.xmin AS text) AS xmin, CAST(c.xid AS text) AS xid, c.*
@@ -115,24 +123,23 @@ async def boundary(db: Database) -> Cursor:
     return Cursor(int(await sql.fetch_val(db, _BOUNDARY)), 0)
 
 
-async def read_after(
-    db: Database, tenant: str, after: Cursor, *, limit: int = READ_BATCH
-) -> tuple[list[Change], Cursor]:
-    """The tenant's changes after `after`, oldest first, at most `limit` (those of deleted jobs are skipped), and
-    the cursor to read on from: the last change's, or with fewer than `limit`, the boundary when that is later."""
+async def read_after(db: Database, tenant: str, after: Cursor, *, limit: int = READ_BATCH) -> Batch:
+    """The tenant's changes after `after`, oldest first, from at most `limit` rows (those of deleted jobs are
+    skipped), and the cursor to read on from: the last change's, or with fewer than `limit`, the boundary when that
+    is later."""
     values = {"tenant": tenant, "xid": after.xid, "seq": after.id, "limit": limit}
     rows = await sql.fetch_all(db, _READ, values)  # one row with only `xmin` when nothing is new
     found = [r for r in rows if r["seq"] is not None]
-    latest: dict[UUID, Change] = {}
-    for r in found:  # a job changed twice in the batch is shown once, where it changed last
+    latest: dict[UUID, Any] = {}
+    for r in found:  # a job changed twice in the batch is shown once, where it changed last (and decoded once)
         latest.pop(r["id"], None)
-        latest[r["id"]] = Change(Cursor(int(r["xid"]), r["seq"]), _job(r))
-    changes = list(latest.values())
+        latest[r["id"]] = r
     high = Cursor(int(found[-1]["xid"]), found[-1]["seq"]) if found else after
-    if len(found) < limit:
+    full = len(found) == limit
+    if not full:
         # Every row before the boundary is final, and read: nothing can appear behind it any more.
         high = max(high, Cursor(int(rows[0]["xmin"]), 0))
-    return changes, high
+    return Batch([Change(Cursor(int(r["xid"]), r["seq"]), _job(r)) for r in latest.values()], high, full)
 
 
 _DELETE_OLD = """

@@ -43,12 +43,17 @@ function followJobs() {
   whenClosed(source);
   const note = document.querySelector("[data-new-jobs]");
   const firstPage = !new URLSearchParams(location.search).has("before");
+  // Ids begin with their creation time: one above the newest row's is a job created since. The stream sends each
+  // job at its latest state, so a job that ran within a second is never seen queued.
+  const newestRow = document.querySelector("tr[data-job]");
+  const newest = newestRow ? newestRow.dataset.job : null;
   const fresh = new Set();
   source.addEventListener("job", function (event) {
     const job = JSON.parse(event.data);
     const row = document.querySelector('tr[data-job="' + job.id + '"]');
     if (!row) {
-      if (firstPage && note && job.status === "queued" && !fresh.has(job.id)) {
+      const created = newest === null ? job.status === "queued" : job.id > newest;
+      if (firstPage && note && created && !fresh.has(job.id)) {
         fresh.add(job.id);
         note.hidden = false;
         note.querySelector("span").textContent = String(fresh.size);
