@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
+import msgspec
+
 from worker import database, sql, store
 from worker.claim import Claimed
 from worker.database import storable
@@ -37,6 +39,7 @@ from worker.deps import Deps
 from worker.job import LOG_LEVELS, LogLevel, Progress
 
 log = logging.getLogger("outlast.worker")
+_encode = msgspec.json.Encoder().encode
 T = TypeVar("T")
 LOG_MAX_CHARS = 2_000  # a longer log message is cut
 LOG_MAX_PENDING = 100  # log lines of one attempt waiting for a write; more are dropped and counted
@@ -71,6 +74,17 @@ Event = tuple[Literal["progress", "log"], Any]  # (name, its data: a Progress, o
 Verdict = Literal["superseded", "cancel"]
 
 
+def _json(rows: list[tuple[UUID, int, Progress | None, Sequence[Event]]]) -> str:
+    """The tick's document. `storable` mends a NUL or a lone surrogate, but its search for a NUL costs more than the
+    encoding itself on a document of thousands of events (about 5 ms of CPU for 500 here): the encoder writes a NUL
+    as `\\u0000`, so a document without that text needs no search."""
+    try:
+        encoded = _encode(rows)
+    except UnicodeEncodeError:  # a lone surrogate: storable mends the strings in lists and dicts, not in tuples
+        return storable([[*row[:3], [list(event) for event in row[3]]] for row in rows])
+    return storable(rows) if b"\\u0000" in encoded else encoded.decode()
+
+
 def _by_id(attempt: tuple[UUID, int, Sequence[Event]]) -> int:
     return attempt[0].int
 
@@ -83,13 +97,12 @@ async def beat_many(
     it), or `cancel`, renewed but asked to stop; every attempt it does not name was renewed."""
     rows = []
     for job_id, attempt, events in sorted(attempts, key=_by_id):  # rows locked in one order
-        latest = next((data for name, data in reversed(events) if name == "progress"), None)
+        latest = None
+        for name, data in events:
+            if name == "progress":
+                latest = data
         rows.append((job_id, attempt, latest, events))
-    try:
-        beats = storable(rows)
-    except UnicodeEncodeError:  # a lone surrogate: storable mends the strings in lists and dicts, not in tuples
-        beats = storable([[*row[:3], [list(event) for event in row[3]]] for row in rows])
-    answer = await sql.fetch_all(jobs.db, _BEAT, {"beats": beats, "lease": lease_s})
+    answer = await sql.fetch_all(jobs.db, _BEAT, {"beats": _json(rows), "lease": lease_s})
     jobs.changed(job_id for job_id, _, events in attempts if events)
     return {(row["id"], row["attempt"]): "superseded" if row["gone"] else "cancel" for row in answer}
 
