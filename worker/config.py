@@ -68,6 +68,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # Each priority level is worth this much waiting: a job at -10 behind a steady stream at 10 starts within 20
     # of these. worker/queue.py
     priority_step_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+    # A busy worker polls arq's queue this often; an idle one when the doorbell rings, a delayed job is due, or its
+    # health key wants refreshing (every worker_health_check_interval_s). worker/wake.py
     worker_poll_delay_s: Seconds = 0.05
     worker_health_check_interval_s: Annotated[int, msgspec.Meta(ge=1)] = 5
     # Names this worker's health key, so `arq --check` checks this instance, not any sibling. Empty: the

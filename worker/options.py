@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import egress, logs, metrics, tracing
+from worker import egress, logs, metrics, tracing, wake
 from worker.capacity import refresh
 from worker.config import Config
 from worker.connections import QUEUE, deserialize, redis_settings, serialize
@@ -63,6 +63,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     stack.callback(shut_process_pool)
     stack.push_async_callback(egress.aclose)  # ctx.http's connections
     ctx["deps"] = deps = await stack.enter_async_context(connect(config, redis=ctx["redis"]))
+    # An idle worker's poll waits for the doorbell (worker/wake.py) rather than polling 20 times a second.
+    ctx[wake.CTX_KEY] = await stack.enter_async_context(wake.listening(config, instance_name(config)))
     ctx["runtime"] = runtime = Runtime.of(deps, load(config.job_modules), name=instance_name(config))
     stack.push_async_callback(runtime.aclose)
     await stack.enter_async_context(webhooks.serving(deps))  # deliveries on their own tasks, not arq's
@@ -95,7 +97,9 @@ def worker_options(config: Config) -> dict[str, Any]:
         # Per instance: a sibling's graceful stop deletes its own key, never ours.
         "health_check_key": f"{QUEUE}:health-check:{instance_name(config)}",
         "max_jobs": config.worker_max_jobs,
-        "poll_delay": config.worker_poll_delay_s,  # the 0.5 s default is the floor of idle pickup latency
+        # A busy worker's pause between polls (arq's 0.5 s default would cap its pickup); idle, it waits for the
+        # doorbell (worker/wake.py).
+        "poll_delay": config.worker_poll_delay_s,
         "health_check_interval": config.worker_health_check_interval_s,  # arq's says healthy an hour after kill -9
         "job_timeout": arq_job_timeout_s(config.max_timeout_s),  # never None: the job's timeout_s is run_job's
         "allow_abort_jobs": True,  # cancelling a running job needs it

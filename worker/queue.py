@@ -8,6 +8,9 @@ The doorbell is a Lua script rather than arq's `ArqRedis.enqueue_job`: that one 
 and the result key with EXISTS, then writes in MULTI/PSETEX/ZADD/EXEC, three round trips through redis-py
 (≈ 320 µs of client CPU a call, on every submit). The script does the same check-and-write in one round trip
 and stores exactly what enqueue_job would, in arq's own format, so arq's unchanged Worker reads and runs it.
+
+Whatever puts a message in the queue or asks for an abort also publishes on `channel(redis)` in the same round
+trip: an idle worker's poll waits for that (worker/wake.py) instead of polling every 50 ms.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_ms
+from redis.asyncio import Redis
 
 from worker import metrics
 from worker.connections import QUEUE, REDIS_DOWN, script, serialize
@@ -42,27 +46,35 @@ def in_progress_mark_s(max_timeout_s: int) -> float:
     return arq_job_timeout_s(max_timeout_s) + 10
 
 
+def channel(redis: Redis) -> str:
+    """The doorbell's channel. Pub/sub ignores database numbers: deployments that share a Redis server by index
+    must not wake each other's workers."""
+    return f"{QUEUE}:doorbell:{redis.connection_pool.connection_kwargs.get('db', 0)}"
+
+
 def parse_message(text: str) -> tuple[UUID, int]:
     job_id, _, started = text.partition(":")
     return UUID(job_id), int(started)
 
 
 # arq 0.28's enqueue_job for many jobs in one round trip. ARGV: the clock and the fairness window and step (ms),
-# arq's job and result key prefixes, then two packed arguments: a msgpack array with one array per job (message id,
+# arq's job and result key prefixes, two packed arguments: a msgpack array with one array per job (message id,
 # expiry ms, score, tenant ('' for none), rank offset ms, promote, length of its serialized job), and every job's
-# serialized job end to end. Two arguments rather than nine a job: redis-py packs each argument in Python, and for a
-# batch of 1,000 that packing cost more than the script. The script names the job's keys itself, where KEYS should:
-# arq runs on one Redis node (it has no Cluster support), where a script may touch any key.
+# serialized job end to end; then the doorbell's channel. Two arguments rather than nine a job: redis-py packs each
+# argument in Python, and for a batch of 1,000 that packing cost more than the script. The script names the job's
+# keys itself, where KEYS should: arq runs on one Redis node (it has no Cluster support), where a script may touch
+# any key.
 #
 # While either key of a job exists its id is taken (queued, running or kept as a result): that job changes nothing,
 # except that a promoted one (rung early with a delay, due now) moves up to its rank if that is ahead of where it
 # waits. A tenant given: its jobs are spread over the window. Each takes the tenant's next virtual time, a step
 # after its last, never before `now - window` nor after `now`; so a tenant that rings 2,000 at once takes the front
 # only for its first window / step, and one that rings ten a moment later slots in among them rather than behind.
+# Anything written, the workers' poll is woken: one message, whatever the number of jobs.
 ENQUEUE_LUA = """
 local now, window, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local job_prefix, result_prefix, serialized = ARGV[4], ARGV[5], ARGV[7]
-local offset, fair = 1, {}  -- fair: each tenant's next virtual time, read and written once a call
+local offset, fair, rung = 1, {}, false  -- fair: each tenant's next virtual time, read and written once a call
 for _, job in ipairs(cmsgpack.unpack(ARGV[6])) do
     local id, expiry, score, tenant, rank, promote, length = unpack(job)
     local job_key = job_prefix .. id
@@ -75,6 +87,7 @@ for _, job in ipairs(cmsgpack.unpack(ARGV[6])) do
             score = math.min(vt, score)
         end
         score = score - rank
+        rung = true
         if held then
             redis.call('ZADD', KEYS[1], 'XX', 'LT', score, id)
         else
@@ -87,6 +100,9 @@ for _, job in ipairs(cmsgpack.unpack(ARGV[6])) do
 end
 for tenant, vt in pairs(fair) do
     redis.call('SET', 'outlast:fair:' .. tenant, tostring(vt), 'PX', math.ceil(window + step))
+end
+if rung then
+    redis.call('PUBLISH', ARGV[8], '')
 end
 return 1
 """
@@ -162,6 +178,7 @@ async def enqueue_many(
         result_key_prefix,
         serialize(jobs),
         b"".join(serialized),
+        channel(redis),
     ]
     try:
         await script(redis, ENQUEUE_LUA)([QUEUE], args)
@@ -180,10 +197,14 @@ async def request_abort(redis: ArqRedis, job_id: UUID, attempt: int) -> bool:
 
 
 async def request_abort_many(redis: ArqRedis, attempts: Sequence[tuple[UUID, int]]) -> bool:
-    """`request_abort` for each `(job_id, attempt)`, in one round trip. False when Redis is unreachable."""
+    """`request_abort` for each `(job_id, attempt)`, in one round trip, waking the workers' poll (arq reads the
+    aborts there). False when Redis is unreachable."""
     now_ms = time.time() * 1000
     try:
-        await redis.zadd(abort_jobs_ss, {message(job_id, attempt - 1): now_ms for job_id, attempt in attempts})
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(abort_jobs_ss, {message(job_id, attempt - 1): now_ms for job_id, attempt in attempts})
+            pipe.publish(channel(redis), b"")
+            await pipe.execute()
     except REDIS_DOWN:
         metrics.redis_errors.inc()
         return False
