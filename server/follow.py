@@ -1,8 +1,9 @@
 """Following a job's event log in the web: one Redis subscription per process, fanned out to every stream and long
 poll that follows a job (worker/events.py writes the log and rings the doorbell).
 
-    Hub       one Redis subscription per web process, fanned out to its Feeds (one per followed job)
-    Feed      one followed job: its followers, and the events one shared read fetched for them all
+    Hub       one Redis subscription per web process, fanned out to its Feeds (one per followed job), and their
+              shared reads: the Feeds a notification names, read in one statement
+    Feed      one followed job: its followers, and the events the shared reads fetched for them all
     Follower  one stream or long poll: woken by the Feed, reading through the Feed's shared cache
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, Final, TypeVar
@@ -26,52 +28,50 @@ log = logging.getLogger("outlast.events")
 T = TypeVar("T")
 
 FEED_CACHE: Final = 1_000  # events a Feed keeps for followers that are a little behind
+READ_FEEDS: Final = 1_000  # Feeds one shared read covers at most (as many as a notification names)
 SUBSCRIBER_IDLE_S: Final = 10.0  # the subscription PINGs Redis when it heard nothing for this long
 
 
 class Feed:
     """One job followed in this process: its followers, and the events one shared read fetched for them all.
 
-    A notification starts one read of what is new (however many follow the job, and a second one if another
-    notification comes during it), then wakes every follower once; each takes its events from the cache. The
-    cache starts where the first follower's own read ended; a follower it does not reach reads the log itself.
-    Until a follower has read, a notification wakes them all at once (long polls only ever need that).
+    A notification puts the Feed in the hub's next shared read of what is new (however many follow the job, and
+    once more if another notification comes during it); that read wakes every follower once, and each takes its
+    events from the cache. The cache starts where the first follower's own read ended; a follower it does not
+    reach reads the log itself. Until a follower has read, a notification wakes them all at once (long polls only
+    ever need that).
     """
 
     def __init__(self, hub: Hub, job_id: UUID, source: Source = JOB_LOG) -> None:
         self.hub, self.job_id, self.source = hub, job_id, source  # a workflow's id, with WORKFLOW_LOG
         self.followers: set[Follower] = set()
         self.polled: int | None = -1  # the job's last seq at the last fallback poll; None: the job is gone
-        self._high: int | None = None  # every event up to this seq has been read; the cache ends with it
-        self._cache: list[Event] = []  # contiguous, ending at _high
-        self._reading: asyncio.Task[None] | None = None
-        self._again = False  # a notification came during the read: read once more
+        self.high: int | None = None  # every event up to this seq has been read; the cache ends with it
+        self._cache: list[Event] = []  # contiguous, ending at high
         self._missed = False  # a notification came before anyone knew where to read from
 
     def poke(self) -> None:
-        if self._high is None:
+        if self.high is None:
             self._missed = True
             self._wake_all()
-        elif self._reading is None:
-            self._reading = self.hub.spawn(self._read())
         else:
-            self._again = True
+            self.hub.read_soon(self)
 
     def seen(self, seq: int) -> None:
         """A follower's own read ended at `seq`: the first such tells the shared reads where to start."""
-        if self._high is None:
-            self._high = seq
+        if self.high is None:
+            self.high = seq
             if self._missed:  # its own read may have started before what that notification announced
                 self._missed = False
                 self.poke()
 
     def after(self, seq: int) -> list[Event] | None:
         """The events after `seq` that the shared reads found; None: the cache does not reach back to `seq`."""
-        if self._high is None:
+        if self.high is None:
             return None
-        if seq >= self._high:
+        if seq >= self.high:
             return []
-        first = self._cache[0].seq if self._cache else self._high + 1
+        first = self._cache[0].seq if self._cache else self.high + 1
         if seq + 1 < first:
             return None
         return self._cache[seq + 1 - first :]
@@ -80,24 +80,19 @@ class Feed:
         for follower in self.followers:
             follower.wake.set()
 
-    async def _read(self) -> None:
-        try:
-            again = True
-            while again and self._high is not None:
-                self._again = False
-                batch = await self.source.read_after(self.hub.db, self.job_id, self._high)
-                self._cache.extend(batch)
-                if batch:
-                    self._high = batch[-1].seq
-                again = self._again or len(batch) == READ_BATCH
+    def took(self, batch: list[Event]) -> None:
+        """A shared read found `batch` after `high`."""
+        if batch:
+            self._cache.extend(batch)
+            self.high = batch[-1].seq
             if len(self._cache) > 2 * FEED_CACHE:
                 del self._cache[:-FEED_CACHE]
-        except database.UNAVAILABLE as exc:
-            log.warning("events: reading the log of %s failed (%s); its followers read it themselves", self.job_id, exc)
-            self._high, self._cache = None, []
-        finally:
-            self._reading = None
-            self._wake_all()
+        self._wake_all()
+
+    def lost(self) -> None:
+        """A shared read failed: until one of them has read again, the followers read the log themselves."""
+        self.high, self._cache = None, []
+        self._wake_all()
 
 
 class Follower:
@@ -190,6 +185,8 @@ class Hub:
         # tell a job's tenant from its id.
         self.listeners: set[Callable[[], None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._due: dict[Feed, None] = {}  # Feeds with news to read, in the order they were poked
+        self._reading: asyncio.Task[None] | None = None
 
     @property
     def followed(self) -> int:
@@ -239,6 +236,43 @@ class Hub:
             feed.followers.discard(follower)
             if not feed.followers and self._feeds.get(key) is feed:
                 del self._feeds[key]
+
+    def read_soon(self, feed: Feed) -> None:
+        """Put the Feed in the next shared read (the one under way, if any, started before this news)."""
+        self._due[feed] = None
+        if self._reading is None:
+            self._reading = self.spawn(self._read_due())
+
+    async def _read_due(self) -> None:
+        """The shared reads: the Feeds poked since the last, up to READ_FEEDS at once, in a statement per source (a
+        notification names up to 1,000 jobs; with a thousand running jobs followed, a statement per job was a fifth
+        of the web's CPU, and queued for the pool's connections). A Feed poked during a read, or whose read filled
+        READ_BATCH, is in the next."""
+        taken: list[Feed] = []
+        try:
+            while self._due:
+                taken = list(itertools.islice(self._due, READ_FEEDS))
+                for feed in taken:
+                    del self._due[feed]
+                for source in {feed.source for feed in taken}:
+                    wanted = {f: f.high for f in taken if f.source is source and f.high is not None}
+                    try:
+                        found = await source.read_many(self.db, [(f.job_id, high) for f, high in wanted.items()])
+                    except database.UNAVAILABLE as exc:
+                        log.warning("events: reading %d logs failed (%s); their followers read them", len(wanted), exc)
+                        for feed in wanted:
+                            feed.lost()
+                        continue
+                    for feed in wanted:
+                        batch = found.get(feed.job_id, [])
+                        feed.took(batch)
+                        if len(batch) == READ_BATCH:
+                            self._due[feed] = None
+                taken = []
+        finally:
+            self._reading = None
+            for feed in taken:  # cancelled or failed mid-read: nobody must wait on a read that never ends
+                feed.lost()
 
     def _poke(self, payload: bytes) -> None:
         for listener in self.listeners:
@@ -299,4 +333,7 @@ class Hub:
                 seq = latest.get(feed.job_id)
                 if seq != feed.polled:
                     feed.polled = seq
-                    feed.poke()
+                    # What the shared reads have already read is no news: a running job reporting every second
+                    # would otherwise cost each poll a read per followed job.
+                    if seq is None or feed.high is None or seq > feed.high:
+                        feed.poke()

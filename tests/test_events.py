@@ -233,3 +233,44 @@ async def test_a_message_naming_many_jobs_wakes_the_followers_of_each(deps: Deps
         await deps.redis.publish(events.channel(deps.redis), f"{UUID(int=7)} {first} {second}".encode())
         until = asyncio.get_running_loop().time() + 10
         assert await one.wait(until) and await other.wait(until)
+
+
+async def test_reading_many_logs_at_once_gives_each_job_its_events_after_its_own_seq(deps: Deps) -> None:
+    first, second, quiet = await new_job(deps.db), await new_job(deps.db), await new_job(deps.db)
+    for job_id in (first, second):
+        await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    assert await store.finish(deps.jobs, second, 1, "succeeded", result=b"1")
+    found = await events.read_many(deps.db, [(first, 0), (second, 1), (quiet, 1)])
+    assert {job_id: [(e.seq, e.final) for e in got] for job_id, got in found.items()} == {
+        first: [(1, False), (2, False)],
+        second: [(2, False), (3, True)],
+    }  # the quiet job, with nothing after its seq, is left out
+    limited = await events.read_many(deps.db, [(first, 0), (second, 0)], limit=1)
+    assert {job_id: [e.seq for e in got] for job_id, got in limited.items()} == {first: [1], second: [1]}
+
+
+async def test_the_followers_of_many_jobs_notified_together_each_get_their_own_jobs_events(
+    deps: Deps, hub: Hub
+) -> None:
+    jobs = [await new_job(deps.db) for _ in range(30)]
+    for job_id in jobs:
+        await engine.claim_one(deps.jobs, job_id, 0, owner=OWNER, lease_s=30)
+    until = asyncio.get_running_loop().time() + 60
+    async with contextlib.AsyncExitStack() as stack:
+        streams = {}
+        for job_id in jobs:
+            follower = stack.enter_context(hub.follow(job_id))
+            streams[job_id] = await stack.enter_async_context(
+                contextlib.aclosing(follower.events(0, until=until, tick_s=3600))
+            )
+        for following in streams.values():  # queued and running, from each follower's own first read
+            assert [getattr(await anext(following), "seq", None) for _ in range(2)] == [1, 2]
+        for job_id in jobs:
+            lines = [("info", f"{job_id} line {k}") for k in range(3)]
+            assert await engine.beat(deps.jobs, job_id, 1, lease_s=30, logs=lines) == "renewed"
+            deps.notifier.notify(job_id)
+        await deps.notifier.flush()
+        for job_id, following in streams.items():
+            got = [await asyncio.wait_for(anext(following), 15) for _ in range(3)]
+            assert [(e.seq, e.name) for e in got if e is not None] == [(3, "log"), (4, "log"), (5, "log")]
+            assert all(e is not None and str(job_id).encode() in e.data for e in got)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -109,6 +109,33 @@ async def read_after(db: Database, job_id: UUID, after: int, *, limit: int = REA
     ]
 
 
+# Many jobs' logs in one statement, each from its own seq: what a web process's followers of many running jobs
+# need after one notification names them all (server/follow.py), instead of a statement per job.
+_READ_MANY = """
+SELECT w.id, e.seq, e.name, e.data, e.name = 'status' AND e.data->>'status' = ANY(CAST(:terminal AS text[])) AS final
+  FROM unnest(CAST(:ids AS uuid[]), CAST(:afters AS int[])) AS w(id, after)
+ CROSS JOIN LATERAL (SELECT seq, name, data FROM job_events
+                      WHERE job_id = w.id AND seq > w.after ORDER BY seq LIMIT :limit) e
+ ORDER BY w.id, e.seq
+"""
+
+
+async def read_many(
+    db: Database, wanted: Sequence[tuple[UUID, int]], *, limit: int = READ_BATCH
+) -> dict[UUID, list[Event]]:
+    """Each job's events after its seq, oldest first, at most `limit` a job; a job with none is left out."""
+    values = {"ids": [i for i, _ in wanted], "afters": [a for _, a in wanted], "limit": limit}
+    return _by_id(await sql.fetch_all(db, _READ_MANY, values | {"terminal": sorted(TERMINAL)}))
+
+
+def _by_id(rows: Sequence[Any]) -> dict[UUID, list[Event]]:
+    found: dict[UUID, list[Event]] = {}
+    for r in rows:
+        event = Event(seq=r["seq"], name=r["name"], data=r["data"].encode(), final=r["final"])
+        found.setdefault(r["id"], []).append(event)
+    return found
+
+
 _LATEST = "SELECT id, event_seq FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))"
 
 
@@ -127,6 +154,17 @@ SELECT seq, name, data,
                         WHERE l.workflow_id = e.workflow_id AND l.name = 'workflow' AND l.seq > e.seq) AS final
   FROM workflow_events e WHERE workflow_id = :id AND seq > :after ORDER BY seq LIMIT :limit
 """
+_READ_WORKFLOWS = """
+SELECT w.id, e.seq, e.name, e.data, e.final
+  FROM unnest(CAST(:ids AS uuid[]), CAST(:afters AS int[])) AS w(id, after)
+ CROSS JOIN LATERAL (
+       SELECT seq, name, data,
+              name = 'workflow' AND data->>'status' IN ('succeeded', 'failed', 'cancelled')
+              AND NOT EXISTS (SELECT 1 FROM workflow_events l
+                               WHERE l.workflow_id = x.workflow_id AND l.name = 'workflow' AND l.seq > x.seq) AS final
+         FROM workflow_events x WHERE workflow_id = w.id AND seq > w.after ORDER BY seq LIMIT :limit) e
+ ORDER BY w.id, e.seq
+"""
 _LATEST_WORKFLOW = "SELECT id, event_seq FROM workflows WHERE id = ANY(CAST(:ids AS uuid[]))"
 
 
@@ -140,6 +178,14 @@ async def read_workflow_after(db: Database, workflow_id: UUID, after: int, *, li
     ]
 
 
+async def read_many_workflows(
+    db: Database, wanted: Sequence[tuple[UUID, int]], *, limit: int = READ_BATCH
+) -> dict[UUID, list[Event]]:
+    """read_many for workflows' logs."""
+    values = {"ids": [i for i, _ in wanted], "afters": [a for _, a in wanted], "limit": limit}
+    return _by_id(await sql.fetch_all(db, _READ_WORKFLOWS, values))
+
+
 async def workflow_latest_seqs(db: Database, workflow_ids: Sequence[UUID]) -> dict[UUID, int]:
     return {r["id"]: r["event_seq"] for r in await sql.fetch_all(db, _LATEST_WORKFLOW, {"ids": list(workflow_ids)})}
 
@@ -148,8 +194,9 @@ class Source(NamedTuple):
     """Whose log a follower reads: a job's or a workflow's."""
 
     read_after: Callable[[Database, UUID, int], Awaitable[list[Event]]]
+    read_many: Callable[[Database, Sequence[tuple[UUID, int]]], Awaitable[dict[UUID, list[Event]]]]
     latest_seqs: Callable[[Database, Sequence[UUID]], Awaitable[dict[UUID, int]]]
 
 
-JOB_LOG: Final = Source(read_after, latest_seqs)
-WORKFLOW_LOG: Final = Source(read_workflow_after, workflow_latest_seqs)
+JOB_LOG: Final = Source(read_after, read_many, latest_seqs)
+WORKFLOW_LOG: Final = Source(read_workflow_after, read_many_workflows, workflow_latest_seqs)
