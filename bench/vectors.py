@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -37,10 +38,16 @@ WORDS = (
     "cat dog market bread oven river team goal cup rain city train music film book garden coffee price bank storm "
     "school doctor phone light night summer winter sea mountain road game field paint glass stone cloud"
 ).split()
-INDEX = [Metric("texts_per_s", "vector_index texts/s, 10,000 short texts", higher_is_better=True, goal=0.8)]
+# Beside each goal, the job's own run time (its row's started_at to finished_at: the claim's and the finish's
+# transactions, which span the run) against the same baseline: what is the job, and what is the queued round trip.
+INDEX = [
+    Metric("texts_per_s", "vector_index texts/s, 10,000 short texts", higher_is_better=True, goal=0.8),
+    Metric("run_texts_per_s", "vector_index texts/s, the job's own run", higher_is_better=True),
+]
 SEARCH = [
     Metric("p50_ms", "vector_search p50 ms, k = 10", higher_is_better=False, goal=2.0),
     Metric("p90_ms", "vector_search p90 ms, k = 10", higher_is_better=False),
+    Metric("run_p50_ms", "vector_search p50 ms, the job's own run", higher_is_better=False),
 ]
 
 
@@ -80,14 +87,16 @@ async def measure(run: Run) -> list[Comparison]:
                 n = next(rounds)
                 batch = texts(n)
                 began = time.perf_counter()
-                await _job(client, "vector_index", {"collection": f"bench-{n}", "texts": batch})
-                return {"texts_per_s": TEXTS / (time.perf_counter() - began)}
+                job = await _job(client, "vector_index", {"collection": f"bench-{n}", "texts": batch})
+                elapsed = time.perf_counter() - began
+                return {"texts_per_s": TEXTS / elapsed, "run_texts_per_s": TEXTS / _run_s(job)}
 
             async def bare_index() -> Figures:
                 batch = texts(0)
                 began = time.perf_counter()
                 embed_batch(batch)
-                return {"texts_per_s": TEXTS / (time.perf_counter() - began)}
+                elapsed = time.perf_counter() - began
+                return {"texts_per_s": TEXTS / elapsed, "run_texts_per_s": TEXTS / elapsed}
 
             index = Comparison("vector_index", "the same model called directly in one process", INDEX)
             index.notes.update(texts=TEXTS)
@@ -97,12 +106,13 @@ async def measure(run: Run) -> list[Comparison]:
             tenant = await conn.fetchval("SELECT tenant_id FROM vector_collections WHERE name = 'bench-0'")
 
             async def outlast_search() -> Figures:
-                took = []
+                took, ran = [], []
                 for vector in queries:
                     began = time.perf_counter()
-                    await _job(client, "vector_search", {"collection": "bench-0", "vector": vector, "k": 10})
+                    job = await _job(client, "vector_search", {"collection": "bench-0", "vector": vector, "k": 10})
                     took.append(1000 * (time.perf_counter() - began))
-                return _percentiles(took)
+                    ran.append(1000 * _run_s(job))
+                return {**_percentiles(took), "run_p50_ms": statistics.median(ran)}
 
             async def bare_search() -> Figures:
                 took = []
@@ -118,7 +128,8 @@ async def measure(run: Run) -> list[Comparison]:
                         await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
                         await conn.fetch(statement, vector, tenant, "bench-0")
                     took.append(1000 * (time.perf_counter() - began))
-                return _percentiles(took)
+                figures = _percentiles(took)
+                return {**figures, "run_p50_ms": figures["p50_ms"]}
 
             search = Comparison("vector_search", "a bare asyncpg query of the same index", SEARCH)
             plan = await conn.fetch(
@@ -135,6 +146,11 @@ async def measure(run: Run) -> list[Comparison]:
         await conn.close()
         await run.fleet.stop(WORKER)
         await run.fleet.stop(WEB)
+
+
+def _run_s(job: dict[str, Any]) -> float:
+    started, finished = (datetime.fromisoformat(job[k]) for k in ("started_at", "finished_at"))
+    return (finished - started).total_seconds()
 
 
 def _percentiles(took: list[float]) -> Figures:
