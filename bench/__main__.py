@@ -2,7 +2,9 @@
 
 About 10 to 14 minutes with the defaults, about 2 with --quick; `retention` adds about 4 (a million rows to load
 and delete), `running --scale 10000` about 13 (docs/performance.md §11). `scaling` (1, 2 and 4 worker processes,
-the scaling model's figures) runs only with `--only scaling`: about 4 minutes. Progress goes to stderr.
+the scaling model's figures) runs only with `--only scaling`: about 4 minutes; `streams_running` (issue 20's S5,
+10,000 streams following running jobs) only with `--only streams_running`: 1.5 minutes a round on a quiet machine,
+most of it opening the streams, many more on a busy one. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from bench.compare import Comparison
 from bench.procs import Fleet
 from bench.run import Run, Settings, tuning
 from bench.services import DATA, ROOT, Services, api_key, prepare, services
+from bench.streams import measure as streams_running
 
 # One line per measurement: a new one is a module with `measure(run) -> Comparison` (or a list of them, when
 # one Outlast measurement per round serves several baselines), added here.
@@ -64,9 +67,10 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Comparison | list[Comparison]]
     "dashboard": dashboard.measure,
     "dashboard_feed": dashboard_feed.measure,
     "scaling": scaling.measure,
+    "streams_running": streams_running.measure,
 }
 # Run only when named with --only: longer than the default run can spare.
-ON_REQUEST = ("scaling",)
+ON_REQUEST = ("scaling", "streams_running")
 PART_OF = {"idle": "running"}  # a part of another measurement, to run alone: left out of a full run
 FULL = Settings(
     rounds=5, duration_s=4.0, warmup_s=1.0, concurrency=32, jobs=1000, seed_jobs=3000,
@@ -151,6 +155,14 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
             f"retention over {kept['jobs']:,} jobs past it: {kept['passes']} sweep passes, max {worst:.0f} ms, p99"
             f" {kept['pass_ms_p99']:.0f} ms, {kept['deleted_per_pass_median']:.0f} jobs deleted a pass,"
             f" {kept['jobs_left']} jobs left (goal every pass <= {goal:.0f} ms: {'pass' if worst <= goal else 'MISS'})"
+        )
+    followed = next((c.notes for c in comparisons if c.name == "streams_running"), None)
+    if followed is not None:
+        p99, goal = followed["outlast_p99_ms_median"], followed["p99_goal_ms"]
+        lines.append(
+            f"streams_running: {followed['streams']:,} streams on {followed['jobs']:,} running jobs, publish ->"
+            f" received p99 {p99:.0f} ms (median of rounds; {min(followed['outlast_p99_ms']):.0f} to"
+            f" {max(followed['outlast_p99_ms']):.0f}) (goal <= {goal:.0f} ms: {'pass' if p99 <= goal else 'MISS'})"
         )
     blob = next((c.notes for c in comparisons if c.name == "blob_stream"), None)
     if blob is not None:

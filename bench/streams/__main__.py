@@ -1,13 +1,16 @@
 """python -m bench.streams: what Outlast's event streams cost, next to a bare streaming app, in one run.
 
-    .venv/bin/python -m bench.streams [--streams 10000] [--watchers 1000] [--rounds 3]
+    .venv/bin/python -m bench.streams [--streams 10000] [--watchers 1000] [--rounds 3] [--only running ...]
 
-Three measurements, each in ROUNDS rounds that alternate which side goes first (so the drift of a shared machine
+Four measurements, each in ROUNDS rounds that alternate which side goes first (so the drift of a shared machine
 falls on both sides), reported as ratios, min / median / max over the rounds:
   idle     STREAMS idle streams on one web process: RSS per stream, Outlast / bare; and that none was dropped
            (after the hold, one more event must reach every stream)
   fanout   one job's progress to WATCHERS streams: CPU per delivery, and publish->delivered p100, Outlast / bare
   load     POST + GET req/s on Outlast with IDLE_UNDER_LOAD idle streams open / with none
+  running  issue 20's S5: RUNNING_STREAMS streams following RUNNING_JOBS running jobs that each report every
+           second, written as a worker's pulse writes them: CPU per delivery, Outlast / bare, and every delivery's
+           publish->received (Outlast's p99: at most 250 ms)
 The bare app (bench/streams/bare.py) is the same stack fanning Redis pub/sub out to streams, nothing more. Every
 server is a fresh uvicorn process per round, with the Procfile's flags. Its own embedded PostgreSQL and Valkey
 (under .outlast/bench-streams), loopback only; about 5 minutes, stopped at 10.
@@ -38,7 +41,8 @@ from uuid_utils.compat import uuid7
 
 from server.auth import AuthState
 from worker import Config, Deps, Progress, connect, keys, store
-from worker.heartbeat import heartbeat as beat
+from worker.claim import claim_many
+from worker.heartbeat import beat_many
 from worker.migrate import create_database, migrate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +51,7 @@ RESULTS = ROOT / "bench" / "results"
 PYTHON = sys.executable
 DEADLINE_S = 600.0
 SECRET = secrets.token_urlsafe(32)  # Outlast's OUTLAST_SECRET_KEY for this run: it signs the events links
+RUNNING_P99_MS = 250.0  # S5's goal: a running job's report reaches its streams within this, at the 99th percentile
 UVICORN = ("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--backlog", "4096")
 
 
@@ -62,8 +67,16 @@ class Settings:
     idle_under_load: int = 1_000
     load_s: float = 6.0  # per slice; four slices per round
     load_connections: int = 32
+    # S5: 10,000 streams on 1,000 running jobs, 10 each (a job watched in several tabs, or by several people): at
+    # 10,000 jobs the write side (10,000 rows and events a second into PostgreSQL, S1's subject) would share the two
+    # cores with the web it measures. --running-jobs 10000 gives each job one stream.
+    running_jobs: int = 1_000
+    running_streams: int = 10_000
+    running_s: float = 10.0  # the window of reports: 100,000 deliveries
+    report_s: float = 1.0  # each job's progress this often (the issue's `sleep` jobs: a step a second)
+    tick_s: float = 0.25  # the worker's pulse writes what was reported this often (OUTLAST_PROGRESS_INTERVAL_S)
     rounds: int = 3
-    only: tuple[str, ...] = ("idle", "fanout", "load")
+    only: tuple[str, ...] = ("idle", "fanout", "load", "running")
 
 
 def free_port() -> int:
@@ -174,6 +187,13 @@ class Clients:
         )
         return sum(a["opened"] for a in answers), sum(a["failed"] for a in answers)
 
+    async def counts(self) -> dict[int, int]:
+        counted: dict[int, int] = {}
+        for answer in await asyncio.gather(*(self._ask(p, {"count": True}) for p in self.procs)):
+            for marker, n in answer["delivered"].items():
+                counted[int(marker)] = counted.get(int(marker), 0) + n
+        return counted
+
     async def report(self) -> tuple[dict[int, list[float]], int]:
         delivered: dict[int, list[float]] = {}
         ended = 0
@@ -237,6 +257,10 @@ class Side:
 
     async def publish(self, key: str, marker: int, fraction: float) -> float:
         """Write (if the side writes anything) and publish one event; return the time of the publish."""
+        return await self.publish_many([key], marker, fraction)
+
+    async def publish_many(self, keys: list[str], marker: int, fraction: float) -> float:
+        """The same event for each of `keys`, written and published as one worker's tick does; the publish's time."""
         raise NotImplementedError
 
 
@@ -249,20 +273,25 @@ class Outlast(Side):
     def __init__(self, deps: Deps, env: dict[str, str], config: Config) -> None:
         # The per-key limits are policies, not costs: lifted, as the main bench lifts the submit limit.
         lifted = {"OUTLAST_SUBMIT_RATE_PER_S": "1000000", "OUTLAST_SUBMIT_BURST": "1000000"}
-        super().__init__(deps, env | lifted | {"OUTLAST_MAX_STREAMS_PER_KEY": "1000000", "OUTLAST_SECRET_KEY": SECRET})
+        lifted |= {"OUTLAST_MAX_STREAMS_PER_KEY": "1000000", "OUTLAST_MAX_STREAMS_PER_TOKEN": "1000000"}
+        super().__init__(deps, env | lifted | {"OUTLAST_SECRET_KEY": SECRET})
         self.guard = AuthState(config, SECRET.encode(), may_run_open=False)
         self.api_key = ""  # for the load's submits and reads: `await side.key()` makes it
 
     async def keys(self, count: int) -> list[str]:
         ids = []
-        for _ in range(count):
-            job = store.NewJob(
-                id=uuid7(), tenant="default", type="sleep", input=b"{}", max_attempts=1, timeout_s=3600,
-                retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=3600,
-            )  # fmt: skip
-            await store.insert_jobs(self.deps.db, [job])
-            ids.append(str(job.id))
+        for start in range(0, count, 1_000):
+            jobs = [self._job() for _ in range(min(1_000, count - start))]
+            await store.insert_jobs(self.deps.db, jobs)
+            ids += [str(job.id) for job in jobs]
         return ids
+
+    @staticmethod
+    def _job() -> store.NewJob:
+        return store.NewJob(
+            id=uuid7(), tenant="default", type="sleep", input=b"{}", max_attempts=1, timeout_s=3600,
+            retry_safe=True, callback_url=None, metadata=b"{}", ttl_s=3600,
+        )  # fmt: skip
 
     def path(self, key: str) -> str:
         return f"/v1/jobs/{key}/events?token={self.guard.token('default', UUID(key))}"
@@ -273,13 +302,16 @@ class Outlast(Side):
         return self.api_key
 
     async def start_events(self, keys: list[str]) -> None:
-        for key in keys:  # as a worker does: claimed, then its progress
-            await store.claim_many(self.deps.jobs, [(UUID(key), 0)], owner="bench", lease_s=3600)
+        for start in range(0, len(keys), 1_000):  # as a worker does: claimed, then their progress
+            wanted = [(UUID(key), 0) for key in keys[start : start + 1_000]]
+            await claim_many(self.deps.jobs, wanted, owner="bench", lease_s=3600)
         await self.deps.notifier.flush()
 
-    async def publish(self, key: str, marker: int, fraction: float) -> float:
-        job_id = UUID(key)
-        await beat(self.deps.jobs, job_id, 1, lease_s=3600, progress=Progress(fraction, f"#{marker}#"))
+    async def publish_many(self, keys: list[str], marker: int, fraction: float) -> float:
+        # What a worker's pulse sends each tick (worker/heartbeat.py): one statement for every attempt that
+        # reported, then the doorbell naming them (the Notifier, up to 1,000 ids a message).
+        progress = Progress(fraction, f"#{marker}#")
+        await beat_many(self.deps.jobs, [(UUID(key), 1, [("progress", progress)]) for key in keys], lease_s=3600)
         published = time.monotonic()
         await self.deps.notifier.flush()
         return published
@@ -291,9 +323,13 @@ class Bare(Side):
     def path(self, key: str) -> str:
         return f"/stream/{key}"
 
-    async def publish(self, key: str, marker: int, fraction: float) -> float:
+    async def publish_many(self, keys: list[str], marker: int, fraction: float) -> float:
+        # A message per event, the event in it: what an app streaming from pub/sub alone publishes.
         published = time.monotonic()
-        await self.deps.redis.publish("bare:events", f"{key} #{marker}#")
+        async with self.deps.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.publish("bare:events", f"{key} #{marker}#")
+            await pipe.execute()
         return published
 
 
@@ -362,6 +398,75 @@ async def fanout(side: Side, settings: Settings, log: Callable[[str], None]) -> 
         "p100_ms": round(latencies[-1] * 1e3, 2) if latencies else None,
     }
     log(f"  fanout {side.name:<8} {result}")
+    return result
+
+
+async def running(side: Side, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """S5: RUNNING_STREAMS streams following RUNNING_JOBS running jobs, each job reporting every `report_s`, the
+    reports written and published a tick at a time as a worker's pulse does (a job in one tick of every
+    `report_s / tick_s`), for `running_s`; the web's CPU per delivery and every delivery's publish -> received."""
+    await side.reset()
+    keys = await side.keys(settings.running_jobs)
+    await side.start_events(keys)
+    groups = max(1, round(settings.report_s / settings.tick_s))
+    followers = [0] * len(keys)
+    paths = []
+    for i in range(settings.running_streams):
+        followers[i % len(keys)] += 1
+        paths.append(side.path(keys[i % len(keys)]))
+    ticks = round(settings.running_s / settings.tick_s)
+    markers = range(1, ticks + 1)
+    expected = {t: sum(followers[(t - 1) % groups :: groups]) for t in markers}
+    async with Server(side.name, side.factory, side.env) as server, Clients(settings.clients) as clients:
+        began = time.monotonic()
+        opened, failed = await clients.open(server.port, paths)
+        open_s = time.monotonic() - began
+        await asyncio.sleep(1.0)
+        cpu_before, started = cpu_s(server.pid), time.monotonic()
+        published: dict[int, float] = {}
+        late = 0.0  # how far the publisher fell behind its schedule, at worst
+        for t in markers:
+            wait = started + (t - 1) * settings.tick_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            late = max(late, -wait)
+            group = keys[(t - 1) % groups :: groups]
+            published[t] = await side.publish_many(group, t, min(1.0, t / ticks))
+        publish_s = time.monotonic() - started
+
+        async def all_delivered() -> bool:
+            counted = await clients.counts()
+            return all(counted.get(t, 0) >= expected[t] for t in markers)
+
+        with contextlib.suppress(RuntimeError):  # a shortfall is reported, not raised
+            await eventually(all_delivered, within=60, what="every stream got every report")
+        cpu_after, window_s = cpu_s(server.pid), time.monotonic() - started
+        found, ended = await clients.report()
+    latencies = sorted(x - published[m] for m in markers for x in found.get(m, ()))
+    deliveries = len(latencies)
+    cpu = cpu_after - cpu_before
+
+    def ms(q: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1e3, 2) if latencies else None
+
+    result = {
+        "jobs": len(keys),
+        "streams": opened,
+        "failed": failed,
+        "open_s": round(open_s, 1),
+        "deliveries": deliveries,
+        "missing": sum(expected.values()) - deliveries,
+        "ended_early": ended,
+        "publish_s": round(publish_s, 2),
+        "publisher_late_s": round(late, 3),
+        "window_s": round(window_s, 2),
+        "cpu_s": round(cpu, 2),
+        "cpu_us_per_delivery": round(cpu / max(deliveries, 1) * 1e6, 2),
+        "p50_ms": ms(0.5),
+        "p99_ms": ms(0.99),
+        "max_ms": ms(1.0),
+    }
+    log(f"  running {side.name:<7} {result}")
     return result
 
 
@@ -435,7 +540,7 @@ async def services() -> AsyncIterator[Config]:
 
 async def main(settings: Settings) -> dict[str, Any]:
     began = time.monotonic()
-    raise_open_files(settings.streams + 1_000)
+    raise_open_files(max(settings.streams, settings.running_streams) + 1_000)
     lines: list[str] = []
 
     def log(line: str) -> None:
@@ -446,14 +551,14 @@ async def main(settings: Settings) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLAST_")}
         env.update(DATABASE_URL=config.database_url, REDIS_URL=config.redis_url)
         outlast, bare = Outlast(deps, env, config), Bare(deps, env)
-        runs: dict[str, list[dict[str, Any]]] = {"idle": [], "fanout": [], "load": []}
+        runs: dict[str, list[dict[str, Any]]] = {"idle": [], "fanout": [], "load": [], "running": []}
         for round_ in range(settings.rounds):
             if time.monotonic() - began > DEADLINE_S:
                 log(f"stopping after {round_} rounds: past {DEADLINE_S:.0f} s")
                 break
             order = (outlast, bare) if round_ % 2 else (bare, outlast)
             log(f"round {round_ + 1} ({order[0].name} first)")
-            for name, measure in (("idle", idle), ("fanout", fanout)):
+            for name, measure in (("idle", idle), ("fanout", fanout), ("running", running)):
                 if name in settings.only:
                     runs[name].append({side.name: await measure(side, settings, log) for side in order})
             if "load" in settings.only:
@@ -470,6 +575,9 @@ async def main(settings: Settings) -> dict[str, Any]:
             "fanout_p100": [r["outlast"]["p100_ms"] / r["bare"]["p100_ms"] for r in runs["fanout"]],
             "load_rps_with_streams": [r["rps_with_streams"] / r["rps_none"] for r in runs["load"]],
             "load_rps_per_cpu_with_streams": [r["rp_cpu_s_with_streams"] / r["rp_cpu_s_none"] for r in runs["load"]],
+            "running_cpu_per_delivery": [
+                r["outlast"]["cpu_us_per_delivery"] / r["bare"]["cpu_us_per_delivery"] for r in runs["running"]
+            ],
         }.items()
         if values
     }
@@ -480,6 +588,7 @@ async def main(settings: Settings) -> dict[str, Any]:
         "fanout_p100": ("<=", 2.0),
         "load_rps_with_streams": (">=", 0.9),
         "load_rps_per_cpu_with_streams": (">=", 0.9),
+        "running_cpu_per_delivery": ("<=", 1.3),
     }
     log("\nratios (min / median / max over the rounds)")
     for name, value in ratios.items():
@@ -487,6 +596,12 @@ async def main(settings: Settings) -> dict[str, Any]:
         ok = value["max"] <= bound if op == "<=" else value["min"] >= bound
         log(f"  {name:<30} {value['min']:>7} {value['median']:>7} {value['max']:>7}   target {op} {bound}  {ok=}")
     log(f"  idle streams dropped or failed: {dropped}")
+    for side in ("outlast", "bare"):
+        if p99s := [r[side]["p99_ms"] for r in runs["running"] if r[side]["p99_ms"] is not None]:
+            missing = sum(r[side]["missing"] for r in runs["running"])
+            verdict = f"goal <= {RUNNING_P99_MS:.0f}  ok={max(p99s) <= RUNNING_P99_MS}" if side == "outlast" else ""
+            log(f"  running p99 ms, {side:<8} {min(p99s):>7} {statistics.median(p99s):>7} {max(p99s):>7}   {verdict}")
+            log(f"  running deliveries missing, {side}: {missing}")
     return {
         "settings": asdict(settings),
         "runs": runs,
@@ -501,9 +616,15 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=Settings.streams)
     parser.add_argument("--watchers", type=int, default=Settings.watchers)
     parser.add_argument("--rounds", type=int, default=Settings.rounds)
+    parser.add_argument("--running-jobs", type=int, default=Settings.running_jobs)
+    parser.add_argument("--running-streams", type=int, default=Settings.running_streams)
+    parser.add_argument("--running-s", type=float, default=Settings.running_s)
     parser.add_argument("--only", nargs="+", choices=Settings.only, default=Settings.only)
     args = parser.parse_args()
-    chosen = Settings(streams=args.streams, watchers=args.watchers, rounds=args.rounds, only=tuple(args.only))
+    chosen = Settings(
+        streams=args.streams, watchers=args.watchers, running_jobs=args.running_jobs,
+        running_streams=args.running_streams, running_s=args.running_s, rounds=args.rounds, only=tuple(args.only),
+    )  # fmt: skip
     report = asyncio.run(main(chosen))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"streams-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -4,6 +4,7 @@ Driven over stdin/stdout by the benchmark, one JSON object per line:
   {"open": {"port": P, "paths": [...], "concurrency": C}}  -> {"opened": n, "failed": n} once every stream got
                                                                its first event (so the server finished setting it up)
   {"report": true}   -> {"delivered": {"<marker>": [monotonic times]}, "ended": n}
+  {"count": true}    -> {"delivered": {"<marker>": n}, "ended": n}: the same, without the times (cheap to poll)
   {"close": true}    -> closes every stream and exits
 Events carry a marker `#<n>#` in their data; times are time.monotonic(), which is system-wide on Linux, so the
 benchmark can compare them with the time it published each event.
@@ -84,6 +85,8 @@ async def main() -> None:
             reply: dict[str, Any] = await streams.open(spec["port"], spec["paths"], spec.get("concurrency", 64))
         elif "report" in command:
             reply = {"delivered": {str(k): v for k, v in streams.delivered.items()}, "ended": streams.ended}
+        elif "count" in command:
+            reply = {"delivered": {str(k): len(v) for k, v in streams.delivered.items()}, "ended": streams.ended}
         else:
             for writer in streams.writers:
                 writer.transport.abort()
