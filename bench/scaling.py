@@ -119,6 +119,7 @@ class Sample:
     valkey_s: float
     valkey_main_s: float
     redis_calls: int
+    commands: dict[str, tuple[int, int]]  # per Redis command: calls, microseconds spent on them
     busy_s: float
     bench_s: float
 
@@ -145,9 +146,20 @@ class Meter:
             redis_calls=sum(
                 int(v["calls"]) for k, v in info.items() if k.startswith("cmdstat_") and k != "cmdstat_info"
             ),
+            commands={k[8:]: (int(v["calls"]), int(v["usec"])) for k, v in info.items() if k.startswith("cmdstat_")},
             busy_s=machine_busy_s(),
             bench_s=own.ru_utime + own.ru_stime,
         )
+
+
+def commands_per_job(before: Sample, after: Sample, jobs: int) -> dict[str, list[float]]:
+    """Each Redis command's calls and microseconds per job between two samples, the costliest first."""
+    deltas = {
+        name: (calls - before.commands.get(name, (0, 0))[0], usec - before.commands.get(name, (0, 0))[1])
+        for name, (calls, usec) in after.commands.items()
+    }
+    ranked = sorted(deltas.items(), key=lambda d: -d[1][1])
+    return {name: [calls / jobs, usec / jobs] for name, (calls, usec) in ranked if calls}
 
 
 def children_cpu_s() -> float:
@@ -190,6 +202,7 @@ class Bench:
         self.run, self.admin, self.meter = run, admin, meter
         self.jobs = BATCHES * run.settings.jobs
         self.per_worker: dict[int, list[list[float]]] = {m: [] for m in WORKERS}  # each worker's CPU ms per job
+        self.commands: dict[int, list[dict[str, list[float]]]] = {m: [] for m in WORKERS}  # calls, µs per job
 
     def _load_args(self, url: str, jobs: int) -> list[str]:
         s = self.run.settings
@@ -262,6 +275,7 @@ class Bench:
         n, wall = self.jobs, s1.at - s0.at
         worker_s = [b - a for a, b in zip(s0.worker_s, s1.worker_s, strict=True)]
         self.per_worker[workers].append([1000 * w / n for w in worker_s])
+        self.commands[workers].append(commands_per_job(s0, s1, n))
         figures = {
             "jobs_per_s": batch["jobs_per_s"],
             "submitted_s": batch["submitted_s"],
@@ -375,6 +389,7 @@ async def measure(run: Run) -> list[Comparison]:
         await admin.close()
     model.notes.update(
         jobs=bench.jobs, concurrency=s.concurrency, cores=cores, rounds=rounds, worker_cpu_ms_per_job=bench.per_worker,
+        redis_commands_per_job=bench.commands,
         medians={
             m: {k: statistics.median(r["figures"][m][k] for r in rounds) for k in rounds[0]["figures"][m]}
             for m in WORKERS
