@@ -1,5 +1,5 @@
 """An idle worker's poll, woken by the doorbell (worker/wake.py): a submit, an abort and a lost subscription, on real
-processes whose fallback poll (the health key's refresh) is a minute away; and the shape of arq that the hook needs."""
+processes whose fallback poll (the health key's refresh) is two minutes away; and the shape of arq the hook needs."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from worker import Config, Deps, wake
 from worker.connections import QUEUE
 from worker.queue import channel
 
-FALLBACK_S = 60  # the health check interval, so an idle worker's own poll comes only this often
-WITHIN_S = 10.0  # well before it: only a wake starts the job this soon
+FALLBACK_S = 120  # the health check interval, so an idle worker's own poll comes only this often
+WITHIN_S = 30.0  # well before it (and on a loaded machine): only a wake starts the job this soon
 READY_S = 60.0  # a worker process's start, on a machine the suite may be loading
 QUIET_S = 3  # seconds every connection of an idle worker's but its subscription goes without a command
 
 
 def slow(config: Config) -> Config:
-    """Idle polls FALLBACK_S apart, the heartbeat 20 s away (so a cancel can only reach a running attempt through
-    arq's abort), and a sweep that re-rings nothing for a minute."""
+    """Idle polls FALLBACK_S apart, the heartbeat as far (a third of the lease: so a cancel can only reach a running
+    attempt through arq's abort), and a sweep that re-rings nothing for as long."""
     return msgspec.structs.replace(
-        config, worker_health_check_interval_s=FALLBACK_S, lease_s=60.0, redispatch_after_s=60.0
+        config, worker_health_check_interval_s=FALLBACK_S, lease_s=3.0 * FALLBACK_S, redispatch_after_s=FALLBACK_S
     )
 
 

@@ -65,7 +65,10 @@ class Wake:
 
     async def idle(self, worker: Worker) -> None:
         """Until the doorbell rings, the next delayed message is due, or arq's health key wants its refresh,
-        whichever comes first."""
+        whichever comes first. Rung already (a busy worker's rings come faster than its polls): no look at the queue,
+        so that the busy path sends what arq's does."""
+        if self._rung.is_set():
+            return
         until = worker._last_health_check + worker.health_check_interval + HEALTH_MARGIN_S
         due = await worker.pool.zrangebyscore(
             worker.queue_name, f"({int(time.time() * 1000)}", math.inf, start=0, num=1, withscores=True
