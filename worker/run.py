@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from types import MappingProxyType
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -42,6 +43,7 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 WRITE_LINGER_S = 0.01
 # A job over its type's rate due later than this is rung by the sweep, not by a task held in this worker meanwhile.
 RING_LATER_MAX_S = 60.0
+NOTHING: Mapping[str, Any] = MappingProxyType({})  # ctx.upstream and ctx.children of most attempts: one for all
 ERROR_MAX_CHARS = 2_000  # a job's error message is cut to this: it is stored with the job and in its events
 
 
@@ -58,7 +60,10 @@ class Runtime:
     slots: metrics.Slots
     executors: Executors  # where plain-function job types run
     pulse: Pulse  # the one writer of every running attempt's lease, progress and log (worker/heartbeat.py)
+    blobs: blobs.Blobs  # the blob store every attempt's ctx.output and ctx.open go to
     later: set[asyncio.Task[None]] = field(default_factory=set)  # rings waiting for their time (ring_later)
+    # ctx.vectors of each tenant that ran a job here: one for all its attempts, as it holds nothing of theirs
+    vectors: dict[str, vector_store.Vectors] = field(default_factory=dict)
 
     @classmethod
     def of(cls, deps: Deps, job_types: Mapping[str, JobType], *, name: str = OWNER) -> Runtime:
@@ -86,6 +91,7 @@ class Runtime:
             metrics.Slots(config.worker_max_jobs),
             Executors(config.worker_max_jobs),
             Pulse(deps),
+            blobs.of(config, deps.db),
         )
 
     def ring_later(self, deps: Deps, bell: Bell) -> None:
@@ -103,6 +109,11 @@ class Runtime:
         task = asyncio.create_task(ring())
         self.later.add(task)
         task.add_done_callback(self.later.discard)
+
+    def vectors_of(self, deps: Deps, tenant: str) -> vector_store.Vectors:
+        if (vectors := self.vectors.get(tenant)) is None:
+            vectors = self.vectors[tenant] = vector_store.for_job(deps.db, tenant)
+        return vectors
 
     async def aclose(self) -> None:
         for task in list(self.later):
@@ -184,14 +195,14 @@ async def _run(
             deps, runtime.job_types, (claimed.id, claimed.attempt), type, input, key=key, metadata=metadata
         )
 
-    upstream = {} if claimed.upstream is None else msgspec.json.decode(claimed.upstream)
-    files = blobs.ForJob(blobs.of(deps.config, deps.db), claimed.tenant_id, claimed.id, claimed.attempt)
-    children = await spawn.children(deps.db, claimed.id) if claimed.waits else {}
+    upstream = NOTHING if claimed.upstream is None else msgspec.json.decode(claimed.upstream)
+    files = blobs.ForJob(runtime.blobs, claimed.tenant_id, claimed.id, claimed.attempt)
+    children = await spawn.children(deps.db, claimed.id) if claimed.waits else NOTHING
     http = egress.for_job(deps.config, beat.log)  # the job's own requests: guarded (worker/egress.py)
     context = Context(
         claimed.id, claimed.attempt, claimed.max_attempts, beat.report, beat.log, upstream, children, spawn_child, http,
         _output=files.output, _open=files.open, _job_stats=partial(job_stats, deps.db, claimed.tenant_id),
-        vectors=vector_store.for_job(deps.db, claimed.tenant_id),
+        vectors=runtime.vectors_of(deps, claimed.tenant_id),
     )  # fmt: skip
     task = beat.task = asyncio.ensure_future(beat.around(runtime.executors.call(job_type, value, context)))
     runtime.slots.take()
