@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
@@ -237,14 +237,16 @@ async def _run(
         if beat.stopped == "superseded":
             return  # a newer attempt owns the row: this one writes nothing
         if beat.stopped == "cancelled":
-            await _end(deps, runtime, claimed, "cancelled", error=CANCELLED)
+            # arq's abort of the same cancel may land during this write: it must not cut the write short, or the
+            # row stays `running` until its lease runs out.
+            await _to_the_end(_end(deps, runtime, claimed, "cancelled", error=CANCELLED))
             return
         if not this.cancelling() and loop.time() >= deadline.when():
             error = Error("timeout", f"the job ran past its timeout_s of {claimed.timeout_s}", True)
             await _failed(deps, runtime, claimed, error)
             return
         # arq cancelled us: a cancel request (arq abort) or the worker's shutdown after its grace period.
-        await asyncio.shield(_stopped_from_outside(deps, runtime, claimed))
+        await _to_the_end(_stopped_from_outside(deps, runtime, claimed))
         raise
     except JobError as exc:
         await _failed(deps, runtime, claimed, Error(exc.type, _clipped(exc, ERROR_MAX_CHARS), exc.retryable))
@@ -258,6 +260,22 @@ async def _run(
         beat.stop()
         runtime.slots.give_back()
         metrics.run_seconds.labels(claimed.type).observe(time.monotonic() - began)
+
+
+async def _to_the_end(write: Coroutine[Any, Any, object]) -> None:
+    """Await an attempt's last write to its end, however often the task awaiting it is cancelled meanwhile, then
+    let a cancel through. asyncio.shield alone returns at the first cancel, and a burst worker or a shutdown that
+    follows may then close the loop under the write."""
+    task = asyncio.ensure_future(write)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _returned(deps: Deps, runtime: Runtime, claimed: Claimed, result: Any, beat: Heartbeat) -> None:
