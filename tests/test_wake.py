@@ -3,7 +3,9 @@ processes whose fallback poll (the health key's refresh) is two minutes away; an
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,9 +26,13 @@ QUIET_S = 3  # seconds every connection of an idle worker's but its subscription
 
 def slow(config: Config) -> Config:
     """Idle polls FALLBACK_S apart, the heartbeat as far (a third of the lease: so a cancel can only reach a running
-    attempt through arq's abort), and a sweep that re-rings nothing for as long."""
+    attempt through arq's abort), a sweep that re-rings nothing for as long, and a SIGTERM's grace as long."""
     return msgspec.structs.replace(
-        config, worker_health_check_interval_s=FALLBACK_S, lease_s=3.0 * FALLBACK_S, redispatch_after_s=FALLBACK_S
+        config,
+        worker_health_check_interval_s=FALLBACK_S,
+        lease_s=3.0 * FALLBACK_S,
+        redispatch_after_s=FALLBACK_S,
+        shutdown_grace_s=FALLBACK_S,
     )
 
 
@@ -102,6 +108,19 @@ async def test_a_cancel_reaches_a_running_job_on_an_idle_worker_at_once(idle: Pr
     assert job["status"] == "cancelled"
 
 
+async def test_a_sigterm_after_a_job_stops_an_idle_worker_at_once_not_at_the_end_of_its_grace(
+    idle: Processes,
+) -> None:
+    """arq's graceful stop waits until its poll has forgotten every finished job's task: a worker waiting for the
+    doorbell still polls while it holds one, or a SIGTERM would wait out the grace (FALLBACK_S) and be killed."""
+    async with idle.client() as client:
+        submitted = await client.post("/v1/jobs", json={"type": "square_sum", "input": {"data": [2]}})
+        await wait_done(client, submitted.json()["id"], within=WITHIN_S)
+    assert idle.worker is not None
+    idle.worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(idle.worker.wait, WITHIN_S) == 0
+
+
 async def test_the_subscription_comes_back_after_redis_drops_it(idle: Processes, deps: Deps) -> None:
     [subscriber] = [c for c in await deps.redis.client_list() if c["name"] == "outlast-wake:worker"]
     assert await deps.redis.client_kill_filter(_id=subscriber["id"]) == 1
@@ -128,7 +147,8 @@ async def test_arq_still_has_the_shape_the_wake_hooks_into() -> None:
     assert "(now_ts - self._last_health_check) < self.health_check_interval" in health
     assert "int((self.health_check_interval + 1) * 1000)" in health
     worker = Worker(functions=[wake.poll_iteration], handle_signals=False)  # any coroutine function: arq needs one
-    for name in ("ctx", "burst", "job_counter", "max_jobs", "queue_name", "health_check_interval"):
+    assert "while len(self.tasks):" in inspect.getsource(Worker._sleep_until_tasks_complete)
+    for name in ("ctx", "burst", "job_counter", "max_jobs", "queue_name", "health_check_interval", "tasks"):
         assert hasattr(worker, name), name
     assert worker._last_health_check == 0
     assert isinstance(inspect.getattr_static(Worker, "pool"), property)

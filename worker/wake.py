@@ -13,6 +13,7 @@ until the first of:
 - a message on the channel (a submit, a retry, the sweep's dispatch, an abort), or the subscription's (re)connect:
   whatever rang while it was not listening is found by the poll that follows;
 - the next delayed message's due time (the lowest score in the queue after now, read once per idle poll);
+- while it holds jobs, `REAP_S` (arq forgets a finished job only in its poll, and a graceful stop waits for that);
 - its health key's refresh (`OUTLAST_WORKER_HEALTH_CHECK_INTERVAL_S`): arq writes it from its poll, and `arq --check`
   fails once it is older than the interval + 1 s. That refresh is also the fallback for a message lost while the
   subscription was down and not yet known to be.
@@ -22,7 +23,7 @@ Worker reaches that wait: so `install` wraps `Worker._poll_iteration`, and the w
 only for a worker whose ctx holds a Wake (any other Worker in the process, the tests' burst workers or a bare arq,
 polls as arq does). arq's pause after it still runs, so under load polls come no closer together than today. What
 the wrapper reads of arq's Worker (`ctx`, `burst`, `job_counter`, `max_jobs`, `pool`, `queue_name`,
-`health_check_interval`, `_last_health_check`) is pinned by tests/test_wake.py against the installed arq.
+`health_check_interval`, `_last_health_check`, `tasks`) is pinned by tests/test_wake.py against the installed arq.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ log = logging.getLogger("outlast.wake")
 CTX_KEY: Final = "wake"  # where the Wake is in arq's ctx
 IDLE_S: Final = 30.0  # the subscription PINGs Redis when it heard nothing for this long (a half-open connection)
 HEALTH_MARGIN_S: Final = 0.01  # past the health key's refresh time, so arq's `now - last >= interval` holds
+# While it holds jobs, a poll at least this often: arq forgets a finished job's task only in its poll, and a SIGTERM's
+# graceful stop waits until it has forgotten them all (else it waits out OUTLAST_SHUTDOWN_GRACE_S and is killed).
+REAP_S: Final = 1.0
 
 
 class Wake:
@@ -70,6 +74,8 @@ class Wake:
         if self._rung.is_set():
             return
         until = worker._last_health_check + worker.health_check_interval + HEALTH_MARGIN_S
+        if worker.tasks:
+            until = min(until, time.time() + REAP_S)
         due = await worker.pool.zrangebyscore(
             worker.queue_name, f"({int(time.time() * 1000)}", math.inf, start=0, num=1, withscores=True
         )
