@@ -130,6 +130,9 @@ def deployment_config(database_url: str, redis_url: str, **changes: Any) -> Conf
         "backoff_base_s": 0.05,
         "backoff_cap_s": 0.5,
         "lease_s": 3.0,
+        # A test's worker stopped with a long job still running hands it back after this, not after 25 s: past the
+        # 15 s Processes.stop gives it, a teardown killed the worker instead of stopping it.
+        "shutdown_grace_s": 3,
         "worker_health_check_interval_s": 1,
         "db_timeout_s": 2.0,
         "retry_after_s": 2,
