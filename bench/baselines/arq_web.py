@@ -15,30 +15,17 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 
-import msgspec
 from arq import create_pool
 from arq.connections import RedisSettings
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+
+from bench.baselines import bare_web
 
 
-class Body(msgspec.Struct):
-    type: str
-
-
-_decode = msgspec.json.Decoder(Body).decode
-_encode = msgspec.json.Encoder().encode
-
-
-async def submit(request: Request) -> Response:
-    job = await request.app.state.arq.enqueue_job(_decode(await request.body()).type)
-    return Response(_encode({"id": job.job_id, "status": "queued"}), status_code=202, media_type="application/json")
-
-
-async def healthz(request: Request) -> Response:
-    return Response(b'{"status":"ok"}', media_type="application/json")
+async def enqueue(request: Request, type: str) -> str:
+    job = await request.app.state.arq.enqueue_job(type)
+    return str(job.job_id)
 
 
 def create_app() -> Starlette:
@@ -52,7 +39,4 @@ def create_app() -> Starlette:
         finally:
             await app.state.arq.aclose()
 
-    return Starlette(
-        routes=[Route("/v1/jobs", submit, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
-        lifespan=lifespan,
-    )
+    return bare_web.create_app(enqueue, lifespan)

@@ -23,13 +23,12 @@ import os
 from collections.abc import AsyncIterator
 
 import asyncpg
-import msgspec
 from procrastinate import App, PsycopgConnector
 from procrastinate.schema import SchemaManager
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+
+from bench.baselines import bare_web
 
 TABLE = "procrastinate_jobs"  # bench/noop_jobs.py counts succeeded rows here
 CONCURRENCY = 10
@@ -55,22 +54,9 @@ async def prepare(database_url: str) -> None:
         await conn.close()
 
 
-class Body(msgspec.Struct):
-    type: str
-
-
-_decode = msgspec.json.Decoder(Body).decode
-_encode = msgspec.json.Encoder().encode
-
-
-async def submit(request: Request) -> Response:
+async def enqueue(request: Request, type: str) -> int:
     app: App = request.app.state.procrastinate
-    job_id = await app.configure_task(_decode(await request.body()).type).defer_async()
-    return Response(_encode({"id": job_id, "status": "queued"}), status_code=202, media_type="application/json")
-
-
-async def healthz(request: Request) -> Response:
-    return Response(b'{"status":"ok"}', media_type="application/json")
+    return await app.configure_task(type).defer_async()
 
 
 def create_app() -> Starlette:
@@ -79,10 +65,7 @@ def create_app() -> Starlette:
         async with make(WEB_POOL).open_async() as app.state.procrastinate:
             yield
 
-    return Starlette(
-        routes=[Route("/v1/jobs", submit, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
-        lifespan=lifespan,
-    )
+    return bare_web.create_app(enqueue, lifespan)
 
 
 async def work() -> None:

@@ -21,13 +21,12 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import uvloop
 from saq import Queue
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+
+from bench.baselines import bare_web
 
 QUEUE = "default"  # SAQ's own default name: its keys are saq:default:…
 INCOMPLETE_KEY = f"saq:{QUEUE}:incomplete"  # a job's id is here from enqueue until it ends
@@ -35,21 +34,9 @@ STATS_KEY = f"saq:{QUEUE}:stats"  # written by a worker as it starts: how the be
 CONCURRENCY = 10
 
 
-class Body(msgspec.Struct):
-    type: str
-
-
-_decode = msgspec.json.Decoder(Body).decode
-_encode = msgspec.json.Encoder().encode
-
-
-async def submit(request: Request) -> Response:
-    job = await request.app.state.queue.enqueue(_decode(await request.body()).type)
-    return Response(_encode({"id": job.key, "status": "queued"}), status_code=202, media_type="application/json")
-
-
-async def healthz(request: Request) -> Response:
-    return Response(b'{"status":"ok"}', media_type="application/json")
+async def enqueue(request: Request, type: str) -> str:
+    job = await request.app.state.queue.enqueue(type)
+    return str(job.key)
 
 
 def create_app() -> Starlette:
@@ -64,10 +51,7 @@ def create_app() -> Starlette:
         finally:
             await app.state.queue.disconnect()
 
-    return Starlette(
-        routes=[Route("/v1/jobs", submit, methods=["POST"]), Route("/healthz", healthz, methods=["GET"])],
-        lifespan=lifespan,
-    )
+    return bare_web.create_app(enqueue, lifespan)
 
 
 async def noop(ctx: dict[str, Any]) -> None:
