@@ -44,7 +44,7 @@ from server.stream import (
     reconnect,
 )
 from worker import Config, Status, database, feed
-from worker.feed import Change, Cursor
+from worker.feed import Change, Cursor, FeedJob
 from worker.job import Progress
 
 log = logging.getLogger("outlast.web")
@@ -237,7 +237,7 @@ def query_of(request: Request) -> FeedQuery:
 
 
 def frame(change: Change) -> bytes:
-    return b"id: %b\nevent: job\ndata: %b\n\n" % (str(change.cursor).encode(), _encode(change.job))
+    return _job_event(change.cursor, change.job)
 
 
 def row_frame(change: Change) -> bytes:
@@ -251,7 +251,11 @@ def row_frame(change: Change) -> bytes:
         attempt=job.attempt,
         max_attempts=job.max_attempts,
     )
-    return b"id: %b\nevent: job\ndata: %b\n\n" % (str(change.cursor).encode(), _encode(row))
+    return _job_event(change.cursor, row)
+
+
+def _job_event(cursor: Cursor, data: FeedJob | RowJob) -> bytes:
+    return b"id: %b\nevent: job\ndata: %b\n\n" % (str(cursor).encode(), _encode(data))
 
 
 def built(changes: list[Change], query: FeedQuery, high: Cursor, *, latest: bool) -> Chunk:
