@@ -276,7 +276,7 @@ async def test_the_workers_ticker_makes_the_job_of_a_due_schedule(
 ) -> None:
     await create(client, id="looped")
     await due_at(deps, "looped", datetime.now(UTC) - timedelta(minutes=1))
-    async with ticking(deps, job_types):
+    async with notify.hearing(deps) as ear, ticking(deps, ear, job_types):
 
         async def made() -> list[dict[str, Any]] | None:
             return await jobs_of(deps, "looped") or None
@@ -289,7 +289,7 @@ async def test_a_schedule_resumed_a_second_before_its_tick_wakes_the_ticker_asle
     client: httpx.AsyncClient, deps: Deps, job_types: Any
 ) -> None:
     await create(client, id="soon", paused=True)
-    async with ticking(deps, job_types), notify.hearing(deps) as ear:
+    async with notify.hearing(deps) as ear, ticking(deps, ear, job_types):
 
         async def asleep() -> bool | None:
             alarms = ear.alarms.get(notify.SCHEDULES, [])  # no schedule will run: it sleeps its longest

@@ -378,7 +378,7 @@ async def test_https_to_a_pinned_address_keeps_sni_and_certificate_checks_on_the
 async def test_a_receiver_that_dribbles_forever_is_cut_off_and_never_delays_a_job(hooks: Hooks, drain: Drain) -> None:
     slow = await DribblingReceiver().start()
     try:
-        async with serving(hooks.deps, resolver=hooks.dns):  # the worker's background delivery loop
+        async with notify.hearing(hooks.deps) as ear, serving(hooks.deps, ear, resolver=hooks.dns):  # the worker's loop
             job_id = await hooks.submit("square_sum", {"data": [1]}, callback_url=slow.url)
             await drain()
 
@@ -407,7 +407,7 @@ async def test_a_receiver_that_dribbles_forever_is_cut_off_and_never_delays_a_jo
 async def asleep(hooks: Hooks) -> AsyncIterator[None]:
     """The worker's delivery loop, listening, once it sleeps with nothing it knows to be due: unwoken, it would look
     again in notify.IDLE_S."""
-    async with serving(hooks.deps, resolver=hooks.dns), notify.hearing(hooks.deps) as ear:
+    async with notify.hearing(hooks.deps) as ear, serving(hooks.deps, ear, resolver=hooks.dns):
 
         async def idle() -> bool | None:
             alarms = ear.alarms.get(notify.WEBHOOKS, [])
@@ -456,7 +456,8 @@ async def test_a_dead_workers_attempt_is_taken_again_when_its_lease_ends(
         {"id": job_id, "url": receiver.url},
     )
     await hooks.deps.db.execute("INSERT INTO webhook_attempts (delivery_id, n) VALUES (:d, 1)", {"d": delivery})
-    async with serving(hooks.deps, resolver=hooks.dns):  # its first claim sees when the lease ends
+    # its first claim sees when the lease ends
+    async with notify.hearing(hooks.deps) as ear, serving(hooks.deps, ear, resolver=hooks.dns):
         await delivered_after(hooks, job_id, attempts=2)
 
 

@@ -1,7 +1,7 @@
 """PostgreSQL's NOTIFY, heard by each worker process: what wakes its webhook loop and its cron ticker, which otherwise
 sleep until the earliest moment they know something is due.
 
-    hearing(deps)         one LISTEN connection for the process, shared by every loop that enters (one per Deps)
+    hearing(deps)         the process's Ear: one LISTEN connection, for every loop it is given to
     Ear.alarm(channel)    an Alarm that each notification on `channel` rings; `listening` while the connection is up
     Alarm                 a loop's sleep: until the moment it last learned, or sooner when rung
 
@@ -24,7 +24,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
@@ -132,32 +131,15 @@ class Ear:
         self.heard(channel)
 
 
-@dataclass
-class _Shared:
-    ear: Ear
-    task: asyncio.Task[None] | None
-    users: int = 0
-
-
-_SHARED: dict[int, _Shared] = {}
-
-
 @contextlib.asynccontextmanager
 async def hearing(deps: Deps) -> AsyncIterator[Ear]:
-    """The process's Ear for these Deps, listening while any loop is inside; the first to enter opens the connection,
-    the last to leave closes it."""
-    shared = _SHARED.get(id(deps))
-    if shared is None:
-        ear, url = Ear(), session_url(deps.config)
-        task = None if url is None else asyncio.create_task(ear.listen(url, timeout_s=deps.config.db_timeout_s))
-        shared = _SHARED[id(deps)] = _Shared(ear, task)
-    shared.users += 1
+    """The process's Ear, listening until the block ends: one connection for every loop given it (worker/options.py
+    gives it to the webhook loop and the ticker)."""
+    ear, url = Ear(), session_url(deps.config)
+    task = None if url is None else asyncio.create_task(ear.listen(url, timeout_s=deps.config.db_timeout_s))
     try:
-        yield shared.ear
+        yield ear
     finally:
-        shared.users -= 1
-        if not shared.users:
-            del _SHARED[id(deps)]
-            if shared.task is not None:
-                shared.task.cancel()
-                await asyncio.gather(shared.task, return_exceptions=True)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

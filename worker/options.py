@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import egress, logs, metrics, tracing, wake
+from worker import egress, logs, metrics, notify, tracing, wake
 from worker.capacity import refresh
 from worker.config import Config
 from worker.connections import QUEUE, deserialize, redis_settings, serialize
@@ -67,14 +67,17 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx[wake.CTX_KEY] = await stack.enter_async_context(wake.listening(config, instance_name(config)))
     ctx["runtime"] = runtime = Runtime.of(deps, load(config.job_modules), name=instance_name(config))
     stack.push_async_callback(runtime.aclose)
-    await stack.enter_async_context(webhooks.serving(deps))  # deliveries on their own tasks, not arq's
+    ear = await stack.enter_async_context(notify.hearing(deps))  # what wakes the webhook loop and the ticker
+    await stack.enter_async_context(webhooks.serving(deps, ear))  # deliveries on their own tasks, not arq's
     ctx["metrics_port"] = await stack.enter_async_context(metrics.serving(config.worker_metrics_port))
     # Before the first claim, so that tenants' default cap is in force from it on.
     await refresh(deps.db, runtime.capacity, fresh_s=fresh_s(config))
     # Its own task too: it must run when every slot is taken. Each pass tells the others this worker's slots.
     await stack.enter_async_context(sweeping(deps, runtime.capacity))
     # Cron schedules' ticks, on a task of their own for the same reason; the code's SCHEDULES are written first.
-    await stack.enter_async_context(ticking(deps, runtime.job_types, declared(config.job_modules, runtime.job_types)))
+    await stack.enter_async_context(
+        ticking(deps, ear, runtime.job_types, declared(config.job_modules, runtime.job_types))
+    )
     ctx["stack"] = stack
 
 

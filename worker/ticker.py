@@ -127,15 +127,15 @@ async def trigger(
 
 @contextlib.asynccontextmanager
 async def ticking(
-    deps: Deps, job_types: Mapping[str, JobType], declared: Sequence[schedules.Definition] = ()
+    deps: Deps, ear: notify.Ear, job_types: Mapping[str, JobType], declared: Sequence[schedules.Definition] = ()
 ) -> AsyncIterator[None]:
     """Write the declared schedules, then tick while the block runs: a look at the earliest next run (`due_in`), a
-    pass when one is due, then sleep until the next one, woken sooner when a schedule is made, resumed or moved
-    earlier (worker/notify.py). Not listening, it looks every `sweep_interval_s` as well."""
+    pass when one is due, then sleep until the next one, woken sooner when `ear` hears that a schedule was made,
+    resumed or moved earlier (worker/notify.py). Not listening, it looks every `sweep_interval_s` as well."""
     await schedules.sync_declared(deps.db, declared)
     interval = deps.config.sweep_interval_s
 
-    async def loop(ear: notify.Ear) -> None:
+    async def loop() -> None:
         alarm = ear.alarm(notify.SCHEDULES)
         while True:
             alarm.looking()
@@ -149,13 +149,12 @@ async def ticking(
                 alarm.learned(time.monotonic() + interval)
             await alarm.sleep(notify.IDLE_S if ear.listening else interval)
 
-    async with notify.hearing(deps) as ear:
-        task = asyncio.create_task(loop(ear), name="outlast-ticker")
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    task = asyncio.create_task(loop(), name="outlast-ticker")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _next_run(deps: Deps, job_types: Mapping[str, JobType]) -> float:

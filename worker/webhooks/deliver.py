@@ -333,18 +333,18 @@ async def serve(deps: Deps, sender: Sender, ear: notify.Ear | None = None) -> No
 
 
 @contextlib.asynccontextmanager
-async def serving(deps: Deps, *, resolver: Resolver = system_resolver) -> AsyncIterator[Sender]:
-    """Run the delivery loop in the background for as long as the context lasts (the worker's lifetime)."""
+async def serving(deps: Deps, ear: notify.Ear, *, resolver: Resolver = system_resolver) -> AsyncIterator[Sender]:
+    """Run the delivery loop in the background for as long as the context lasts (the worker's lifetime), woken by
+    what `ear` hears."""
     sender = Sender(UrlGuard.from_config(deps.config, resolver), timeout_s=deps.config.webhook_timeout_s)
-    async with notify.hearing(deps) as ear:
-        task = asyncio.create_task(serve(deps, sender, ear))
-        try:
-            yield sender
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await sender.aclose()
+    task = asyncio.create_task(serve(deps, sender, ear))
+    try:
+        yield sender
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await sender.aclose()
 
 
 # -- `outlast webhooks secret TENANT` ---------------------------------------------------------------
