@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -312,18 +313,25 @@ async def measure_idle(run: Run) -> Comparison:
     """S7 alone (`python -m bench --only idle --rounds 3`, about 70 s a round): a fresh idle worker's statements in
     each round, with no web process and no running jobs."""
     idle = idle_comparison()
+    async with counted(run) as bench:
+        for _ in range(run.settings.rounds):
+            await idle_round(bench, idle)
+    return idle
+
+
+@contextlib.asynccontextmanager
+async def counted(run: Run) -> AsyncIterator[Bench]:
+    """A Bench whose worker's statements go through the counting proxy; every process it started stopped after."""
     admin = await asyncpg.connect(run.svc.admin_url)
     db = await asyncpg.connect(run.svc.database_url)
     try:
         async with counting(run.svc.database_url) as (proxy_url, tally):
-            bench = Bench(run, admin, db, tally, proxy_url)
-            for _ in range(run.settings.rounds):
-                await idle_round(bench, idle)
+            yield Bench(run, admin, db, tally, proxy_url)
     finally:
-        await run.fleet.stop(WORKER)
+        for name in (WORKER, ARQ, WEB):
+            await run.fleet.stop(name)
         await db.close()
         await admin.close()
-    return idle
 
 
 async def measure(run: Run) -> list[Comparison]:
@@ -355,44 +363,34 @@ async def measure(run: Run) -> list[Comparison]:
         ],
     )
     idle = idle_comparison()
-    admin = await asyncpg.connect(run.svc.admin_url)
-    db = await asyncpg.connect(run.svc.database_url)
-    try:
-        async with counting(run.svc.database_url) as (proxy_url, tally):
-            bench = Bench(run, admin, db, tally, proxy_url)
-            bench.web_url = await run.fleet.outlast(WEB, bench.env)
-            await idle_round(bench, idle)
-            busy: list[list[dict[str, Any]]] = []
-            for i in range(ROUNDS):
-                sides = [("outlast", bench.outlast), ("arq", bench.arq)]
-                got: dict[str, Figures] = {}
-                for side, one in sides if i % 2 == 0 else reversed(sides):
-                    got[side] = await one()
-                    print(f"bench: round {i + 1}/{ROUNDS} running {side}: {_shown(got[side])}", file=sys.stderr,
-                          flush=True)  # fmt: skip
-                ours = got["outlast"]
-                busy.append(bench.busy_sent)
-                bound = TICKS_PER_S * 1 + ours["finishes_per_s"]
-                writes.rounds.append(
-                    (
-                        ours,
-                        dict.fromkeys(("write_xacts_per_s", "heartbeat_statements_per_s", "statements_per_s"), bound),
-                    )
+    async with counted(run) as bench:
+        bench.web_url = await run.fleet.outlast(WEB, bench.env)
+        await idle_round(bench, idle)
+        busy: list[list[dict[str, Any]]] = []
+        for i in range(ROUNDS):
+            sides = [("outlast", bench.outlast), ("arq", bench.arq)]
+            got: dict[str, Figures] = {}
+            for side, one in sides if i % 2 == 0 else reversed(sides):
+                got[side] = await one()
+                print(f"bench: round {i + 1}/{ROUNDS} running {side}: {_shown(got[side])}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+            ours = got["outlast"]
+            busy.append(bench.busy_sent)
+            bound = TICKS_PER_S * 1 + ours["finishes_per_s"]
+            writes.rounds.append(
+                (
+                    ours,
+                    dict.fromkeys(("write_xacts_per_s", "heartbeat_statements_per_s", "statements_per_s"), bound),
                 )
-                arq_side.rounds.append((ours, got["arq"]))
-                lease.rounds.append((ours, {"max_age_s": bench.lease_s, "first_attempt": n}))
-            for comparison in (writes, arq_side, lease):
-                comparison.notes.update(jobs=n, job_s=bench.job_s, window_s=bench.window_s, rounds=ROUNDS)
-            writes.notes["sent_by_round"] = [rows[:12] for rows in busy]
-            lease.notes["lease_s"] = bench.lease_s
-            lease.notes["retried"] = [ours["retried"] for ours, _ in lease.rounds]
-            writes.notes["heartbeat_statements_per_s"] = statistics.median(
-                ours["heartbeat_statements_per_s"] for ours, _ in writes.rounds
             )
-    finally:
-        await run.fleet.stop(WORKER)
-        await run.fleet.stop(ARQ)
-        await run.fleet.stop(WEB)
-        await db.close()
-        await admin.close()
+            arq_side.rounds.append((ours, got["arq"]))
+            lease.rounds.append((ours, {"max_age_s": bench.lease_s, "first_attempt": n}))
+        for comparison in (writes, arq_side, lease):
+            comparison.notes.update(jobs=n, job_s=bench.job_s, window_s=bench.window_s, rounds=ROUNDS)
+        writes.notes["sent_by_round"] = [rows[:12] for rows in busy]
+        lease.notes["lease_s"] = bench.lease_s
+        lease.notes["retried"] = [ours["retried"] for ours, _ in lease.rounds]
+        writes.notes["heartbeat_statements_per_s"] = statistics.median(
+            ours["heartbeat_statements_per_s"] for ours, _ in writes.rounds
+        )
     return [writes, arq_side, lease, idle]
