@@ -124,7 +124,8 @@ async def _run(
 
 def _commit_lines(comparisons: list[Comparison]) -> list[str]:
     lines = []
-    counted = next((c.notes for c in comparisons if c.name == "commits"), None)
+    notes = {c.name: c.notes for c in reversed(comparisons)}  # reversed: the first of a name wins, as next() did
+    counted = notes.get("commits")
     if counted is not None and "p0_d0" in counted:
         noop = counted["p0_d0"]
         lines.append(
@@ -133,7 +134,7 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
             f" {noop['commits_per_job']:.2f} per job added, of which write transactions:"
             f" {noop['write_transactions_per_job']:.2f}"
         )
-    ceiling = next((c.notes for c in comparisons if c.name == "db_ceiling"), None)
+    ceiling = notes.get("db_ceiling")
     if ceiling is not None:
         rate, writes = ceiling["db_commits_per_s"], ceiling["write_transactions_per_job"]
         lines.append(
@@ -141,14 +142,14 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
             f" one-row INSERTs, median of rounds) / {writes:.2f} = {rate / writes:,.0f} jobs/s at most, however"
             " many workers"
         )
-    flow = next((c.notes for c in comparisons if c.name == "workflow"), None)
+    flow = notes.get("workflow")
     if flow is not None:
         p50, goal = flow["fan_in_ms_p50"], flow["fan_in_goal_ms"]
         lines.append(
             f"workflow fan-in, last mapped job's finish to the fan-in's start: p50 {p50:.0f} ms, max"
             f" {flow['fan_in_ms_max']:.0f} ms (goal p50 <= {goal} ms: {'pass' if p50 <= goal else 'MISS'})"
         )
-    kept = next((c.notes for c in comparisons if c.name == "retention"), None)
+    kept = notes.get("retention")
     if kept is not None:
         worst, goal = kept["pass_ms_max"], kept["pass_goal_ms"]
         lines.append(
@@ -156,7 +157,7 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
             f" {kept['pass_ms_p99']:.0f} ms, {kept['deleted_per_pass_median']:.0f} jobs deleted a pass,"
             f" {kept['jobs_left']} jobs left (goal every pass <= {goal:.0f} ms: {'pass' if worst <= goal else 'MISS'})"
         )
-    followed = next((c.notes for c in comparisons if c.name == "streams_running"), None)
+    followed = notes.get("streams_running")
     if followed is not None:
         p99, goal = followed["outlast_p99_ms_median"], followed["p99_goal_ms"]
         lines.append(
@@ -164,7 +165,7 @@ def _commit_lines(comparisons: list[Comparison]) -> list[str]:
             f" received p99 {p99:.0f} ms (median of rounds; {min(followed['outlast_p99_ms']):.0f} to"
             f" {max(followed['outlast_p99_ms']):.0f}) (goal <= {goal:.0f} ms: {'pass' if p99 <= goal else 'MISS'})"
         )
-    blob = next((c.notes for c in comparisons if c.name == "blob_stream"), None)
+    blob = notes.get("blob_stream")
     if blob is not None:
         worst, goal = max(blob["rss_growth_mb"]), blob["rss_goal_mb"]
         lines.append(
