@@ -16,8 +16,8 @@ from worker.capacity import Capacity
 from worker.heartbeat import beat_many
 from worker.job import Progress
 from worker.queue import Bell
+from worker.webhooks import store as webhook_store
 from worker.webhooks.deliver import Schedule, Sender, deliver, lease_s
-from worker.webhooks.store import claim_due
 
 
 async def insert_job(db: Database, job: store.NewJob) -> store.JobRow | None:
@@ -43,7 +43,7 @@ async def deliver_due(deps: Deps, sender: Sender, schedule: Schedule | None = No
     Returns how many."""
     config = deps.config
     schedule = schedule or Schedule(window_s=config.webhook_retry_window_s)
-    claimed = await claim_due(deps.db, limit=config.webhook_concurrency, lease_s=lease_s(config))
+    claimed = (await webhook_store.claim(deps.db, limit=config.webhook_concurrency, lease_s=lease_s(config))).taken
     await asyncio.gather(*(deliver(deps, sender, c, schedule) for c in claimed))
     return len(claimed)
 

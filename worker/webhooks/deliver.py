@@ -284,7 +284,7 @@ def lease_s(config: Config) -> float:
     return 2 * config.webhook_timeout_s + 30
 
 
-async def serve(deps: Deps, sender: Sender, ear: notify.Ear | None = None) -> None:
+async def serve(deps: Deps, sender: Sender, ear: notify.Ear) -> None:
     """Claim due deliveries whenever a slot is free and one may be due; each attempt runs on its own task. Runs until
     cancelled.
 
@@ -296,7 +296,7 @@ async def serve(deps: Deps, sender: Sender, ear: notify.Ear | None = None) -> No
     config = deps.config
     schedule = Schedule(window_s=config.webhook_retry_window_s)
     poll_s = config.webhook_poll_s
-    alarm = notify.Alarm() if ear is None else ear.alarm(notify.WEBHOOKS, heard_every_s=poll_s)
+    alarm = ear.alarm(notify.WEBHOOKS, heard_every_s=poll_s)
     running: set[asyncio.Task[float | None]] = set()
 
     def ended(task: asyncio.Task[float | None]) -> None:
@@ -325,7 +325,7 @@ async def serve(deps: Deps, sender: Sender, ear: notify.Ear | None = None) -> No
             if len(running) >= config.webhook_concurrency:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)  # full: wait for a slot
             else:
-                await alarm.sleep(notify.IDLE_S if ear is not None and ear.listening else poll_s)
+                await alarm.sleep(notify.IDLE_S if ear.listening else poll_s)
     finally:
         for task in running:
             task.cancel()

@@ -129,11 +129,6 @@ async def claim(db: Database, *, limit: int, lease_s: float) -> Claim:
     return Claim(taken, records[0]["next_in_s"])
 
 
-async def claim_due(db: Database, *, limit: int, lease_s: float) -> list[Claimed]:
-    """Take up to `limit` due deliveries for one attempt each; the attempt's row is started now."""
-    return (await claim(db, limit=limit, lease_s=lease_s)).taken
-
-
 _RECORD = """
 WITH attempt AS (
     UPDATE webhook_attempts
