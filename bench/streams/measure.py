@@ -16,7 +16,8 @@ from typing import Any
 
 from bench.compare import Comparison, Figures, Metric, alternate
 from bench.run import Run, baseline_env, outlast_env
-from bench.streams.__main__ import DATA, RUNNING_P99_MS, Bare, Outlast, Settings, raise_open_files, running
+from bench.streams.measurements import RUNNING_P99_MS, running
+from bench.streams.sides import DATA, Bare, Outlast, Settings, raise_open_files
 from worker import Config, connect
 
 METRICS = [
