@@ -6,8 +6,6 @@ Every outcome becomes a row: arq never retries on its own, Postgres counts attem
 from __future__ import annotations
 
 import asyncio
-import functools
-import gc
 import logging
 import os
 import socket
@@ -47,20 +45,6 @@ WRITE_LINGER_S = 0.01
 RING_LATER_MAX_S = 60.0
 NOTHING: Mapping[str, Any] = MappingProxyType({})  # ctx.upstream and ctx.children of most attempts: one for all
 ERROR_MAX_CHARS = 2_000  # a job's error message is cut to this: it is stored with the job and in its events
-# The collector looks at young objects after this many allocations (Python's default: 700). Thousands of running
-# attempts make thousands of short-lived objects a second (reports, their events, each tick's statement); at 700 many
-# live through young collections into the old generation, whose full passes walk the whole heap. A worker with a
-# higher threshold spent about a fifth less CPU per running job, ad hoc (docs/performance.md §11).
-GC_YOUNG_THRESHOLD = 20_000
-
-
-@functools.cache
-def collect_less() -> None:
-    """Once per process, at the worker's start: what was imported and built until then goes to the collector's
-    permanent generation (`gc.freeze`), which no pass walks again, and young objects are collected less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 @dataclass(frozen=True)
@@ -84,7 +68,6 @@ class Runtime:
     @classmethod
     def of(cls, deps: Deps, job_types: Mapping[str, JobType], *, name: str = OWNER) -> Runtime:
         jobs, config = deps.jobs, deps.config
-        collect_less()
         limits = {t.name: t.concurrency for t in job_types.values() if t.concurrency is not None}
         rates = {t.name: t.rate for t in job_types.values() if t.rate is not None}
         capacity = Capacity(name, config.worker_max_jobs, config.tenant_max_share, limits=limits, rates=rates)

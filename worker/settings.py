@@ -8,11 +8,12 @@ own socket and task work (docs/performance.md); the web runs on uvloop too.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from typing import Any
 
 from worker.config import from_env
-from worker.options import worker_options
+from worker.options import startup, worker_options
 
 config = from_env()
 
@@ -21,4 +22,21 @@ if sys.platform != "win32":
 
     asyncio.set_event_loop(uvloop.new_event_loop())
 
-WorkerSettings: dict[str, Any] = worker_options(config)
+# The collector looks at young objects after this many allocations (Python's default: 700). Thousands of running
+# attempts make thousands of short-lived objects a second (reports, their events, each tick's statement); at 700 many
+# live through young collections into the old generation, whose full passes walk the whole heap. A worker with a
+# higher threshold spent about a fifth less CPU per running job, ad hoc (docs/performance.md §11).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    """The deployment's start-up, then the collector told to look less: what start-up imported and built goes to its
+    permanent generation (`gc.freeze`), which no pass walks again. Here, not in startup: the tests' in-process
+    workers share the test process's collector."""
+    await startup(ctx)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+WorkerSettings: dict[str, Any] = worker_options(config) | {"on_startup": _startup}
