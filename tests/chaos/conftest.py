@@ -455,14 +455,17 @@ def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def leftovers() -> list[str]:
-    """Pids of live processes started with this harness's environment (web or worker) from this checkout: another
-    checkout's suite may be running its own on the same machine."""
-    marker = b"OUTLAST_JOB_MODULES=tests.jobs,tests.chaos.jobs\0"
+    """Pids of live processes started with this harness's environment (web or worker) from this checkout and this
+    pytest worker: another checkout's suite, or another xdist worker of this one, may be running its own."""
+    markers = [b"OUTLAST_JOB_MODULES=tests.jobs,tests.chaos.jobs\0"]
+    if xdist_worker := os.environ.get("PYTEST_XDIST_WORKER"):  # a child inherits it (process_env keeps the rest)
+        markers.append(f"PYTEST_XDIST_WORKER={xdist_worker}\0".encode())
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         with contextlib.suppress(OSError):
+            env = environ.read_bytes()
             if (
-                marker in environ.read_bytes()
+                all(marker in env for marker in markers)
                 and int(environ.parent.name) != os.getpid()
                 and (environ.parent / "cwd").resolve() == ROOT
             ):
