@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml client/pyproject.toml requirements-dev.lock
 run: $(STAMP)
 	$(BIN)/outlast run
 
+# The suite on TEST_WORKERS pytest processes, each with its own embedded PostgreSQL and Valkey, a test file staying
+# on one: most of the suite's time is processes waiting on leases, sweeps and restarts, which two runs overlap.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python deploy/audit.py requirements.lock
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # After a change to a dependency in pyproject.toml: the pinned sets the Dockerfile, the platforms (requirements.lock)
 # and `make test` (requirements-dev.lock, as constraints) install. Not through $(STAMP): the old pins may be what

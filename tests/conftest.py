@@ -45,6 +45,23 @@ pytest_plugins = ["tests.receivers", "tests.browser"]
 TEST_SECRET = "test-secret-that-signs-job-read-tokens-0123456789"
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Every figure a test reported (`record_property("figure", text)`), listed at the end of the run: read from the
+    reports, since under xdist the test ran in another process and only its report came back."""
+    figures = [
+        (report.head_line, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "figure"
+    ]
+    if figures:
+        terminalreporter.section("figures")
+        for test, text in figures:
+            terminalreporter.write_line(f"{test}: {text}")
+
+
 async def eventually(check: Callable[[], Awaitable[T | None]], *, within: float = 15.0) -> T:
     """Wait for `check` to return something other than None: the one way tests wait."""
     deadline = time.monotonic() + within

@@ -1,7 +1,7 @@
 """The API fuzzed against its own /openapi.json by schemathesis, in-process, authenticated, with a fixed seed:
 every phase (examples, coverage, fuzzing, and the stateful phase that follows the OpenAPI links from a submit to
 its job), and 0 failures of not_a_server_error, response schema and content-type conformance, and negative data
-rejection. It prints how many requests it sent.
+rejection. How many requests it sent is listed in the run's closing 'figures' section.
 
 To dig deeper by hand: FUZZ_SEED=7 FUZZ_EXAMPLES=400 pytest -s tests/test_fuzz.py"""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -79,7 +80,7 @@ def settings(key: str) -> schemathesis.Config:
 
 @pytest.mark.timeout(600)  # a fixed budget of requests, not a timing claim: a busy machine takes longer
 def test_schemathesis_finds_nothing_with_authentication_and_a_fixed_seed(
-    config: Config, deps: Deps, api_key: str, capsys: pytest.CaptureFixture[str]
+    config: Config, deps: Deps, api_key: str, record_property: Callable[[str, object], None]
 ) -> None:
     app = Counting(create_app(config))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=settings(api_key))
@@ -103,8 +104,7 @@ def test_schemathesis_finds_nothing_with_authentication_and_a_fixed_seed(
         st_asgi.shutdown_lifespans()
     requests = sum(app.statuses.values())
     statuses = dict(sorted(app.statuses.items()))
-    with capsys.disabled():  # the count shows in every run, not only with -s
-        print(f"\nschemathesis: {requests} requests, statuses {statuses}, by phase {dict(per_phase)}")
+    record_property("figure", f"schemathesis: {requests} requests, statuses {statuses}, by phase {dict(per_phase)}")
     assert not errors, errors
     assert not failures, "\n".join(sorted(set(failures)))
     assert all(status < 500 for status in app.statuses)

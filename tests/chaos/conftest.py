@@ -40,23 +40,13 @@ LEASE_S = 3.0
 SWEEP_INTERVAL_S = 1
 RESCUE_BOUND_S = LEASE_S + SWEEP_INTERVAL_S + 1.0  # the issue's bound on kill -> rescue
 
-FIGURES: list[tuple[str, str]] = []
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES:
-        terminalreporter.section("chaos figures")
-        for test, text in FIGURES:
-            terminalreporter.write_line(f"{test}: {text}")
-
 
 @pytest.fixture
 def figure(request: pytest.FixtureRequest, record_property: Callable[[str, object], None]) -> Callable[[str], None]:
-    """Report a measured figure: printed, in the junit XML, and in the end-of-run 'chaos figures' section."""
+    """Report a measured figure: printed, in the junit XML, and in the run's closing 'figures' section."""
 
     def report(text: str) -> None:
         print(f"\n[chaos] {request.node.name}: {text}")
-        FIGURES.append((request.node.name, text))
         record_property("figure", text)
 
     return report
