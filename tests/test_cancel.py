@@ -231,3 +231,25 @@ async def test_an_attempt_that_cannot_renew_its_lease_stops_before_the_lease_run
     row = await job_row(deps, job_id)
     assert took < lease_s, took  # stopped while the lease still held
     assert row["status"] == "running" and row["attempt"] == 1  # it wrote nothing: the sweep decides, as for a crash
+
+
+async def test_an_attempts_last_write_runs_to_its_end_however_often_its_task_is_cancelled_meanwhile() -> None:
+    """The heartbeat's cancel verdict and arq's abort of the same cancel can land one after the other: no cancel of
+    the task may end it before the attempt's last write has ended, or a burst worker (or a shutdown) closes the loop
+    under the write and the row stays `running` until its lease runs out. The cancel comes through after it."""
+    release, wrote = asyncio.Event(), []
+
+    async def write() -> None:
+        await release.wait()
+        wrote.append("cancelled")
+
+    task = asyncio.create_task(run._to_the_end(write()))
+    for _ in range(3):  # the verdict, arq's abort, the shutdown
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        assert not task.done(), "a cancel ended the task before its write"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert wrote == ["cancelled"]
