@@ -44,7 +44,7 @@ async def cancel_many(request: Request) -> Response:
     wanted: CancelFilter = decode(body, _decoder)
     metadata = _encode(wanted.metadata)
     for loc, text in (("$.type", (wanted.type or "").encode()), ("$.metadata", metadata)):
-        if b"\x00" in text or database.NUL.search(text):  # no stored job can hold one, and no statement can carry it
+        if b"\x00" in text or database.has_nul(text):  # no stored job can hold one, and no statement can carry it
             raise ValidationError(f"{database.NUL_MSG} at {loc}", [FieldError(loc, database.NUL_MSG)])
     n = await cancel_matching(
         web.deps.jobs,

@@ -219,7 +219,7 @@ def bell(job: store.NewJob, row: store.JobRow) -> Bell:
 
 
 def _storable(encoded: bytes, loc: str) -> bytes:
-    if database.NUL.search(encoded):  # refused up front rather than failing the INSERT
+    if database.has_nul(encoded):  # refused up front rather than failing the INSERT
         raise ValidationError(f"{database.NUL_MSG} at {loc}", [FieldError(loc, database.NUL_MSG)])
     return encoded
 

@@ -279,7 +279,7 @@ async def _succeeded(deps: Deps, runtime: Runtime, claimed: Claimed, result: Any
         error = Error("invalid_result", f"the result can't be encoded as JSON: {_clipped(exc)}", False)
         await _end(deps, runtime, claimed, "failed", error=error)
         return
-    if database.NUL.search(encoded):  # the row would refuse it
+    if database.has_nul(encoded):  # the row would refuse it
         error = Error("invalid_result", f"the result holds a NUL: {database.NUL_MSG}", False)
         await _end(deps, runtime, claimed, "failed", error=error)
         return

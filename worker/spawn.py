@@ -82,7 +82,7 @@ async def spawn(
     except (msgspec.ValidationError, TypeError) as exc:
         raise SpawnError(f"spawn {type}: the input fails its schema: {exc}") from None
     encoded, meta = _encode(value), _encode(dict(metadata or {}))
-    if database.NUL.search(encoded) or database.NUL.search(meta):
+    if database.has_nul(encoded) or database.has_nul(meta):
         raise SpawnError(f"spawn {type}: {database.NUL_MSG}")
     parent_id, attempt = parent
     db, config = deps.db, deps.config
