@@ -28,9 +28,11 @@ async def test_a_frozen_worker_that_wakes_after_its_job_finished_elsewhere_chang
         return (row["status"] == "running" and row["lease_owner"] == cluster.owner("zombie")) or None
 
     await eventually(running_on_zombie)
-    healthy = cluster.start_worker("healthy")  # only now: attempt 1 can only be the zombie's
-    await cluster.worker_ready("healthy")
+    # Frozen before the healthy worker starts, not after it is ready: attempt 1 can only be the zombie's, and it can't
+    # finish its 2 s meanwhile (a crowded machine took longer than that to start a worker, and the zombie won).
     frozen = cluster.signal("zombie", signal.SIGSTOP)
+    healthy = cluster.start_worker("healthy")
+    await cluster.worker_ready("healthy")
 
     async def finished() -> dict[str, object] | None:
         row = (await cluster.rows([job_id]))[job_id]
