@@ -91,6 +91,9 @@ async def test_the_dashboard_in_a_browser(config: Config, deps: Deps, drain: Dra
         try:
             half = "(document.querySelector('progress')?.value ?? 0) >= 50"
             await browser.until(half, within=30)
+            # the page's facts follow its state too: its start time and its timeline's attempt, not only the badge
+            started = "document.querySelector('[data-started]').textContent.trim() !== '—'"
+            await browser.until(started, within=10)
             await shoot(browser, "job-running")
             await browser.until("document.querySelector('progress').value === 100", within=30)
             await browser.until("document.querySelector('h1 .status').textContent === 'succeeded'", within=30)

@@ -83,14 +83,16 @@ function followJob(id) {
   whenClosed(source);
   source.addEventListener("status", function (event) {
     const job = JSON.parse(event.data);
-    setStatus(document.querySelector("h1 [data-status]"), job.status);
+    const shown = document.querySelector("h1 [data-status]");
+    const changed = !shown || shown.textContent.trim() !== job.status;
+    setStatus(shown, job.status);
     setProgress(id, job.progress.fraction);
     const attempt = document.querySelector("[data-attempt]");
     if (attempt) attempt.textContent = job.attempt + " / " + job.max_attempts;
-    if (job.done) {
-      source.close();
-      replaceFrom("#job");  // the result, the error, the buttons a finished job has
-    }
+    if (job.done) source.close();
+    // A new state (not the stream's first word, which repeats the page's): the page's own rendering of it, for its
+    // times, its timeline, its error and result, and the buttons that state has.
+    if (changed || job.done) replaceFrom("#job");
   });
   source.addEventListener("progress", function (event) {
     const progress = JSON.parse(event.data);
