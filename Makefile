@@ -19,7 +19,8 @@ run: $(STAMP)
 	$(BIN)/outlast run
 
 # The suite on TEST_WORKERS pytest processes, each with its own embedded PostgreSQL and Valkey, a test file staying
-# on one: most of the suite's time is processes waiting on leases, sweeps and restarts, which two runs overlap.
+# on one: most of the suite's time is processes waiting on leases, sweeps and restarts, which two runs overlap. Files
+# go out as collected (tests/conftest.py puts the longest first), not reordered by their number of tests.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
@@ -27,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python deploy/audit.py requirements.lock
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # After a change to a dependency in pyproject.toml: the pinned sets the Dockerfile, the platforms (requirements.lock)
 # and `make test` (requirements-dev.lock, as constraints) install. Not through $(STAMP): the old pins may be what
