@@ -38,6 +38,8 @@ from typing import Final
 
 from arq.worker import Worker
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import retry
 from worker.config import Config
@@ -52,14 +54,39 @@ HEALTH_MARGIN_S: Final = 0.01  # past the health key's refresh time, so arq's `n
 # While it holds jobs, a poll at least this often: arq forgets a finished job's task only in its poll, and a SIGTERM's
 # graceful stop waits until it has forgotten them all (else it waits out OUTLAST_SHUTDOWN_GRACE_S and is killed).
 REAP_S: Final = 1.0
+# What a poll raises when Redis can't be reached (not a refused command, which is a bug to surface).
+UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class Wake:
-    def __init__(self, channel: str) -> None:
+    def __init__(self, channel: str, *, outage_s: float = 60.0) -> None:
         self.channel = channel
         self.subscribed = False
         self.free_slot = False  # after the last poll: the next one may wait for a ring
+        self.outage_s = outage_s  # OUTLAST_REDIS_OUTAGE_S: how long a poll that can't reach Redis is tried again
+        self.down_since: float | None = None  # the first poll of an outage that failed, by the monotonic clock
+        self._polls_failed = 0
         self._rung = asyncio.Event()
+
+    async def unreachable(self, exc: BaseException) -> None:
+        """A poll could not reach Redis: wait a little and let the next one try, until the outage has lasted
+        `outage_s`, then raise (the worker exits non-zero, and its supervisor restarts it). A dropped connection's
+        commands are retried by the client itself; this covers the connection that can't be opened at all
+        (refused while Redis restarts), which the client raises at once."""
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("wake: a poll could not reach Redis (%s); trying again for %.0f s", exc, self.outage_s)
+        if now - self.down_since >= self.outage_s:
+            raise exc
+        self._polls_failed += 1
+        self.free_slot = False  # the next poll goes to Redis at once
+        await asyncio.sleep(retry.reconnect(self._polls_failed))
+
+    def reached(self) -> None:
+        if self.down_since is not None:
+            log.warning("wake: Redis answers again after %.1f s", time.monotonic() - self.down_since)
+        self.down_since, self._polls_failed = None, 0
 
     def ring(self) -> None:
         self._rung.set()
@@ -122,10 +149,15 @@ async def poll_iteration(self: Worker) -> None:
     if not isinstance(wake, Wake):
         await arq_poll_iteration(self)
         return
-    if wake.free_slot:
-        await wake.idle(self)
-    wake.clear()
-    await arq_poll_iteration(self)
+    try:
+        if wake.free_slot:
+            await wake.idle(self)
+        wake.clear()
+        await arq_poll_iteration(self)
+    except UNREACHABLE as exc:
+        await wake.unreachable(exc)
+        return
+    wake.reached()
     wake.free_slot = not self.burst and self.job_counter < self.max_jobs
 
 
@@ -144,7 +176,7 @@ async def listening(config: Config, name: str) -> AsyncIterator[Wake]:
         client_name=f"outlast-wake:{name}",
         **tls(config),
     )
-    wake = Wake(channel(redis))
+    wake = Wake(channel(redis), outage_s=config.redis_outage_s)
     task = asyncio.create_task(wake.listen(redis))
     try:
         yield wake

@@ -73,3 +73,39 @@ async def test_redis_losing_everything_loses_no_job_and_reruns_no_running_one(
         f"each run once; the {RUNNING} running ones ran exactly once (attempt 1, on the original worker, which kept "
         f"its pid)"
     )
+
+
+OUTAGE_S = 4.0  # several of an idle worker's polls (one a second while it holds a job), each refused
+
+
+async def test_a_worker_rides_out_redis_refusing_every_connection_and_its_running_job_succeeds(
+    cluster: Cluster, figure: Callable[[str], None]
+) -> None:
+    """Nothing listens on Redis's port for a while (a restart, a failover): a poll that must open a connection is
+    refused, and the worker retries with backoff for OUTLAST_REDIS_OUTAGE_S, as it does for a dropped connection,
+    instead of exiting at the first refusal."""
+    cluster.start_web()
+    worker = cluster.start_worker("w")
+    await cluster.web_ready()
+    await cluster.worker_ready("w")
+    job_id = await cluster.submit("chaos_sleep", {"seconds": OUTAGE_S + 2})
+
+    async def running() -> bool | None:
+        return (await cluster.rows([job_id]))[job_id]["status"] == "running" or None
+
+    await eventually(running)
+    down_at = time.time()
+    await asyncio.to_thread(cluster.stores.valkey.stop)
+    await asyncio.sleep(OUTAGE_S)  # the fault's length, not a wait for an outcome
+    await asyncio.to_thread(cluster.stores.valkey.start)
+    assert worker.poll() is None, "the worker exited while Redis refused connections"
+
+    after = await cluster.submit("chaos_sleep", {"seconds": 0.1})  # its doorbell reaches the same worker
+    rows = await cluster.all_done(2, within=30)
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    assert rows[job_id]["attempt"] == 1 and rows[after]["attempt"] == 1
+    assert worker.poll() is None
+    figure(
+        f"Redis refused connections for {OUTAGE_S:.0f}s; the worker kept its pid, its running job succeeded on "
+        f"attempt 1 and the next job {rows[after]['finished_at'].timestamp() - down_at:.1f}s after the outage began"
+    )
