@@ -161,10 +161,12 @@ async def test_cancel_terminates_a_process_job_and_a_timeout_does_too(processes:
         cancelled = (await http.post("/v1/jobs", json={"type": "cpu_loop", "input": {"seconds": 600}})).json()
         timed_out = (
             await http.post(
-                "/v1/jobs", json={"type": "cpu_loop", "input": {"seconds": 600}, "timeout_s": 3, "max_attempts": 1}
+                "/v1/jobs", json={"type": "cpu_loop", "input": {"seconds": 600}, "timeout_s": 8, "max_attempts": 1}
             )
         ).json()
-        pids = [await _pid_of(http, cancelled["id"]), await _pid_of(http, timed_out["id"])]
+        # Both read at once, and a timeout that outlasts a process's start on a crowded machine: with 3 s, read after
+        # the other, the second job timed out before its code wrote the pid line.
+        pids = await asyncio.gather(_pid_of(http, cancelled["id"]), _pid_of(http, timed_out["id"]))
         assert (await http.post(f"/v1/jobs/{cancelled['id']}/cancel")).status_code == 202
         assert (await wait_done(http, cancelled["id"]))["status"] == "cancelled"
         failed = await wait_done(http, timed_out["id"])
