@@ -23,9 +23,10 @@ async def test_a_frozen_worker_that_wakes_after_its_job_finished_elsewhere_chang
     await cluster.worker_ready("zombie")
     job_id = await cluster.submit("chaos_sleep", {"seconds": 2}, max_attempts=3)
 
-    async def running_on_zombie() -> bool | None:
+    async def running_on_zombie() -> bool | None:  # claimed, and its code has begun (it records its attempt first)
         row = (await cluster.rows([job_id]))[job_id]
-        return (row["status"] == "running" and row["lease_owner"] == cluster.owner("zombie")) or None
+        began = [a for a in (await cluster.attempts()).get(job_id, []) if a["pid"] == zombie.pid]
+        return (row["status"] == "running" and row["lease_owner"] == cluster.owner("zombie") and bool(began)) or None
 
     await eventually(running_on_zombie)
     # Frozen before the healthy worker starts, not after it is ready: attempt 1 can only be the zombie's, and it can't
