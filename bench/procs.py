@@ -35,6 +35,15 @@ LOAD_S = 600.0  # a load process that runs longer is stuck
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+async def until(check: Callable[[], Awaitable[bool]], *, within: float, what: str, every_s: float = 0.2) -> None:
+    """Poll `check` every `every_s` until it is true; past `within` seconds, stop the bench: `what` did not happen."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {within:.0f} s")
+        await asyncio.sleep(every_s)
+
+
 class Fleet:
     def __init__(self, logs: Path) -> None:
         self.logs = logs

@@ -47,6 +47,7 @@ from redis.asyncio import Redis
 from bench.compare import Comparison, Figures, Metric
 from bench.noop_jobs import next_xid, reset_outlast
 from bench.pgwire import SYNC, Tally, counting
+from bench.procs import until
 from bench.run import Run, baseline_env, outlast_env
 from worker.config import from_env
 from worker.connections import QUEUE
@@ -84,14 +85,6 @@ def rss_kb(pid: int) -> int:
 def _by_text(sent: Counter[str], seconds: float) -> list[dict[str, Any]]:
     """What was sent, most first, each as a rate: the record's answer to where the statements come from."""
     return [{"per_s": round(n / seconds, 3), "n": n, "statement": text[:300]} for text, n in sent.most_common()]
-
-
-async def _until(what: str, ready: Any, limit_s: float) -> None:
-    deadline = time.monotonic() + limit_s
-    while not await ready():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"running: {what} did not happen within {limit_s:.0f} s")
-        await asyncio.sleep(0.25)
 
 
 class Bench:
@@ -183,7 +176,7 @@ class Bench:
             async def all_running() -> bool:
                 return int((await self._counts())["running"]) == self.jobs
 
-            await _until(f"{self.jobs:,} jobs running", all_running, RAMP_LIMIT_S)
+            await until(all_running, within=RAMP_LIMIT_S, what=f"running: {self.jobs:,} jobs running", every_s=0.25)
             ramp_s = time.monotonic() - submitted
             await asyncio.sleep(SETTLE_S)
             counts = await self._counts()
@@ -211,7 +204,9 @@ class Bench:
             async def all_ended() -> bool:
                 return int((await self._counts())["ended"]) == self.jobs
 
-            await _until(f"{self.jobs:,} jobs ending", all_ended, self.job_s + RAMP_LIMIT_S)
+            await until(
+                all_ended, within=self.job_s + RAMP_LIMIT_S, what=f"running: {self.jobs:,} jobs ending", every_s=0.25
+            )
             counts = await self._counts()
         finally:
             if sampler is not None:
@@ -263,7 +258,7 @@ class Bench:
             async def all_running() -> bool:
                 return int(await redis.get(STARTED_KEY) or 0) == self.jobs
 
-            await _until(f"{self.jobs:,} arq jobs running", all_running, RAMP_LIMIT_S)
+            await until(all_running, within=RAMP_LIMIT_S, what=f"running: {self.jobs:,} arq jobs running", every_s=0.25)
             ramp_s = time.monotonic() - submitted
             await asyncio.sleep(SETTLE_S)
             window_s = min(self.window_s, self.job_s - ramp_s - SETTLE_S)

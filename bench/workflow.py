@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import httpx
 
 from bench.compare import Comparison, Figures, Metric, alternate
 from bench.noop_jobs import next_xid, reset_outlast
+from bench.procs import until
 from bench.run import Run, outlast_env
 from worker.connections import QUEUE
 
@@ -38,14 +38,6 @@ STEPS = [
     {"name": "work", "type": "noop", "map": "items"},
     {"name": "join", "type": "bench_join", "after": ["work"], "input": {"of": "work"}},
 ]
-
-
-async def _until(done: Callable[[], Awaitable[bool]]) -> None:
-    deadline = time.monotonic() + 120
-    while not await done():
-        if time.monotonic() > deadline:
-            raise RuntimeError("the side did not finish within 120 s")
-        await asyncio.sleep(POLL_S)
 
 
 async def measure(run: Run) -> Comparison:
@@ -68,7 +60,7 @@ async def measure(run: Run) -> Comparison:
         async def over() -> bool:
             return await db.fetchval("SELECT status FROM workflows WHERE id = $1", workflow_id) != "running"
 
-        await _until(over)
+        await until(over, within=120, what="the side finishing", every_s=POLL_S)
         elapsed, xid1 = time.perf_counter() - t0, await next_xid(db)
         status = await db.fetchval("SELECT status FROM workflows WHERE id = $1", workflow_id)
         if status != "succeeded":
@@ -90,7 +82,7 @@ async def measure(run: Run) -> Comparison:
         async def over() -> bool:
             return await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'") == ITEMS
 
-        await _until(over)
+        await until(over, within=120, what="the side finishing", every_s=POLL_S)
         elapsed, xid1 = time.perf_counter() - t0, await next_xid(db)
         return {"elapsed_s": elapsed, "writes_per_job": (xid1 - xid0) / ITEMS + 1}
 

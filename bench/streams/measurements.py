@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench.procs import until
 from bench.streams.sides import (
     PYTHON,
     ROOT,
@@ -20,7 +21,6 @@ from bench.streams.sides import (
     Side,
     cpu_s,
     delivered_to_all,
-    eventually,
     rss_kib,
 )
 
@@ -132,7 +132,7 @@ async def running(side: Side, settings: Settings, log: Callable[[str], None]) ->
             return all(counted.get(t, 0) >= expected[t] for t in markers)
 
         with contextlib.suppress(RuntimeError):  # a shortfall is reported, not raised
-            await eventually(all_delivered, within=60, what="every stream got every report")
+            await until(all_delivered, within=60, what="every stream got every report")
         cpu_after, window_s = cpu_s(server.pid), time.monotonic() - started
         found, ended = await clients.report()
     latencies = sorted(x - published[m] for m in markers for x in found.get(m, ()))

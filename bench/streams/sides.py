@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from uuid import UUID
 import httpx
 from uuid_utils.compat import uuid7
 
+from bench.procs import until
 from server.auth import AuthState
 from worker import Config, Deps, Progress, keys, store
 from worker.claim import claim_many
@@ -86,14 +86,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not true within {within}s: {what}")
-        await asyncio.sleep(0.2)
-
-
 class Server:
     """A uvicorn process, started fresh for each round."""
 
@@ -119,7 +111,7 @@ class Server:
                     return (await client.get("/healthz")).status_code == 200
                 return False
 
-            await eventually(up, within=60, what=f"{self.name} answers /healthz")
+            await until(up, within=60, what=f"{self.name} answers /healthz")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -206,7 +198,7 @@ async def delivered_to_all(clients: Clients, markers: range, count: int, *, with
         return all(len(found.get(m, ())) >= count for m in markers)
 
     with contextlib.suppress(RuntimeError):  # a shortfall is reported, not raised
-        await eventually(check, within=within, what="every stream got every event")
+        await until(check, within=within, what="every stream got every event")
     return found
 
 
