@@ -45,8 +45,8 @@ pytest_plugins = ["tests.receivers", "tests.browser"]
 TEST_SECRET = "test-secret-that-signs-job-read-tokens-0123456789"
 
 
-# The longest files first (measured: each takes 1.5-3.5 min): `make test` hands whole files to its two pytest
-# processes in collection order, and one of these started late kept one process busy minutes after the other ran out.
+# The longest files first (measured: each takes 1.5-3.5 min): `make test TEST_WORKERS=2` hands whole files to its
+# pytest processes in collection order, and one of these started late kept one busy minutes after the other ran out.
 LONGEST_FIRST = (
     "tests/test_fuzz.py",
     "tests/test_deploy.py",
