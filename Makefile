@@ -20,7 +20,7 @@ run: $(STAMP)
 
 # The suite on TEST_WORKERS pytest processes, each with its own embedded PostgreSQL and Valkey, a test file staying
 # on one, files going out as collected (tests/conftest.py puts the longest first). 0, the default and what CI runs,
-# is one process: about 19 min on 2 cores. `make test TEST_WORKERS=2` takes about 17, but on a 2-core machine the two
+# is one process: about 19 min on 2 cores. `make test TEST_WORKERS=2` took about 17 before the fuzz got faster, but on a 2-core machine the two
 # crowd each other and a few chaos tests' timing bounds still fail now and then.
 TEST_WORKERS ?= 0
 
