@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncpg
+import msgspec
 import pytest
 
-from worker import Deps, sql
+from worker import Config, Deps, sql
+from worker.database import open_database
 
 
 def test_named_parameters_become_positional_once_each_in_order_of_first_use() -> None:
@@ -30,3 +33,22 @@ async def test_statements_run_inside_the_tasks_databases_transaction(deps: Deps)
             assert await deps.db.fetch_val("SELECT count(*) FROM tenants WHERE id = 'sql-probe'") == 1
             raise RuntimeError("roll back")
     assert await sql.fetch_val(deps.db, "SELECT count(*) FROM tenants WHERE id = :id", {"id": "sql-probe"}) == 0
+
+
+async def test_sessions_write_timestamps_into_json_in_utc_whatever_the_servers_default(config: Config) -> None:
+    name = "outlast_time_zone"
+    admin = await asyncpg.connect(config.database_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(f"ALTER DATABASE \"{name}\" SET timezone TO 'Pacific/Auckland'")
+    finally:
+        await admin.close()
+    url = config.database_url.rpartition("/")[0] + f"/{name}"
+    db = open_database(msgspec.structs.replace(config, database_url=url))
+    await db.connect()
+    try:
+        written = await sql.fetch_val(db, "SELECT CAST(to_json(CAST('2026-01-01 00:00:00Z' AS timestamptz)) AS text)")
+    finally:
+        await db.disconnect()
+    assert written == '"2026-01-01T00:00:00+00:00"'

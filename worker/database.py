@@ -57,6 +57,9 @@ def open_database(config: Config) -> Database:
         timeout=config.db_timeout_s,
         command_timeout=config.db_timeout_s * 6,
         reset=_keep_session,
+        # PostgreSQL writes timestamps into JSON (the dashboard's overview, the tenant feed) in the session's time
+        # zone: in UTC they decode as the UTC datetimes asyncpg gives, whatever the server's default.
+        server_settings={"timezone": "UTC"},
         **pooled,
     )
 
