@@ -104,15 +104,23 @@ async def submit(client: httpx.AsyncClient, body: dict[str, Any] | None = None) 
     return job_id
 
 
-async def test_the_feed_shows_each_submitted_job_and_its_end_without_input_or_result(live: Live, drain: Drain) -> None:
+async def test_the_feed_shows_each_submitted_job_and_its_end_as_get_does_without_input_or_result(
+    live: Live, drain: Drain
+) -> None:
     async with live.client() as client, following(live) as stream:
-        job_id = await submit(client)
+        job_id = await submit(client, {**SQUARES, "metadata": {"customer": "acme"}})
         queued = await stream.job()
         assert (queued["id"], queued["status"], queued["type"]) == (job_id, "queued", "square_sum")
         assert "input" not in queued and "result" not in queued
         await drain()
-        ended = await stream.jobs_until(lambda job: job["status"] == "succeeded")
-        assert ended[-1]["id"] == job_id and ended[-1]["done"] is True
+        ended = (await stream.jobs_until(lambda job: job["status"] == "succeeded"))[-1]
+        shown = (await client.get(f"/v1/jobs/{job_id}")).json()
+    # Every field, timestamps to the character: the feed's JSON comes from PostgreSQL, GET's from Python. The links
+    # alone differ: GET signs a read token into each, the feed (a key's, never a token's) needs none.
+    assert {**ended, "links": None} == {**{name: shown[name] for name in ended}, "links": None}
+    assert ended["links"]["self"] == f"/v1/jobs/{job_id}" == shown["links"]["self"].partition("?")[0]
+    assert ended["done"] is True and ended["metadata"] == {"customer": "acme"} and ended["finished_at"] is not None
+    assert set(shown) - set(ended) >= {"input", "result"}
 
 
 async def test_a_stream_resumed_with_last_event_id_gets_only_the_changes_after_it(live: Live) -> None:

@@ -77,45 +77,84 @@ class Batch(NamedTuple):
     full: bool
 
 
+# One JSON value per read, decoded by msgspec in one call: as rows, asyncpg's 17 columns an event and three JSON
+# decodes a job were 17 us of the web's CPU per change, one value 6.5 us (a 500-event read, 1.9 events a job). The
+# LIMIT counts events (a deleted job's too, which the JOIN then skips); `latest` keeps each job once, at its last.
 _READ = """
-WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
-SELECT CAST(snap.xmin AS text) AS xmin, CAST(c.xid AS text) AS xid, c.*
-  FROM snap LEFT JOIN LATERAL (
-    SELECT e.xid, e.id AS seq, j.id, j.type, j.status, j.progress, j.attempt, j.max_attempts, j.error, j.metadata,
-           j.created_at, j.started_at, j.finished_at, j.retry_of, j.workflow_id, j.step, j.parent_id
-      FROM tenant_events e JOIN jobs j ON j.id = e.job_id
+WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+batch AS MATERIALIZED (
+    SELECT e.xid, CAST(CAST(e.xid AS text) AS numeric) AS x, e.id AS seq, e.job_id
+      FROM snap, tenant_events e
      WHERE e.tenant_id = :tenant AND (e.xid, e.id) > (CAST(:xid AS xid8), :seq) AND e.xid < snap.xmin
      ORDER BY e.xid, e.id
      LIMIT :limit
-  ) c ON true
- ORDER BY c.xid, c.seq
+),
+latest AS (SELECT DISTINCT ON (job_id) job_id, xid, x, seq FROM batch ORDER BY job_id, xid DESC, seq DESC)
+SELECT json_build_object(
+    'xmin', (SELECT CAST(CAST(xmin AS text) AS numeric) FROM snap),
+    'rows', (SELECT count(*) FROM batch),
+    'last', (SELECT json_build_array(x, seq) FROM batch ORDER BY xid DESC, seq DESC LIMIT 1),
+    'changes', (SELECT coalesce(json_agg(json_build_array(
+        l.x, l.seq, j.id, j.type, j.status, j.progress, j.attempt, j.max_attempts, j.error, j.metadata,
+        j.created_at, j.started_at, j.finished_at, j.retry_of, j.workflow_id, j.step, j.parent_id)
+        ORDER BY l.xid, l.seq), '[]') FROM latest l JOIN jobs j ON j.id = l.job_id))
 """
 _BOUNDARY = "SELECT CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text)"
-_decode_progress = msgspec.json.Decoder(Progress).decode
-_decode_error = msgspec.json.Decoder(Error).decode
-_decode_any = msgspec.json.Decoder().decode
 
 
-def _job(r: Any) -> FeedJob:
-    return FeedJob(
-        id=r["id"],
-        type=r["type"],
-        status=r["status"],
-        done=r["status"] in TERMINAL,
-        progress=_decode_progress(r["progress"]),
-        attempt=r["attempt"],
-        max_attempts=r["max_attempts"],
-        error=None if r["error"] is None else _decode_error(r["error"]),
-        metadata=_decode_any(r["metadata"]),
-        created_at=r["created_at"],
-        started_at=r["started_at"],
-        finished_at=r["finished_at"],
-        retry_of=r["retry_of"],
-        workflow_id=r["workflow_id"],
-        step=r["step"],
-        parent_id=r["parent_id"],
-        links=resource.links(r["id"]),
+class _Latest(msgspec.Struct, frozen=True, array_like=True):
+    """A job's last change in a read, and the job as it is now (a FeedJob's fields, less what Python adds)."""
+
+    xid: int
+    seq: int
+    id: UUID
+    type: str
+    status: Status
+    progress: Progress
+    attempt: int
+    max_attempts: int
+    error: Error | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    retry_of: UUID | None
+    workflow_id: UUID | None
+    step: str | None
+    parent_id: UUID | None
+
+
+class _Read(msgspec.Struct, frozen=True):
+    xmin: int  # the boundary now
+    rows: int  # events read, at most the limit
+    last: tuple[int, int] | None  # the last event's cursor
+    changes: list[_Latest]
+
+
+_decode_read = msgspec.json.Decoder(_Read).decode
+
+
+def _change(r: _Latest) -> Change:
+    job = FeedJob(
+        id=r.id,
+        type=r.type,
+        status=r.status,
+        done=r.status in TERMINAL,
+        progress=r.progress,
+        attempt=r.attempt,
+        max_attempts=r.max_attempts,
+        error=r.error,
+        metadata=r.metadata,
+        created_at=r.created_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        retry_of=r.retry_of,
+        workflow_id=r.workflow_id,
+        step=r.step,
+        parent_id=r.parent_id,
+        links=resource.links(r.id),
     )
+    return Change(Cursor(r.xid, r.seq), job)
 
 
 async def boundary(db: Database) -> Cursor:
@@ -125,21 +164,16 @@ async def boundary(db: Database) -> Cursor:
 
 async def read_after(db: Database, tenant: str, after: Cursor, *, limit: int = READ_BATCH) -> Batch:
     """The tenant's changes after `after`, oldest first, from at most `limit` rows (those of deleted jobs are
-    skipped), and the cursor to read on from: the last change's, or with fewer than `limit`, the boundary when that
-    is later."""
+    skipped), and the cursor to read on from: the last row's, or with fewer than `limit`, the boundary when that is
+    later."""
     values = {"tenant": tenant, "xid": after.xid, "seq": after.id, "limit": limit}
-    rows = await sql.fetch_all(db, _READ, values)  # one row with only `xmin` when nothing is new
-    found = [r for r in rows if r["seq"] is not None]
-    latest: dict[UUID, Any] = {}
-    for r in found:  # a job changed twice in the batch is shown once, where it changed last (and decoded once)
-        latest.pop(r["id"], None)
-        latest[r["id"]] = r
-    high = Cursor(int(found[-1]["xid"]), found[-1]["seq"]) if found else after
-    full = len(found) == limit
+    read = _decode_read(await sql.fetch_val(db, _READ, values))
+    high = after if read.last is None else Cursor(*read.last)
+    full = read.rows == limit
     if not full:
         # Every row before the boundary is final, and read: nothing can appear behind it any more.
-        high = max(high, Cursor(int(rows[0]["xmin"]), 0))
-    return Batch([Change(Cursor(int(r["xid"]), r["seq"]), _job(r)) for r in latest.values()], high, full)
+        high = max(high, Cursor(read.xmin, 0))
+    return Batch([_change(r) for r in read.changes], high, full)
 
 
 _DELETE_OLD = """
