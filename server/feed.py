@@ -44,8 +44,8 @@ from server.stream import (
     reconnect,
 )
 from worker import Config, Status, database, feed
-from worker.feed import Change, Cursor, FeedJob
-from worker.job import Progress
+from worker.feed import Change, Cursor, FeedJob, as_job
+from worker.job import TERMINAL, Progress
 
 log = logging.getLogger("outlast.web")
 FEED_CACHE: Final = 2_000  # changes a TenantFeed keeps for the streams a little behind
@@ -237,7 +237,7 @@ def query_of(request: Request) -> FeedQuery:
 
 
 def frame(change: Change) -> bytes:
-    return _job_event(change.cursor, change.job)
+    return _job_event(change.cursor, as_job(change.job))
 
 
 def row_frame(change: Change) -> bytes:
@@ -246,7 +246,7 @@ def row_frame(change: Change) -> bytes:
         id=job.id,
         type=job.type,
         status=job.status,
-        done=job.done,
+        done=job.status in TERMINAL,
         progress=job.progress,
         attempt=job.attempt,
         max_attempts=job.max_attempts,

@@ -66,7 +66,7 @@ class FeedJob(msgspec.Struct, frozen=True, kw_only=True):
 
 class Change(NamedTuple):
     cursor: Cursor
-    job: FeedJob
+    job: FeedRow
 
 
 class Batch(NamedTuple):
@@ -102,10 +102,11 @@ SELECT json_build_object(
 _BOUNDARY = "SELECT CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text)"
 
 
-class _Latest(msgspec.Struct, frozen=True, array_like=True):
-    """A job's last change in a read, and the job as it is now (a FeedJob's fields, less what Python adds)."""
+class FeedRow(msgspec.Struct, frozen=True, array_like=True):
+    """A job as a read found it, its FeedJob's fields less what Python adds (`as_job`): a dashboard's row needs only
+    a few, so the Job is built only for a stream that sends it whole (a fifth of what a read cost the web)."""
 
-    xid: int
+    xid: int  # the cursor of the job's last change in the read
     seq: int
     id: UUID
     type: str
@@ -128,14 +129,14 @@ class _Read(msgspec.Struct, frozen=True):
     xmin: int  # the boundary now
     rows: int  # events read, at most the limit
     last: tuple[int, int] | None  # the last event's cursor
-    changes: list[_Latest]
+    changes: list[FeedRow]
 
 
 _decode_read = msgspec.json.Decoder(_Read).decode
 
 
-def _change(r: _Latest) -> Change:
-    job = FeedJob(
+def as_job(r: FeedRow) -> FeedJob:
+    return FeedJob(
         id=r.id,
         type=r.type,
         status=r.status,
@@ -154,7 +155,6 @@ def _change(r: _Latest) -> Change:
         parent_id=r.parent_id,
         links=resource.links(r.id),
     )
-    return Change(Cursor(r.xid, r.seq), job)
 
 
 async def boundary(db: Database) -> Cursor:
@@ -173,7 +173,7 @@ async def read_after(db: Database, tenant: str, after: Cursor, *, limit: int = R
     if not full:
         # Every row before the boundary is final, and read: nothing can appear behind it any more.
         high = max(high, Cursor(read.xmin, 0))
-    return Batch([_change(r) for r in read.changes], high, full)
+    return Batch([Change(Cursor(r.xid, r.seq), r) for r in read.changes], high, full)
 
 
 _DELETE_OLD = """
