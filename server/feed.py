@@ -58,6 +58,7 @@ READ_GAP_S: Final = 0.25
 # row and a count need nothing in between, and each wake of a stream is Python of its own (the overview reloads its
 # counts at most every 2 s anyway). A tenant only dashboards follow is read this often too.
 DASHBOARD_GAP_S: Final = 1.0
+PAGE_ROWS: Final = 100  # ids a page's stream follows at most (the jobs list shows 50)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -65,6 +66,31 @@ class FeedQuery(msgspec.Struct, frozen=True, kw_only=True):
     type: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
     status: Status | msgspec.UnsetType = msgspec.UNSET
     follow: bool = True  # false: the changes after Last-Event-ID up to now, then the stream ends
+
+
+class PageQuery(FeedQuery, frozen=True, kw_only=True):
+    """GET /ui/events' own: with `rows`, a page's stream (`built`). A page lists at most PAGE_ROWS jobs."""
+
+    rows: Annotated[str, msgspec.Meta(max_length=PAGE_ROWS * 37)] | msgspec.UnsetType = msgspec.UNSET
+
+    def row_ids(self) -> frozenset[UUID]:
+        if self.rows is msgspec.UNSET:
+            return frozenset()
+        try:
+            ids = frozenset(UUID(part) for part in self.rows.split(",") if part)
+        except ValueError:
+            ids = None
+        if ids is None or len(ids) > PAGE_ROWS:
+            msg = f"rows must be at most {PAGE_ROWS} job ids, separated by commas"
+            raise ValidationError(msg, [FieldError("rows", msg)])
+        return ids
+
+
+class Others(msgspec.Struct, frozen=True):
+    """A page's `others` event: how many other jobs changed, and the ids of those that match the filters."""
+
+    changed: int
+    ids: list[UUID]
 
 
 class RowJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -227,13 +253,13 @@ def last_event_id(request: Request) -> Cursor | None:
     return cursor
 
 
-def query_of(request: Request) -> FeedQuery:
+def query_of(request: Request, kind: type[FeedQuery] = FeedQuery) -> FeedQuery:
     params = request.query_params
     for name in params:
         if len(params.getlist(name)) > 1:
             msg = f"{name} may be given once"
             raise ValidationError(msg, [FieldError(name, msg)])
-    return decode_query(params, FeedQuery)
+    return decode_query(params, kind)
 
 
 def frame(change: Change) -> bytes:
@@ -268,12 +294,31 @@ def built(changes: list[Change], query: FeedQuery, high: Cursor, *, latest: bool
             newest.pop(change.job.id, None)  # in the order of each job's last change, so ids still only grow
             newest[change.job.id] = change
         changes = list(newest.values())
+    if isinstance(query, PageQuery) and query.rows is not msgspec.UNSET:
+        return _page(changes, query, high)
     if query.type is not msgspec.UNSET or query.status is not msgspec.UNSET:
         changes = [c for c in changes if _wanted(c, query)]
     if not changes:
         return Chunk(b"", None, high)
     encode = row_frame if latest else frame
     return Chunk(b"".join(encode(c) for c in changes), changes[-1].cursor, high)
+
+
+def _page(changes: list[Change], query: PageQuery, high: Cursor) -> Chunk:
+    """A page's stream: a `job` event for each of its rows that changed, whatever the filters (a row that leaves
+    them still shows its new state), then one `others` event for the rest, naming those the filters match (a list
+    counts the ones created after it was read). A busy queue's page gets 40 bytes a job where a row was 200, and
+    every tab of one page the same chunk (a tab's own state, such as when it was read, would cost one chunk each)."""
+    if not changes:
+        return Chunk(b"", None, high)
+    rows = query.row_ids()
+    data = b"".join(row_frame(c) for c in changes if c.job.id in rows)
+    others = [c for c in changes if c.job.id not in rows]
+    if others:
+        ids = [c.job.id for c in others if _wanted(c, query)]
+        cursor = str(changes[-1].cursor).encode()
+        data += b"id: %b\nevent: others\ndata: %b\n\n" % (cursor, _encode(Others(len(others), ids)))
+    return Chunk(data, changes[-1].cursor, high)
 
 
 async def events(request: Request) -> Response:
@@ -289,7 +334,9 @@ async def dashboard_events(request: Request) -> Response:
 
 async def _events(request: Request, *, latest: bool) -> Response:
     web = web_of(request)
-    query, after = query_of(request), last_event_id(request)
+    query, after = query_of(request, PageQuery if latest else FeedQuery), last_event_id(request)
+    if isinstance(query, PageQuery):
+        query.row_ids()  # a bad one is a 422 before the stream starts
     caller = caller_of(request)
     config = web.config
     slot = await StreamSlot.take(

@@ -258,3 +258,53 @@ async def test_follow_false_replays_the_changes_after_last_event_id_and_ends_whe
     blocks = response.text.strip().split("\n\n")
     assert f'"id":"{job_id}"' in blocks[0] and "event: job" in blocks[0]
     assert blocks[-1].startswith("id: ") and "\n" not in blocks[-1]
+
+
+async def replayed(client: httpx.AsyncClient, query: str, last_event_id: str) -> list[tuple[str, Any]]:
+    """The (event, data) frames of a follow=false read of the dashboard's stream after `last_event_id`."""
+    response = await client.get(f"/ui/events?follow=false&{query}", headers={"Last-Event-ID": last_event_id})
+    assert response.status_code == 200, response.text
+    frames = []
+    for block in response.text.split("\n\n"):
+        fields = dict(line.partition(": ")[::2] for line in block.splitlines() if not line.startswith(":"))
+        if "event" in fields:
+            frames.append((fields["event"], msgspec.json.decode(fields["data"])))
+    return frames
+
+
+async def test_a_pages_stream_sends_its_own_rows_and_one_others_event_naming_the_jobs_its_filters_match(
+    live: Live, drain: Drain
+) -> None:
+    async with live.client() as api, httpx.AsyncClient(base_url=live.url) as browser:
+        assert (await browser.post("/ui/login", data={"key": live.key, "next": "/ui/"})).status_code == 303
+        start = (await browser.get("/ui/events?follow=false")).text.strip().removeprefix("id: ")
+        row, other = await submit(api), await submit(api)
+        await submit(api, {"type": "explode", "input": {}})  # changes, but its type is not the filter's
+        await drain()
+        frames = await replayed(browser, f"rows={row}&type=square_sum", start)
+    rows = [data for event, data in frames if event == "job"]
+    others = [data for event, data in frames if event == "others"]
+    assert {job["id"] for job in rows} == {row}, "a job not on the page was sent as a row"
+    assert rows[-1]["status"] == "succeeded"
+    assert {job_id for data in others for job_id in data["ids"]} == {other}, "others names the rest its filter matches"
+    assert sum(data["changed"] for data in others) >= 2  # other and other_type, each at least once
+
+
+async def test_the_overviews_stream_follows_no_rows_and_gets_one_small_event_a_wake(live: Live) -> None:
+    async with live.client() as api, httpx.AsyncClient(base_url=live.url) as browser:
+        assert (await browser.post("/ui/login", data={"key": live.key, "next": "/ui/"})).status_code == 303
+        start = (await browser.get("/ui/events?follow=false")).text.strip().removeprefix("id: ")
+        for _ in range(3):
+            await submit(api)
+        frames = await replayed(browser, "rows=", start)
+    assert [(event, data["changed"], len(data["ids"])) for event, data in frames] == [("others", 3, 3)]
+
+
+@pytest.mark.parametrize("rows", ["not-an-id", ",".join(str(UUID(int=i)) for i in range(101))])
+async def test_a_pages_stream_with_bad_rows_is_a_422_naming_them(live: Live, rows: str) -> None:
+    async with httpx.AsyncClient(base_url=live.url) as browser:
+        assert (await browser.post("/ui/login", data={"key": live.key, "next": "/ui/"})).status_code == 303
+        response = await browser.get("/ui/events", params={"rows": rows})
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "rows" in response.text

@@ -162,6 +162,7 @@ async def jobs_list(request: Request) -> Response:
         status_code=422 if errors else 200,
         rows=markupsafe.Markup("\n".join(row_html(row, now) for row in shown)),
         next_before=shown[-1].id if len(rows) > PAGE_SIZE else None,
+        newer=dashboard.id_at(now),  # a job with a greater id was created after this page was read
         params=params,
         keep=keep,
         errors=errors,

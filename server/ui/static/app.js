@@ -38,40 +38,44 @@ async function replaceFrom(selector) {
   if (fresh && here) here.replaceWith(fresh);
 }
 
+// The list's stream follows its own rows (`rows`): a `job` event for each that changed, and for the rest one
+// `others` event a wake, with the ids of those that match the page's filters. Ids begin with their creation time:
+// one above the page's `newer` is a job created since the page was read (as hex text, the same order).
 function followJobs() {
-  const source = new EventSource("/ui/events");
-  whenClosed(source);
   const note = document.querySelector("[data-new-jobs]");
-  const firstPage = !new URLSearchParams(location.search).has("before");
-  // Ids begin with their creation time: one above the newest row's is a job created since. The stream sends each
-  // job at its latest state, so a job that ran within a second is never seen queued.
-  const newestRow = document.querySelector("tr[data-job]");
-  const newest = newestRow ? newestRow.dataset.job : null;
-  const fresh = new Set();
+  const page = new URLSearchParams(location.search);
+  const counting = note && !page.has("before");
+  const newer = note ? note.dataset.newer : "";
+  const rows = Array.from(document.querySelectorAll("tr[data-job]"), function (row) { return row.dataset.job; });
+  const params = new URLSearchParams({ rows: rows.join(",") });
+  ["status", "type"].forEach(function (name) { if (page.get(name)) params.set(name, page.get(name)); });
+  const source = new EventSource("/ui/events?" + params);
+  whenClosed(source);
   source.addEventListener("job", function (event) {
     const job = JSON.parse(event.data);
     const row = document.querySelector('tr[data-job="' + job.id + '"]');
-    if (!row) {
-      const created = newest === null ? job.status === "queued" : job.id > newest;
-      if (firstPage && note && created && !fresh.has(job.id)) {
-        fresh.add(job.id);
-        note.hidden = false;
-        note.querySelector("span").textContent = String(fresh.size);
-      }
-      return;
-    }
+    if (!row) return;
     setStatus(row.querySelector("[data-status]"), job.status);
     setProgress(job.id, job.progress.fraction);
     const attempt = row.querySelector("[data-attempt]");
     if (attempt) attempt.textContent = job.attempt + " / " + job.max_attempts;
   });
+  const fresh = new Set();  // a job is counted once, though the stream may show it again when it ends
+  source.addEventListener("others", function (event) {
+    if (!counting) return;
+    JSON.parse(event.data).ids.forEach(function (id) { if (id > newer) fresh.add(id); });
+    if (fresh.size === 0) return;
+    note.hidden = false;
+    note.querySelector("span").textContent = String(fresh.size);
+  });
 }
 
+// The overview only reloads its counts, at most every 2 s: its stream follows no rows, so it is one small event a wake.
 function followOverview() {
-  const source = new EventSource("/ui/events");
+  const source = new EventSource("/ui/events?rows=");
   whenClosed(source);
   let pending = null;
-  source.addEventListener("job", function () {
+  source.addEventListener("others", function () {
     if (pending) return;
     pending = setTimeout(function () { pending = null; replaceFrom("#live"); }, 2000);
   });
