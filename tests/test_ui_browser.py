@@ -147,8 +147,9 @@ async def test_the_dashboard_in_a_browser(config: Config, deps: Deps, drain: Dra
         kept_status = f"document.querySelector('tr[data-job=\"{kept['id']}\"] .status').textContent"
         await browser.until(f"{kept_status} === 'succeeded'", within=30)
         await browser.until("!document.querySelector('[data-new-jobs]').hidden", within=30)
-        assert await browser.js("document.querySelector('[data-new-jobs] span').textContent") == "1"
+        assert await browser.js("document.querySelector('[data-new-jobs] span').textContent") == "1 new job"
         assert await browser.js("window.__same_page === true"), "the page was reloaded"
+        await shoot(browser, "jobs-live")  # the row's new status and the note, without a reload
 
         # The other pages, with something on them.
         await api(

@@ -66,7 +66,7 @@ function followJobs() {
     JSON.parse(event.data).ids.forEach(function (id) { if (id > newer) fresh.add(id); });
     if (fresh.size === 0) return;
     note.hidden = false;
-    note.querySelector("span").textContent = String(fresh.size);
+    note.querySelector("span").textContent = fresh.size + (fresh.size === 1 ? " new job" : " new jobs");
   });
 }
 
