@@ -11,7 +11,9 @@ import msgspec
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.config import Config
 
@@ -22,6 +24,9 @@ deserialize = msgspec.msgpack.decode
 # What an unreachable or restarting Redis raises. Redis is a doorbell: whoever meets one of these carries on without
 # it (the rows are the truth) and logs it.
 REDIS_DOWN: Final[tuple[type[BaseException], ...]] = (RedisError, OSError)
+# The narrower part of it: Redis could not be reached. Where a refused command is a bug to surface rather than an
+# outage to wait out (the worker's poll, worker/wake.py), only these are caught.
+REDIS_UNREACHABLE: Final[tuple[type[BaseException], ...]] = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def tls(config: Config) -> dict[str, Any]:

@@ -38,12 +38,10 @@ from typing import Final
 
 from arq.worker import Worker
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import retry
 from worker.config import Config
-from worker.connections import REDIS_DOWN, tls
+from worker.connections import REDIS_DOWN, REDIS_UNREACHABLE, tls
 from worker.queue import channel
 
 log = logging.getLogger("outlast.wake")
@@ -54,8 +52,6 @@ HEALTH_MARGIN_S: Final = 0.01  # past the health key's refresh time, so arq's `n
 # While it holds jobs, a poll at least this often: arq forgets a finished job's task only in its poll, and a SIGTERM's
 # graceful stop waits until it has forgotten them all (else it waits out OUTLAST_SHUTDOWN_GRACE_S and is killed).
 REAP_S: Final = 1.0
-# What a poll raises when Redis can't be reached (not a refused command, which is a bug to surface).
-UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class Wake:
@@ -154,7 +150,7 @@ async def poll_iteration(self: Worker) -> None:
             await wake.idle(self)
         wake.clear()
         await arq_poll_iteration(self)
-    except UNREACHABLE as exc:
+    except REDIS_UNREACHABLE as exc:
         await wake.unreachable(exc)
         return
     wake.reached()
