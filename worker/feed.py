@@ -42,13 +42,12 @@ class Cursor(NamedTuple):
         return None if match is None else cls(int(match[1]), int(match[2]))
 
 
-class FeedJob(msgspec.Struct, frozen=True, kw_only=True):
-    """A `job` event's data: the Job without its input and result, which may be large."""
+class JobFields(msgspec.Struct, frozen=True, kw_only=True):
+    """What the feed shows of a job: the Job without its input and result, which may be large, nor what Python adds."""
 
     id: UUID
     type: str
     status: Status
-    done: bool
     progress: Progress
     attempt: int
     max_attempts: int
@@ -61,6 +60,12 @@ class FeedJob(msgspec.Struct, frozen=True, kw_only=True):
     workflow_id: UUID | None
     step: str | None
     parent_id: UUID | None
+
+
+class FeedJob(JobFields, frozen=True, kw_only=True):
+    """A `job` event's data on GET /v1/events."""
+
+    done: bool
     links: Links
 
 
@@ -95,34 +100,19 @@ SELECT json_build_object(
     'rows', (SELECT count(*) FROM batch),
     'last', (SELECT json_build_array(x, seq) FROM batch ORDER BY xid DESC, seq DESC LIMIT 1),
     'changes', (SELECT coalesce(json_agg(json_build_array(
-        l.x, l.seq, j.id, j.type, j.status, j.progress, j.attempt, j.max_attempts, j.error, j.metadata,
-        j.created_at, j.started_at, j.finished_at, j.retry_of, j.workflow_id, j.step, j.parent_id)
+        j.id, j.type, j.status, j.progress, j.attempt, j.max_attempts, j.error, j.metadata, j.created_at,
+        j.started_at, j.finished_at, j.retry_of, j.workflow_id, j.step, j.parent_id, l.x, l.seq)
         ORDER BY l.xid, l.seq), '[]') FROM latest l JOIN jobs j ON j.id = l.job_id))
 """
 _BOUNDARY = "SELECT CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text)"
 
 
-class FeedRow(msgspec.Struct, frozen=True, array_like=True):
-    """A job as a read found it, its FeedJob's fields less what Python adds (`as_job`): a dashboard's row needs only
-    a few, so the Job is built only for a stream that sends it whole (a fifth of what a read cost the web)."""
+class FeedRow(JobFields, frozen=True, kw_only=True, array_like=True):
+    """A job as a read found it, and where it last changed in the read. A dashboard's row needs only a few of its
+    fields, so the FeedJob is built (`as_job`) only for a stream that sends it whole (a fifth of what a read cost)."""
 
-    xid: int  # the cursor of the job's last change in the read
+    xid: int
     seq: int
-    id: UUID
-    type: str
-    status: Status
-    progress: Progress
-    attempt: int
-    max_attempts: int
-    error: Error | None
-    metadata: dict[str, Any]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    retry_of: UUID | None
-    workflow_id: UUID | None
-    step: str | None
-    parent_id: UUID | None
 
 
 class _Read(msgspec.Struct, frozen=True):
@@ -133,28 +123,12 @@ class _Read(msgspec.Struct, frozen=True):
 
 
 _decode_read = msgspec.json.Decoder(_Read).decode
+_FIELDS: Final = JobFields.__struct_fields__
 
 
-def as_job(r: FeedRow) -> FeedJob:
-    return FeedJob(
-        id=r.id,
-        type=r.type,
-        status=r.status,
-        done=r.status in TERMINAL,
-        progress=r.progress,
-        attempt=r.attempt,
-        max_attempts=r.max_attempts,
-        error=r.error,
-        metadata=r.metadata,
-        created_at=r.created_at,
-        started_at=r.started_at,
-        finished_at=r.finished_at,
-        retry_of=r.retry_of,
-        workflow_id=r.workflow_id,
-        step=r.step,
-        parent_id=r.parent_id,
-        links=resource.links(r.id),
-    )
+def as_job(row: FeedRow) -> FeedJob:
+    fields = {name: getattr(row, name) for name in _FIELDS}
+    return FeedJob(**fields, done=row.status in TERMINAL, links=resource.links(row.id))
 
 
 async def boundary(db: Database) -> Cursor:
