@@ -148,9 +148,12 @@ async def test_arq_still_has_the_shape_the_wake_hooks_into() -> None:
     assert "int((self.health_check_interval + 1) * 1000)" in health
     worker = Worker(functions=[wake.poll_iteration], handle_signals=False)  # any coroutine function: arq needs one
     assert "while len(self.tasks):" in inspect.getsource(Worker._sleep_until_tasks_complete)
-    for name in ("ctx", "burst", "job_counter", "max_jobs", "queue_name", "health_check_interval", "tasks"):
+    assert "await self.start_jobs(job_ids)" in iteration and "num=count" in iteration
+    assert "count = self.queue_read_limit" in iteration
+    names = ("ctx", "burst", "job_counter", "max_jobs", "queue_name", "health_check_interval", "tasks")
+    for name in (*names, "queue_read_limit"):
         assert hasattr(worker, name), name
     assert worker._last_health_check == 0
     assert isinstance(inspect.getattr_static(Worker, "pool"), property)
     wake.install()
-    assert Worker._poll_iteration is wake.poll_iteration
+    assert Worker._poll_iteration is wake.poll_iteration and Worker.start_jobs is wake.start_jobs
